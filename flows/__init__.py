@@ -1,0 +1,1 @@
+"""Prefect flows that orchestrate the DVC stages (pipeline, sweep, serve)."""

@@ -1,0 +1,1 @@
+"""What several stages share: params schema, artifact IO, memory meter, text helpers."""

@@ -1,0 +1,119 @@
+"""The one artifact writer: atomic output folders, JSON and JSONL files, resolved params.
+
+A stage builds its whole output in a temporary folder beside the target and renames it
+into place at the end, so a killed or failed stage leaves either the previous complete
+output or none, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from stages.common.errors import StageError
+
+PARAMS_FILE = "params.json"
+SPLITS = ("train", "validation", "test")  # every data stage writes one file per split
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it replaces `target`, on error it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def dumps(data: Any) -> str:
+    """Stable JSON text: sorted keys, UTF-8 kept readable, a final newline."""
+    return json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(dumps(data), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON artifact; a missing one is a one-line error that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"missing input {path}: run the stage that makes it first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_params(folder: Path, **sections: BaseModel) -> None:
+    """Store the resolved params an artifact was made with, beside it."""
+    write_json(Path(folder) / PARAMS_FILE, {name: model for name, model in sections.items()})
+
+
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Stream records of a JSONL file that lmmem wrote (one object per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"missing input {path}: run the stage that makes it first")
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+class JsonlWriter:
+    """Append records to a JSONL file, one compact line each."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._f = self.path.open("w", encoding="utf-8", newline="\n")
+        self.count = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+        self.count += 1
+
+    def write_all(self, records: Iterable[dict[str, Any]]) -> None:
+        for r in records:
+            self.write(r)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,101 @@
+"""The one params loader: read params.yaml, validate a section, explain mistakes in one line.
+
+Every stage declares a pydantic model for its section of params.yaml. ``extra="forbid"``
+turns a typo into an error that names the key, and ``Field(ge=..., le=...)`` and
+``Literal[...]`` ranges turn a bad value into an error that names the allowed values.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stages.common.errors import StageError
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Section(BaseModel):
+    """Base of every params section: unknown keys are refused, values are not coerced silently."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class BaseParams(Section):
+    """The `base` section, shared by every stage that needs a seed or a device."""
+
+    seed: int = Field(1337, ge=0, le=2**32 - 1)  # seeds python, numpy, torch and gensim
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # auto: cuda when available, else cpu
+
+
+def _describe_error(section: str, err: dict[str, Any], model: type[BaseModel]) -> str:
+    """One line for one pydantic error: `section.key: what is wrong (allowed / got)`."""
+    loc = ".".join(str(p) for p in err["loc"])
+    where = f"{section}.{loc}" if loc else section
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, err["loc"][:-1])
+        hint = f" (allowed keys: {', '.join(allowed)})" if allowed else ""
+        return f"{where}: unknown key{hint}"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    ctx = err.get("ctx") or {}
+    if kind == "literal_error":
+        return f"{where}: must be one of {ctx.get('expected')} (got {got!r})"
+    return f"{where}: {err['msg']} (got {got!r})"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the (possibly nested) model at `loc`, for the unknown-key message."""
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        current = fields[part].annotation
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def validate_section(section: str, data: Any, model: type[M]) -> M:
+    """Validate one section; raise StageError with one line per problem (the first one leads)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise StageError(f"params: section '{section}' must be a mapping, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe_error(section, e, model) for e in exc.errors()]
+        raise StageError("params: " + "; ".join(lines)) from None
+
+
+def read_params_file(path: Path) -> dict[str, Any]:
+    """Read params.yaml as a mapping; a missing or unreadable file is a one-line error."""
+    if not path.is_file():
+        raise StageError(f"params file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise StageError(f"params file {path} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise StageError(f"params file {path} must hold a mapping of sections")
+    return data
+
+
+def load_params(path: Path, section: str, model: type[M]) -> tuple[BaseParams, M]:
+    """Load `base` and one stage's section from a params file, both validated."""
+    data = read_params_file(path)
+    if section not in data:
+        raise StageError(f"params: section '{section}' is missing from {path}")
+    base = validate_section("base", data.get("base"), BaseParams)
+    return base, validate_section(section, data[section], model)

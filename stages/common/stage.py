@@ -1,0 +1,116 @@
+"""The stage contract, written once: every stage's `main()` is a call to `stage_main`.
+
+A stage module provides
+- `Params`: a pydantic model of its params.yaml section (see stages.common.params);
+- `Paths`: a frozen dataclass of its input and output paths, each a `--name` option;
+- `run(params, paths, base) -> metrics`: the work, returning flat figures.
+
+`stage_main` parses the path options, loads and validates params, sets up logging,
+seeds every generator, resets the peak-RSS meter, calls `run`, adds `seconds` and
+`peak_rss_mib`, and writes data/metrics/<stage>.json. A StageError becomes one line
+on stderr and exit code 2; outputs are written atomically by the stage itself, so a
+failure leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from stages.common.artifacts import write_json
+from stages.common.errors import StageError
+from stages.common.memory import peak_rss_mib, reset_peak_rss
+from stages.common.params import BaseParams, Section, load_params
+
+log = logging.getLogger("lmmem")
+
+P = TypeVar("P", bound=Section)
+Metrics = dict[str, float | int | str | bool]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and (when the stage uses it) torch; gensim takes the seed as a param."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def _build_parser(name: str, paths_cls: type, doc: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=doc)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    for field in dataclasses.fields(paths_cls):
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            dest=field.name,
+            type=Path,
+            default=field.default,
+            help=f"(default: {field.default})",
+        )
+    parser.add_argument(
+        "--metrics", type=Path, default=Path(f"data/metrics/{name}.json"), help="metrics file"
+    )
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def round_metrics(metrics: dict[str, Any]) -> Metrics:
+    """Flat metrics with floats rounded to 6 significant digits (stable, readable diffs)."""
+    out: Metrics = {}
+    for key, value in sorted(metrics.items()):
+        if isinstance(value, (np.floating, np.integer)):
+            value = value.item()
+        if isinstance(value, float):
+            value = float(f"{value:.6g}")
+        out[key] = value
+    return out
+
+
+def stage_main(
+    name: str,
+    params_cls: type[P],
+    paths_cls: type,
+    run: Callable[[P, Any, BaseParams], dict[str, Any]],
+    argv: Sequence[str] | None = None,
+    doc: str | None = None,
+) -> int:
+    """Run one stage from the command line; returns the process exit code."""
+    args = _build_parser(name, paths_cls, doc).parse_args(argv)
+    setup_logging(args.log_level)
+    reset_peak_rss()
+    started = time.perf_counter()
+    try:
+        base, params = load_params(args.params, name, params_cls)
+        paths = paths_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(paths_cls)})
+        seed_everything(base.seed)
+        metrics = run(params, paths, base)
+    except StageError as exc:
+        print(f"lmmem {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmmem {name}: interrupted", file=sys.stderr)
+        return 130
+    metrics["seconds"] = round(time.perf_counter() - started, 3)
+    metrics["peak_rss_mib"] = peak_rss_mib()
+    write_json(args.metrics, round_metrics(metrics))
+    log.info("%s done in %.1f s, peak RSS %.1f MiB", name, metrics["seconds"], metrics["peak_rss_mib"])
+    return 0

