@@ -60,7 +60,7 @@ class Params(Section):
     max_chars: int = Field(100_000, ge=1)
 
     @model_validator(mode="after")
-    def _limits(self) -> "Params":
+    def _limits(self) -> Params:
         if self.min_chars > self.max_chars:
             raise ValueError(f"min_chars ({self.min_chars}) must not exceed max_chars ({self.max_chars})")
         return self

