@@ -22,9 +22,11 @@ the segmenter's word precision, recall and F1.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import multiprocessing
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -97,13 +99,15 @@ class Segmenter:
         self._jieba = jieba.Tokenizer()
         self._jieba.initialize()
         if user_dict:
-            path = Path(user_dict)
-            if not path.is_file():
+            if not Path(user_dict).is_file():
                 raise StageError(f"tokenize.user_dict: no such file: {user_dict}")
-            self._jieba.load_userdict(str(path))
+            self._jieba.load_userdict(user_dict)
         self._mode = mode
         self._hmm = hmm
-        self._nltk = NLTKWordTokenizer()
+        # Between Han runs sit many short fragments (", ", "!", "3"): the same few strings
+        # again and again, and nltk's 30-odd regexes cost more than jieba per call. A bounded
+        # cache returns nltk's own answer for a repeat (same output, about twice the speed).
+        self._nltk = functools.lru_cache(maxsize=1 << 16)(NLTKWordTokenizer().tokenize)
         self._stop: frozenset[str] = frozenset()
         if stopwords:
             import stopwordsiso
@@ -120,11 +124,11 @@ class Segmenter:
         pos = 0
         for m in CJK_RUN.finditer(text):
             if m.start() > pos:
-                words.extend(self._nltk.tokenize(text[pos:m.start()]))
+                words.extend(self._nltk(text[pos:m.start()]))
             words.extend(self._han(m.group()))
             pos = m.end()
         if pos < len(text):
-            words.extend(self._nltk.tokenize(text[pos:]))
+            words.extend(self._nltk(text[pos:]))
         out = []
         for w in words:
             w = w.strip()
@@ -134,9 +138,14 @@ class Segmenter:
         return out
 
 
-# One segmenter per process: built in the parent before the pool forks, so the workers
-# share jieba's dictionary pages instead of each loading its own.
+# The segmenter of this process: each worker builds its own in the pool's initializer, all
+# at once (loading nltk and jieba takes a few seconds; in parallel it costs one of them).
 _SEGMENTER: Segmenter | None = None
+
+
+def _init_segmenter(config: dict[str, Any]) -> None:
+    global _SEGMENTER
+    _SEGMENTER = Segmenter(**config)
 
 
 def _segment_batch(texts: list[str]) -> tuple[list[str], Counter[str]]:
@@ -161,23 +170,49 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def segment_stream(batches: Iterable[list[str]], workers: int) -> Iterator[tuple[list[str], Counter[str]]]:
-    """Segment batches in order on `workers` processes, with at most 2 × workers batches in
-    flight: the reader never runs ahead of the workers, so memory stays flat."""
-    if workers == 1:
-        yield from map(_segment_batch, batches)
-        return
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(workers) as pool:
+class SegmentPool:
+    """Segments batches of texts, in order, on `workers` processes (in this one when 1).
+
+    At most 2 × workers batches are in flight: the reader never runs ahead of the workers,
+    so memory stays flat however large the corpus."""
+
+    def __init__(self, config: dict[str, Any], workers: int) -> None:
+        user_dict = config.get("user_dict")
+        if user_dict and not Path(user_dict).is_file():  # checked here: a failing worker start would loop
+            raise StageError(f"tokenize.user_dict: no such file: {user_dict}")
+        self.workers = workers
+        self._pool: Any = None
+        if workers == 1:
+            _init_segmenter(config)
+        else:
+            ctx = multiprocessing.get_context("fork")
+            self._pool = ctx.Pool(workers, initializer=_init_segmenter, initargs=(config,))
+
+    def map(self, batches: Iterable[list[str]]) -> Iterator[tuple[list[str], Counter[str]]]:
+        if self._pool is None:
+            yield from map(_segment_batch, batches)
+            return
         pending: collections.deque[Any] = collections.deque()
         for batch in batches:
-            pending.append(pool.apply_async(_segment_batch, (batch,)))
-            if len(pending) >= 2 * workers:
+            pending.append(self._pool.apply_async(_segment_batch, (batch,)))
+            if len(pending) >= 2 * self.workers:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
-        pool.close()
-        pool.join()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> SegmentPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None and exc[0] is not None:
+            self._pool.terminate()
+        self.close()
 
 
 def build_vocab(counts: Counter[str], params: Params) -> list[str]:
@@ -233,7 +268,7 @@ def _spans(words: list[str]) -> set[tuple[int, int]]:
     return spans
 
 
-def gold_scores(path: Path, max_lines: int, workers: int, batch_docs: int) -> dict[str, float]:
+def gold_scores(pool: SegmentPool, path: Path, max_lines: int, batch_docs: int) -> dict[str, float]:
     """Word-level precision, recall and F1 of the stage's segmenter against gold segmentation."""
     matched = n_pred = n_gold = lines = misaligned = 0
     in_flight: collections.deque[list[list[str]]] = collections.deque()
@@ -244,7 +279,7 @@ def gold_scores(path: Path, max_lines: int, workers: int, batch_docs: int) -> di
             yield ["".join(words) for words in batch]
 
     bar = tqdm(desc="gold", unit=" lines", mininterval=2)
-    for segmented, _ in segment_stream(texts(), workers):
+    for segmented, _ in pool.map(texts()):
         for gold, line in zip(in_flight.popleft(), segmented):
             pred = line.split(" ") if line else []
             if "".join(pred) != "".join(gold):  # a tokenizer rewrote characters: spans would not line up
@@ -301,15 +336,20 @@ def _write_ids(txt: Path, out: Path, split: str, index: dict[str, int], dtype: t
 
 
 def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
-    global _SEGMENTER
     gold = gold_path(params.gold)
-    _SEGMENTER = Segmenter(params.jieba_mode, params.hmm, params.user_dict, params.stopwords)
+    config = {"mode": params.jieba_mode, "hmm": params.hmm, "user_dict": params.user_dict,
+              "stopwords": params.stopwords}
     train_counts: Counter[str] = Counter()
     docs: Counter[str] = Counter()
+    chars: Counter[str] = Counter()
     empty = 0
     label_index: dict[str, int] = {}  # label -> id, in order of first appearance
     metrics: dict[str, Any] = {}
-    with atomic_dir(paths.out) as tmp:
+    started = time.perf_counter()
+    with SegmentPool(config, params.workers) as pool, atomic_dir(paths.out) as tmp:
+        # imported now, while the workers load their dictionaries, rather than after them
+        import transformers  # noqa: F401
+
         # pass 1: segment every split, count the training words, write label ids
         for split in SPLITS:
             with (tmp / f"{split}.txt").open("w", encoding="utf-8", newline="\n") as out, \
@@ -320,10 +360,11 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                         label = rec.get("label")
                         lid = -1 if label is None else label_index.setdefault(label, len(label_index))
                         labels_f.write(np.int32(lid).tobytes())
+                        chars[split] += len(rec["text"])
                         yield rec["text"]
 
                 bar = tqdm(desc=f"tokenize {split}", unit=" docs", mininterval=2)
-                for lines, counts in segment_stream(_batches(texts(), params.batch_docs), params.workers):
+                for lines, counts in pool.map(_batches(texts(), params.batch_docs)):
                     for line in lines:
                         out.write(line + "\n")
                         empty += not line
@@ -332,9 +373,13 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                         train_counts.update(counts)
                     bar.update(len(lines))
                 bar.close()
-
+        segment_seconds = time.perf_counter() - started
         if not train_counts:
             raise StageError("the training split has no words after tokenization")
+        if gold is not None:
+            metrics.update(gold_scores(pool, gold, params.gold_max_lines, params.batch_docs))
+        pool.close()
+
         vocab = build_vocab(train_counts, params)
         index = {w: i for i, w in enumerate(vocab)}
         dtype = np.uint16 if len(vocab) <= UINT16_LIMIT else np.uint32
@@ -365,9 +410,9 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         "train_token_coverage": covered / max(1, sum(train_counts.values())),
         "docs_empty": empty, "dtype_bits": np.dtype(dtype).itemsize * 8,
         "workers": params.workers, "peak_rss_workers_mib": children_peak_rss_mib(),
+        "segment_seconds": segment_seconds,
+        "chars_per_sec": sum(chars.values()) / max(segment_seconds, 1e-9),
     })
-    if gold is not None:
-        metrics.update(gold_scores(gold, params.gold_max_lines, params.workers, params.batch_docs))
     log.info("vocabulary %d words; tokens %s", len(vocab), {s: metrics[f"tokens_{s}"] for s in SPLITS})
     return metrics
 

