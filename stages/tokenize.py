@@ -87,6 +87,11 @@ class Paths:
     out: Path = Path("data/tokens")
 
 
+def check_user_dict(user_dict: str) -> None:
+    if user_dict and not Path(user_dict).is_file():
+        raise StageError(f"tokenize.user_dict: no such file: {user_dict}")
+
+
 class Segmenter:
     """Words of a text: jieba for Han runs, nltk for the rest; optional stopword removal."""
 
@@ -99,8 +104,7 @@ class Segmenter:
         self._jieba = jieba.Tokenizer()
         self._jieba.initialize()
         if user_dict:
-            if not Path(user_dict).is_file():
-                raise StageError(f"tokenize.user_dict: no such file: {user_dict}")
+            check_user_dict(user_dict)
             self._jieba.load_userdict(user_dict)
         self._mode = mode
         self._hmm = hmm
@@ -138,8 +142,9 @@ class Segmenter:
         return out
 
 
-# The segmenter of this process: each worker builds its own in the pool's initializer, all
-# at once (loading nltk and jieba takes a few seconds; in parallel it costs one of them).
+# The segmenter of this process. The parent builds it before the pool forks, so the
+# workers inherit nltk and jieba already imported and jieba's dictionary already loaded
+# (a few seconds that would otherwise be paid again in every worker).
 _SEGMENTER: Segmenter | None = None
 
 
@@ -177,16 +182,11 @@ class SegmentPool:
     so memory stays flat however large the corpus."""
 
     def __init__(self, config: dict[str, Any], workers: int) -> None:
-        user_dict = config.get("user_dict")
-        if user_dict and not Path(user_dict).is_file():  # checked here: a failing worker start would loop
-            raise StageError(f"tokenize.user_dict: no such file: {user_dict}")
         self.workers = workers
         self._pool: Any = None
-        if workers == 1:
-            _init_segmenter(config)
-        else:
-            ctx = multiprocessing.get_context("fork")
-            self._pool = ctx.Pool(workers, initializer=_init_segmenter, initargs=(config,))
+        _init_segmenter(config)
+        if workers > 1:
+            self._pool = multiprocessing.get_context("fork").Pool(workers)
 
     def map(self, batches: Iterable[list[str]]) -> Iterator[tuple[list[str], Counter[str]]]:
         if self._pool is None:
@@ -315,23 +315,40 @@ def gold_path(gold: str) -> Path | None:
 
 
 def _write_ids(txt: Path, out: Path, split: str, index: dict[str, int], dtype: type,
-               unk: int, eos: int) -> tuple[int, int]:
-    """Map one split's words to ids; returns (tokens written, unknown tokens)."""
+               unk: int, eos: int, flush_tokens: int = 1 << 20) -> tuple[int, int]:
+    """Map one split's words to ids in chunks of about `flush_tokens` (memory stays flat);
+    returns (tokens written, unknown tokens)."""
     n_tokens = n_unk = 0
-    offsets = [0]
+    get = index.get
     with txt.open(encoding="utf-8") as f, (out / f"{split}.bin").open("wb") as ids_f, \
             (out / f"{split}.offsets.bin").open("wb") as off_f:
+        ids: list[int] = []
+        lengths: list[int] = []
         for line in f:
-            ids = [index.get(w, unk) for w in line.split()]
-            n_unk += ids.count(unk)
-            ids.append(eos)
-            np.asarray(ids, dtype=dtype).tofile(ids_f)
-            n_tokens += len(ids)
-            offsets.append(n_tokens)
-            if len(offsets) >= 65536:
-                np.asarray(offsets[:-1], dtype=np.uint64).tofile(off_f)
-                offsets = offsets[-1:]
-        np.asarray(offsets, dtype=np.uint64).tofile(off_f)
+            doc = [get(w, unk) for w in line.split()]
+            doc.append(eos)
+            ids += doc
+            lengths.append(len(doc))
+            if len(ids) >= flush_tokens:
+                n_tokens, n_unk = _flush(ids, lengths, dtype, unk, ids_f, off_f, n_tokens, n_unk)
+        n_tokens, n_unk = _flush(ids, lengths, dtype, unk, ids_f, off_f, n_tokens, n_unk)
+        np.asarray([n_tokens], dtype=np.uint64).tofile(off_f)  # the end of the last document
+    return n_tokens, n_unk
+
+
+def _flush(ids: list[int], lengths: list[int], dtype: type, unk: int, ids_f: Any, off_f: Any,
+           n_tokens: int, n_unk: int) -> tuple[int, int]:
+    """Write buffered ids and their documents' start offsets; empties both buffers."""
+    arr = np.asarray(ids, dtype=dtype)
+    arr.tofile(ids_f)
+    if lengths:
+        starts = np.zeros(len(lengths), dtype=np.uint64)
+        np.cumsum(lengths[:-1], dtype=np.uint64, out=starts[1:])
+        (starts + np.uint64(n_tokens)).tofile(off_f)
+    n_unk += int(np.count_nonzero(arr == unk))
+    n_tokens += len(arr)
+    ids.clear()
+    lengths.clear()
     return n_tokens, n_unk
 
 
@@ -347,7 +364,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     started = time.perf_counter()
     with SegmentPool(config, params.workers) as pool, atomic_dir(paths.out) as tmp:
-        # imported now, while the workers load their dictionaries, rather than after them
+        # for save_hf_tokenizer: imported now, while the workers segment, rather than after them
         import transformers  # noqa: F401
 
         # pass 1: segment every split, count the training words, write label ids

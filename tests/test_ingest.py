@@ -240,3 +240,15 @@ def test_a_failed_run_keeps_the_previous_output(params_file: Callable[..., Path]
     assert rc == 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".raw")] == []
+
+
+def test_an_os_error_is_a_one_line_error(params_file: Callable[..., Path], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the output folder's parent should be\n")
+    params = params_file(ingest={"source": "builtin:en-news"})
+    rc = run_stage("ingest", ["--params", str(params), "--out", str(blocker / "raw"),
+                              "--metrics", str(tmp_path / "m.json")])
+    assert rc == 2
+    assert f"File exists: '{blocker}'" in one_error_line(capsys.readouterr().err, "ingest")
+    assert not (tmp_path / "m.json").exists()

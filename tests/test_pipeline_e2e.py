@@ -42,6 +42,7 @@ def ran(output: str) -> list[str]:
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("repo")
     shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "data" / "corpus", repo / "data" / "corpus")
     for name in ("dvc.yaml", "requirements.lock", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
     shutil.copy(TINY, repo / "params.yaml")
@@ -80,6 +81,21 @@ def test_changing_an_embed_param_reruns_embed_only(repo: Path) -> None:
     assert ran(sh("dvc", "repro", cwd=repo)) == ["embed"]
     sh("git", "checkout", "params.yaml", cwd=repo)
     sh("dvc", "checkout", "-q", cwd=repo)
+
+
+def test_a_file_added_to_data_corpus_reruns_its_readers_only(repo: Path) -> None:
+    """ingest and tokenize depend on data/corpus; their outputs come out the same (the source
+    is still the built-in corpus), so DVC skips clean and embed."""
+    extra = repo / "data" / "corpus" / "mine.txt"
+    extra.write_text("a corpus of my own\n", encoding="utf-8")
+    try:
+        assert ran(sh("dvc", "repro", cwd=repo)) == ["ingest", "tokenize"]
+    finally:
+        extra.unlink()
+    # back to the committed inputs: DVC's run cache restores those outputs without running
+    restored = sh("dvc", "repro", cwd=repo)
+    assert ran(restored) == [] and "Stage 'ingest' is cached - skipping run" in restored
+    assert "up to date" in sh("dvc", "status", cwd=repo)
 
 
 def test_experiment_on_english_news_lists_its_metrics(repo: Path) -> None:

@@ -174,3 +174,20 @@ def test_train_with_no_words_is_refused(params_file: Callable[..., Path], tmp_pa
     assert rc == 2
     assert "the training split has no words" in one_error_line(capsys.readouterr().err, "tokenize")
     assert not out.exists()
+
+
+def test_ids_written_in_chunks_equal_ids_written_at_once(tmp_path: Path) -> None:
+    from stages.tokenize import _write_ids
+
+    txt = tmp_path / "train.txt"
+    txt.write_text("a b c\n\nb x\nc c c c\n", encoding="utf-8")
+    index = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, "a": 4, "b": 5, "c": 6}
+    results = []
+    for flush in (1, 3, 1 << 20):
+        out = tmp_path / f"f{flush}"
+        out.mkdir()
+        assert _write_ids(txt, out, "train", index, np.uint16, 1, 3, flush) == (13, 1)
+        results.append(((out / "train.bin").read_bytes(), (out / "train.offsets.bin").read_bytes()))
+    assert results[0] == results[1] == results[2]
+    assert np.frombuffer(results[0][0], dtype=np.uint16).tolist() == [4, 5, 6, 3, 3, 5, 1, 3, 6, 6, 6, 6, 3]
+    assert np.frombuffer(results[0][1], dtype=np.uint64).tolist() == [0, 4, 5, 8, 13]

@@ -106,6 +106,9 @@ def stage_main(
     except StageError as exc:
         print(f"lmmem {name}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # unreadable input, full disk: the OS names the file and the reason
+        print(f"lmmem {name}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"lmmem {name}: interrupted", file=sys.stderr)
         return 130
