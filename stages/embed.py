@@ -119,7 +119,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
 
     corpus = paths.tokens / "train.txt"
     meta = read_json(paths.tokens / "meta.json")
-    vocab: list[str] = read_json(paths.tokens / "vocab.json")["words"]
+    vocab_file = read_json(paths.tokens / "vocab.json")
+    vocab: list[str] = vocab_file["words"]
     if not corpus.is_file():
         raise StageError(f"missing input {corpus}: run the tokenize stage first")
     analogy = _eval_file(params.analogy, ANALOGY_BUILTIN, "questions-words.txt", "analogy")
@@ -141,7 +142,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         raise StageError(f"Word2Vec kept no word of {corpus}: embed.min_count={params.min_count} is too high")
 
     matrix, found = aligned_matrix(wv, vocab, base.seed, meta["special_ids"]["pad"])
-    counts = read_json(paths.tokens / "vocab.json")["train_counts"]
+    counts: list[int] = vocab_file["train_counts"]
     n_special = len(meta["special_ids"])
     weighted = sum(c for w, c in zip(vocab[n_special:], counts[n_special:]) if w in wv.key_to_index)
     metrics: dict[str, Any] = {
