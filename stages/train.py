@@ -1,0 +1,306 @@
+"""train: a language model from scratch on data/tokens, each memory technique a switch, and
+what the run held in memory measured category by category.
+
+The loop, top to bottom: sample `batch_size` windows of `context + 1` token ids from the
+training split (a seeded generator, so the same params see the same batches); split them
+into micro-batches of `micro_batch_size` (gradient accumulation: the effective batch stays
+`batch_size`); forward under autocast when `precision` is bf16/fp16; cross-entropy on the
+next token; backward (recomputing each layer's activations when `activation_checkpointing`
+is on); clip; optimizer step with the scheduled learning rate; gradients freed
+(`set_to_none`). The first `meter_steps` optimizer steps run under the tensor meter
+(stages.common.meter) — exact bytes by category, but slower — and throughput is timed on
+the steps after them.
+
+Outputs: data/model/ (`save_pretrained` in safetensors with the tokenizer, so stock
+transformers loads it; the LSTM baseline in its own format), data/plots/train/steps.csv
+(loss, learning rate and step time per step) and data/metrics/train.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import shutil
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from tqdm import tqdm
+
+from stages.common.artifacts import atomic_dir, read_json, write_params
+from stages.common.errors import StageError
+from stages.common.meter import TensorMeter
+from stages.common.models import ModelParams, build_model, count_parameters, logits_of
+from stages.common.params import BaseParams, Section
+from stages.common.stage import stage_main
+
+log = logging.getLogger("lmmem.train")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop", "adafactor")
+
+
+class Params(Section):
+    model: ModelParams = Field(default_factory=ModelParams)
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    micro_batch_size: int = Field(16, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: bool = False
+    optimizer: Literal["sgd", "adam", "adamw", "adagrad", "rmsprop", "adafactor"] = "adamw"
+    lr: float = Field(3e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.1, ge=0.0, le=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    warmup_steps: int = Field(20, ge=0)
+    decay: Literal["cosine", "linear", "none"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    meter_steps: int = Field(2, ge=0)
+    threads: int = Field(0, ge=0, le=256)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Params:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                             f"({self.micro_batch_size}): the effective batch must stay the same")
+        if self.activation_checkpointing and self.model.family == "lstm":
+            raise ValueError("activation_checkpointing: the lstm baseline runs as one cuDNN/ATen op, "
+                             "there are no layers to checkpoint; use llama or gpt2")
+        return self
+
+
+@dataclass(frozen=True)
+class Paths:
+    tokens: Path = Path("data/tokens")
+    out: Path = Path("data/model")
+    plots: Path = Path("data/plots/train")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class Windows:
+    """Windows of context + 1 ids from a memory-mapped split (input: the first context ids,
+    target: the last context)."""
+
+    def __init__(self, path: Path, dtype: str, context: int) -> None:
+        self.ids = np.memmap(path, dtype=dtype, mode="r")
+        self.context = context
+        if len(self.ids) < context + 2:
+            raise StageError(f"{path}: {len(self.ids)} tokens, fewer than train.model.context + 2 "
+                             f"({context + 2}); lower the context or use a larger corpus")
+
+    def batch(self, starts: np.ndarray) -> torch.Tensor:
+        rows = np.stack([self.ids[s:s + self.context + 1] for s in starts]).astype(np.int64)
+        return torch.from_numpy(rows)  # (batch, context + 1)
+
+    def random_starts(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return rng.integers(0, len(self.ids) - self.context - 1, size=n)
+
+    def fixed_batches(self, n_batches: int, batch: int) -> Iterator[torch.Tensor]:
+        """Consecutive non-overlapping windows from the start: the same every evaluation."""
+        stride = self.context + 1
+        starts = np.arange(0, len(self.ids) - stride + 1, stride)[: n_batches * batch]
+        for i in range(0, len(starts), batch):
+            yield self.batch(starts[i:i + batch])
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def make_optimizer(params: Params, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer; weight decay applies to matrices only (not norms, biases)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": params.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    lr = params.lr
+    match params.optimizer:
+        case "sgd":
+            return torch.optim.SGD(groups, lr=lr, momentum=params.momentum)
+        case "adam":
+            return torch.optim.Adam(groups, lr=lr)
+        case "adamw":
+            return torch.optim.AdamW(groups, lr=lr)
+        case "adagrad":
+            return torch.optim.Adagrad(groups, lr=lr)
+        case "rmsprop":
+            return torch.optim.RMSprop(groups, lr=lr, momentum=params.momentum)
+        case "adafactor":
+            return torch.optim.Adafactor(groups, lr=lr)
+    raise StageError(f"train.optimizer: unknown optimizer {params.optimizer}")  # pragma: no cover
+
+
+def lr_at(step: int, params: Params) -> float:
+    """Linear warm-up, then cosine or linear decay to min_lr_ratio × lr at the last step."""
+    if step < params.warmup_steps:
+        return params.lr * (step + 1) / params.warmup_steps
+    if params.decay == "none" or params.steps <= params.warmup_steps:
+        return params.lr
+    progress = (step - params.warmup_steps) / max(1, params.steps - 1 - params.warmup_steps)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if params.decay == "cosine" else 1 - progress
+    return params.lr * (params.min_lr_ratio + (1 - params.min_lr_ratio) * shape)
+
+
+def resolve_device(base: BaseParams) -> torch.device:
+    if base.device == "cuda" and not torch.cuda.is_available():
+        raise StageError("base.device is cuda but no CUDA device is available (use cpu or auto)")
+    if base.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(base.device)
+
+
+def autocast(params: Params, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if params.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if params.precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def next_token_loss(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each position's next token; rows are (batch, context + 1)."""
+    logits = logits_of(model, rows[:, :-1])  # (batch, context, vocab); autocast computes the loss in fp32
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, windows: Windows, params: Params, device: torch.device) -> float:
+    """Mean next-token loss on fixed validation windows."""
+    model.eval()
+    total, count = 0.0, 0
+    for rows in windows.fixed_batches(params.eval_batches, params.micro_batch_size):
+        with autocast(params, device):
+            loss = next_token_loss(model, rows.to(device))
+        total += loss.item() * rows.size(0)
+        count += rows.size(0)
+    model.train()
+    if count == 0:
+        raise StageError("the validation split is shorter than one window: lower train.model.context")
+    return total / count
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
+    device = resolve_device(base)
+    if params.threads:
+        torch.set_num_threads(params.threads)
+    meta = read_json(paths.tokens / "meta.json")
+    context = params.model.context
+    train_windows = Windows(paths.tokens / "train.bin", meta["dtype"], context)
+    val_windows = Windows(paths.tokens / "validation.bin", meta["dtype"], context)
+
+    torch.manual_seed(base.seed)
+    model = build_model(params.model, meta["vocab_size"], meta["special_ids"]).to(device)
+    if params.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = make_optimizer(params, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=params.precision == "fp16")
+    rng = np.random.default_rng(base.seed)
+    accumulation = params.batch_size // params.micro_batch_size
+    meter = TensorMeter()
+    meter.track_model(model)
+    meter.track_optimizer(optimizer)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    records: list[dict[str, Any]] = []
+    step_seconds: list[float] = []
+    val_losses: dict[int, float] = {}
+    bar = tqdm(range(params.steps), desc="train", unit=" steps", mininterval=2)
+    for step in bar:
+        metered = step < params.meter_steps
+        started = time.perf_counter()
+        lr = lr_at(step, params)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = train_windows.batch(train_windows.random_starts(rng, params.batch_size)).to(device)
+        step_loss = 0.0
+        for micro in rows.split(params.micro_batch_size):
+            with meter.phase(step, "forward") if metered else contextlib.nullcontext():
+                if metered:
+                    meter.track(micro, "activations")
+                with autocast(params, device):
+                    loss = next_token_loss(model, micro) / accumulation
+            with meter.phase(step, "backward") if metered else contextlib.nullcontext():
+                scaler.scale(loss).backward()
+            step_loss += loss.item()
+            del loss
+        with meter.phase(step, "optimizer") if metered else contextlib.nullcontext():
+            if params.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        if not metered:
+            step_seconds.append(seconds)
+        if not math.isfinite(step_loss):
+            raise StageError(f"the loss became {step_loss} at step {step}: lower train.lr or use fp32/bf16")
+        record: dict[str, Any] = {"step": step, "train_loss": step_loss, "lr": lr, "step_ms": seconds * 1000}
+        if (step + 1) % params.eval_every == 0 or step + 1 == params.steps:
+            val_losses[step] = evaluate(model, val_windows, params, device)
+            record["val_loss"] = val_losses[step]
+        records.append(record)
+        bar.set_postfix(loss=f"{step_loss:.3f}")
+    meter.close()
+
+    final_val = val_losses[params.steps - 1]
+    timed = step_seconds[1:] or step_seconds  # the first unmetered step warms caches up
+    tokens_per_step = params.batch_size * context
+    metrics: dict[str, Any] = {
+        **count_parameters(model),
+        "steps": params.steps, "tokens_seen": params.steps * tokens_per_step,
+        "train_loss": statistics.fmean(r["train_loss"] for r in records[-10:]),
+        "val_loss": final_val, "val_ppl": math.exp(final_val),
+        "accumulation_steps": accumulation,
+    }
+    if timed:
+        median = statistics.median(timed)
+        metrics.update({"step_ms_median": median * 1000, "tokens_per_sec": tokens_per_step / median})
+    if params.meter_steps:
+        metrics.update(meter.summary())
+    if device.type == "cuda":
+        metrics["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        metrics["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
+
+    if hasattr(model, "generation_config"):  # trained without a KV cache; generation wants one
+        model.config.use_cache = model.generation_config.use_cache = True
+    with atomic_dir(paths.out) as tmp:
+        model.save_pretrained(str(tmp))
+        for name in TOKENIZER_FILES:
+            shutil.copy(paths.tokens / name, tmp / name)
+        write_params(tmp, base=base, train=params)
+        metrics["size_on_disk_mib"] = sum(f.stat().st_size for f in tmp.iterdir()
+                                          if f.suffix == ".safetensors") / 2**20
+    with atomic_dir(paths.plots) as tmp:
+        with (tmp / "steps.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", "train_loss", "val_loss", "lr", "step_ms"])
+            writer.writeheader()
+            for r in records:
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    log.info("trained %d steps: val loss %.4f (ppl %.1f), %s tokens/s", params.steps, final_val,
+             math.exp(final_val), f"{metrics.get('tokens_per_sec', 0):.0f}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("train", Params, Paths, run, argv, doc=__doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
