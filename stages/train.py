@@ -9,7 +9,9 @@ next token; backward (recomputing each layer's activations when `activation_chec
 is on); clip; optimizer step with the scheduled learning rate; gradients freed
 (`set_to_none`). The first `meter_steps` optimizer steps run under the tensor meter
 (stages.common.meter) — exact bytes by category, but slower — and throughput is timed on
-the steps after them.
+the steps after them. Every `checkpoint_every` steps the whole state goes to
+data/checkpoints/train (stages.common.checkpoint): a killed run started again resumes
+there and ends with the same metrics as a run never stopped.
 
 Outputs: data/model/ (`save_pretrained` in safetensors with the tokenizer, so stock
 transformers loads it; the LSTM baseline in its own format), data/plots/train/steps.csv
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import logging
 import math
 import shutil
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
+from stages.common import checkpoint
 from stages.common.artifacts import atomic_dir, read_json, write_params
 from stages.common.errors import StageError
 from stages.common.meter import TensorMeter
@@ -67,6 +71,7 @@ class Params(Section):
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1)
     meter_steps: int = Field(2, ge=0)
+    checkpoint_every: int = Field(50, ge=0)
     threads: int = Field(0, ge=0, le=256)
 
     @model_validator(mode="after")
@@ -85,6 +90,7 @@ class Paths:
     tokens: Path = Path("data/tokens")
     out: Path = Path("data/model")
     plots: Path = Path("data/plots/train")
+    checkpoints: Path = Path("data/checkpoints/train")
 
 
 # ----------------------------------------------------------------------------- data
@@ -153,6 +159,15 @@ def lr_at(step: int, params: Params) -> float:
     return params.lr * (params.min_lr_ratio + (1 - params.min_lr_ratio) * shape)
 
 
+def file_digest(path: Path) -> str:
+    """Content hash of a token file (streamed): a checkpoint resumes only on the same data."""
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def resolve_device(base: BaseParams) -> torch.device:
     if base.device == "cuda" and not torch.cuda.is_available():
         raise StageError("base.device is cuda but no CUDA device is available (use cpu or auto)")
@@ -219,8 +234,16 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
 
     records: list[dict[str, Any]] = []
     step_seconds: list[float] = []
-    val_losses: dict[int, float] = {}
-    bar = tqdm(range(params.steps), desc="train", unit=" steps", mininterval=2)
+    metered_figures: dict[str, Any] = {}
+    identity = checkpoint.fingerprint(base, params, meta, file_digest(paths.tokens / "train.bin"))
+    start = 0
+    resumed = checkpoint.load(paths.checkpoints, identity, model, optimizer, scaler)
+    if resumed is not None:
+        start = resumed["step"] + 1
+        records, metered_figures = resumed["records"], resumed["metered"]
+        rng.bit_generator.state = resumed["rng"]
+    bar = tqdm(range(start, params.steps), desc="train", unit=" steps", mininterval=2, initial=start,
+               total=params.steps)
     for step in bar:
         metered = step < params.meter_steps
         started = time.perf_counter()
@@ -253,13 +276,20 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
             raise StageError(f"the loss became {step_loss} at step {step}: lower train.lr or use fp32/bf16")
         record: dict[str, Any] = {"step": step, "train_loss": step_loss, "lr": lr, "step_ms": seconds * 1000}
         if (step + 1) % params.eval_every == 0 or step + 1 == params.steps:
-            val_losses[step] = evaluate(model, val_windows, params, device)
-            record["val_loss"] = val_losses[step]
+            record["val_loss"] = evaluate(model, val_windows, params, device)
         records.append(record)
         bar.set_postfix(loss=f"{step_loss:.3f}")
+        if step + 1 == params.meter_steps:
+            metered_figures = meter.summary()
+        last = step + 1 == params.steps
+        if params.checkpoint_every and step + 1 >= params.meter_steps and \
+                ((step + 1) % params.checkpoint_every == 0 or last):
+            checkpoint.save(paths.checkpoints, model, optimizer, scaler,
+                            {"fingerprint": identity, "step": step, "rng": rng.bit_generator.state,
+                             "records": records, "metered": metered_figures})
     meter.close()
 
-    final_val = val_losses[params.steps - 1]
+    final_val = records[-1]["val_loss"]  # the last step always evaluates
     timed = step_seconds[1:] or step_seconds  # the first unmetered step warms caches up
     tokens_per_step = params.batch_size * context
     metrics: dict[str, Any] = {
@@ -272,8 +302,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     if timed:
         median = statistics.median(timed)
         metrics.update({"step_ms_median": median * 1000, "tokens_per_sec": tokens_per_step / median})
-    if params.meter_steps:
-        metrics.update(meter.summary())
+    metrics.update(metered_figures)
     if device.type == "cuda":
         metrics["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         metrics["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20

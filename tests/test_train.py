@@ -43,7 +43,8 @@ def train(tokens: Path, tmp_path: Path) -> Callable[..., tuple[int, dict[str, An
         params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": train}), allow_unicode=True))
         metrics = work / "train.json"
         rc = run_stage("train", ["--params", str(params), "--tokens", str(tokens), "--out", str(work / "model"),
-                                 "--plots", str(work / "plots"), "--metrics", str(metrics)])
+                                 "--plots", str(work / "plots"), "--checkpoints", str(work / "ckpt"),
+                                 "--metrics", str(metrics)])
         return rc, read_metrics(metrics) if rc == 0 else {}, work / "model"
 
     return go
@@ -162,3 +163,66 @@ def test_cuda_paths_report_cuda_memory(train: Callable[..., Any], tmp_path: Path
         assert rc == 0
         assert m["cuda_max_allocated_mib"] > 0 and m["cuda_max_reserved_mib"] >= m["cuda_max_allocated_mib"]
         assert json.loads(json.dumps(m))["val_loss"] < 7.0
+
+
+def test_a_killed_run_resumes_to_the_same_metrics(tokens: Path, tmp_path: Path,
+                                                  train: Callable[..., Any]) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings = {"steps": 120, "checkpoint_every": 5, "eval_every": 20}
+    rc, uninterrupted, full_dir = train("full", **settings)
+    assert rc == 0
+
+    work = tmp_path / "killed"
+    work.mkdir()
+    params = work / "params.yaml"
+    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": settings}), allow_unicode=True))
+    args = [sys.executable, "-m", "stages.train", "--params", str(params), "--tokens", str(tokens),
+            "--out", str(work / "model"), "--plots", str(work / "plots"),
+            "--checkpoints", str(work / "ckpt"), "--metrics", str(work / "train.json")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = work / "ckpt" / "latest" / "state.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["step"] >= 29:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (work / "train.json").exists(), "the run finished before it could be killed"
+    stopped_at = json.loads(state.read_text())["step"]
+    assert 29 <= stopped_at < 119
+
+    result = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from the checkpoint at step {stopped_at}" in result.stderr
+    resumed = read_metrics(work / "train.json")
+    assert {k: v for k, v in resumed.items() if k not in TIMING} == \
+        {k: v for k, v in uninterrupted.items() if k not in TIMING}
+    assert (work / "model" / "model.safetensors").read_bytes() == (full_dir / "model.safetensors").read_bytes()
+    assert (work / "plots" / "steps.csv").read_text().splitlines()[1:][-1].split(",")[:4] == \
+        (full_dir.parent / "plots" / "steps.csv").read_text().splitlines()[-1].split(",")[:4]
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(tokens: Path, train: Callable[..., Any], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, _ = train("first")
+    assert rc == 0
+    ckpt = tmp_path / "first" / "ckpt"
+    assert json.loads((ckpt / "latest" / "state.json").read_text())["step"] == 29  # the final one
+    rc, fresh, _ = train("fresh", lr=0.001)
+    assert rc == 0
+    params = tmp_path / "other.yaml"
+    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": {"lr": 0.001}}), allow_unicode=True))
+    capsys.readouterr()
+    assert run_stage("train", ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "m"),
+                               "--plots", str(tmp_path / "p"), "--checkpoints", str(ckpt),
+                               "--metrics", str(tmp_path / "other.json")]) == 0
+    assert "belongs to other params or data: starting afresh" in capsys.readouterr().err
+    other = read_metrics(tmp_path / "other.json")
+    assert {k: v for k, v in other.items() if k not in TIMING} == {k: v for k, v in fresh.items() if k not in TIMING}

@@ -1,0 +1,62 @@
+"""Training checkpoints: everything a run needs to continue as if it had never stopped.
+
+A checkpoint is a folder written atomically (beside the old one, then renamed), holding
+- model.safetensors: the weights (tied tensors stored once);
+- optimizer.pt, scaler.pt, torch_rng.pt: tensors only, read back with weights_only=True;
+- state.json: the step reached, the data sampler's generator state, the per-step records
+  and the memory figures metered so far, and the fingerprint of the params and data it
+  belongs to. A checkpoint whose fingerprint differs from the run's is not resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.common.artifacts import atomic_dir, dumps, read_json, write_json
+
+log = logging.getLogger("lmmem.checkpoint")
+
+LATEST = "latest"
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable hash of the params and data identity a checkpoint is valid for."""
+    return hashlib.sha256(dumps(parts).encode("utf-8")).hexdigest()[:16]
+
+
+def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    from safetensors.torch import save_model
+
+    with atomic_dir(folder / LATEST) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        torch.save(torch.get_rng_state(), tmp / "torch_rng.pt")
+        write_json(tmp / "state.json", state)
+
+
+def load(folder: Path, expected: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         scaler: torch.amp.GradScaler) -> dict[str, Any] | None:
+    """Restore the latest checkpoint into model, optimizer and scaler; None when there is none
+    for this fingerprint."""
+    from safetensors.torch import load_model
+
+    latest = folder / LATEST
+    if not (latest / "state.json").is_file():
+        return None
+    state = read_json(latest / "state.json")
+    if state.get("fingerprint") != expected:
+        log.info("checkpoint in %s belongs to other params or data: starting afresh", latest)
+        return None
+    load_model(model, str(latest / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+    scaler.load_state_dict(torch.load(latest / "scaler.pt", weights_only=True))
+    torch.set_rng_state(torch.load(latest / "torch_rng.pt", weights_only=True))
+    log.info("resuming from the checkpoint at step %d", state["step"])
+    return state
