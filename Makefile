@@ -28,6 +28,7 @@ test: setup
 bench: setup
 	$(BIN)/python -m bench.streaming
 	$(BIN)/python -m bench.tokenize_parallel
+	$(BIN)/python -m bench.train_grid
 
 clean-venv:
 	rm -rf $(VENV)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 from stages.common import checkpoint
@@ -168,6 +169,17 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def code_identity() -> dict[str, str]:
+    """What the training code is: this module, stages/common, torch and transformers. A
+    checkpoint made by other code is not resumed (the stage reruns because the code changed)."""
+    import transformers
+
+    here = Path(__file__).resolve().parent
+    sources = [here / "train.py", *sorted((here / "common").glob("*.py"))]
+    return {"sources": checkpoint.fingerprint(*(f.read_text(encoding="utf-8") for f in sources)),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def resolve_device(base: BaseParams) -> torch.device:
     if base.device == "cuda" and not torch.cuda.is_available():
         raise StageError("base.device is cuda but no CUDA device is available (use cpu or auto)")
@@ -205,6 +217,88 @@ def evaluate(model: torch.nn.Module, windows: Windows, params: Params, device: t
     return total / count
 
 
+# ----------------------------------------------------------------------------- one step
+
+
+def build(params: Params, meta: dict[str, Any], device: torch.device, seed: int, scale: bool = True
+          ) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
+    """Model (seeded), optimizer and gradient scaler as the params ask."""
+    torch.manual_seed(seed)
+    with device:  # made where it trains: no copy, and fake tensors cannot be moved
+        model = build_model(params.model, meta["vocab_size"], meta["special_ids"])
+    if params.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = make_optimizer(params, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=scale and params.precision == "fp16")
+    return model, optimizer, scaler
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               rows: torch.Tensor, params: Params, device: torch.device, step: int,
+               meter: TensorMeter | None) -> list[torch.Tensor]:
+    """One optimizer step over `rows` (batch_size, context + 1), in micro-batches; the meter,
+    when given, watches each phase. Returns the micro-batches' (scaled-down) losses."""
+
+    def phase(name: str) -> contextlib.AbstractContextManager[Any]:
+        return meter.phase(step, name) if meter is not None else contextlib.nullcontext()
+
+    accumulation = params.batch_size // params.micro_batch_size
+    losses = []
+    for micro in rows.split(params.micro_batch_size):
+        with phase("forward"):
+            if meter is not None:
+                meter.track(micro, "activations")
+            with autocast(params, device):
+                loss = next_token_loss(model, micro) / accumulation
+        with phase("backward"):
+            scaler.scale(loss).backward()
+        losses.append(loss.detach())
+        del loss
+    with phase("optimizer"):
+        if params.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+class _NeutralScalars(TorchDispatchMode):
+    """Fake tensors have no values, yet some optimizers (Adafactor's step size) read a scalar
+    out of a tensor. In a dry run those reads get a neutral answer (1 for floats, 0 for
+    integers and flags): it steers no allocation."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return 1.0 if args[0].dtype.is_floating_point else 0
+        return func(*args, **(kwargs or {}))
+
+
+def estimate(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
+    """Tensor memory by category, predicted before training by a dry run: the configured
+    model, optimizer and technique run `max(2, meter_steps)` steps on fake tensors (shapes and
+    dtypes, no data, no memory) under the same meter. Exact up to kernels that allocate
+    differently on fake inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    meta = read_json(paths.tokens / "meta.json")
+    device = resolve_device(base)
+    with FakeTensorMode(), _NeutralScalars():
+        # without the gradient scaler (a few bytes): its overflow check would need values
+        model, optimizer, scaler = build(params, meta, device, base.seed, scale=False)
+        meter = TensorMeter()
+        meter.track_model(model)
+        meter.track_optimizer(optimizer)
+        for step in range(max(2, params.meter_steps)):
+            rows = torch.zeros(params.batch_size, params.model.context + 1, dtype=torch.long, device=device)
+            train_step(model, optimizer, scaler, rows, params, device, step, meter)
+            del rows
+        meter.close()
+    return meter.summary(prefix="est_")
+
+
 # ----------------------------------------------------------------------------- run
 
 
@@ -217,13 +311,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     train_windows = Windows(paths.tokens / "train.bin", meta["dtype"], context)
     val_windows = Windows(paths.tokens / "validation.bin", meta["dtype"], context)
 
-    torch.manual_seed(base.seed)
-    model = build_model(params.model, meta["vocab_size"], meta["special_ids"]).to(device)
-    if params.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    optimizer = make_optimizer(params, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=params.precision == "fp16")
+    predicted = estimate(params, paths, base)
+    model, optimizer, scaler = build(params, meta, device, base.seed)
     rng = np.random.default_rng(base.seed)
     accumulation = params.batch_size // params.micro_batch_size
     meter = TensorMeter()
@@ -235,7 +324,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     step_seconds: list[float] = []
     metered_figures: dict[str, Any] = {}
-    identity = checkpoint.fingerprint(base, params, meta, file_digest(paths.tokens / "train.bin"))
+    identity = checkpoint.fingerprint(base, params, meta, file_digest(paths.tokens / "train.bin"), code_identity())
     start = 0
     resumed = checkpoint.load(paths.checkpoints, identity, model, optimizer, scaler)
     if resumed is not None:
@@ -251,24 +340,9 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         rows = train_windows.batch(train_windows.random_starts(rng, params.batch_size)).to(device)
-        step_loss = 0.0
-        for micro in rows.split(params.micro_batch_size):
-            with meter.phase(step, "forward") if metered else contextlib.nullcontext():
-                if metered:
-                    meter.track(micro, "activations")
-                with autocast(params, device):
-                    loss = next_token_loss(model, micro) / accumulation
-            with meter.phase(step, "backward") if metered else contextlib.nullcontext():
-                scaler.scale(loss).backward()
-            step_loss += loss.item()
-            del loss
-        with meter.phase(step, "optimizer") if metered else contextlib.nullcontext():
-            if params.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+        losses = train_step(model, optimizer, scaler, rows, params, device, step, meter if metered else None)
+        step_loss = sum(loss.item() for loss in losses)
+        del rows
         seconds = time.perf_counter() - started
         if not metered:
             step_seconds.append(seconds)
@@ -303,6 +377,11 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         median = statistics.median(timed)
         metrics.update({"step_ms_median": median * 1000, "tokens_per_sec": tokens_per_step / median})
     metrics.update(metered_figures)
+    metrics.update(predicted)
+    for key, value in predicted.items():  # relative error of the prediction, per category
+        measured = metered_figures.get(key.replace("est_", "mem_", 1))
+        if key.endswith("_peak_mib") and measured:
+            metrics[key.replace("est_", "est_error_", 1)] = (value - measured) / measured
     if device.type == "cuda":
         metrics["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         metrics["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
@@ -328,7 +407,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("train", Params, Paths, run, argv, doc=__doc__)
+    return stage_main("train", Params, Paths, run, argv, doc=__doc__, estimate=estimate)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("repo")
     shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data" / "corpus", repo / "data" / "corpus")
-    for name in ("dvc.yaml", "requirements.lock", ".dvcignore"):
+    for name in ("dvc.yaml", "requirements.lock", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
     shutil.copy(TINY, repo / "params.yaml")
     sh("git", "init", "-q", "-b", "main", cwd=repo)

@@ -93,6 +93,7 @@ def test_same_seed_same_model_and_metrics(train: Callable[..., Any]) -> None:
 def test_memory_techniques_move_their_category(train: Callable[..., Any]) -> None:
     base = train("fp32")[1]
     bf16 = train("bf16", precision="bf16")[1]
+    fp16 = train("fp16", precision="fp16")[1]  # autocast with the gradient scaler
     ckpt = train("ckpt", activation_checkpointing=True)[1]
     micro = train("micro", micro_batch_size=2)[1]
     adafactor = train("adafactor", optimizer="adafactor")[1]
@@ -105,7 +106,10 @@ def test_memory_techniques_move_their_category(train: Callable[..., Any]) -> Non
     # it changes the peak without lowering it (the measurement, not a wish, is the point)
     assert bf16["mem_total_peak_mib"] != base["mem_total_peak_mib"]
     assert adafactor["mem_optimizer_peak_mib"] < 0.5 * base["mem_optimizer_peak_mib"]
-    for m in (bf16, ckpt, micro):
+    for m in (base, bf16, fp16, ckpt, micro, adafactor):  # the dry-run prediction, every category
+        for category in ("total", "parameters", "gradients", "optimizer", "activations", "temporaries"):
+            assert abs(m[f"est_error_{category}_peak_mib"]) < 0.02, (category, m)
+    for m in (bf16, fp16, ckpt, micro):
         assert m["val_loss"] < 7.0
     assert adafactor["val_loss"] < math.log(2533)  # below a uniform guess: slower at this lr, but learning
 
@@ -223,6 +227,38 @@ def test_a_checkpoint_of_other_params_is_not_resumed(tokens: Path, train: Callab
     assert run_stage("train", ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "m"),
                                "--plots", str(tmp_path / "p"), "--checkpoints", str(ckpt),
                                "--metrics", str(tmp_path / "other.json")]) == 0
-    assert "belongs to other params or data: starting afresh" in capsys.readouterr().err
+    assert "belongs to other params, data or code: starting afresh" in capsys.readouterr().err
     other = read_metrics(tmp_path / "other.json")
     assert {k: v for k, v in other.items() if k not in TIMING} == {k: v for k, v in fresh.items() if k not in TIMING}
+
+
+def test_estimate_prints_the_prediction_and_writes_nothing(tokens: Path, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": {"optimizer": "sgd"}}), allow_unicode=True))
+    result = run_cli("train", ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "model"),
+                               "--metrics", str(tmp_path / "m.json"), "--estimate"])
+    assert result.returncode == 0, result.stderr
+    predicted = json.loads(result.stdout)
+    params_bytes = 268928 * 4  # the tiny llama's parameters (see test_parameter_bytes_and_counts)
+    assert predicted["est_optimizer_peak_mib"] * 2**20 == pytest.approx(params_bytes, abs=16)  # one momentum buffer
+    assert predicted["est_gradients_peak_mib"] * 2**20 == pytest.approx(params_bytes, abs=16)
+    assert predicted["est_total_peak_mib"] > predicted["est_activations_peak_mib"] > 0
+    assert not (tmp_path / "model").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_a_checkpoint_of_other_code_is_not_resumed(tokens: Path, train: Callable[..., Any], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import stages.train
+
+    assert train("first")[0] == 0
+    monkeypatch.setattr(stages.train, "code_identity", lambda: {"sources": "changed"})
+    capsys.readouterr()
+    ckpt = tmp_path / "first" / "ckpt"
+    params = tmp_path / "first" / "params.yaml"
+    assert run_stage("train", ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "m"),
+                               "--plots", str(tmp_path / "p"), "--checkpoints", str(ckpt),
+                               "--metrics", str(tmp_path / "again.json")]) == 0
+    assert "belongs to other params, data or code: starting afresh" in capsys.readouterr().err

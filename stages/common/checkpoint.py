@@ -52,7 +52,7 @@ def load(folder: Path, expected: str, model: torch.nn.Module, optimizer: torch.o
         return None
     state = read_json(latest / "state.json")
     if state.get("fingerprint") != expected:
-        log.info("checkpoint in %s belongs to other params or data: starting afresh", latest)
+        log.info("checkpoint in %s belongs to other params, data or code: starting afresh", latest)
         return None
     load_model(model, str(latest / "model.safetensors"))
     optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))

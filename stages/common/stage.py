@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import random
 import sys
@@ -55,8 +56,12 @@ def setup_logging(level: str = "INFO") -> None:
     )
 
 
-def _build_parser(name: str, paths_cls: type, doc: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=doc)
+def _build_parser(name: str, paths_cls: type, doc: str | None, estimate: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if estimate:
+        parser.add_argument("--estimate", action="store_true",
+                            help="print the predicted memory as JSON and exit, without running the stage")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     for field in dataclasses.fields(paths_cls):
         parser.add_argument(
@@ -92,9 +97,11 @@ def stage_main(
     run: Callable[[P, Any, BaseParams], dict[str, Any]],
     argv: Sequence[str] | None = None,
     doc: str | None = None,
+    estimate: Callable[[P, Any, BaseParams], dict[str, Any]] | None = None,
 ) -> int:
-    """Run one stage from the command line; returns the process exit code."""
-    args = _build_parser(name, paths_cls, doc).parse_args(argv)
+    """Run one stage from the command line; returns the process exit code. A stage that can
+    predict its memory passes `estimate`, which `--estimate` runs instead of the stage."""
+    args = _build_parser(name, paths_cls, doc, estimate is not None).parse_args(argv)
     setup_logging(args.log_level)
     reset_peak_rss()
     started = time.perf_counter()
@@ -102,6 +109,9 @@ def stage_main(
         base, params = load_params(args.params, name, params_cls)
         paths = paths_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(paths_cls)})
         seed_everything(base.seed)
+        if getattr(args, "estimate", False):
+            print(json.dumps(round_metrics(estimate(params, paths, base)), indent=2, sort_keys=True))  # type: ignore[misc]
+            return 0
         metrics = run(params, paths, base)
     except StageError as exc:
         print(f"lmmem {name}: error: {exc}", file=sys.stderr)
