@@ -73,6 +73,7 @@ class Params(Section):
     eval_batches: int = Field(8, ge=1)
     meter_steps: int = Field(2, ge=0)
     checkpoint_every: int = Field(50, ge=0)
+    init_from_word2vec: bool = False
     threads: int = Field(0, ge=0, le=256)
 
     @model_validator(mode="after")
@@ -89,6 +90,7 @@ class Params(Section):
 @dataclass(frozen=True)
 class Paths:
     tokens: Path = Path("data/tokens")
+    embed: Path = Path("data/embed")
     out: Path = Path("data/model")
     plots: Path = Path("data/plots/train")
     checkpoints: Path = Path("data/checkpoints/train")
@@ -234,6 +236,24 @@ def build(params: Params, meta: dict[str, Any], device: torch.device, seed: int,
     return model, optimizer, scaler
 
 
+def init_embedding_from_word2vec(model: torch.nn.Module, aligned: np.ndarray, seed: int) -> None:
+    """Copy Word2Vec's vectors (row i = token id i) into the input embedding. A different width
+    goes through a fixed random projection; either way rows are rescaled to the standard
+    deviation of the embedding they replace, so the rest of the initialisation stays in scale."""
+    weight = model.get_input_embeddings().weight
+    if aligned.shape[0] != weight.shape[0]:
+        raise StageError(f"data/embed/aligned.npy has {aligned.shape[0]} rows for a vocabulary of "
+                         f"{weight.shape[0]}: rerun the embed stage on these tokens")
+    vectors = torch.from_numpy(aligned).float()
+    if vectors.shape[1] != weight.shape[1]:
+        g = torch.Generator().manual_seed(seed)
+        projection = torch.randn(vectors.shape[1], weight.shape[1], generator=g) / math.sqrt(vectors.shape[1])
+        vectors = vectors @ projection
+    with torch.no_grad():
+        vectors *= weight.std() / vectors.std().clamp_min(1e-12)
+        weight.copy_(vectors.to(weight.device, weight.dtype))
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                rows: torch.Tensor, params: Params, device: torch.device, step: int,
                meter: TensorMeter | None) -> list[torch.Tensor]:
@@ -277,17 +297,20 @@ class _NeutralScalars(TorchDispatchMode):
 
 
 def estimate(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
+    """`python -m stages.train --estimate`: the prediction for params.yaml, without training."""
+    return predict_memory(params, read_json(paths.tokens / "meta.json"), resolve_device(base), base.seed)
+
+
+def predict_memory(params: Params, meta: dict[str, Any], device: torch.device, seed: int) -> dict[str, Any]:
     """Tensor memory by category, predicted before training by a dry run: the configured
     model, optimizer and technique run `max(2, meter_steps)` steps on fake tensors (shapes and
     dtypes, no data, no memory) under the same meter. Exact up to kernels that allocate
     differently on fake inputs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    meta = read_json(paths.tokens / "meta.json")
-    device = resolve_device(base)
     with FakeTensorMode(), _NeutralScalars():
         # without the gradient scaler (a few bytes): its overflow check would need values
-        model, optimizer, scaler = build(params, meta, device, base.seed, scale=False)
+        model, optimizer, scaler = build(params, meta, device, seed, scale=False)
         meter = TensorMeter()
         meter.track_model(model)
         meter.track_optimizer(optimizer)
@@ -311,8 +334,10 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     train_windows = Windows(paths.tokens / "train.bin", meta["dtype"], context)
     val_windows = Windows(paths.tokens / "validation.bin", meta["dtype"], context)
 
-    predicted = estimate(params, paths, base)
+    predicted = predict_memory(params, meta, device, base.seed)
     model, optimizer, scaler = build(params, meta, device, base.seed)
+    if params.init_from_word2vec:
+        init_embedding_from_word2vec(model, np.load(paths.embed / "aligned.npy"), base.seed)
     rng = np.random.default_rng(base.seed)
     accumulation = params.batch_size // params.micro_batch_size
     meter = TensorMeter()
@@ -331,6 +356,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         start = resumed["step"] + 1
         records, metered_figures = resumed["records"], resumed["metered"]
         rng.bit_generator.state = resumed["rng"]
+    if start >= params.meter_steps:
+        meter.close()  # nothing left to meter
     bar = tqdm(range(start, params.steps), desc="train", unit=" steps", mininterval=2, initial=start,
                total=params.steps)
     for step in bar:
@@ -355,6 +382,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         bar.set_postfix(loss=f"{step_loss:.3f}")
         if step + 1 == params.meter_steps:
             metered_figures = meter.summary()
+            meter.close()  # its hooks off: the remaining steps run unobserved
         last = step + 1 == params.steps
         if params.checkpoint_every and step + 1 >= params.meter_steps and \
                 ((step + 1) % params.checkpoint_every == 0 or last):

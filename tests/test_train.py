@@ -26,7 +26,8 @@ def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"tokenize": {"gold": ""}}), allow_unicode=True))
     d = work / "data"
     for stage, args in (("ingest", ["--out", d / "raw"]), ("clean", ["--raw", d / "raw", "--out", d / "clean"]),
-                        ("tokenize", ["--clean", d / "clean", "--out", d / "tokens"])):
+                        ("tokenize", ["--clean", d / "clean", "--out", d / "tokens"]),
+                        ("embed", ["--tokens", d / "tokens", "--out", d / "embed"])):
         assert run_stage(stage, ["--params", str(params), "--metrics", str(d / f"{stage}.json"),
                                  *map(str, args)]) == 0
     return d / "tokens"
@@ -42,9 +43,9 @@ def train(tokens: Path, tmp_path: Path) -> Callable[..., tuple[int, dict[str, An
         params = work / "params.yaml"
         params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": train}), allow_unicode=True))
         metrics = work / "train.json"
-        rc = run_stage("train", ["--params", str(params), "--tokens", str(tokens), "--out", str(work / "model"),
-                                 "--plots", str(work / "plots"), "--checkpoints", str(work / "ckpt"),
-                                 "--metrics", str(metrics)])
+        rc = run_stage("train", ["--params", str(params), "--tokens", str(tokens), "--embed", str(tokens.parent / "embed"),
+                                 "--out", str(work / "model"), "--plots", str(work / "plots"),
+                                 "--checkpoints", str(work / "ckpt"), "--metrics", str(metrics)])
         return rc, read_metrics(metrics) if rc == 0 else {}, work / "model"
 
     return go
@@ -262,3 +263,29 @@ def test_a_checkpoint_of_other_code_is_not_resumed(tokens: Path, train: Callable
                                "--plots", str(tmp_path / "p"), "--checkpoints", str(ckpt),
                                "--metrics", str(tmp_path / "again.json")]) == 0
     assert "belongs to other params, data or code: starting afresh" in capsys.readouterr().err
+
+
+def test_word2vec_initialisation(train: Callable[..., Any], tokens: Path) -> None:
+    import numpy as np
+
+    from stages.common.models import ModelParams, build_model
+    from stages.train import init_embedding_from_word2vec
+
+    special = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
+    aligned = np.load(tokens.parent / "embed" / "aligned.npy")  # the tiny profile: 32 dimensions
+    assert aligned.shape == (2533, 32)
+    for width in (32, 64):
+        torch.manual_seed(0)
+        model = build_model(ModelParams(width=width, layers=1, heads=4), 2533, special)
+        before = model.get_input_embeddings().weight.detach().clone()
+        init_embedding_from_word2vec(model, aligned, seed=1)
+        after = model.get_input_embeddings().weight.detach()
+        assert after.std().item() == pytest.approx(before.std().item(), rel=1e-4)  # same scale
+        assert torch.linalg.matrix_rank(after).item() <= 32  # a linear image of the 32-d vectors
+        if width == 32:  # same width: the vectors themselves, rescaled
+            ratio = after / torch.from_numpy(aligned)
+            finite = torch.isfinite(ratio)
+            assert torch.allclose(ratio[finite], ratio[finite][0], rtol=1e-4)
+    rc, m, _ = train("w2v", init_from_word2vec=True)
+    rc0, m0, _ = train("random")
+    assert rc == rc0 == 0 and m["val_loss"] != m0["val_loss"] and m["val_loss"] < math.log(2533)
