@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +106,6 @@ class JsonlWriter:
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
         self.count += 1
-
-    def write_all(self, records: Iterable[dict[str, Any]]) -> None:
-        for r in records:
-            self.write(r)
 
     def close(self) -> None:
         self._f.close()

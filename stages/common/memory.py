@@ -47,12 +47,6 @@ def peak_rss_mib() -> float:
     return round(kib / 1024, 1)
 
 
-def current_rss_mib() -> float:
-    """Resident set size of this process now, in MiB."""
-    kib = _status_kib("VmRSS")
-    return round((kib or 0) / 1024, 1)
-
-
 def children_peak_rss_mib() -> float:
     """The largest peak RSS among this process's finished (waited-for) children, in MiB."""
     return round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)

@@ -180,9 +180,6 @@ class TensorMeter(TorchDispatchMode):
         return out
 
     # ------------------------------------------------------------------ results
-    def live_total(self) -> int:
-        return sum(self.current.values())
-
     def summary(self, prefix: str = "mem_") -> dict[str, Any]:
         """Flat metrics in MiB: each category's own peak, the total's peak, and the
         categories at the moment of the total's peak, with its step and phase."""
