@@ -74,6 +74,8 @@ class Params(Section):
     meter_steps: int = Field(2, ge=0)
     checkpoint_every: int = Field(50, ge=0)
     init_from_word2vec: bool = False
+    memory_budget_mib: float = Field(0.0, ge=0.0)
+    auto_fit: bool = False
     threads: int = Field(0, ge=0, le=256)
 
     @model_validator(mode="after")
@@ -322,6 +324,60 @@ def predict_memory(params: Params, meta: dict[str, Any], device: torch.device, s
     return meter.summary(prefix="est_")
 
 
+# ----------------------------------------------------------------------------- budget
+
+# Moves that lower memory, with the slowdown each is expected to cost (rough rules of thumb,
+# not measurements: bf16 and a leaner optimizer cost about nothing, each halving of the
+# micro-batch ~10 % from smaller matrix products, checkpointing ~30 % from recomputation).
+SLOWDOWN = {"precision": 1.0, "optimizer": 1.0, "micro_batch_size": 1.1, "activation_checkpointing": 1.3}
+
+
+def memory_moves(p: Params) -> list[dict[str, Any]]:
+    """The changes that could shrink this configuration, cheapest expected slowdown first."""
+    moves: list[dict[str, Any]] = []
+    if p.precision == "fp32":
+        moves.append({"precision": "bf16"})
+    if p.optimizer in ("adam", "adamw", "adagrad", "rmsprop"):
+        moves.append({"optimizer": "adafactor"})
+    micro = p.micro_batch_size
+    while micro > 1 and micro % 2 == 0:
+        micro //= 2
+        moves.append({"micro_batch_size": micro})
+    if not p.activation_checkpointing and p.model.family != "lstm":
+        moves.append({"activation_checkpointing": True})
+    return sorted(moves, key=lambda m: SLOWDOWN[next(iter(m))])
+
+
+def describe(changes: dict[str, Any]) -> str:
+    return ",".join(f"{k}={str(v).lower()}" for k, v in changes.items()) or "none"
+
+
+def fit_budget(params: Params, meta: dict[str, Any], device: torch.device, seed: int,
+               predicted: dict[str, Any]) -> tuple[Params, dict[str, Any], dict[str, Any]]:
+    """Check the dry-run estimate against train.memory_budget_mib. Over budget: with auto_fit,
+    apply the moves cumulatively, cheapest first, until the estimate fits, and train with
+    that; without, stop with the moves that would fit. Returns (params, prediction, changes)."""
+    budget = params.memory_budget_mib
+    if not budget or predicted["est_total_peak_mib"] <= budget:
+        return params, predicted, {}
+    need = f"train.memory_budget_mib={budget:g}: the estimated tensor peak is {predicted['est_total_peak_mib']:.1f} MiB"
+    changes: dict[str, Any] = {}
+    tried: list[str] = []
+    for move in memory_moves(params):
+        changes = {**changes, **move}
+        candidate = params.model_copy(update=changes)
+        estimate_mib = predict_memory(candidate, meta, device, seed)
+        tried.append(f"{describe(changes)} {estimate_mib['est_total_peak_mib']:.1f} MiB")
+        if estimate_mib["est_total_peak_mib"] <= budget:
+            if params.auto_fit:
+                log.info("%s; auto_fit trains with %s (%.1f MiB)", need, describe(changes),
+                         estimate_mib["est_total_peak_mib"])
+                return candidate, estimate_mib, changes
+            raise StageError(f"{need}; it fits with {describe(changes)} "
+                             f"({estimate_mib['est_total_peak_mib']:.1f} MiB), or set train.auto_fit: true")
+    raise StageError(f"{need}; nothing fits: {'; '.join(tried) or 'no memory technique left to apply'}")
+
+
 # ----------------------------------------------------------------------------- run
 
 
@@ -335,6 +391,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     val_windows = Windows(paths.tokens / "validation.bin", meta["dtype"], context)
 
     predicted = predict_memory(params, meta, device, base.seed)
+    params, predicted, fitted = fit_budget(params, meta, device, base.seed, predicted)
     model, optimizer, scaler = build(params, meta, device, base.seed)
     if params.init_from_word2vec:
         init_embedding_from_word2vec(model, np.load(paths.embed / "aligned.npy"), base.seed)
@@ -400,6 +457,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         "train_loss": statistics.fmean(r["train_loss"] for r in records[-10:]),
         "val_loss": final_val, "val_ppl": math.exp(final_val),
         "accumulation_steps": accumulation,
+        "auto_fit_changes": describe(fitted),
     }
     if timed:
         median = statistics.median(timed)

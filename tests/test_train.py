@@ -289,3 +289,30 @@ def test_word2vec_initialisation(train: Callable[..., Any], tokens: Path) -> Non
     rc, m, _ = train("w2v", init_from_word2vec=True)
     rc0, m0, _ = train("random")
     assert rc == rc0 == 0 and m["val_loss"] != m0["val_loss"] and m["val_loss"] < math.log(2533)
+
+
+def test_memory_budget_refuses_with_what_fits_or_fits_itself(tokens: Path, train: Callable[..., Any],
+                                                              tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    rc, base, _ = train("base")
+    assert rc == 0
+    budget = round(0.7 * base["mem_total_peak_mib"], 1)  # about 9.4 MiB: the baseline does not fit
+    rc, _, model_dir = train("refused", memory_budget_mib=budget)
+    assert rc == 2
+    line = one_error_line(capsys.readouterr().err, "train")
+    assert f"train.memory_budget_mib={budget:g}: the estimated tensor peak is" in line
+    assert "it fits with " in line and "or set train.auto_fit: true" in line
+    assert not model_dir.exists()
+
+    rc, fitted, model_dir = train("fitted", memory_budget_mib=budget, auto_fit=True)
+    assert rc == 0
+    assert fitted["auto_fit_changes"] != "none"
+    assert fitted["mem_total_peak_mib"] <= budget  # measured, not only predicted, within budget
+    recorded = json.loads((model_dir / "params.json").read_text())["train"]
+    for change in fitted["auto_fit_changes"].split(","):
+        key, value = change.split("=")
+        assert str(recorded[key]).lower() == value
+
+    rc, _, _ = train("impossible", memory_budget_mib=0.5, auto_fit=True)
+    assert rc == 2
+    assert "nothing fits: precision=bf16" in one_error_line(capsys.readouterr().err, "train")
