@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import logging
 import math
 import shutil
@@ -162,15 +161,6 @@ def lr_at(step: int, params: Params) -> float:
     progress = (step - params.warmup_steps) / max(1, params.steps - 1 - params.warmup_steps)
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if params.decay == "cosine" else 1 - progress
     return params.lr * (params.min_lr_ratio + (1 - params.min_lr_ratio) * shape)
-
-
-def file_digest(path: Path) -> str:
-    """Content hash of a token file (streamed): a checkpoint resumes only on the same data."""
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def code_identity() -> dict[str, str]:
@@ -406,7 +396,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     step_seconds: list[float] = []
     metered_figures: dict[str, Any] = {}
-    identity = checkpoint.fingerprint(base, params, meta, file_digest(paths.tokens / "train.bin"), code_identity())
+    identity = checkpoint.fingerprint(base, params, meta, checkpoint.file_digest(paths.tokens / "train.bin"), code_identity())
     start = 0
     resumed = checkpoint.load(paths.checkpoints, identity, model, optimizer, scaler)
     if resumed is not None:

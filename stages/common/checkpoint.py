@@ -29,6 +29,15 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(dumps(parts).encode("utf-8")).hexdigest()[:16]
 
 
+def file_digest(path: Path) -> str:
+    """Content hash of a data file (streamed): a checkpoint resumes only on the same data."""
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
     from safetensors.torch import save_model

@@ -206,5 +206,3 @@ class _Phase:
 
     def __exit__(self, *exc: object) -> None:
         self.meter.__exit__(*exc)
-        if self.name == "optimizer":
-            self.meter.sync_optimizer()

@@ -113,10 +113,7 @@ def stage_main(
             print(json.dumps(round_metrics(estimate(params, paths, base)), indent=2, sort_keys=True))  # type: ignore[misc]
             return 0
         metrics = run(params, paths, base)
-    except StageError as exc:
-        print(f"lmmem {name}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # unreadable input, full disk: the OS names the file and the reason
+    except (StageError, OSError) as exc:  # OSError: unreadable input, full disk (the OS names the file)
         print(f"lmmem {name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
