@@ -29,6 +29,7 @@ bench: setup
 	$(BIN)/python -m bench.streaming
 	$(BIN)/python -m bench.tokenize_parallel
 	$(BIN)/python -m bench.train_grid
+	$(BIN)/python -m bench.train_loop
 
 clean-venv:
 	rm -rf $(VENV)

@@ -32,9 +32,16 @@ def replicated_corpus(folder: Path, times: int) -> Path:
 
 def params_file(folder: Path, **sections: dict[str, Any]) -> Path:
     """params.yaml of the repository with some keys overridden."""
+    def merge(into: dict[str, Any], values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
     data = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     for section, values in sections.items():
-        data[section].update(values)
+        merge(data[section], values)
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     return path

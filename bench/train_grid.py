@@ -1,19 +1,22 @@
 """Training memory grid: each memory technique of the train stage on the default corpus and
-model, measured by the tensor meter beside the dry-run estimate, in one run.
+model, trained for the same number of optimizer steps, measured by the tensor meter beside
+the dry-run estimate, in one run.
 
-    python -m bench.train_grid [--steps 4] [--tokens data/tokens]
+    python -m bench.train_grid [--steps 200] [--only NAME ...] [--tokens data/tokens]
 
 Each configuration trains `steps` optimizer steps (the first two metered) in a fresh process
-from the same params.yaml with a few keys changed; tokens/s is timed on the unmetered steps,
-so give at least 4. Reported per configuration: the meter's tensor peak by category, the
-estimate's total and its error, peak RSS, tokens/s. Short runs measure memory, not quality:
-validation loss after a few steps says nothing yet.
+from the same params.yaml with a few keys changed, so validation perplexities compare (the
+default 200 steps is params.yaml's run; give fewer steps to look at memory only). tokens/s
+is timed on the unmetered steps. Reported per configuration: the meter's tensor peak by
+category against the estimate's, the total and its error, peak RSS, tokens/s and the
+validation perplexity, each beside the fp32 AdamW baseline.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,16 +25,22 @@ from bench.common import ROOT, machine, params_file, run_stage
 
 log = logging.getLogger("bench.train_grid")
 
+BASELINE = "fp32 adamw (baseline)"
+UNTIED = {"model": {"tie_embeddings": False}}
 GRID: dict[str, dict[str, Any]] = {
-    "fp32 adamw (baseline)": {},
+    BASELINE: {},
     "bf16 autocast": {"precision": "bf16"},
     "activation checkpointing": {"activation_checkpointing": True},
     "micro-batch 4 (x4 accumulation)": {"micro_batch_size": 4},
     "micro-batch 1 (x16 accumulation)": {"micro_batch_size": 1},
     "sgd (momentum)": {"optimizer": "sgd"},
     "adafactor": {"optimizer": "adafactor"},
-    "checkpointing + micro-batch 4 + adafactor": {"activation_checkpointing": True, "micro_batch_size": 4,
-                                                   "optimizer": "adafactor"},
+    "8-bit adamw": {"optimizer": "adamw8bit"},
+    "untied embeddings, adamw": UNTIED,
+    "untied, sparse embedding gradients (sparse_adam)": {"optimizer": "sparse_adam", **UNTIED},
+    "pruning to 50 % (steps 20-150)": {"prune": {"final_sparsity": 0.5}},
+    "checkpointing + micro-batch 4 + 8-bit adamw": {"activation_checkpointing": True, "micro_batch_size": 4,
+                                                    "optimizer": "adamw8bit"},
     "checkpointing + micro-batch 1 + adafactor": {"activation_checkpointing": True, "micro_batch_size": 1,
                                                    "optimizer": "adafactor"},
 }
@@ -40,37 +49,48 @@ CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporarie
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--only", nargs="*", default=None, help="configuration names (the baseline always runs)")
     parser.add_argument("--tokens", type=Path, default=ROOT / "data" / "tokens")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not (args.tokens / "meta.json").is_file():
         raise SystemExit(f"{args.tokens} has no tokens: run `dvc repro tokenize` first")
+    chosen = {name: o for name, o in GRID.items() if args.only is None or name == BASELINE or name in args.only}
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, overrides) in enumerate(GRID.items()):
+        for i, (name, overrides) in enumerate(chosen.items()):
             work = Path(tmp) / f"c{i}"
             work.mkdir()
-            train = {"steps": args.steps, "meter_steps": 2, "eval_every": 10**6, "eval_batches": 1,
-                     "checkpoint_every": 0, **overrides}
+            train: dict[str, Any] = {"steps": args.steps, "meter_steps": 2, "checkpoint_every": 0, **overrides}
+            if "prune" in overrides:  # keep the schedule inside shorter runs
+                train["prune"] = {**overrides["prune"], "start_step": args.steps // 10,
+                                  "end_step": max(args.steps // 10 + 1, args.steps * 3 // 4)}
             params = params_file(work, train=train)
             log.info("%s ...", name)
-            results[name] = run_stage("train", params, work, tokens=args.tokens, out=work / "model",
-                                      plots=work / "plots", checkpoints=work / "ckpt")
-    base = results["fp32 adamw (baseline)"]
-    print(f"\nmachine: {machine()}; {args.steps} steps per configuration")
-    print("| configuration | params | grads | optimizer | activations | temporaries | tensor peak MiB | "
-          "× baseline | estimate MiB | estimate error | peak RSS MiB | tokens/s |")
-    print("|---|" + "---|" * 11)
+            results[name] = run_stage("train", params, work, tokens=args.tokens, embed=args.tokens.parent / "embed",
+                                      out=work / "model", plots=work / "plots", checkpoints=work / "ckpt")
+    base = results[BASELINE]
+    print(f"\nmachine: {machine()}; {args.steps} optimizer steps of 16 sequences per configuration")
+    print("\nTensor peak and what came with it:\n")
+    print("| configuration | tensor peak MiB | × baseline | estimate MiB | estimate error | peak RSS MiB | "
+          "tokens/s | val ppl | × baseline |")
+    print("|---|" + "---|" * 8)
     worst = 0.0
     for name, m in results.items():
-        cats = " | ".join(f"{m[f'mem_at_peak_{c}_mib']:.1f}" for c in CATEGORIES)
         error = m["est_error_total_peak_mib"]
         worst = max(worst, abs(error))
-        print(f"| {name} | {cats} | {m['mem_total_peak_mib']:.1f} | "
-              f"{m['mem_total_peak_mib'] / base['mem_total_peak_mib']:.3f} | {m['est_total_peak_mib']:.1f} | "
-              f"{error:+.2%} | {m['peak_rss_mib']:.0f} | {m.get('tokens_per_sec', float('nan')):.0f} |")
-    print(f"\ncategories are those at the moment of the tensor peak; largest estimate error {worst:.2%}")
+        print(f"| {name} | {m['mem_total_peak_mib']:.1f} | {m['mem_total_peak_mib'] / base['mem_total_peak_mib']:.3f} | "
+              f"{m['est_total_peak_mib']:.1f} | {error:+.2%} | {m['peak_rss_mib']:.0f} | "
+              f"{m.get('tokens_per_sec', math.nan):.0f} | {m['val_ppl']:.1f} | {m['val_ppl'] / base['val_ppl']:.3f} |")
+    print("\nEach category's own peak, measured / estimated (MiB):\n")
+    print("| configuration | " + " | ".join(CATEGORIES) + " | largest category error |")
+    print("|---|" + "---|" * (len(CATEGORIES) + 1))
+    for name, m in results.items():
+        cells = " | ".join(f"{m[f'mem_{c}_peak_mib']:.1f} / {m[f'est_{c}_peak_mib']:.1f}" for c in CATEGORIES)
+        errors = [abs(m[f"est_error_{c}_peak_mib"]) for c in CATEGORIES if f"est_error_{c}_peak_mib" in m]
+        print(f"| {name} | {cells} | {max(errors):.2%} |")
+    print(f"\nlargest error of the estimated total tensor peak: {worst:.2%}")
     return 0
 
 

@@ -7,7 +7,7 @@ into micro-batches of `micro_batch_size` (gradient accumulation: the effective b
 `batch_size`); forward under autocast when `precision` is bf16/fp16; cross-entropy on the
 next token; backward (recomputing each layer's activations when `activation_checkpointing`
 is on); clip; optimizer step with the scheduled learning rate; gradients freed
-(`set_to_none`). The first `meter_steps` optimizer steps run under the tensor meter
+(`set_to_none`); when pruning, the pruned weights zeroed again (stages.common.pruning). The first `meter_steps` optimizer steps run under the tensor meter
 (stages.common.meter) — exact bytes by category, but slower — and throughput is timed on
 the steps after them. Every `checkpoint_every` steps the whole state goes to
 data/checkpoints/train (stages.common.checkpoint): a killed run started again resumes
@@ -24,6 +24,7 @@ import contextlib
 import csv
 import logging
 import math
+import os
 import shutil
 import statistics
 import time
@@ -42,15 +43,22 @@ from tqdm import tqdm
 from stages.common import checkpoint
 from stages.common.artifacts import atomic_dir, read_json, write_params
 from stages.common.errors import StageError
+from stages.common.memory import current_rss_mib
 from stages.common.meter import TensorMeter
 from stages.common.models import ModelParams, build_model, count_parameters, logits_of
 from stages.common.params import BaseParams, Section
+from stages.common.pruning import Pruner, PruneParams, zero_fraction
 from stages.common.stage import stage_main
 
 log = logging.getLogger("lmmem.train")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop", "adafactor")
+# keys PYTORCH_CUDA_ALLOC_CONF understands (torch 2.x CUDA caching allocator)
+CUDA_ALLOC_KEYS = ("backend", "max_split_size_mb", "max_non_split_rounding_mb", "roundup_power2_divisions",
+                   "garbage_collection_threshold", "expandable_segments", "release_lock_on_cudamalloc",
+                   "pinned_use_cuda_host_register", "pinned_num_register_threads", "pinned_use_background_threads",
+                   "pinned_max_cached_size_mb", "pinned_max_round_threshold_mb", "per_process_memory_fraction",
+                   "graph_capture_record_stream_reuse")
 
 
 class Params(Section):
@@ -60,7 +68,9 @@ class Params(Section):
     micro_batch_size: int = Field(16, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     activation_checkpointing: bool = False
-    optimizer: Literal["sgd", "adam", "adamw", "adagrad", "rmsprop", "adafactor"] = "adamw"
+    activation_checkpointing_every: int = Field(1, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw", "adagrad", "rmsprop", "adafactor", "adamw8bit",
+                       "sparse_adam"] = "adamw"
     lr: float = Field(3e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(0.1, ge=0.0, le=1.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
@@ -75,6 +85,8 @@ class Params(Section):
     init_from_word2vec: bool = False
     memory_budget_mib: float = Field(0.0, ge=0.0)
     auto_fit: bool = False
+    prune: PruneParams = Field(default_factory=PruneParams)
+    cuda_alloc_conf: str = ""
     threads: int = Field(0, ge=0, le=256)
 
     @model_validator(mode="after")
@@ -85,6 +97,17 @@ class Params(Section):
         if self.activation_checkpointing and self.model.family == "lstm":
             raise ValueError("activation_checkpointing: the lstm baseline runs as one cuDNN/ATen op, "
                              "there are no layers to checkpoint; use llama or gpt2")
+        if self.optimizer == "sparse_adam" and self.model.tie_embeddings:
+            raise ValueError("optimizer sparse_adam needs model.tie_embeddings: false: a tied embedding is "
+                             "also the output layer, whose gradient is dense")
+        if self.prune.enabled and self.prune.end_step >= self.steps:
+            raise ValueError(f"prune.end_step ({self.prune.end_step}) must be below steps ({self.steps}): "
+                             f"the final sparsity would never be reached")
+        for item in filter(None, self.cuda_alloc_conf.split(",")):
+            key, sep, value = item.partition(":")
+            if not sep or not value or key.strip() not in CUDA_ALLOC_KEYS:
+                raise ValueError(f"cuda_alloc_conf: {item!r} is not key:value with a key of "
+                                 f"{', '.join(CUDA_ALLOC_KEYS)}")
         return self
 
 
@@ -129,10 +152,39 @@ class Windows:
 # ----------------------------------------------------------------------------- pieces
 
 
+class SparseDenseAdam(torch.optim.Optimizer):
+    """Adam for a model whose input embedding has sparse gradients: SparseAdam updates only
+    the embedding rows the batch used (moments of the others are not decayed; no weight
+    decay), AdamW everything else. One optimizer to the loop, the scaler and checkpoints:
+    both inner optimizers share its parameter groups and state."""
+
+    def __init__(self, dense_groups: list[dict[str, Any]], sparse: list[torch.nn.Parameter], lr: float) -> None:
+        self.dense = torch.optim.AdamW(dense_groups, lr=lr)
+        self.sparse = torch.optim.SparseAdam(sparse, lr=lr)
+        super().__init__(self.dense.param_groups + self.sparse.param_groups, {})
+        self._link()
+
+    def _link(self) -> None:
+        n = len(self.dense.param_groups)
+        self.dense.param_groups, self.sparse.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.dense.state = self.sparse.state = self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._link()  # loading replaced the groups and state objects
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        self.dense.step()
+        self.sparse.step()
+
+
 def make_optimizer(params: Params, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer; weight decay applies to matrices only (not norms, biases)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    sparse = [model.get_input_embeddings().weight] if params.optimizer == "sparse_adam" else []
+    trainable = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in sparse)]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": params.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     lr = params.lr
@@ -149,7 +201,34 @@ def make_optimizer(params: Params, model: torch.nn.Module) -> torch.optim.Optimi
             return torch.optim.RMSprop(groups, lr=lr, momentum=params.momentum)
         case "adafactor":
             return torch.optim.Adafactor(groups, lr=lr)
+        case "adamw8bit":
+            logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # 4-bit kernels: unused
+            import bitsandbytes
+
+            return bitsandbytes.optim.AdamW8bit(groups, lr=lr)
+        case "sparse_adam":
+            return SparseDenseAdam(groups, sparse, lr)
     raise StageError(f"train.optimizer: unknown optimizer {params.optimizer}")  # pragma: no cover
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> None:
+    """Scale all gradients so their global L2 norm is at most max_norm. torch's
+    clip_grad_norm_ does it when every gradient is dense; a sparse one (sparse_adam's
+    embedding) has its norm taken on a coalesced copy, so that repeated rows add up first."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not any(p.grad.is_sparse for p in params):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    norms = []
+    for p in params:
+        if p.grad.is_sparse:
+            norms.append(torch.linalg.vector_norm(p.grad.coalesce()._values()))
+        else:
+            norms.append(torch.linalg.vector_norm(p.grad))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(scale)
 
 
 def lr_at(step: int, params: Params) -> float:
@@ -214,18 +293,38 @@ def evaluate(model: torch.nn.Module, windows: Windows, params: Params, device: t
 # ----------------------------------------------------------------------------- one step
 
 
-def build(params: Params, meta: dict[str, Any], device: torch.device, seed: int, scale: bool = True
-          ) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
-    """Model (seeded), optimizer and gradient scaler as the params ask."""
+@dataclass
+class Parts:
+    """What a training run holds: the model, its optimizer, the gradient scaler (a no-op
+    unless fp16) and the pruner (None unless pruning)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    pruner: Pruner | None
+
+    def track(self, meter: TensorMeter) -> None:
+        meter.track_model(self.model)
+        meter.track_optimizer(self.optimizer)
+        if self.pruner is not None:
+            meter.track(self.pruner.masks, "parameters")  # model state, one byte per prunable weight
+
+
+def build(params: Params, meta: dict[str, Any], device: torch.device, seed: int, scale: bool = True) -> Parts:
+    """Model (seeded), optimizer, gradient scaler and pruner as the params ask."""
     torch.manual_seed(seed)
     with device:  # made where it trains: no copy, and fake tensors cannot be moved
         model = build_model(params.model, meta["vocab_size"], meta["special_ids"])
+        pruner = Pruner(params.prune, model) if params.prune.enabled else None
     if params.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              every_n_layers=params.activation_checkpointing_every)
+    if params.optimizer == "sparse_adam":
+        model.get_input_embeddings().sparse = True  # gradient: only the rows the batch used
     model.train()
     optimizer = make_optimizer(params, model)
     scaler = torch.amp.GradScaler(device.type, enabled=scale and params.precision == "fp16")
-    return model, optimizer, scaler
+    return Parts(model, optimizer, scaler, pruner)
 
 
 def init_embedding_from_word2vec(model: torch.nn.Module, aligned: np.ndarray, seed: int) -> None:
@@ -246,11 +345,11 @@ def init_embedding_from_word2vec(model: torch.nn.Module, aligned: np.ndarray, se
         weight.copy_(vectors.to(weight.device, weight.dtype))
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               rows: torch.Tensor, params: Params, device: torch.device, step: int,
+def train_step(parts: Parts, rows: torch.Tensor, params: Params, device: torch.device, step: int,
                meter: TensorMeter | None) -> list[torch.Tensor]:
     """One optimizer step over `rows` (batch_size, context + 1), in micro-batches; the meter,
     when given, watches each phase. Returns the micro-batches' (scaled-down) losses."""
+    model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
 
     def phase(name: str) -> contextlib.AbstractContextManager[Any]:
         return meter.phase(step, name) if meter is not None else contextlib.nullcontext()
@@ -270,21 +369,40 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     with phase("optimizer"):
         if params.grad_clip:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+            clip_gradients(model, params.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if parts.pruner is not None:
+            parts.pruner.after_step(step)
     return losses
 
 
 class _NeutralScalars(TorchDispatchMode):
     """Fake tensors have no values, yet some optimizers (Adafactor's step size) read a scalar
     out of a tensor. In a dry run those reads get a neutral answer (1 for floats, 0 for
-    integers and flags): it steers no allocation."""
+    integers and flags): it steers no allocation. Sizes that depend on values take their
+    upper bound, which is also what a real run has here: a boolean mask (the sparse embedding
+    gradient drops padding positions with one; training windows hold no padding) selects
+    every element, and a sparse tensor keeps all its rows when copied or coalesced (the fake
+    kernels would report none)."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is torch.ops.aten._local_scalar_dense.default:
             return 1.0 if args[0].dtype.is_floating_point else 0
+        if func in (torch.ops.aten.clone.default, torch.ops.aten._coalesce.default) and args[0].is_sparse:
+            source = args[0]
+            return torch.sparse_coo_tensor(source._indices().clone(), source._values().clone(), source.shape,
+                                           is_coalesced=func is torch.ops.aten._coalesce.default)
+        if func is torch.ops.aten.sparse_mask.default:  # a dense tensor's rows at a sparse one's indices
+            dense, mask = args
+            values = dense.new_empty((mask._nnz(), *dense.shape[mask.sparse_dim():]))
+            return torch.sparse_coo_tensor(mask._indices().clone(), values, dense.shape, is_coalesced=True)
+        if func is torch.ops.aten.index.Tensor:
+            source, indices = args
+            if len(indices) == 1 and indices[0] is not None and indices[0].dtype == torch.bool:
+                mask = indices[0]
+                return source.reshape(mask.numel(), *source.shape[mask.dim():]).clone()
         return func(*args, **(kwargs or {}))
 
 
@@ -302,13 +420,12 @@ def predict_memory(params: Params, meta: dict[str, Any], device: torch.device, s
 
     with FakeTensorMode(), _NeutralScalars():
         # without the gradient scaler (a few bytes): its overflow check would need values
-        model, optimizer, scaler = build(params, meta, device, seed, scale=False)
+        parts = build(params, meta, device, seed, scale=False)
         meter = TensorMeter()
-        meter.track_model(model)
-        meter.track_optimizer(optimizer)
+        parts.track(meter)
         for step in range(max(2, params.meter_steps)):
             rows = torch.zeros(params.batch_size, params.model.context + 1, dtype=torch.long, device=device)
-            train_step(model, optimizer, scaler, rows, params, device, step, meter)
+            train_step(parts, rows, params, device, step, meter)
             del rows
         meter.close()
     return meter.summary(prefix="est_")
@@ -316,9 +433,10 @@ def predict_memory(params: Params, meta: dict[str, Any], device: torch.device, s
 
 # ----------------------------------------------------------------------------- budget
 
-# Moves that lower memory, with the slowdown each is expected to cost (rough rules of thumb,
-# not measurements: bf16 and a leaner optimizer cost about nothing, each halving of the
-# micro-batch ~10 % from smaller matrix products, checkpointing ~30 % from recomputation).
+# Moves that lower memory, with the slowdown each is expected to cost (rules of thumb, roughly
+# what bench/train_grid.py measured: bf16 and a leaner optimizer cost about nothing, 8-bit
+# AdamW included; each halving of the micro-batch ~10 % from smaller matrix products;
+# checkpointing ~30 % from recomputation).
 SLOWDOWN = {"precision": 1.0, "optimizer": 1.0, "micro_batch_size": 1.1, "activation_checkpointing": 1.3}
 
 
@@ -327,7 +445,9 @@ def memory_moves(p: Params) -> list[dict[str, Any]]:
     moves: list[dict[str, Any]] = []
     if p.precision == "fp32":
         moves.append({"precision": "bf16"})
-    if p.optimizer in ("adam", "adamw", "adagrad", "rmsprop"):
+    if p.optimizer in ("adam", "adamw"):
+        moves.append({"optimizer": "adamw8bit"})  # the same update with 8-bit moments: a quarter of the state
+    if p.optimizer in ("adam", "adamw", "adamw8bit", "adagrad", "rmsprop"):
         moves.append({"optimizer": "adafactor"})
     micro = p.micro_batch_size
     while micro > 1 and micro % 2 == 0:
@@ -371,8 +491,24 @@ def fit_budget(params: Params, meta: dict[str, Any], device: torch.device, seed:
 # ----------------------------------------------------------------------------- run
 
 
+def apply_cuda_alloc_conf(conf: str, device: torch.device) -> str:
+    """Hand train.cuda_alloc_conf to the CUDA caching allocator (through the environment
+    before CUDA starts, through torch once it has); returns the settings in force ("" for
+    the defaults), which the metrics record. On CPU nothing is applied."""
+    if device.type != "cuda":
+        if conf:
+            log.info("train.cuda_alloc_conf %r has no effect on %s", conf, device)
+        return ""
+    if conf:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = conf
+        if torch.cuda.is_initialized():
+            torch.cuda.memory._set_allocator_settings(conf)
+    return os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+
+
 def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     device = resolve_device(base)
+    alloc_conf = apply_cuda_alloc_conf(params.cuda_alloc_conf, device)
     if params.threads:
         torch.set_num_threads(params.threads)
     meta = read_json(paths.tokens / "meta.json")
@@ -382,27 +518,30 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
 
     predicted = predict_memory(params, meta, device, base.seed)
     params, predicted, fitted = fit_budget(params, meta, device, base.seed, predicted)
-    model, optimizer, scaler = build(params, meta, device, base.seed)
+    parts = build(params, meta, device, base.seed)
+    model, optimizer = parts.model, parts.optimizer
     if params.init_from_word2vec:
         init_embedding_from_word2vec(model, np.load(paths.embed / "aligned.npy"), base.seed)
     rng = np.random.default_rng(base.seed)
     accumulation = params.batch_size // params.micro_batch_size
     meter = TensorMeter()
-    meter.track_model(model)
-    meter.track_optimizer(optimizer)
+    parts.track(meter)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     records: list[dict[str, Any]] = []
+    cuda_peak = cuda_reserved = 0.0
     step_seconds: list[float] = []
     metered_figures: dict[str, Any] = {}
     identity = checkpoint.fingerprint(base, params, meta, checkpoint.file_digest(paths.tokens / "train.bin"), code_identity())
     start = 0
-    resumed = checkpoint.load(paths.checkpoints, identity, model, optimizer, scaler)
+    resumed = checkpoint.load(paths.checkpoints, identity, model, optimizer, parts.scaler)
     if resumed is not None:
         start = resumed["step"] + 1
         records, metered_figures = resumed["records"], resumed["metered"]
         rng.bit_generator.state = resumed["rng"]
+        if parts.pruner is not None:
+            parts.pruner.restore(resumed["extra"], resumed["sparsity"])
     if start >= params.meter_steps:
         meter.close()  # nothing left to meter
     bar = tqdm(range(start, params.steps), desc="train", unit=" steps", mininterval=2, initial=start,
@@ -414,7 +553,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         rows = train_windows.batch(train_windows.random_starts(rng, params.batch_size)).to(device)
-        losses = train_step(model, optimizer, scaler, rows, params, device, step, meter if metered else None)
+        losses = train_step(parts, rows, params, device, step, meter if metered else None)
         step_loss = sum(loss.item() for loss in losses)
         del rows
         seconds = time.perf_counter() - started
@@ -422,7 +561,16 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
             step_seconds.append(seconds)
         if not math.isfinite(step_loss):
             raise StageError(f"the loss became {step_loss} at step {step}: lower train.lr or use fp32/bf16")
-        record: dict[str, Any] = {"step": step, "train_loss": step_loss, "lr": lr, "step_ms": seconds * 1000}
+        record: dict[str, Any] = {"step": step, "train_loss": step_loss, "lr": lr, "step_ms": seconds * 1000,
+                                  "sparsity": parts.pruner.sparsity if parts.pruner is not None else 0.0,
+                                  "rss_mib": current_rss_mib()}
+        if metered:
+            record["tensor_peak_mib"] = meter.step_peaks.get(step, 0) / 2**20
+        if device.type == "cuda":  # this step's allocator peak; the run's is the largest of them
+            record["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            cuda_peak = max(cuda_peak, record["cuda_peak_mib"])
+            cuda_reserved = max(cuda_reserved, torch.cuda.max_memory_reserved(device) / 2**20)
+            torch.cuda.reset_peak_memory_stats(device)
         if (step + 1) % params.eval_every == 0 or step + 1 == params.steps:
             record["val_loss"] = evaluate(model, val_windows, params, device)
         records.append(record)
@@ -433,9 +581,12 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         last = step + 1 == params.steps
         if params.checkpoint_every and step + 1 >= params.meter_steps and \
                 ((step + 1) % params.checkpoint_every == 0 or last):
-            checkpoint.save(paths.checkpoints, model, optimizer, scaler,
+            pruner = parts.pruner
+            checkpoint.save(paths.checkpoints, model, optimizer, parts.scaler,
                             {"fingerprint": identity, "step": step, "rng": rng.bit_generator.state,
-                             "records": records, "metered": metered_figures})
+                             "records": records, "metered": metered_figures,
+                             "sparsity": pruner.sparsity if pruner is not None else 0.0},
+                            extra=pruner.masks if pruner is not None else None)
     meter.close()
 
     final_val = records[-1]["val_loss"]  # the last step always evaluates
@@ -448,6 +599,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         "val_loss": final_val, "val_ppl": math.exp(final_val),
         "accumulation_steps": accumulation,
         "auto_fit_changes": describe(fitted),
+        "prune_sparsity": zero_fraction(model),
+        "cuda_alloc_conf": alloc_conf,
     }
     if timed:
         median = statistics.median(timed)
@@ -459,8 +612,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         if key.endswith("_peak_mib") and measured:
             metrics[key.replace("est_", "est_error_", 1)] = (value - measured) / measured
     if device.type == "cuda":
-        metrics["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        metrics["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
+        metrics["cuda_max_allocated_mib"] = max(cuda_peak, torch.cuda.max_memory_allocated(device) / 2**20)
+        metrics["cuda_max_reserved_mib"] = max(cuda_reserved, torch.cuda.max_memory_reserved(device) / 2**20)
 
     if hasattr(model, "generation_config"):  # trained without a KV cache; generation wants one
         model.config.use_cache = model.generation_config.use_cache = True
@@ -473,7 +626,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                                           if f.suffix == ".safetensors") / 2**20
     with atomic_dir(paths.plots) as tmp:
         with (tmp / "steps.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["step", "train_loss", "val_loss", "lr", "step_ms"])
+            fields = ["step", "train_loss", "val_loss", "lr", "step_ms", "sparsity", "rss_mib", "tensor_peak_mib"]
+            writer = csv.DictWriter(f, fieldnames=fields + (["cuda_peak_mib"] if device.type == "cuda" else []))
             writer.writeheader()
             for r in records:
                 writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})

@@ -3,6 +3,7 @@ category it should; the same seed gives the same model; impossible combinations 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from collections.abc import Callable
@@ -65,7 +66,13 @@ def test_llama_trains_and_loads_with_stock_transformers(train: Callable[..., Any
     out = generate("这 本书", max_new_tokens=5, do_sample=True, return_tensors=True)
     assert len(out[0]["generated_token_ids"]) == 2 + 5
     steps = (model_dir.parent / "plots" / "steps.csv").read_text().splitlines()
-    assert steps[0] == "step,train_loss,val_loss,lr,step_ms" and len(steps) == 1 + 30
+    assert steps[0] == "step,train_loss,val_loss,lr,step_ms,sparsity,rss_mib,tensor_peak_mib" and len(steps) == 1 + 30
+    with (model_dir.parent / "plots" / "steps.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    # the metered steps (the first 2) carry their tensor peak, the largest of which is the run's
+    assert max(float(r["tensor_peak_mib"]) for r in rows[:2]) == pytest.approx(m["mem_total_peak_mib"], rel=1e-5)
+    assert all(r["tensor_peak_mib"] == "" for r in rows[2:])
+    assert all(0 < float(r["rss_mib"]) < 4096 for r in rows)
 
 
 def test_parameter_bytes_and_counts(train: Callable[..., Any]) -> None:
@@ -96,18 +103,20 @@ def test_memory_techniques_move_their_category(train: Callable[..., Any]) -> Non
     bf16 = train("bf16", precision="bf16")[1]
     fp16 = train("fp16", precision="fp16")[1]  # autocast with the gradient scaler
     ckpt = train("ckpt", activation_checkpointing=True)[1]
+    half = train("ckpt-half", activation_checkpointing=True, activation_checkpointing_every=2)[1]  # 1 block of 2
     micro = train("micro", micro_batch_size=2)[1]
     adafactor = train("adafactor", optimizer="adafactor")[1]
     # in this toy model the logits (batch x context x vocab) are most of the activations and
     # checkpointing cannot drop them: it removes the blocks' share, about a third here
     assert ckpt["mem_activations_peak_mib"] < 0.75 * base["mem_activations_peak_mib"]
+    assert ckpt["mem_activations_peak_mib"] < half["mem_activations_peak_mib"] < base["mem_activations_peak_mib"]
     assert micro["mem_activations_peak_mib"] < 0.4 * base["mem_activations_peak_mib"]
     assert micro["accumulation_steps"] == 4
     # autocast keeps bf16 copies of the weights and computes the loss in fp32: at this size
     # it changes the peak without lowering it (the measurement, not a wish, is the point)
     assert bf16["mem_total_peak_mib"] != base["mem_total_peak_mib"]
     assert adafactor["mem_optimizer_peak_mib"] < 0.5 * base["mem_optimizer_peak_mib"]
-    for m in (base, bf16, fp16, ckpt, micro, adafactor):  # the dry-run prediction, every category
+    for m in (base, bf16, fp16, ckpt, half, micro, adafactor):  # the dry-run prediction, every category
         for category in ("total", "parameters", "gradients", "optimizer", "activations", "temporaries"):
             assert abs(m[f"est_error_{category}_peak_mib"]) < 0.02, (category, m)
     for m in (bf16, fp16, ckpt, micro):
@@ -136,6 +145,15 @@ def test_gpt2_and_lstm(train: Callable[..., Any]) -> None:
      "activation_checkpointing: the lstm baseline"),
     ({"model": {"width": 66, "heads": 4}}, "width (66) must be a multiple of heads (4)"),
     ({"model": {"context": 100000}}, "train.model.context: Input should be less than or equal to 65536"),
+    ({"optimizer": "sparse_adam"}, "optimizer sparse_adam needs model.tie_embeddings: false"),
+    ({"prune": {"final_sparsity": 0.5, "start_step": 4, "end_step": 30}},
+     "prune.end_step (30) must be below steps (30)"),
+    ({"prune": {"final_sparsity": 0.5, "start_step": 10, "end_step": 10}},
+     "end_step (10) must come after start_step (10)"),
+    ({"prune": {"final_sparsity": 0.3, "initial_sparsity": 0.5}}, "initial_sparsity (0.5) is above final_sparsity"),
+    ({"cuda_alloc_conf": "expandable_segment:True"}, "cuda_alloc_conf: 'expandable_segment:True' is not key:value"),
+    ({"optimizer": "lion"}, "train.optimizer: must be one of 'sgd', 'adam', 'adamw', 'adagrad', 'rmsprop', "
+                               "'adafactor', 'adamw8bit' or 'sparse_adam' (got 'lion')"),
 ])
 def test_impossible_combinations_fail_before_training(tokens: Path, tmp_path: Path, train_params: dict,
                                                       message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -168,17 +186,24 @@ def test_cuda_paths_report_cuda_memory(train: Callable[..., Any], tmp_path: Path
         assert rc == 0
         assert m["cuda_max_allocated_mib"] > 0 and m["cuda_max_reserved_mib"] >= m["cuda_max_allocated_mib"]
         assert json.loads(json.dumps(m))["val_loss"] < 7.0
+    rc, m, _ = train("cuda-8bit", optimizer="adamw8bit", cuda_alloc_conf="expandable_segments:True")
+    assert rc == 0 and m["cuda_alloc_conf"] == "expandable_segments:True" and m["val_loss"] < 7.0
 
 
-def test_a_killed_run_resumes_to_the_same_metrics(tokens: Path, tmp_path: Path,
-                                                  train: Callable[..., Any]) -> None:
+@pytest.mark.parametrize("technique", [
+    {"prune": {"final_sparsity": 0.6, "start_step": 10, "end_step": 90, "every": 10}},  # masks resume too
+    {"optimizer": "sparse_adam", "model": {"tie_embeddings": False}},
+    {"optimizer": "adamw8bit"},
+], ids=["pruning", "sparse_adam", "adamw8bit"])
+def test_a_killed_run_resumes_to_the_same_metrics(tokens: Path, tmp_path: Path, train: Callable[..., Any],
+                                                  technique: dict[str, Any]) -> None:
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    settings = {"steps": 120, "checkpoint_every": 5, "eval_every": 20}
+    settings = {"steps": 120, "checkpoint_every": 5, "eval_every": 20, **technique}
     rc, uninterrupted, full_dir = train("full", **settings)
     assert rc == 0
 
@@ -316,3 +341,61 @@ def test_memory_budget_refuses_with_what_fits_or_fits_itself(tokens: Path, train
     rc, _, _ = train("impossible", memory_budget_mib=0.5, auto_fit=True)
     assert rc == 2
     assert "nothing fits: precision=bf16" in one_error_line(capsys.readouterr().err, "train")
+
+
+def test_eight_bit_adamw_and_sparse_embedding_gradients(train: Callable[..., Any]) -> None:
+    vocab, width, context, batch = 2533, 64, 32, 8  # tiny profile
+    rc, adamw, _ = train("adamw")
+    rc8, adamw8, _ = train("adamw8bit", optimizer="adamw8bit", cuda_alloc_conf="expandable_segments:True")
+    assert rc == rc8 == 0
+    assert adamw8["cuda_alloc_conf"] == ""  # allocator settings apply on CUDA only; the metrics say what was in force
+    # bitsandbytes' block-wise 8-bit state: two uint8 moments per element and one fp32 absmax
+    # per 256-element block each; tensors under 4096 elements keep two fp32 moments; the two
+    # 256-entry fp32 quantisation maps are shared by all parameters
+    sizes = [vocab * width] + [width * width] * 4 * 2 + [width * 192] * 3 * 2 + [width] * 5
+    expected = sum(2 * n + 2 * 4 * math.ceil(n / 256) if n >= 4096 else 8 * n for n in sizes) + 2 * 256 * 4
+    assert sum(sizes) == adamw["params_total"]
+    assert adamw8["mem_optimizer_peak_mib"] * 2**20 == pytest.approx(expected, abs=16)
+    assert adamw8["mem_optimizer_peak_mib"] < 0.3 * adamw["mem_optimizer_peak_mib"]
+    assert adamw8["val_loss"] == pytest.approx(adamw["val_loss"], rel=0.01)  # the same training, 8-bit state
+
+    rc, dense, _ = train("untied", model={"tie_embeddings": False})
+    rcs, sparse, _ = train("sparse", optimizer="sparse_adam", model={"tie_embeddings": False})
+    assert rc == rcs == 0
+    # the embedding's gradient: one row per token of the batch (values + int64 indices)
+    # instead of the whole vocab x width matrix
+    saved = vocab * width * 4 - batch * context * (width * 4 + 8)
+    assert (dense["mem_gradients_peak_mib"] - sparse["mem_gradients_peak_mib"]) * 2**20 == pytest.approx(saved, abs=16)
+    assert sparse["mem_optimizer_peak_mib"] == dense["mem_optimizer_peak_mib"]  # SparseAdam's moments are dense
+    assert sparse["val_loss"] < 7.0
+    for m in (adamw8, sparse):
+        for category in ("total", "parameters", "gradients", "optimizer", "activations", "temporaries"):
+            assert abs(m[f"est_error_{category}_peak_mib"]) < 0.02, (category, m)
+
+
+def test_gradual_magnitude_pruning(train: Callable[..., Any]) -> None:
+    from safetensors.torch import load_file
+
+    schedule = {"final_sparsity": 0.5, "initial_sparsity": 0.0, "start_step": 4, "end_step": 20, "every": 4, "power": 3}
+    rc, base, _ = train("dense")
+    rcp, pruned, model_dir = train("pruned", prune=schedule)
+    assert rc == rcp == 0
+    weights = load_file(str(model_dir / "model.safetensors"))
+    matrices = {k: v for k, v in weights.items() if k.endswith("proj.weight")}
+    assert len(matrices) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    for name, w in matrices.items():
+        assert int((w == 0).sum()) == w.numel() // 2, name  # each matrix exactly half zero
+    assert int((weights["model.embed_tokens.weight"] == 0).sum()) == 0  # embeddings are not pruned
+    assert pruned["prune_sparsity"] == 0.5 and base["prune_sparsity"] == 0.0
+    # the schedule s(t) = 0.5 - 0.5 (1 - (t - 4) / 16)^3 at steps 8, 12, 16, 20; nothing pruned before 8
+    with (model_dir.parent / "plots" / "steps.csv").open() as f:
+        sparsity = [float(r["sparsity"]) for r in csv.DictReader(f)]
+    assert sparsity[:8] == [0.0] * 8
+    assert (sparsity[8], sparsity[12], sparsity[16], sparsity[20], sparsity[29]) == \
+        (0.289062, 0.4375, 0.492188, 0.5, 0.5)  # 6 significant digits in the csv
+    # the masks: one byte per prunable weight, counted with the parameters
+    prunable = sum(w.numel() for w in matrices.values())
+    assert (pruned["mem_parameters_peak_mib"] - base["mem_parameters_peak_mib"]) * 2**20 == \
+        pytest.approx(prunable, abs=16)
+    assert abs(pruned["est_error_total_peak_mib"]) < 0.02
+    assert pruned["val_loss"] < 7.0

@@ -2,6 +2,7 @@
 
 A checkpoint is a folder written atomically (beside the old one, then renamed), holding
 - model.safetensors: the weights (tied tensors stored once);
+- extra.safetensors: other tensors of the run's state (pruning masks), when it has any;
 - optimizer.pt, scaler.pt, torch_rng.pt: tensors only, read back with weights_only=True;
 - state.json: the step reached, the data sampler's generator state, the per-step records
   and the memory figures metered so far, and the fingerprint of the params and data it
@@ -39,11 +40,14 @@ def file_digest(path: Path) -> str:
 
 
 def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
-    from safetensors.torch import save_model
+         scaler: torch.amp.GradScaler, state: dict[str, Any],
+         extra: dict[str, torch.Tensor] | None = None) -> None:
+    from safetensors.torch import save_file, save_model
 
     with atomic_dir(folder / LATEST) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
+        if extra:
+            save_file({k: v.contiguous() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
         torch.save(torch.get_rng_state(), tmp / "torch_rng.pt")
@@ -53,8 +57,8 @@ def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 def load(folder: Path, expected: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          scaler: torch.amp.GradScaler) -> dict[str, Any] | None:
     """Restore the latest checkpoint into model, optimizer and scaler; None when there is none
-    for this fingerprint."""
-    from safetensors.torch import load_model
+    for this fingerprint. The returned state holds the extra tensors under "extra"."""
+    from safetensors.torch import load_file, load_model
 
     latest = folder / LATEST
     if not (latest / "state.json").is_file():
@@ -67,5 +71,7 @@ def load(folder: Path, expected: str, model: torch.nn.Module, optimizer: torch.o
     optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
     scaler.load_state_dict(torch.load(latest / "scaler.pt", weights_only=True))
     torch.set_rng_state(torch.load(latest / "torch_rng.pt", weights_only=True))
+    extra = latest / "extra.safetensors"
+    state["extra"] = load_file(str(extra)) if extra.is_file() else {}
     log.info("resuming from the checkpoint at step %d", state["step"])
     return state

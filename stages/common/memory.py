@@ -47,6 +47,12 @@ def peak_rss_mib() -> float:
     return round(kib / 1024, 1)
 
 
+def current_rss_mib() -> float:
+    """Resident set size of this process now, in MiB (0 where the OS does not say)."""
+    kib = _status_kib("VmRSS")
+    return round(kib / 1024, 1) if kib is not None else 0.0
+
+
 def children_peak_rss_mib() -> float:
     """The largest peak RSS among this process's finished (waited-for) children, in MiB."""
     return round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)

@@ -74,6 +74,7 @@ class TensorMeter(TorchDispatchMode):
         self.current: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
         self.category_peaks: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
         self.peak = Peak()
+        self.step_peaks: dict[int, int] = {}  # step -> the largest total during it
         self.step = -1
         self.phase_name = "setup"
         self._hooks: list[Any] = []
@@ -115,6 +116,8 @@ class TensorMeter(TorchDispatchMode):
             if value > self.category_peaks[cat]:
                 self.category_peaks[cat] = value
         total = sum(self.current.values())
+        if total > self.step_peaks.get(self.step, 0):
+            self.step_peaks[self.step] = total
         if total > self.peak.total:
             self.peak = Peak(total, dict(self.current), self.step, self.phase_name)
 
