@@ -77,3 +77,18 @@ def one_error_line(stderr: str, stage: str) -> str:
     assert len(lines) == 1, stderr
     assert "Traceback" not in stderr, stderr
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny profile's tokens and embeddings (data/tokens, data/embed), made once per run."""
+    work = tmp_path_factory.mktemp("tokens")
+    params = work / "params.yaml"
+    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"tokenize": {"gold": ""}}), allow_unicode=True))
+    d = work / "data"
+    for stage, args in (("ingest", ["--out", d / "raw"]), ("clean", ["--raw", d / "raw", "--out", d / "clean"]),
+                        ("tokenize", ["--clean", d / "clean", "--out", d / "tokens"]),
+                        ("embed", ["--tokens", d / "tokens", "--out", d / "embed"])):
+        assert run_stage(stage, ["--params", str(params), "--metrics", str(d / f"{stage}.json"),
+                                 *map(str, args)]) == 0
+    return d / "tokens"

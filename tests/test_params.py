@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import clean, embed, ingest, tokenize
+from stages import clean, compress, embed, ingest, tokenize, train
 from stages.common.errors import StageError
 from stages.common.params import load_params, validate_section
 from tests.conftest import ROOT, TINY, one_error_line, run_cli, tiny_params
 
-STAGES = {"ingest": ingest, "clean": clean, "tokenize": tokenize, "embed": embed}
+STAGES = {"ingest": ingest, "clean": clean, "tokenize": tokenize, "embed": embed, "train": train,
+          "compress": compress}
 
 
 @pytest.mark.parametrize("path", [ROOT / "params.yaml", TINY])

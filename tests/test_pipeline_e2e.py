@@ -18,7 +18,7 @@ import yaml
 from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.e2e
-STAGES = ["ingest", "clean", "tokenize", "embed", "train"]
+STAGES = ["ingest", "clean", "tokenize", "embed", "train", "compress"]
 
 
 def sh(*args: str, cwd: Path) -> str:
@@ -85,6 +85,17 @@ def test_changing_an_embed_param_reruns_embed_and_train_only(repo: Path) -> None
     params["embed"]["window"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
     assert ran(sh("dvc", "repro", cwd=repo)) == ["embed", "train"]  # train may start from the vectors
+    sh("git", "checkout", "params.yaml", cwd=repo)
+    sh("dvc", "checkout", "-q", cwd=repo)
+
+
+def test_changing_a_compress_param_reruns_compress_only(repo: Path) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["compress"]["variants"]["prune50"]["sparsity"] = 0.7
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    assert ran(sh("dvc", "repro", cwd=repo)) == ["compress"]
+    metrics = json.loads((repo / "data" / "metrics" / "compress.json").read_text())
+    assert metrics["prune50_sparsity"] == pytest.approx(0.7, abs=1e-5)
     sh("git", "checkout", "params.yaml", cwd=repo)
     sh("dvc", "checkout", "-q", cwd=repo)
 

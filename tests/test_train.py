@@ -19,21 +19,6 @@ from tests.conftest import deep_update, one_error_line, read_metrics, run_stage,
 TIMING = {"seconds", "peak_rss_mib", "step_ms_median", "tokens_per_sec"}
 
 
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny profile's tokens, made once for the module."""
-    work = tmp_path_factory.mktemp("tokens")
-    params = work / "params.yaml"
-    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"tokenize": {"gold": ""}}), allow_unicode=True))
-    d = work / "data"
-    for stage, args in (("ingest", ["--out", d / "raw"]), ("clean", ["--raw", d / "raw", "--out", d / "clean"]),
-                        ("tokenize", ["--clean", d / "clean", "--out", d / "tokens"]),
-                        ("embed", ["--tokens", d / "tokens", "--out", d / "embed"])):
-        assert run_stage(stage, ["--params", str(params), "--metrics", str(d / f"{stage}.json"),
-                                 *map(str, args)]) == 0
-    return d / "tokens"
-
-
 @pytest.fixture
 def train(tokens: Path, tmp_path: Path) -> Callable[..., tuple[int, dict[str, Any], Path]]:
     """train(name, **overrides) → (exit code, metrics, model folder)."""

@@ -137,3 +137,47 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     embedding = sum(unique[i].numel() for i in embedding_ids if i in unique)
     return {"params_total": total, "params_trainable": trainable, "params_embedding": embedding,
             "params_non_embedding": total - embedding}
+
+
+VARIANT_FILE = "lmmem_variant.json"  # a model stored by lmmem's own encoding (stages.common.storage)
+VARIANT_WEIGHTS = "weights.safetensors"
+
+
+def load_model_folder(folder: str | Path) -> nn.Module:
+    """Any model folder lmmem writes, in eval mode: a transformers folder (stock
+    `from_pretrained`), the LSTM baseline's format, or a compressed variant in lmmem's encoding
+    (quantized modules rebuilt from the record in lmmem_variant.json, sparse tensors decoded).
+    Nothing is unpickled. Raises ValueError naming the folder when it holds no loadable model."""
+    from stages.common import quant, storage
+
+    folder = Path(folder)
+    variant = folder / VARIANT_FILE
+    try:
+        if variant.is_file():
+            record = json.loads(variant.read_text())
+            model = _skeleton(folder)
+            quant.skeleton(model, record.get("quantized", {}))
+            model.load_state_dict(storage.load_state(folder / VARIANT_WEIGHTS), strict=True)
+        elif (folder / LSTM_CONFIG).is_file():
+            model = load_lstm(folder)
+        elif (folder / "config.json").is_file():
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(folder))
+        else:
+            raise ValueError("no config.json, lstm_config.json or lmmem_variant.json")
+    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{folder}: cannot load a model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return model.eval()
+
+
+def _skeleton(folder: Path) -> nn.Module:
+    """An untrained model of the folder's architecture and dtype, to load weights into."""
+    if (folder / LSTM_CONFIG).is_file():
+        config = json.loads((folder / LSTM_CONFIG).read_text())
+        config.pop("family")
+        return LSTMLanguageModel(**config)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(folder))
+    return AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)

@@ -120,7 +120,8 @@ def stage_main(
         print(f"lmmem {name}: interrupted", file=sys.stderr)
         return 130
     metrics["seconds"] = round(time.perf_counter() - started, 3)
-    metrics["peak_rss_mib"] = peak_rss_mib()
+    # a stage that resets the peak per item (compress: per variant) reports the largest itself
+    metrics["peak_rss_mib"] = max(peak_rss_mib(), metrics.get("peak_rss_mib", 0.0))
     write_json(args.metrics, round_metrics(metrics))
     log.info("%s done in %.1f s, peak RSS %.1f MiB", name, metrics["seconds"], metrics["peak_rss_mib"])
     return 0

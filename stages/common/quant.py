@@ -1,0 +1,200 @@
+"""Weight quantization modules on ATen's CPU kernels: the kernels torchao dispatches to on
+CPU, called directly so that the quantized weights are plain tensors (int8, packed int4,
+fp32 scales) that safetensors stores and loads without pickles.
+
+- Int8Linear: symmetric per-output-channel int8 weights (1 byte per weight + one fp32 scale
+  per row). Weight-only: activations stay float, `torch._weight_int8pack_mm` multiplies.
+  Dynamic: activations are quantized per token at run time and multiplied in int8 by
+  `torch._int_mm` (int32 accumulation), then rescaled.
+- Int4Linear: asymmetric int4 in groups of `group_size` input features (tinygemm layout:
+  w = (q - 8) × scale + zero), packed two per byte by `_convert_weight_to_int4pack_for_cpu`,
+  multiplied by `_weight_int4pack_mm_for_cpu`. The packed layout is CPU-specific.
+- Int8Embedding: int8 rows with one fp32 scale per row. A tied output head is an Int8Linear
+  that shares the embedding's int8 matrix and scales (per-row of the embedding = per output
+  channel of the head), so the tie survives quantization and is stored once.
+
+`quantize_model` swaps a model's layers in place and returns what it swapped; `skeleton`
+rebuilds the same module structure (empty) from that record, for loading.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+Scheme = Literal["int8", "int8_dynamic", "int4"]
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+    return Conv1D
+
+
+def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight as out × in, bias) of an nn.Linear or a transformers Conv1D (stored in × out:
+    the trap where a quantizer that looks only for nn.Linear silently skips GPT-2)."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach(), module.bias.detach() if module.bias is not None else None
+    return module.weight.detach().t(), module.bias.detach()
+
+
+def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: weight ≈ q × scale[:, None], q in [-127, 127]."""
+    weight = weight.float()
+    scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127
+    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dynamic: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.dynamic = in_features, out_features, dynamic
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, dynamic: bool) -> Int8Linear:
+        weight, bias = linear_weight(module)
+        out = cls(weight.shape[1], weight.shape[0], bias is not None, dynamic)
+        out.qweight, out.scale = quantize_int8_rows(weight)
+        if bias is not None:
+            out.bias = bias.float().clone()
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, x2 = x.shape[:-1], x.reshape(-1, self.in_features).float()
+        if self.dynamic:  # per-token int8 activations, int8 x int8 -> int32
+            x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+            xq = torch.round(x2 / x_scale).clamp(-127, 127).to(torch.int8)
+            y = torch._int_mm(xq, self.qweight.t()).float() * x_scale * self.scale
+        else:
+            y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, group_size: int) -> Int4Linear:
+        weight, bias = linear_weight(module)
+        out_f, in_f = weight.shape
+        if in_f % group_size:
+            raise ValueError(f"{in_f} input features are not a multiple of group_size {group_size}")
+        groups = weight.float().reshape(out_f, in_f // group_size, group_size)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = (high - low).clamp_min(1e-12) / 15
+        q = torch.round((groups - low) / scale).clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
+        zero = low + 8 * scale  # tinygemm's convention: w = (q - 8) * scale + zero
+        out = cls(in_f, out_f, bias is not None, group_size)
+        out.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        out.scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        if bias is not None:
+            out.bias = bias.float().clone()
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, x2 = x.shape[:-1], x.reshape(-1, self.in_features).float().contiguous()
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+
+class Int8Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(num_embeddings))
+
+    @classmethod
+    def from_float(cls, module: nn.Embedding) -> Int8Embedding:
+        out = cls(module.num_embeddings, module.embedding_dim)
+        out.qweight, out.scale = quantize_int8_rows(module.weight.detach())
+        return out
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].float() * self.scale[ids].unsqueeze(-1)  # (..., dim)
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_model(model: nn.Module, scheme: Scheme, embeddings: bool, group_size: int = 32
+                   ) -> dict[str, dict[str, Any]]:
+    """Replace every Linear/Conv1D (and, with `embeddings`, the input embedding and a tied
+    head) by its quantized twin, in place. Returns {module name: how it was quantized}."""
+    conv1d = _conv1d_type()
+    kinds = (nn.Linear,) + ((conv1d,) if conv1d is not None else ())
+    record: dict[str, dict[str, Any]] = {}
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head is not None and head.weight is embedding.weight
+    names = {id(m): n for n, m in model.named_modules()}
+    if embeddings and isinstance(embedding, nn.Embedding):
+        q = Int8Embedding.from_float(embedding)
+        _set(model, names[id(embedding)], q)
+        record[names[id(embedding)]] = {"kind": "int8_embedding", "shape": [q.num_embeddings, q.embedding_dim]}
+        if tied:  # the head multiplies by the same int8 matrix
+            qhead = Int8Linear(q.embedding_dim, q.num_embeddings, bias=False, dynamic=scheme == "int8_dynamic")
+            qhead.qweight, qhead.scale = q.qweight, q.scale
+            _set(model, names[id(head)], qhead)
+            record[names[id(head)]] = {"kind": "int8_tied_head", "shape": [q.num_embeddings, q.embedding_dim],
+                                       "dynamic": qhead.dynamic, "tied_to": names[id(embedding)]}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, kinds) or name in record:
+            continue
+        if tied and module is head:
+            continue  # tied to a float embedding: quantizing it would untie the two
+        weight, bias = linear_weight(module)
+        entry: dict[str, Any] = {"shape": list(weight.shape), "bias": bias is not None}
+        if scheme == "int4":
+            _set(model, name, Int4Linear.from_float(module, group_size))
+            entry.update(kind="int4", group_size=group_size)
+        else:
+            _set(model, name, Int8Linear.from_float(module, dynamic=scheme == "int8_dynamic"))
+            entry.update(kind="int8", dynamic=scheme == "int8_dynamic")
+        record[name] = entry
+    return record
+
+
+def skeleton(model: nn.Module, record: dict[str, dict[str, Any]]) -> None:
+    """Swap in empty quantized modules as `record` (from quantize_model) says, ready for
+    load_state_dict."""
+    built: dict[str, nn.Module] = {}
+    for name, entry in record.items():
+        out_f, in_f = entry["shape"]
+        match entry["kind"]:
+            case "int8_embedding":
+                module: nn.Module = Int8Embedding(out_f, in_f)
+            case "int8_tied_head":
+                module = Int8Linear(in_f, out_f, bias=False, dynamic=entry["dynamic"])
+            case "int8":
+                module = Int8Linear(in_f, out_f, entry["bias"], entry["dynamic"])
+            case "int4":
+                module = Int4Linear(in_f, out_f, entry["bias"], entry["group_size"])
+            case other:
+                raise ValueError(f"unknown quantized module kind {other!r}")
+        built[name] = module
+        _set(model, name, module)
+    for name, entry in record.items():
+        if entry["kind"] == "int8_tied_head":
+            source = built[entry["tied_to"]]
+            built[name].qweight, built[name].scale = source.qweight, source.scale

@@ -1,0 +1,437 @@
+"""compress: smaller variants of the trained model (data/model), each in its own folder of
+data/compressed/, with its real size on disk and what making it cost.
+
+Each entry of `compress.variants` names a variant and its method; `base: <other variant>`
+applies the method to that variant instead of the trained model, so combinations compose
+(prune, then quantize). Methods:
+
+- cast: weights to float16 or bfloat16 (half the bytes, stock transformers loads it);
+- int8_weight_only / int8_dynamic / int4_weight_only: Linear layers (Conv1D too) replaced by
+  quantized ones (stages.common.quant); `embeddings` quantizes the embedding matrix as well,
+  which in a small model holds most of the bytes (a tied output head shares it);
+- prune_magnitude: the smallest weights zeroed, per layer or globally, made permanent (no
+  mask kept) and stored sparse when that is smaller (stages.common.storage);
+- prune_structured: whole attention heads and MLP neurons with the smallest weight norms
+  removed, the same number in every block, the layers rebuilt smaller (llama);
+- distill: a smaller llama student trained on the teacher's softened next-token
+  distribution plus the data's next token.
+
+A variant that cannot run here (a scheme the CPU lacks, a method the architecture does not
+have) gets `unsupported.json` with the reason, status "unsupported" in the metrics, and the
+other variants go on. Each variant folder holds a loadable model
+(`stages.common.models.load_model_folder`), the tokenizer and its params.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+from tqdm import tqdm
+
+from stages.common import quant, storage
+from stages.common.artifacts import atomic_dir, read_json, write_json, write_params
+from stages.common.errors import StageError
+from stages.common.memory import peak_rss_mib, reset_peak_rss
+from stages.common.models import (LSTMLanguageModel, ModelParams, VARIANT_FILE, VARIANT_WEIGHTS, build_model,
+                                  load_model_folder, logits_of)
+from stages.common.params import BaseParams, Section
+from stages.common.pruning import magnitude_mask, prunable
+from stages.common.stage import stage_main
+
+log = logging.getLogger("lmmem.compress")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+class Cast(Section):
+    method: Literal["cast"]
+    dtype: Literal["float16", "bfloat16"] = "float16"
+    base: str = ""
+
+
+class Quantize(Section):
+    method: Literal["int8_weight_only", "int8_dynamic", "int4_weight_only"]
+    embeddings: bool = True
+    group_size: Literal[32, 64, 128, 256] = 32
+    base: str = ""
+
+
+class PruneMagnitude(Section):
+    method: Literal["prune_magnitude"]
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    scope: Literal["layer", "global"] = "layer"
+    embeddings: bool = False
+    base: str = ""
+
+
+class PruneStructured(Section):
+    method: Literal["prune_structured"]
+    heads: float = Field(0.25, ge=0.0, lt=1.0)
+    neurons: float = Field(0.25, ge=0.0, lt=1.0)
+    base: str = ""
+
+
+class Distill(Section):
+    method: Literal["distill"]
+    layers: int = Field(0, ge=0)
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-3, gt=0.0, le=10.0)
+    warmup_steps: int = Field(20, ge=0)
+    temperature: float = Field(2.0, gt=0.0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    init_from_teacher: bool = True
+    base: str = ""
+
+
+Variant = Annotated[Cast | Quantize | PruneMagnitude | PruneStructured | Distill, Field(discriminator="method")]
+
+
+class Params(Section):
+    variants: dict[str, Variant] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names_and_bases(self) -> Params:
+        for name, spec in self.variants.items():
+            if not NAME.match(name):
+                raise ValueError(f"variant name {name!r}: use lowercase letters, digits, '_' and '-'")
+            if spec.base and spec.base not in self.variants:
+                raise ValueError(f"variants.{name}.base: no variant named {spec.base!r} "
+                                 f"(variants: {', '.join(self.variants)})")
+        self.order()  # refuses cycles
+        return self
+
+    def order(self) -> list[str]:
+        """Variant names, each after its base."""
+        done: list[str] = []
+        for name in self.variants:
+            chain: list[str] = []
+            while name and name not in done:
+                if name in chain:
+                    raise ValueError(f"variants: {' -> '.join([*chain, name])} is a cycle of bases")
+                chain.append(name)
+                name = self.variants[name].base
+            done.extend(reversed(chain))
+        return done
+
+
+@dataclass(frozen=True)
+class Paths:
+    model: Path = Path("data/model")
+    tokens: Path = Path("data/tokens")
+    out: Path = Path("data/compressed")
+
+
+class Unsupported(Exception):
+    """This variant cannot be made here; the message says why."""
+
+
+@dataclass
+class Made:
+    """A variant in memory: the model, how its weights are stored, what was quantized."""
+
+    model: nn.Module
+    lmmem_format: bool = False
+    quantized: dict[str, dict[str, Any]] | None = None
+    figures: dict[str, Any] | None = None
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def cast(made: Made, spec: Cast) -> Made:
+    if made.quantized:
+        raise Unsupported("cast applies to float weights; this base is quantized")
+    model = made.model.to(getattr(torch, spec.dtype))
+    return Made(model, made.lmmem_format, None, {})
+
+
+def quantize(made: Made, spec: Quantize) -> Made:
+    if made.quantized:
+        raise Unsupported("the base is already quantized")
+    scheme: quant.Scheme = {"int8_weight_only": "int8", "int8_dynamic": "int8_dynamic",
+                            "int4_weight_only": "int4"}[spec.method]  # type: ignore[assignment]
+    model = made.model.float()
+    try:
+        record = quant.quantize_model(model, scheme, spec.embeddings, spec.group_size)
+    except (RuntimeError, ValueError) as exc:  # a kernel this CPU or build lacks, a shape it refuses
+        raise Unsupported(f"{spec.method}: {str(exc).splitlines()[0]}") from None
+    if not any(entry["kind"] in ("int8", "int4") for entry in record.values()):
+        raise Unsupported(f"{spec.method}: the model has no Linear or Conv1D layer to quantize")
+    return Made(model, True, record, {"layers_quantized": len(record)})
+
+
+def prune_magnitude(made: Made, spec: PruneMagnitude) -> Made:
+    if made.quantized:
+        raise Unsupported("prune before quantizing (base: the pruned variant), not after")
+    model = made.model
+    targets = [p for _, p in prunable(model)]
+    if spec.embeddings:
+        seen = {id(p) for p in targets}
+        targets += [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and id(m.weight) not in seen]
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is not None and all(head.weight is not p for p in targets):
+            targets.append(head.weight)
+    with torch.no_grad():
+        if spec.scope == "layer":
+            for p in targets:
+                p.mul_(magnitude_mask(p, spec.sparsity))
+        else:  # one threshold for all: round(sparsity × total) smallest magnitudes anywhere
+            flat = torch.cat([p.detach().abs().flatten().float() for p in targets])
+            mask = magnitude_mask(flat, spec.sparsity)
+            start = 0
+            for p in targets:
+                p.mul_(mask[start:start + p.numel()].view_as(p))
+                start += p.numel()
+    total = sum(p.numel() for p in targets)
+    zeros = sum(int((p == 0).sum()) for p in targets)
+    return Made(model, True, None, {"pruned_weights": total, "sparsity": zeros / total if total else 0.0})
+
+
+def prune_structured(made: Made, spec: PruneStructured) -> Made:
+    """Remove the same number of heads and MLP neurons from every llama block, those with the
+    smallest L2 norm of their weights (in and out), and rebuild the Linear layers smaller."""
+    model = made.model
+    if made.quantized or getattr(model.config, "model_type", "") != "llama":
+        raise Unsupported("prune_structured rebuilds llama blocks; this model is "
+                          f"{'quantized' if made.quantized else type(model).__name__}")
+    config = model.config
+    n_heads, head_dim = config.num_attention_heads, model.model.layers[0].self_attn.head_dim
+    if config.num_key_value_heads != n_heads:
+        raise Unsupported("prune_structured: grouped-query attention (fewer key/value heads) is not handled")
+    keep_heads = n_heads - round(spec.heads * n_heads)
+    keep_neurons = config.intermediate_size - round(spec.neurons * config.intermediate_size)
+    if keep_heads < 1 or keep_neurons < 1:
+        raise Unsupported("prune_structured: nothing would be left of the attention or the MLP")
+    if config.hidden_size % keep_heads:  # transformers' LlamaConfig refuses other head counts
+        allowed = [f"{1 - k / n_heads:g}" for k in range(1, n_heads) if config.hidden_size % k == 0]
+        raise Unsupported(f"prune_structured: {keep_heads} heads left of {n_heads}, but stock llama needs the width "
+                          f"({config.hidden_size}) to be a multiple of the head count; heads fractions that "
+                          f"work: {', '.join(allowed) or 'none'}")
+
+    def rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
+        out = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None)
+        out.weight.data = linear.weight.data[index].clone()
+        if linear.bias is not None:
+            out.bias.data = linear.bias.data[index].clone()
+        return out
+
+    def cols(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
+        out = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None)
+        out.weight.data = linear.weight.data[:, index].clone()
+        if linear.bias is not None:
+            out.bias.data = linear.bias.data.clone()
+        return out
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            per_head = [w.view(n_heads, head_dim, -1).pow(2).sum((1, 2))
+                        for w in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)]
+            per_head.append(attn.o_proj.weight.view(-1, n_heads, head_dim).pow(2).sum((0, 2)))
+            heads = torch.sort(torch.stack(per_head).sum(0).sqrt().topk(keep_heads).indices).values
+            index = (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+            attn.q_proj, attn.k_proj, attn.v_proj = (rows(attn.q_proj, index), rows(attn.k_proj, index),
+                                                     rows(attn.v_proj, index))
+            attn.o_proj = cols(attn.o_proj, index)
+            attn.num_heads = attn.num_key_value_heads = keep_heads  # for code that still reads them
+            importance = (mlp.gate_proj.weight.pow(2).sum(1) + mlp.up_proj.weight.pow(2).sum(1)
+                          + mlp.down_proj.weight.pow(2).sum(0)).sqrt()
+            neurons = torch.sort(importance.topk(keep_neurons).indices).values
+            mlp.gate_proj, mlp.up_proj = rows(mlp.gate_proj, neurons), rows(mlp.up_proj, neurons)
+            mlp.down_proj = cols(mlp.down_proj, neurons)
+    config.num_attention_heads = config.num_key_value_heads = keep_heads
+    config.head_dim = head_dim
+    config.intermediate_size = keep_neurons
+    return Made(model, made.lmmem_format, None, {"heads_kept": keep_heads, "neurons_kept": keep_neurons})
+
+
+def distill(made: Made, spec: Distill, tokens: Path, seed: int) -> Made:
+    """Train a llama student with `layers` blocks (half the teacher's by default) of the
+    teacher's width on loss = alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · CE, T the
+    temperature. With init_from_teacher the student starts from the teacher's embedding, final
+    norm and evenly spaced blocks (DistilBERT's initialisation)."""
+    from stages.train import Windows
+
+    teacher = made.model
+    if made.quantized or getattr(teacher.config, "model_type", "") != "llama":
+        raise Unsupported("distill trains a llama student from a float llama teacher")
+    config = teacher.config
+    layers = spec.layers or max(1, config.num_hidden_layers // 2)
+    meta = read_json(tokens / "meta.json")
+    context = config.max_position_embeddings
+    student_params = ModelParams(family="llama", layers=layers, width=config.hidden_size,
+                                 heads=config.num_attention_heads, ffn_width=config.intermediate_size,
+                                 context=context, tie_embeddings=config.tie_word_embeddings)
+    torch.manual_seed(seed)
+    student = build_model(student_params, meta["vocab_size"], meta["special_ids"])
+    if spec.init_from_teacher:
+        picked = np.linspace(0, config.num_hidden_layers - 1, layers).round().astype(int)
+        state = teacher.state_dict()
+        own = student.state_dict()
+        for key in own:
+            source = key
+            match = re.match(r"model\.layers\.(\d+)\.(.*)", key)
+            if match:
+                source = f"model.layers.{picked[int(match.group(1))]}.{match.group(2)}"
+            own[key] = state[source].clone()
+        student.load_state_dict(own)
+    windows = Windows(tokens / "train.bin", meta["dtype"], context)
+    rng = np.random.default_rng(seed)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=spec.lr, weight_decay=0.0)
+    teacher.eval()
+    student.train()
+    t = spec.temperature
+    for step in tqdm(range(spec.steps), desc="distill", unit=" steps", mininterval=2):
+        lr = spec.lr * min(1.0, (step + 1) / max(1, spec.warmup_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = windows.batch(windows.random_starts(rng, spec.batch_size))
+        with torch.no_grad():
+            target = logits_of(teacher, rows[:, :-1]).float()
+        logits = logits_of(student, rows[:, :-1])
+        vocab = logits.size(-1)
+        soft = F.kl_div(F.log_softmax(logits.reshape(-1, vocab) / t, -1), F.log_softmax(target.reshape(-1, vocab) / t, -1),
+                        log_target=True, reduction="batchmean") * t * t
+        hard = F.cross_entropy(logits.reshape(-1, vocab), rows[:, 1:].reshape(-1))
+        loss = spec.alpha * soft + (1 - spec.alpha) * hard
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    student.eval()
+    student.config.use_cache = student.generation_config.use_cache = True
+    return Made(student, False, None, {"student_layers": layers, "final_loss": loss.item()})
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def weight_counts(model: nn.Module) -> tuple[int, int]:
+    """(weights, non-zero weights) of a model, quantized or not: each stored weight once
+    (tied ones once); scales and zero points are not weights; a packed int4 byte holds two
+    (its zeros are not counted apart)."""
+    total = nonzero = 0
+    seen: set[tuple[int, int]] = set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen or name.endswith(("scale", "scales_and_zeros")):
+            continue
+        seen.add(key)
+        if name.endswith("packed"):
+            total += 2 * t.numel()
+            nonzero += 2 * t.numel()
+        else:
+            total += t.numel()
+            nonzero += int(torch.count_nonzero(t))
+    return total, nonzero
+
+
+def save(made: Made, folder: Path, model_dir: Path, name: str, spec: Any) -> dict[str, Any]:
+    """Write the variant; returns its size figures."""
+    folder.mkdir(parents=True)
+    model = made.model
+    if made.lmmem_format:
+        encodings = storage.save_state(model.state_dict(), folder / VARIANT_WEIGHTS)
+        if isinstance(model, LSTMLanguageModel):
+            shutil.copy(model_dir / "lstm_config.json", folder / "lstm_config.json")
+        else:
+            model.config.save_pretrained(str(folder))
+        (folder / VARIANT_FILE).write_text(json.dumps({"name": name, "quantized": made.quantized or {}},
+                                                      indent=1, sort_keys=True) + "\n")
+    else:
+        model.save_pretrained(str(folder))
+        encodings = {"dense": len(model.state_dict())}
+    for tokenizer_file in TOKENIZER_FILES:
+        if (model_dir / tokenizer_file).is_file():
+            shutil.copy(model_dir / tokenizer_file, folder / tokenizer_file)
+    write_json(folder / "params.json", {"variant": name, **spec.model_dump()})
+    weights, nonzero = weight_counts(model)
+    on_disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return {"params": weights, "nonzero_params": nonzero, "bytes_on_disk": on_disk,
+            "bytes_per_param": on_disk / weights if weights else math.nan,
+            **{f"tensors_{kind}": count for kind, count in encodings.items()}}
+
+
+def make(spec: Any, base: Made, paths: Paths, seed: int) -> Made:
+    made = Made(copy.deepcopy(base.model), base.lmmem_format, copy.deepcopy(base.quantized))
+    match spec:
+        case Cast():
+            return cast(made, spec)
+        case Quantize():
+            return quantize(made, spec)
+        case PruneMagnitude():
+            return prune_magnitude(made, spec)
+        case PruneStructured():
+            return prune_structured(made, spec)
+        case Distill():
+            return distill(made, spec, paths.tokens, seed)
+    raise StageError(f"unknown method {spec.method}")  # pragma: no cover
+
+
+def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
+    if not params.variants:
+        raise StageError("compress.variants is empty: name at least one variant")
+    try:
+        trained = load_model_folder(paths.model)
+    except ValueError as exc:
+        raise StageError(f"{exc} (run the train stage first)") from None
+    reference = sum(f.stat().st_size for f in paths.model.glob("*.safetensors"))
+    metrics: dict[str, Any] = {"reference_bytes_on_disk": reference, "variants": len(params.variants)}
+    made: dict[str, Made | None] = {}
+    peak = peak_rss_mib()
+    with atomic_dir(paths.out) as tmp:
+        for name in params.order():
+            spec = params.variants[name]
+            reset_peak_rss()
+            started = time.perf_counter()
+            source = made[spec.base] if spec.base else Made(trained)
+            try:
+                if source is None:
+                    raise Unsupported(f"its base {spec.base!r} is unsupported")
+                torch.manual_seed(base.seed)
+                result = make(spec, source, paths, base.seed)
+                figures = save(result, tmp / name, paths.model, name, spec)
+                figures.update(result.figures or {})
+                figures["size_ratio"] = figures["bytes_on_disk"] / reference
+                figures["status"] = "ok"
+                made[name] = result
+                log.info("%s: %.2f MiB on disk (%.3f x the trained model)", name, figures["bytes_on_disk"] / 2**20,
+                         figures["size_ratio"])
+            except Unsupported as exc:
+                made[name] = None
+                (tmp / name).mkdir(exist_ok=True)
+                write_json(tmp / name / "unsupported.json", {"variant": name, "reason": str(exc)})
+                figures = {"status": "unsupported"}
+                log.warning("%s: unsupported: %s", name, exc)
+            figures["seconds"] = time.perf_counter() - started
+            figures["peak_rss_mib"] = peak_rss_mib()
+            peak = max(peak, figures["peak_rss_mib"])
+            metrics.update({f"{name}_{key}": value for key, value in figures.items()})
+        write_params(tmp, base=base, compress=params)
+    metrics["unsupported"] = sum(1 for m in made.values() if m is None)
+    metrics["peak_rss_mib"] = peak  # the largest of the per-variant peaks (each reset at its start)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("compress", Params, Paths, run, argv, doc=__doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
