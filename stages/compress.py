@@ -46,8 +46,8 @@ from stages.common import quant, storage
 from stages.common.artifacts import atomic_dir, read_json, write_json, write_params
 from stages.common.errors import StageError
 from stages.common.memory import peak_rss_mib, reset_peak_rss
-from stages.common.models import (LSTMLanguageModel, ModelParams, VARIANT_FILE, VARIANT_WEIGHTS, build_model,
-                                  load_model_folder, logits_of)
+from stages.common.models import (VARIANT_FILE, VARIANT_WEIGHTS, LSTMLanguageModel, ModelParams, build_model,
+                                  load_model_folder, logits_of, weight_counts)
 from stages.common.params import BaseParams, Section
 from stages.common.pruning import magnitude_mask, prunable
 from stages.common.stage import stage_main
@@ -320,26 +320,6 @@ def distill(made: Made, spec: Distill, tokens: Path, seed: int) -> Made:
 
 
 # ----------------------------------------------------------------------------- run
-
-
-def weight_counts(model: nn.Module) -> tuple[int, int]:
-    """(weights, non-zero weights) of a model, quantized or not: each stored weight once
-    (tied ones once); scales and zero points are not weights; a packed int4 byte holds two
-    (its zeros are not counted apart)."""
-    total = nonzero = 0
-    seen: set[tuple[int, int]] = set()
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen or name.endswith(("scale", "scales_and_zeros")):
-            continue
-        seen.add(key)
-        if name.endswith("packed"):
-            total += 2 * t.numel()
-            nonzero += 2 * t.numel()
-        else:
-            total += t.numel()
-            nonzero += int(torch.count_nonzero(t))
-    return total, nonzero
 
 
 def save(made: Made, folder: Path, model_dir: Path, name: str, spec: Any) -> dict[str, Any]:

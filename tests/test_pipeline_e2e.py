@@ -18,7 +18,7 @@ import yaml
 from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.e2e
-STAGES = ["ingest", "clean", "tokenize", "embed", "train", "compress"]
+STAGES = ["ingest", "clean", "tokenize", "embed", "train", "compress", "evaluate"]
 
 
 def sh(*args: str, cwd: Path) -> str:
@@ -89,13 +89,15 @@ def test_changing_an_embed_param_reruns_embed_and_train_only(repo: Path) -> None
     sh("dvc", "checkout", "-q", cwd=repo)
 
 
-def test_changing_a_compress_param_reruns_compress_only(repo: Path) -> None:
+def test_changing_a_compress_param_reruns_compress_and_evaluate_only(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["compress"]["variants"]["prune50"]["sparsity"] = 0.7
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
-    assert ran(sh("dvc", "repro", cwd=repo)) == ["compress"]
+    assert ran(sh("dvc", "repro", cwd=repo)) == ["compress", "evaluate"]
     metrics = json.loads((repo / "data" / "metrics" / "compress.json").read_text())
     assert metrics["prune50_sparsity"] == pytest.approx(0.7, abs=1e-5)
+    evaluated = json.loads((repo / "data" / "metrics" / "evaluate.json").read_text())
+    assert evaluated["prune50_nonzero_params"] < evaluated["model_nonzero_params"]
     sh("git", "checkout", "params.yaml", cwd=repo)
     sh("dvc", "checkout", "-q", cwd=repo)
 

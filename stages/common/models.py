@@ -166,7 +166,7 @@ def load_model_folder(folder: str | Path) -> nn.Module:
             model = AutoModelForCausalLM.from_pretrained(str(folder))
         else:
             raise ValueError("no config.json, lstm_config.json or lmmem_variant.json")
-    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as exc:
+    except Exception as exc:  # whatever the format library raised: one message naming the folder
         raise ValueError(f"{folder}: cannot load a model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     return model.eval()
 
@@ -181,3 +181,23 @@ def _skeleton(folder: Path) -> nn.Module:
 
     config = AutoConfig.from_pretrained(str(folder))
     return AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+
+
+def weight_counts(model: nn.Module) -> tuple[int, int]:
+    """(weights, non-zero weights) of a model, quantized or not: each stored weight once
+    (tied ones once); scales and zero points are not weights; a packed int4 byte holds two
+    (its zeros are not counted apart)."""
+    total = nonzero = 0
+    seen: set[tuple[int, int]] = set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen or name.endswith(("scale", "scales_and_zeros")):
+            continue
+        seen.add(key)
+        if name.endswith("packed"):
+            total += 2 * t.numel()
+            nonzero += 2 * t.numel()
+        else:
+            total += t.numel()
+            nonzero += int(torch.count_nonzero(t))
+    return total, nonzero

@@ -1,0 +1,68 @@
+"""Compression targets, read from one evaluation of every variant (the evaluate stage's
+output: each model measured the same way, in its own process, in one run).
+
+    dvc repro evaluate && python -m bench.compression [--eval data/eval]
+
+Targets: int8 weight-only ≤ 0.30 × the fp32 model's bytes on disk at ≤ 1.01 × its
+perplexity; 50 % magnitude pruning then int8 ≤ 0.20 × bytes at ≤ 1.10 × perplexity.
+Structured pruning and distillation: their perplexity and inference tensor peak change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, machine
+
+TARGETS = {"int8": (0.30, 1.01), "prune50-int8": (0.20, 1.10)}  # (bytes ratio, perplexity ratio)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval", type=Path, default=ROOT / "data" / "eval")
+    args = parser.parse_args()
+    results = args.eval / "results.json"
+    if not results.is_file():
+        raise SystemExit(f"{results} is missing: run `dvc repro evaluate` first")
+    rows: dict[str, dict[str, Any]] = {r["name"]: r for r in json.loads(results.read_text())}
+    base = rows["model"]
+    print(f"machine: {machine()}\n")
+    print("| model | status | MiB on disk | × fp32 | weights (non-zero) | val ppl | × fp32 | test ppl | top-1 | "
+          "tensor peak MiB | × fp32 | RSS MiB | ms/token b1 | ms/token batch | probe acc | probe F1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        if r["status"] != "ok" or "val_ppl" not in r:
+            probe = f" {r['cls_accuracy']:.3f} | {r['cls_f1_macro']:.3f} |" if "cls_accuracy" in r else " | |"
+            status = f"{r['status']}: {r['reason']}" if "reason" in r else r["status"]
+            print(f"| {name} | {status} |" + " |" * 12 + probe)
+            continue
+        print(f"| {name} | ok | {r['bytes_on_disk'] / 2**20:.2f} | {r['size_ratio']:.3f} | "
+              f"{r['params']:,} ({r['nonzero_params']:,}) | {r['val_ppl']:.1f} | {r['val_ppl'] / base['val_ppl']:.3f} | "
+              f"{r['test_ppl']:.1f} | {r['top1']:.3f} | {r['tensor_peak_mib']:.1f} | "
+              f"{r['tensor_peak_mib'] / base['tensor_peak_mib']:.3f} | {r['rss_peak_mib']:.0f} | "
+              f"{r['ms_per_token_b1']:.2f} | {r['ms_per_token_batch']:.2f} | "
+              f"{r.get('cls_accuracy', float('nan')):.3f} | {r.get('cls_f1_macro', float('nan')):.3f} |")
+    print()
+    for name, (size, ppl) in TARGETS.items():
+        r = rows.get(name)
+        if r is None or r["status"] != "ok":
+            print(f"- {name}: not evaluated")
+            continue
+        got_size, got_ppl = r["size_ratio"], r["val_ppl"] / base["val_ppl"]
+        verdict = "met" if got_size <= size and got_ppl <= ppl else "MISSED"
+        print(f"- {name}: {got_size:.3f} × bytes (target ≤ {size}), {got_ppl:.3f} × perplexity "
+              f"(target ≤ {ppl}): {verdict}")
+    for name in ("structured25", "distill-half"):
+        r = rows.get(name)
+        if r is not None and r["status"] == "ok":
+            print(f"- {name}: {r['params'] / base['params']:.3f} × weights, {r['val_ppl'] / base['val_ppl']:.3f} × "
+                  f"perplexity, {r['tensor_peak_mib'] / base['tensor_peak_mib']:.3f} × inference tensor peak, "
+                  f"{r['ms_per_token_b1'] / base['ms_per_token_b1']:.3f} × batch-1 latency")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

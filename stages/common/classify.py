@@ -1,0 +1,58 @@
+"""Sentence classification on fixed features: a multinomial logistic regression trained with
+full-batch L-BFGS (deterministic on CPU), and the scores a report needs. Used for the
+sentiment probe of every model variant and for the bag-of-Word2Vec baseline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def fit_logistic(train_x: torch.Tensor, train_y: torch.Tensor, n_classes: int, l2: float = 1e-3,
+                 iterations: int = 100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Standardise the features (train statistics) and fit weights and bias; returns
+    (mean, std, weight, bias) for `predict`."""
+    x = train_x.double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
+    x = (x - mean) / std
+    weight = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, train_y) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return mean, std, weight.detach(), bias.detach()
+
+
+def predict(model: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+    mean, std, weight, bias = model
+    return ((x.double() - mean) / std @ weight + bias).argmax(1)
+
+
+def scores(y_true: list[int] | torch.Tensor, y_pred: list[int] | torch.Tensor, n_classes: int) -> dict[str, Any]:
+    """Accuracy, macro precision, recall and F1 (a class never predicted has precision 0), and
+    the confusion matrix (rows: true class, columns: predicted)."""
+    confusion = [[0] * n_classes for _ in range(n_classes)]
+    for t, p in zip(list(map(int, y_true)), list(map(int, y_pred)), strict=True):
+        confusion[t][p] += 1
+    total = sum(map(sum, confusion))
+    precision, recall, f1 = [], [], []
+    for c in range(n_classes):
+        tp = confusion[c][c]
+        predicted = sum(confusion[r][c] for r in range(n_classes))
+        actual = sum(confusion[c])
+        p = tp / predicted if predicted else 0.0
+        r = tp / actual if actual else 0.0
+        precision.append(p)
+        recall.append(r)
+        f1.append(2 * p * r / (p + r) if p + r else 0.0)
+    return {"accuracy": sum(confusion[c][c] for c in range(n_classes)) / total if total else 0.0,
+            "precision_macro": sum(precision) / n_classes, "recall_macro": sum(recall) / n_classes,
+            "f1_macro": sum(f1) / n_classes, "confusion": confusion}

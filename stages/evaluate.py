@@ -1,0 +1,330 @@
+"""evaluate: the trained model and every compressed variant measured the same way, side by
+side, each in a fresh process so that memory peaks do not mix.
+
+Per model: validation and test perplexity and next-token top-1/top-5 accuracy on the same
+fixed windows; load time; inference tensor peak (the tensor meter over one forward pass of
+a batch) and process peak RSS (reset after imports); latency in ms per generated token at
+batch 1 and at `latency_batch` (greedy, KV cache where the model has one; median of
+`latency_repeats` after a warm-up); seeded sampled generations of the same prompts; and,
+on a labelled corpus, a sentiment probe: a logistic-regression head trained on the model's
+mean-pooled last hidden states (train split, body frozen) and scored on the test split,
+beside a bag-of-Word2Vec baseline with the same classifier.
+
+Outputs in data/eval/: results.json (everything, per model), table.csv (one row per model:
+the DVC plot of size against perplexity), generations.md (prompts × models), and flat keys
+`<model>_<figure>` in data/metrics/evaluate.json. A variant that compress could not make,
+or that fails here, is a row with its status and reason; the others go on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import logging
+import math
+import multiprocessing
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from stages.common.artifacts import atomic_dir, read_json, write_json, write_params
+from stages.common.classify import fit_logistic, predict, scores
+from stages.common.errors import StageError
+from stages.common.memory import peak_rss_mib, reset_peak_rss
+from stages.common.meter import TensorMeter
+from stages.common.models import LSTMLanguageModel, load_model_folder, logits_of, weight_counts
+from stages.common.params import BaseParams, Section
+from stages.common.stage import stage_main
+
+log = logging.getLogger("lmmem.evaluate")
+
+TRAINED = "model"  # the row of data/model, the reference of every ratio
+TABLE = ("name", "status", "bytes_on_disk", "size_ratio", "params", "nonzero_params", "val_ppl", "test_ppl",
+         "top1", "top5", "tensor_peak_mib", "rss_peak_mib", "load_seconds", "ms_per_token_b1",
+         "ms_per_token_batch", "cls_accuracy", "cls_f1_macro")
+
+
+class Params(Section):
+    variants: list[str] = Field(default_factory=list)
+    batch_size: int = Field(16, ge=1)
+    eval_batches: int = Field(16, ge=1)
+    latency_batch: int = Field(8, ge=1)
+    latency_new_tokens: int = Field(16, ge=1)
+    latency_repeats: int = Field(3, ge=1)
+    prompts: list[str] = Field(default_factory=lambda: ["这 本书", "质量"])
+    generate_tokens: int = Field(20, ge=1)
+    temperature: float = Field(0.8, gt=0.0)
+    top_k: int = Field(20, ge=1)
+    classify: bool = True
+    classify_train_docs: int = Field(2000, ge=10)
+    classify_max_tokens: int = Field(64, ge=1)
+
+
+@dataclass(frozen=True)
+class Paths:
+    model: Path = Path("data/model")
+    compressed: Path = Path("data/compressed")
+    tokens: Path = Path("data/tokens")
+    embed: Path = Path("data/embed")
+    out: Path = Path("data/eval")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class Docs:
+    """A split's documents as id arrays (each ends with eos) with their label index (-1: none)."""
+
+    def __init__(self, tokens: Path, split: str, dtype: str) -> None:
+        self.ids = np.memmap(tokens / f"{split}.bin", dtype=dtype, mode="r")
+        self.offsets = np.fromfile(tokens / f"{split}.offsets.bin", dtype=np.uint64).astype(np.int64)
+        self.labels = np.fromfile(tokens / f"{split}.labels.bin", dtype=np.int32)
+
+    def labelled(self, limit: int, max_tokens: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
+        """Up to `limit` labelled documents drawn at random (seeded: the files keep the source's
+        order, which may be all of one class first), each cut to `max_tokens` ids."""
+        candidates = np.flatnonzero(self.labels >= 0)
+        picked = np.sort(np.random.default_rng(seed).permutation(candidates)[:limit])
+        docs = [np.asarray(self.ids[self.offsets[i]:min(self.offsets[i + 1], self.offsets[i] + max_tokens)],
+                           dtype=np.int64) for i in picked]
+        return docs, [int(self.labels[i]) for i in picked]
+
+
+def windows(tokens: Path, split: str, dtype: str, context: int, batches: int, batch: int) -> list[torch.Tensor]:
+    """The same consecutive non-overlapping windows of context + 1 ids for every model."""
+    from stages.train import Windows
+
+    return list(Windows(tokens / f"{split}.bin", dtype, context).fixed_batches(batches, batch))
+
+
+# ----------------------------------------------------------------------------- one model
+
+
+@torch.no_grad()
+def quality(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
+    """Mean next-token loss (→ perplexity) and top-1/top-5 accuracy over the windows."""
+    loss, top1, top5, count = 0.0, 0, 0, 0
+    for rows in batches:
+        logits = logits_of(model, rows[:, :-1]).float()
+        target = rows[:, 1:]
+        loss += F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum").item()
+        best = logits.topk(5, dim=-1).indices
+        top1 += int((best[..., 0] == target).sum())
+        top5 += int((best == target[..., None]).any(-1).sum())
+        count += target.numel()
+    return {"ppl": math.exp(loss / count), "top1": top1 / count, "top5": top5 / count}
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, sample: bool,
+             temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """ids (batch, time) → (batch, new_tokens) continuations, exactly new_tokens long."""
+    if not isinstance(model, LSTMLanguageModel):
+        kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+        if sample:
+            kwargs.update(temperature=temperature, top_k=top_k)
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[:, ids.shape[1]:]
+    out = ids
+    for _ in range(new_tokens):  # no cache: the LSTM reruns the prefix
+        logits = model(out)[:, -1].float()
+        if sample:
+            values, index = (logits / temperature).topk(top_k)
+            pick = index.gather(1, torch.multinomial(values.softmax(-1), 1))
+        else:
+            pick = logits.argmax(-1, keepdim=True)
+        out = torch.cat([out, pick], dim=1)
+    return out[:, ids.shape[1]:]
+
+
+def ms_per_token(model: torch.nn.Module, prompt: torch.Tensor, batch: int, new_tokens: int, repeats: int) -> float:
+    ids = prompt.expand(batch, -1).contiguous()
+    generate(model, ids, new_tokens, sample=False)  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        generate(model, ids, new_tokens, sample=False)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000 / (batch * new_tokens)
+
+
+@torch.no_grad()
+def pooled_features(model: torch.nn.Module, docs: list[np.ndarray], batch: int = 32) -> torch.Tensor:
+    """Mean of each document's last hidden states (the model's body, no head), documents
+    batched with right padding and averaged over their own positions only."""
+    out = []
+    for i in range(0, len(docs), batch):
+        chunk = docs[i:i + batch]
+        length = max(len(d) for d in chunk)
+        ids = torch.zeros(len(chunk), length, dtype=torch.long)
+        mask = torch.zeros(len(chunk), length)
+        for row, doc in enumerate(chunk):
+            ids[row, :len(doc)] = torch.from_numpy(doc)
+            mask[row, :len(doc)] = 1
+        if isinstance(model, LSTMLanguageModel):  # causal: padding after a document cannot touch it
+            hidden = model.lstm(model.embed(ids))[0]
+        else:
+            hidden = model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states[-1]
+        out.append((hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+    return torch.cat(out)
+
+
+def evaluate_one(name: str, folder: Path, params: Params, paths: Paths, context: int, seed: int) -> dict[str, Any]:
+    """Everything about one model; runs in a fresh process."""
+    reset_peak_rss()  # the imports are the same for every model: leave them out
+    torch.manual_seed(seed)
+    meta = read_json(paths.tokens / "meta.json")
+    started = time.perf_counter()
+    model = load_model_folder(folder)
+    result: dict[str, Any] = {"name": name, "status": "ok", "load_seconds": time.perf_counter() - started}
+    result["params"], result["nonzero_params"] = weight_counts(model)
+    for split in ("validation", "test"):
+        figures = quality(model, windows(paths.tokens, split, meta["dtype"], context, params.eval_batches,
+                                         params.batch_size))
+        prefix = "val" if split == "validation" else "test"
+        result.update({f"{prefix}_ppl": figures["ppl"], f"{prefix}_top1": figures["top1"],
+                       f"{prefix}_top5": figures["top5"]})
+    result["top1"], result["top5"] = result["test_top1"], result["test_top5"]
+
+    rows = windows(paths.tokens, "validation", meta["dtype"], context, 1, params.batch_size)[0]
+    meter = TensorMeter()
+    meter.track_model(model)
+    with torch.no_grad(), meter.phase(0, "forward"):
+        logits_of(model, rows[:, :-1])
+    meter.close()
+    summary = meter.summary(prefix="")
+    result["tensor_peak_mib"] = summary["total_peak_mib"]
+    result["tensor_weights_mib"] = summary["parameters_peak_mib"]
+
+    prompt = rows[:1, :8]
+    result["ms_per_token_b1"] = ms_per_token(model, prompt, 1, params.latency_new_tokens, params.latency_repeats)
+    result["ms_per_token_batch"] = ms_per_token(model, prompt, params.latency_batch, params.latency_new_tokens,
+                                                params.latency_repeats)
+    result["generations"] = generations(model, folder, params, seed)
+    if params.classify and meta["labels"]:
+        result.update(probe(model, paths, params, meta, seed))
+    result["rss_peak_mib"] = peak_rss_mib()
+    return result
+
+
+def generations(model: torch.nn.Module, folder: Path, params: Params, seed: int) -> list[str]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    texts = []
+    for prompt in params.prompts:
+        ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids])
+        torch.manual_seed(seed)
+        new = generate(model, ids, params.generate_tokens, sample=True, temperature=params.temperature,
+                       top_k=params.top_k)
+        texts.append(prompt + " | " + tokenizer.decode(new[0].tolist(), skip_special_tokens=False))
+    return texts
+
+
+def probe_docs(paths: Paths, params: Params, meta: dict[str, Any], seed: int
+               ) -> tuple[list[np.ndarray], list[int], list[np.ndarray], list[int]]:
+    """The probe's training documents (a seeded sample of the train split) and all labelled
+    test documents: the same for every model and for the baseline."""
+    train = Docs(paths.tokens, "train", meta["dtype"]).labelled(params.classify_train_docs,
+                                                               params.classify_max_tokens, seed)
+    test = Docs(paths.tokens, "test", meta["dtype"]).labelled(10**9, params.classify_max_tokens, seed)
+    return *train, *test
+
+
+def probe(model: torch.nn.Module, paths: Paths, params: Params, meta: dict[str, Any], seed: int) -> dict[str, Any]:
+    train_docs, train_y, test_docs, test_y = probe_docs(paths, params, meta, seed)
+    n = len(meta["labels"])
+    head = fit_logistic(pooled_features(model, train_docs), torch.tensor(train_y), n)
+    result = scores(test_y, predict(head, pooled_features(model, test_docs)), n)
+    return {f"cls_{k}": v for k, v in result.items()}
+
+
+def word2vec_probe(paths: Paths, params: Params, meta: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The baseline: each document as the mean of its words' Word2Vec vectors."""
+    vectors = torch.from_numpy(np.load(paths.embed / "aligned.npy")).float()
+    train_docs, train_y, test_docs, test_y = probe_docs(paths, params, meta, seed)
+    n = len(meta["labels"])
+    head = fit_logistic(torch.stack([vectors[d].mean(0) for d in train_docs]), torch.tensor(train_y), n)
+    result = scores(test_y, predict(head, torch.stack([vectors[d].mean(0) for d in test_docs])), n)
+    return {"name": "word2vec-bow", "status": "ok", **{f"cls_{k}": v for k, v in result.items()}}
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def models_to_evaluate(params: Params, paths: Paths) -> list[tuple[str, Path]]:
+    made = sorted(d.name for d in paths.compressed.iterdir() if d.is_dir()) if paths.compressed.is_dir() else []
+    unknown = [v for v in params.variants if v not in made]
+    if unknown:
+        raise StageError(f"evaluate.variants: no variant named {', '.join(map(repr, unknown))} in "
+                         f"{paths.compressed} (there: {', '.join(made) or 'none'})")
+    chosen = params.variants or made
+    return [(TRAINED, paths.model)] + [(v, paths.compressed / v) for v in chosen]
+
+
+def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
+    if not (paths.model / "params.json").is_file():
+        raise StageError(f"{paths.model} holds no trained model (no params.json): run the train stage first")
+    context = read_json(paths.model / "params.json")["train"]["model"]["context"]
+    meta = read_json(paths.tokens / "meta.json")
+    reference = sum(f.stat().st_size for f in paths.model.glob("*.safetensors"))
+    rows: list[dict[str, Any]] = []
+    spawn = multiprocessing.get_context("spawn")
+    for name, folder in models_to_evaluate(params, paths):
+        unsupported = folder / "unsupported.json"
+        if unsupported.is_file():
+            rows.append({"name": name, "status": "unsupported", "reason": read_json(unsupported)["reason"]})
+            continue
+        log.info("evaluating %s ...", name)
+        # a fresh process per model: its peaks are its own
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            try:
+                row = pool.submit(evaluate_one, name, folder, params, paths, context, base.seed).result()
+            except Exception as exc:  # a broken variant is a row, not the end of the evaluation
+                row = {"name": name, "status": "failed", "reason": str(exc).splitlines()[0] if str(exc) else
+                       type(exc).__name__}
+                log.warning("%s failed: %s", name, row["reason"])
+        if row["status"] == "ok":
+            on_disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+            row.update(bytes_on_disk=on_disk, size_ratio=on_disk / reference)
+        rows.append(row)
+    if params.classify and meta["labels"]:
+        rows.append(word2vec_probe(paths, params, meta, base.seed))
+
+    metrics: dict[str, Any] = {"models": len(rows)}
+    for row in rows:
+        for key, value in row.items():
+            if key not in ("name", "generations", "reason", "cls_confusion") and value is not None:
+                metrics[f"{row['name']}_{key}"] = value
+    with atomic_dir(paths.out) as tmp:
+        write_json(tmp / "results.json", rows)
+        with (tmp / "table.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=TABLE, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        lines = ["# Generations", "", f"Sampled (seed {base.seed}, temperature {params.temperature}, "
+                 f"top-k {params.top_k}); prompt | continuation.", ""]
+        for i, prompt in enumerate(params.prompts):
+            lines += [f"## {prompt}", ""]
+            lines += [f"- **{row['name']}**: {row['generations'][i]}" for row in rows if "generations" in row]
+            lines.append("")
+        (tmp / "generations.md").write_text("\n".join(lines), encoding="utf-8")
+        write_params(tmp, base=base, evaluate=params)
+    failed = [r["name"] for r in rows if r["status"] == "failed"]
+    metrics["failed"] = len(failed)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("evaluate", Params, Paths, run, argv, doc=__doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
