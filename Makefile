@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python -m bench.tokenize_parallel
 	$(BIN)/python -m bench.train_grid
 	$(BIN)/python -m bench.train_loop
+	$(BIN)/python -m bench.quant_kernels
 	$(BIN)/python -m bench.compression
 
 clean-venv:

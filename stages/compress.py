@@ -173,7 +173,10 @@ def quantize(made: Made, spec: Quantize) -> Made:
         raise Unsupported(f"{spec.method}: {str(exc).splitlines()[0]}") from None
     if not any(entry["kind"] in ("int8", "int4") for entry in record.values()):
         raise Unsupported(f"{spec.method}: the model has no Linear or Conv1D layer to quantize")
-    return Made(model, True, record, {"layers_quantized": len(record)})
+    fallbacks = [entry["fallback"] for entry in record.values() if "fallback" in entry]
+    if scheme == "int4" and not any(entry["kind"] == "int4" for entry in record.values()):
+        raise Unsupported(f"{spec.method}: no layer fits the int4 kernel ({fallbacks[0]})")
+    return Made(model, True, record, {"layers_quantized": len(record), "layers_int8_fallback": len(fallbacks)})
 
 
 def prune_magnitude(made: Made, spec: PruneMagnitude) -> Made:

@@ -185,13 +185,13 @@ def _skeleton(folder: Path) -> nn.Module:
 
 def weight_counts(model: nn.Module) -> tuple[int, int]:
     """(weights, non-zero weights) of a model, quantized or not: each stored weight once
-    (tied ones once); scales and zero points are not weights; a packed int4 byte holds two
+    (tied ones once); scales and group minima are not weights; a packed int4 byte holds two
     (its zeros are not counted apart)."""
     total = nonzero = 0
     seen: set[tuple[int, int]] = set()
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen or name.endswith(("scale", "scales_and_zeros")):
+        if key in seen or name.endswith(("scale", "minimum")):
             continue
         seen.add(key)
         if name.endswith("packed"):

@@ -1,18 +1,22 @@
-"""Weight quantization modules on ATen's CPU kernels: the kernels torchao dispatches to on
-CPU, called directly so that the quantized weights are plain tensors (int8, packed int4,
-fp32 scales) that safetensors stores and loads without pickles.
+"""Weight quantization modules whose quantized weights are plain tensors (int8, int4 packed
+two per byte, fp32 scales) that safetensors stores and loads without pickles.
 
 - Int8Linear: symmetric per-output-channel int8 weights (1 byte per weight + one fp32 scale
-  per row). Weight-only: activations stay float, `torch._weight_int8pack_mm` multiplies.
-  Dynamic: activations are quantized per token at run time and multiplied in int8 by
-  `torch._int_mm` (int32 accumulation), then rescaled.
-- Int4Linear: asymmetric int4 in groups of `group_size` input features (tinygemm layout:
-  w = (q - 8) × scale + zero), packed two per byte by `_convert_weight_to_int4pack_for_cpu`,
-  multiplied by `_weight_int4pack_mm_for_cpu`. The packed layout is CPU-specific.
+  per row). Weight-only: the layer holds int8 and dequantizes one layer's weight at a time
+  to multiply in float. Dynamic: activations are quantized per token at run time and
+  multiplied in int8 by `torch._int_mm` (int32 accumulation), then rescaled.
+- Int4Linear: asymmetric int4 in groups of `group_size` input features (w = q × scale + min,
+  q in 0..15), two values per byte; weight-only, dequantized per layer like int8.
+Why dequantize rather than call ATen's weight-only kernels (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`, what torchao uses on CPU): on this project's 2-core CPU they
+ran 27× (int8) and 50× (int4) slower than float matmul for a 2048-row batch, and no faster
+for one row (docs/BENCHMARKS.md); the memory win, int8 or int4 weights resident, is the same.
 - Int8Embedding: int8 rows with one fp32 scale per row. A tied output head is an Int8Linear
   that shares the embedding's int8 matrix and scales (per-row of the embedding = per output
   channel of the head), so the tie survives quantization and is stored once.
 
+Int4 needs input features in whole groups: a layer that has not is quantized to int8
+instead, and the record says why.
 `quantize_model` swaps a model's layers in place and returns what it swapped; `skeleton`
 rebuilds the same module structure (empty) from that record, for loading.
 """
@@ -74,8 +78,8 @@ class Int8Linear(nn.Module):
             x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
             xq = torch.round(x2 / x_scale).clamp(-127, 127).to(torch.int8)
             y = torch._int_mm(xq, self.qweight.t()).float() * x_scale * self.scale
-        else:
-            y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale)
+        else:  # this layer's weight in float for the product only: a transient, not a resident copy
+            y = x2 @ (self.qweight.float() * self.scale[:, None]).t()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
@@ -85,8 +89,10 @@ class Int4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
         self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2))
+        self.register_buffer("scale", torch.ones(out_features, groups))
+        self.register_buffer("minimum", torch.zeros(out_features, groups))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
@@ -96,20 +102,24 @@ class Int4Linear(nn.Module):
         if in_f % group_size:
             raise ValueError(f"{in_f} input features are not a multiple of group_size {group_size}")
         groups = weight.float().reshape(out_f, in_f // group_size, group_size)
-        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        low, high = groups.amin(-1), groups.amax(-1)
         scale = (high - low).clamp_min(1e-12) / 15
-        q = torch.round((groups - low) / scale).clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
-        zero = low + 8 * scale  # tinygemm's convention: w = (q - 8) * scale + zero
+        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(out_f, in_f)
         out = cls(in_f, out_f, bias is not None, group_size)
-        out.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-        out.scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        out.packed = q[:, 0::2] | (q[:, 1::2] << 4)  # two 4-bit values per byte
+        out.scale, out.minimum = scale, low
         if bias is not None:
             out.bias = bias.float().clone()
         return out
 
+    def dequantized(self) -> torch.Tensor:
+        q = torch.stack([self.packed & 15, self.packed >> 4], dim=-1).reshape(self.out_features, -1).float()
+        groups = q.view(self.out_features, -1, self.group_size) * self.scale[..., None] + self.minimum[..., None]
+        return groups.view(self.out_features, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead, x2 = x.shape[:-1], x.reshape(-1, self.in_features).float().contiguous()
-        y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        lead, x2 = x.shape[:-1], x.reshape(-1, self.in_features).float()
+        y = x2 @ self.dequantized().t()  # transient float weight of this layer only
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
@@ -166,8 +176,12 @@ def quantize_model(model: nn.Module, scheme: Scheme, embeddings: bool, group_siz
         weight, bias = linear_weight(module)
         entry: dict[str, Any] = {"shape": list(weight.shape), "bias": bias is not None}
         if scheme == "int4":
-            _set(model, name, Int4Linear.from_float(module, group_size))
-            entry.update(kind="int4", group_size=group_size)
+            try:
+                _set(model, name, Int4Linear.from_float(module, group_size))
+                entry.update(kind="int4", group_size=group_size)
+            except (RuntimeError, ValueError) as exc:  # a shape the int4 kernel refuses: int8 instead
+                _set(model, name, Int8Linear.from_float(module, dynamic=False))
+                entry.update(kind="int8", dynamic=False, fallback=str(exc).splitlines()[0])
         else:
             _set(model, name, Int8Linear.from_float(module, dynamic=scheme == "int8_dynamic"))
             entry.update(kind="int8", dynamic=scheme == "int8_dynamic")
