@@ -171,7 +171,7 @@ def quantize(made: Made, spec: Quantize) -> Made:
         record = quant.quantize_model(model, scheme, spec.embeddings, spec.group_size)
     except (RuntimeError, ValueError) as exc:  # a kernel this CPU or build lacks, a shape it refuses
         raise Unsupported(f"{spec.method}: {str(exc).splitlines()[0]}") from None
-    if not any(entry["kind"] in ("int8", "int4") for entry in record.values()):
+    if not record:
         raise Unsupported(f"{spec.method}: the model has no Linear or Conv1D layer to quantize")
     fallbacks = [entry["fallback"] for entry in record.values() if "fallback" in entry]
     if scheme == "int4" and not any(entry["kind"] == "int4" for entry in record.values()):

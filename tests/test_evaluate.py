@@ -118,3 +118,21 @@ def test_unknown_variant_and_missing_model_are_refused(made: dict[str, Path], tm
     assert not (tmp_path / "eval").exists()
     rc, _ = evaluate({**made, "model": tmp_path / "nothing"}, tmp_path / "eval")
     assert rc == 2 and "holds no trained model" in one_error_line(capsys.readouterr().err, "evaluate")
+
+
+def test_the_lstm_baseline_is_evaluated_like_the_transformers(tokens: Path, tmp_path: Path) -> None:
+    model = trained_model(tokens, tmp_path / "lstm", family="lstm")
+    data = tiny_params()
+    data["compress"]["variants"] = {"int8": {"method": "int8_weight_only", "embeddings": True},
+                                    "structured": {"method": "prune_structured", "heads": 0.5}}
+    params = tmp_path / "compress.yaml"
+    params.write_text(yaml.safe_dump(data, allow_unicode=True))
+    assert run_stage("compress", ["--params", str(params), "--model", str(model), "--tokens", str(tokens),
+                                  "--out", str(tmp_path / "compressed"), "--metrics", str(tmp_path / "c.json")]) == 0
+    made = {"model": model, "compressed": tmp_path / "compressed", "tokens": tokens, "embed": tokens.parent / "embed"}
+    rc, m = evaluate(made, tmp_path / "eval", classify=False)
+    assert rc == 0
+    assert (m["model_status"], m["int8_status"], m["structured_status"]) == ("ok", "ok", "unsupported")
+    assert m["int8_val_ppl"] == pytest.approx(m["model_val_ppl"], rel=0.02)
+    # embedding and tied head in int8 (stored once); nn.LSTM's own matrices are not Linear layers and stay fp32
+    assert m["int8_bytes_on_disk"] < 0.6 * m["model_bytes_on_disk"] and m["model_ms_per_token_b1"] > 0

@@ -122,7 +122,8 @@ def test_experiment_on_english_news_lists_its_metrics(repo: Path) -> None:
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "tiny baseline", cwd=repo)
     out = sh("dvc", "exp", "run", "-n", "news", "-S", "ingest.source=builtin:en-news",
-             "-S", "ingest.sample=1.0", cwd=repo)
+             "-S", "ingest.sample=1.0", "-S", "train.precision=bf16", "-S", "train.activation_checkpointing=true",
+             cwd=repo)
     assert ran_all(out)
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo))
     exps = [e for row in shown for e in (row.get("experiments") or [])]
@@ -133,6 +134,13 @@ def test_experiment_on_english_news_lists_its_metrics(repo: Path) -> None:
     assert ingest["docs"] == 300 and ingest["docs_lang_en"] == 300
     assert data["params"]["params.yaml"]["data"]["ingest"]["source"] == "builtin:en-news"
     assert data["metrics"]["data/metrics/embed.json"]["data"]["analogy_coverage"] > 0
+    train = data["metrics"]["data/metrics/train.json"]["data"]  # every memory column in the row
+    for category in ("parameters", "gradients", "optimizer", "activations", "temporaries", "total"):
+        assert train[f"mem_{category}_peak_mib"] >= 0 and f"est_{category}_peak_mib" in train
+    assert train["mem_total_peak_mib"] > 0 and train["peak_rss_mib"] > 0
+    assert data["params"]["params.yaml"]["data"]["train"]["precision"] == "bf16"
+    evaluated = data["metrics"]["data/metrics/evaluate.json"]["data"]
+    assert evaluated["model_status"] == "ok" and "model_cls_accuracy" not in evaluated  # news has no labels
 
 
 def stage_imports(source: str) -> set[str]:
