@@ -38,7 +38,7 @@ GRID: dict[str, dict[str, Any]] = {
     "8-bit adamw": {"optimizer": "adamw8bit"},
     "untied embeddings, adamw": UNTIED,
     "untied, sparse embedding gradients (sparse_adam)": {"optimizer": "sparse_adam", **UNTIED},
-    "pruning to 50 % (steps 20-150)": {"prune": {"final_sparsity": 0.5}},
+    "pruning to 50 % (during the middle of training)": {"prune": {"final_sparsity": 0.5}},
     "checkpointing + micro-batch 4 + 8-bit adamw": {"activation_checkpointing": True, "micro_batch_size": 4,
                                                     "optimizer": "adamw8bit"},
     "checkpointing + micro-batch 1 + adafactor": {"activation_checkpointing": True, "micro_batch_size": 1,

@@ -276,14 +276,16 @@ def next_token_loss(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, windows: Windows, params: Params, device: torch.device) -> float:
-    """Mean next-token loss on fixed validation windows."""
+    """Mean next-token loss on fixed validation windows: eval_batches × batch_size of them,
+    the same whatever the micro-batch, run micro_batch_size at a time (its memory bound)."""
     model.eval()
     total, count = 0.0, 0
-    for rows in windows.fixed_batches(params.eval_batches, params.micro_batch_size):
-        with autocast(params, device):
-            loss = next_token_loss(model, rows.to(device))
-        total += loss.item() * rows.size(0)
-        count += rows.size(0)
+    for batch in windows.fixed_batches(params.eval_batches, params.batch_size):
+        for rows in batch.split(params.micro_batch_size):
+            with autocast(params, device):
+                loss = next_token_loss(model, rows.to(device))
+            total += loss.item() * rows.size(0)
+            count += rows.size(0)
     model.train()
     if count == 0:
         raise StageError("the validation split is shorter than one window: lower train.model.context")
