@@ -47,14 +47,13 @@ from stages.common.artifacts import atomic_dir, read_json, write_json, write_par
 from stages.common.errors import StageError
 from stages.common.memory import peak_rss_mib, reset_peak_rss
 from stages.common.models import (VARIANT_FILE, VARIANT_WEIGHTS, LSTMLanguageModel, ModelParams, build_model,
-                                  load_model_folder, logits_of, weight_counts)
+                                  TOKENIZER_FILES, load_model_folder, logits_of, output_head, weight_counts)
 from stages.common.params import BaseParams, Section
 from stages.common.pruning import magnitude_mask, prunable
 from stages.common.stage import stage_main
 
 log = logging.getLogger("lmmem.compress")
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
@@ -187,7 +186,7 @@ def prune_magnitude(made: Made, spec: PruneMagnitude) -> Made:
     if spec.embeddings:
         seen = {id(p) for p in targets}
         targets += [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and id(m.weight) not in seen]
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = output_head(model)
         if head is not None and all(head.weight is not p for p in targets):
             targets.append(head.weight)
     with torch.no_grad():

@@ -45,14 +45,13 @@ from stages.common.artifacts import atomic_dir, read_json, write_params
 from stages.common.errors import StageError
 from stages.common.memory import current_rss_mib
 from stages.common.meter import TensorMeter
-from stages.common.models import ModelParams, build_model, count_parameters, logits_of
+from stages.common.models import TOKENIZER_FILES, ModelParams, build_model, count_parameters, logits_of
 from stages.common.params import BaseParams, Section
 from stages.common.pruning import Pruner, PruneParams, zero_fraction
 from stages.common.stage import stage_main
 
 log = logging.getLogger("lmmem.train")
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # keys PYTORCH_CUDA_ALLOC_CONF understands (torch 2.x CUDA caching allocator)
 CUDA_ALLOC_KEYS = ("backend", "max_split_size_mb", "max_non_split_rounding_mb", "roundup_power2_divisions",
                    "garbage_collection_threshold", "expandable_segments", "release_lock_on_cudamalloc",

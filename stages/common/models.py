@@ -20,6 +20,7 @@ from torch import nn
 
 from stages.common.params import Section
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # copied into every model folder
 LSTM_CONFIG = "lstm_config.json"
 LSTM_WEIGHTS = "model.safetensors"
 
@@ -119,6 +120,14 @@ def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids).logits
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The layer that maps hidden states to vocabulary logits (tied to the input embedding or
+    not), for transformers models and the LSTM baseline alike."""
+    if hasattr(model, "get_output_embeddings"):
+        return model.get_output_embeddings()
+    return getattr(model, "head", None)
+
+
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Parameters counted once each (tied weights once). `embedding`: every vocabulary- or
     position-sized matrix (input embedding, position embedding, an untied output head)."""
@@ -126,9 +135,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in unique.values())
     trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
     embedding_ids = {id(model.get_input_embeddings().weight)}
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if out is None and isinstance(model, LSTMLanguageModel):
-        out = model.head
+    out = output_head(model)
     if out is not None:
         embedding_ids.add(id(out.weight))
     wpe = getattr(getattr(model, "transformer", None), "wpe", None)

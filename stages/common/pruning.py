@@ -20,6 +20,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from stages.common.models import output_head
 from stages.common.params import Section
 
 
@@ -60,7 +61,7 @@ def prunable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """The matrices pruning acts on: ≥ 2-D parameters that are not an embedding table, an
     output head (tied or not) or a position table."""
     skip = {id(model.get_input_embeddings().weight)}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else getattr(model, "head", None)
+    head = output_head(model)
     if head is not None:
         skip.add(id(head.weight))
     for module in model.modules():

@@ -28,6 +28,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from stages.common.models import output_head
+
 Scheme = Literal["int8", "int8_dynamic", "int4"]
 
 
@@ -155,7 +157,7 @@ def quantize_model(model: nn.Module, scheme: Scheme, embeddings: bool, group_siz
     kinds = (nn.Linear,) + ((conv1d,) if conv1d is not None else ())
     record: dict[str, dict[str, Any]] = {}
     embedding = model.get_input_embeddings()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else getattr(model, "head", None)
+    head = output_head(model)
     tied = head is not None and head.weight is embedding.weight
     names = {id(m): n for n, m in model.named_modules()}
     if embeddings and isinstance(embedding, nn.Embedding):
