@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python -m bench.train_loop
 	$(BIN)/python -m bench.quant_kernels
 	$(BIN)/python -m bench.compression
+	$(BIN)/python -m bench.flow_overhead
 
 clean-venv:
 	rm -rf $(VENV)

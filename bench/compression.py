@@ -17,7 +17,11 @@ from typing import Any
 
 from bench.common import ROOT, machine
 
-TARGETS = {"int8": (0.30, 1.01), "prune50-int8": (0.20, 1.10)}  # (bytes ratio, perplexity ratio)
+# (bytes ratio, perplexity ratio). The 50 % target is checked on both readings: the block
+# matrices pruned (prune50-int8) and every matrix, the tied embedding/head too (prune50-all-int8);
+# prune40-all-int8 shows how far the sparsity has to come down to meet both figures.
+TARGETS = {"int8": (0.30, 1.01), "prune50-int8": (0.20, 1.10), "prune50-all-int8": (0.20, 1.10),
+           "prune40-all-int8": (0.20, 1.10)}
 
 
 def main() -> int:
@@ -61,6 +65,10 @@ def main() -> int:
             print(f"- {name}: {r['params'] / base['params']:.3f} × weights, {r['val_ppl'] / base['val_ppl']:.3f} × "
                   f"perplexity, {r['tensor_peak_mib'] / base['tensor_peak_mib']:.3f} × inference tensor peak, "
                   f"{r['ms_per_token_b1'] / base['ms_per_token_b1']:.3f} × batch-1 latency")
+    seconds = [r["seconds"] for r in rows.values() if "seconds" in r]
+    if seconds:
+        print(f"- evaluate: {sum(seconds) / 60:.1f} min over {len(seconds)} models "
+              f"({min(seconds):.0f}-{max(seconds):.0f} s each, load and imports of each fresh process aside)")
     return 0
 
 

@@ -169,8 +169,8 @@ def pooled_features(model: torch.nn.Module, docs: list[np.ndarray], batch: int =
             mask[row, :len(doc)] = 1
         if isinstance(model, LSTMLanguageModel):  # causal: padding after a document cannot touch it
             hidden = model.lstm(model.embed(ids))[0]
-        else:
-            hidden = model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states[-1]
+        else:  # the body alone: the vocabulary head's logits are not needed here
+            hidden = model.base_model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         out.append((hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
     return torch.cat(out)
 
@@ -183,6 +183,8 @@ def evaluate_one(name: str, folder: Path, params: Params, paths: Paths, context:
     started = time.perf_counter()
     model = load_model_folder(folder)
     result: dict[str, Any] = {"name": name, "status": "ok", "load_seconds": time.perf_counter() - started}
+    phases: dict[str, float] = {}
+    clock = time.perf_counter()
     result["params"], result["nonzero_params"] = weight_counts(model)
     for split in ("validation", "test"):
         figures = quality(model, windows(paths.tokens, split, meta["dtype"], context, params.eval_batches,
@@ -191,6 +193,7 @@ def evaluate_one(name: str, folder: Path, params: Params, paths: Paths, context:
         result.update({f"{prefix}_ppl": figures["ppl"], f"{prefix}_top1": figures["top1"],
                        f"{prefix}_top5": figures["top5"]})
     result["top1"], result["top5"] = result["test_top1"], result["test_top5"]
+    phases["quality"], clock = time.perf_counter() - clock, time.perf_counter()
 
     rows = windows(paths.tokens, "validation", meta["dtype"], context, 1, params.batch_size)[0]
     meter = TensorMeter()
@@ -207,9 +210,13 @@ def evaluate_one(name: str, folder: Path, params: Params, paths: Paths, context:
     result["ms_per_token_batch"] = ms_per_token(model, prompt, params.latency_batch, params.latency_new_tokens,
                                                 params.latency_repeats)
     result["generations"] = generations(model, folder, params, seed)
+    phases["latency and generation"], clock = time.perf_counter() - clock, time.perf_counter()
     if params.classify and meta["labels"]:
         result.update(probe(model, paths, params, meta, seed))
+        phases["probe"] = time.perf_counter() - clock
     result["rss_peak_mib"] = peak_rss_mib()
+    result["seconds"] = time.perf_counter() - started
+    log.info("%s: %.1f s (%s)", name, result["seconds"], ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     return result
 
 

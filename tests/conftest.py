@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -92,3 +93,32 @@ def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert run_stage(stage, ["--params", str(params), "--metrics", str(d / f"{stage}.json"),
                                  *map(str, args)]) == 0
     return d / "tokens"
+
+
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "lmmem test", "GIT_AUTHOR_EMAIL": "test@lmmem.invalid",
+                "GIT_COMMITTER_NAME": "lmmem test", "GIT_COMMITTER_EMAIL": "test@lmmem.invalid"}
+
+
+def sh(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Run a command (git, dvc, ...) with this interpreter's bin first on PATH; fail the test
+    with its output when it fails; return stdout + stderr."""
+    env = {**os.environ, **GIT_IDENTITY, **(env or {}), "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def tiny_repo(repo: Path, env: dict[str, str] | None = None) -> Path:
+    """A git + DVC repository in `repo` with the stages, the built-in corpus, dvc.yaml and the
+    tiny profile as params.yaml, all committed."""
+    shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "data" / "corpus", repo / "data" / "corpus")
+    for name in ("dvc.yaml", "requirements.lock", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copy(TINY, repo / "params.yaml")
+    sh("git", "init", "-q", "-b", "main", cwd=repo, env=env)
+    sh("dvc", "init", "-q", cwd=repo, env=env)
+    sh("git", "add", "-A", cwd=repo, env=env)
+    sh("git", "commit", "-qm", "tiny pipeline", cwd=repo, env=env)
+    return repo

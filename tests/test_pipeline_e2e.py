@@ -5,33 +5,16 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, sh, tiny_repo
 
 pytestmark = pytest.mark.e2e
 STAGES = ["ingest", "clean", "tokenize", "embed", "train", "compress", "evaluate"]
-
-
-def sh(*args: str, cwd: Path) -> str:
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "GIT_AUTHOR_NAME": "lmmem test", "GIT_AUTHOR_EMAIL": "test@lmmem.invalid",
-        "GIT_COMMITTER_NAME": "lmmem test", "GIT_COMMITTER_EMAIL": "test@lmmem.invalid",
-        "DVC_NO_ANALYTICS": "1",
-    }
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
 
 
 def ran(output: str) -> list[str]:
@@ -46,17 +29,7 @@ def ran_all(output: str) -> bool:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("repo")
-    shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "data" / "corpus", repo / "data" / "corpus")
-    for name in ("dvc.yaml", "requirements.lock", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copy(TINY, repo / "params.yaml")
-    sh("git", "init", "-q", "-b", "main", cwd=repo)
-    sh("dvc", "init", "-q", cwd=repo)
-    sh("git", "add", "-A", cwd=repo)
-    sh("git", "commit", "-qm", "tiny pipeline", cwd=repo)
-    return repo
+    return tiny_repo(tmp_path_factory.mktemp("repo"))
 
 
 def test_repro_runs_every_stage_then_nothing(repo: Path) -> None:

@@ -1,0 +1,166 @@
+"""What the flows share: the `flows` params section, DVC's own stage graph, DVC runs whose
+lines go to Prefect's log, and metrics published as Prefect artifacts.
+
+DVC owns caching and Prefect orchestrates: every stage runs through DVC (a subprocess, so
+a flow run and `dvc repro` produce the same artifacts and skip the same work), and what
+DVC says about each stage (ran, skipped, restored from its run-cache) becomes the state of
+the task that ran it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import networkx as nx
+from pydantic import Field
+
+from stages.common.errors import StageError
+from stages.common.params import Section, read_params_file, validate_section
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# What DVC prints about each stage it looked at, and the task state name it becomes.
+STATUS_LINES = {
+    "ran": re.compile(r"Running stage '([\w.-]+)'"),
+    "skipped": re.compile(r"Stage '([\w.-]+)' didn't change, skipping"),
+    "restored": re.compile(r"Stage '([\w.-]+)' is cached - skipping run, checking out outputs"),
+}
+STATE_NAMES = {"ran": "Ran", "skipped": "Skipped", "restored": "Restored"}
+
+
+class FlowParams(Section):
+    """The `flows` section of params.yaml (read by the flows, never by a stage)."""
+
+    retries: int = Field(1, ge=0, le=10)
+    retry_delay_seconds: float = Field(5.0, ge=0.0)
+    concurrency: int = Field(1, ge=1)
+    task_runner: Literal["threads", "dask"] = "threads"
+    dask_address: str = ""
+    schedule: str = ""
+
+
+def flow_params(root: Path) -> FlowParams:
+    """The `flows` section of root/params.yaml (defaults where it is absent)."""
+    return validate_section("flows", read_params_file(root / "params.yaml").get("flows"), FlowParams)
+
+
+def dvc_env() -> dict[str, str]:
+    """The environment DVC and the stage commands see: this interpreter's bin first (the
+    stage commands say `python`), analytics off (no network here)."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def stage_name(stage: Any, root: Path) -> str:
+    """The name `dvc repro` takes from root: `train`, or `sub/dvc.yaml:train` for a stage
+    of another dvc.yaml (DVC's own `addressing` is relative to the current directory)."""
+    dvcfile = Path(stage.dvcfile.path).resolve()
+    if dvcfile == (root / "dvc.yaml").resolve():
+        return stage.name
+    return f"{os.path.relpath(dvcfile, root.resolve())}:{stage.name}"
+
+
+def stage_order(root: Path, targets: list[str] | None = None) -> list[str]:
+    """dvc.yaml's stages in dependency order, read from DVC's own graph. With targets: those
+    stages and every stage they depend on (what `dvc repro <targets>` would look at)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # an edge goes from a stage to a stage it depends on
+        names = {stage: stage_name(stage, root) for stage in graph.nodes}
+        ordered = [names[stage] for stage in reversed(list(nx.topological_sort(graph)))]
+        if not targets:
+            return ordered
+        unknown = [t for t in targets if t not in ordered]
+        if unknown:
+            raise StageError(f"no stage named {', '.join(map(repr, unknown))} in dvc.yaml "
+                             f"(stages: {', '.join(ordered)})")
+        wanted = set(targets)
+        for stage, name in names.items():
+            if name in targets:
+                wanted |= {names[s] for s in nx.descendants(graph, stage)}
+        return [name for name in ordered if name in wanted]
+
+
+@dataclass
+class DvcRun:
+    """One DVC command's outcome: its exit code, its lines, and what it said per stage."""
+
+    command: list[str]
+    returncode: int
+    lines: list[str] = field(default_factory=list)
+    stages: dict[str, str] = field(default_factory=dict)
+
+    def error(self) -> str:
+        """The failure in DVC's and the stage's words: the stage's `lmmem <stage>: error:` line and
+        DVC's ERROR lines."""
+        picked = [ln for ln in self.lines if ln.startswith("lmmem ") and ": error: " in ln]
+        picked += [ln for ln in self.lines if ln.startswith("ERROR")]
+        tail = picked or self.lines[-3:]
+        return f"`{' '.join(self.command[2:])}` exited {self.returncode}: " + " | ".join(tail)
+
+
+def run_dvc(args: list[str], root: Path, log: logging.Logger | logging.LoggerAdapter) -> DvcRun:
+    """Run `dvc --wait-for-lock <args>` in root, each output line into `log` as it comes (a
+    concurrent `dvc repro` makes this wait for the repo lock instead of failing)."""
+    command = [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
+    run = DvcRun(command, -1)
+    with subprocess.Popen(command, cwd=root, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, encoding="utf-8", errors="replace", bufsize=1) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            for line in raw.replace("\r", "\n").splitlines():  # progress bars redraw with \r
+                line = line.rstrip()
+                if not line:
+                    continue
+                run.lines.append(line)
+                log.info("%s", line)
+                for status, pattern in STATUS_LINES.items():
+                    for stage in pattern.findall(line):
+                        run.stages[stage] = status
+        run.returncode = proc.wait()
+    return run
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")
+
+
+def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """A flat metrics mapping as table rows (metric, value); nested values as JSON."""
+    return [{"metric": key, "value": value if isinstance(value, (int, float, str, bool)) or value is None
+             else json.dumps(value, sort_keys=True)} for key, value in sorted(metrics.items())]
+
+
+def read_metrics(root: Path, stage: str) -> dict[str, Any] | None:
+    path = root / "data" / "metrics" / f"{stage}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def experiments(root: Path) -> list[dict[str, Any]]:
+    """This commit's experiments as DVC records them: name, params (params.yaml), metrics by file."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        rows = repo.experiments.show()
+    out = []
+    for baseline in rows:
+        for exp_range in baseline.experiments or []:
+            for exp in exp_range.revs:
+                data = exp.data
+                if data is None or exp.error is not None:
+                    continue
+                params = {f: v["data"] for f, v in (data.params or {}).items() if v.get("data") is not None}
+                metrics = {f: v["data"] for f, v in (data.metrics or {}).items() if v.get("data") is not None}
+                out.append({"name": exp.name or exp_range.name or exp.rev[:7], "rev": exp.rev, "params": params,
+                            "metrics": metrics})
+    return out

@@ -1,0 +1,155 @@
+"""pipeline flow: dvc.yaml's stages as Prefect tasks, in DVC's dependency order.
+
+    python -m flows.pipeline [--stages train evaluate] [-S train.steps=50 ...] [--name NAME]
+
+Each task runs `dvc repro --single-item <stage>` (waiting for DVC's repo lock rather than
+failing on it), streams DVC's and the stage's lines into the task's Prefect log, ends in a
+Completed state named after DVC's answer (Ran, Skipped, Restored from the run-cache), and is
+retried per `flows.retries` / `flows.retry_delay_seconds`. After each stage its
+data/metrics/<stage>.json is published as a table artifact (`<stage>-metrics`); at the end a
+Markdown artifact (`pipeline-summary`) shows every stage's answer and the evaluation table.
+
+With `-S` overrides the run is a DVC experiment instead (`dvc exp run --temp -S ...`): one
+task, params.yaml and the workspace untouched, the result in `dvc exp show`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.states import Completed, State
+
+from flows.common import (ROOT, STATE_NAMES, artifact_key, experiments, flow_params, metric_rows, read_metrics, run_dvc,
+                          stage_order)
+from stages.common.errors import StageError
+
+RAN_EXPERIMENT = re.compile(r"Ran experiment\(s\): ([\w.-]+)")
+OVERRIDE = re.compile(r"^([A-Za-z_][\w-]*:)?[A-Za-z_][\w.-]*=.*$")  # [file:]key.path=value, as `dvc exp run -S`
+
+
+class DvcFailed(RuntimeError):
+    """DVC (or the stage it ran) exited non-zero; the message is DVC's own."""
+
+
+def check_overrides(overrides: list[str]) -> None:
+    bad = [o for o in overrides if not OVERRIDE.match(o)]
+    if bad:
+        raise StageError(f"override {bad[0]!r} is not key.path=value (as `dvc exp run -S train.steps=50`)")
+
+
+@task(cache_policy=NONE, task_run_name="{stage}")
+def stage_task(stage: str, root: str) -> State:
+    """One DVC stage: DVC decides whether it runs; its answer names the task's final state."""
+    log = get_run_logger()
+    run = run_dvc(["repro", "--single-item", stage], Path(root), log)
+    if run.returncode != 0:
+        raise DvcFailed(run.error())
+    status = run.stages.get(stage)
+    if status is None:
+        raise DvcFailed(f"DVC said nothing about stage {stage!r}: " + " | ".join(run.lines[-3:]))
+    metrics = read_metrics(Path(root), stage)
+    if metrics is not None:
+        create_table_artifact(key=artifact_key(stage, "metrics"), table=metric_rows(metrics),
+                              description=f"data/metrics/{stage}.json after DVC {status} the stage")
+    return Completed(name=STATE_NAMES[status], message=f"DVC {status} {stage}", data=status)
+
+
+@task(cache_policy=NONE, task_run_name="experiment {name}")
+def experiment_task(root: str, overrides: list[str], targets: list[str], name: str) -> dict[str, str]:
+    """The run as one DVC experiment in a temporary workspace; returns DVC's answer per stage."""
+    log = get_run_logger()
+    args = ["exp", "run", "--temp", *[a for o in overrides for a in ("-S", o)], *(["--name", name] if name else []),
+            *targets]
+    run = run_dvc(args, Path(root), log)
+    if run.returncode != 0:
+        raise DvcFailed(run.error())
+    made = [m.group(1) for ln in run.lines if (m := RAN_EXPERIMENT.search(ln))]
+    if made:
+        publish_experiment(Path(root), made[-1])
+    return run.stages
+
+
+def publish_experiment(root: Path, name: str) -> None:
+    """The experiment's metrics as DVC recorded them, as one table artifact."""
+    found = next((e for e in experiments(root) if e["name"] == name), None)
+    if found is None:
+        return
+    rows = [{"file": file, **row} for file, metrics in sorted(found["metrics"].items())
+            for row in metric_rows(metrics)]
+    create_table_artifact(key=artifact_key("experiment", name, "metrics"), table=rows,
+                          description=f"DVC experiment {name}: every metrics file")
+
+
+def summary_markdown(root: Path, answers: dict[str, str], overrides: list[str]) -> str:
+    lines = ["# lmmem pipeline run", ""]
+    if overrides:
+        lines += ["DVC experiment with " + ", ".join(f"`{o}`" for o in overrides), ""]
+    lines += ["| stage | DVC |", "|---|---|"] + [f"| {s} | {a} |" for s, a in answers.items()]
+    table = root / "data" / "eval" / "table.csv"
+    if not overrides and table.is_file():
+        with table.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        if rows:
+            lines += ["", "## Evaluation (data/eval/table.csv)", "", "| " + " | ".join(rows[0]) + " |",
+                      "|" + "---|" * len(rows[0])] + ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="lmmem-pipeline")
+def pipeline(stages: list[str] | None = None, overrides: list[str] | None = None, name: str = "",
+             root: str = str(ROOT)) -> dict[str, str]:
+    """Run dvc.yaml's stages (all, or `stages` and what they depend on) through DVC. With
+    `overrides` (`train.steps=50`, as `dvc exp run -S`), one DVC experiment instead."""
+    log = get_run_logger()
+    here, overrides = Path(root), list(overrides or [])
+    check_overrides(overrides)
+    settings = flow_params(here)
+    order = stage_order(here, stages)
+    retry = {"retries": settings.retries, "retry_delay_seconds": settings.retry_delay_seconds}
+    log.info("stages in DVC's order: %s", ", ".join(order))
+    answers: dict[str, str] = {}
+    if overrides:
+        said = experiment_task.with_options(**retry)(root, overrides, list(stages or []), name)
+        answers = {stage: said.get(stage, "not reached") for stage in order}
+    else:
+        for stage in order:
+            state = stage_task.with_options(**retry)(stage, root, return_state=True)
+            if state.is_failed():
+                state.result()  # raises the task's error: the flow fails with DVC's message
+            answers[stage] = state.result()
+    create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(here, answers, overrides),
+                             description="what DVC did with each stage")
+    return answers
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flows.serve import announce_server
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", nargs="*", default=None, help="stages to run (and what they depend on)")
+    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],
+                        help="key.path=value: run as a DVC experiment with this param changed")
+    parser.add_argument("--name", default="", help="the experiment's name (with -S)")
+    parser.add_argument("--root", default=str(ROOT), help="the DVC repository")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    announce_server()
+    try:
+        answers: dict[str, Any] = pipeline(args.stages, args.overrides, args.name, args.root)
+    except (StageError, DvcFailed) as exc:
+        print(f"error: {exc}")
+        return 1
+    print(", ".join(f"{stage}: {answer}" for stage, answer in answers.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

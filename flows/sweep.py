@@ -1,0 +1,265 @@
+"""sweep flow: a memory sweep as DVC experiments, one `dvc exp run --temp -S ...` per point.
+
+    python -m flows.sweep --grid train.precision=fp32,bf16 train.activation_checkpointing=false,true
+    python -m flows.sweep --file sweep.yaml       # {grid: {key: [values]}} or {points: [[k=v, ...], ...]}
+
+Each point runs in its own temporary workspace (points never fight over the workspace; the
+DVC cache and run-cache are shared, so unchanged upstream stages are restored, not rerun), at
+most `flows.concurrency` at once, on threads or (`flows.task_runner: dask`) on a Dask cluster.
+A point whose experiment already exists on this commit with the same params is not run
+again. When every point is done, the experiments' params and metrics are read back from DVC
+(`dvc exp show`) into a comparison table: a Prefect table artifact (`sweep-comparison`), a
+Markdown artifact, and data/sweep/comparison.csv for the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import itertools
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.states import Completed, State
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.common import ROOT, FlowParams, experiments, flow_params, run_dvc
+from flows.pipeline import DvcFailed, check_overrides
+from stages.common.errors import StageError
+from stages.common.params import read_params_file
+
+# The comparison's columns: (title, metrics file, key); a missing figure stays empty.
+COLUMNS = [
+    ("train tensor peak MiB", "data/metrics/train.json", "mem_total_peak_mib"),
+    ("estimate MiB", "data/metrics/train.json", "est_total_peak_mib"),
+    ("parameters MiB", "data/metrics/train.json", "mem_parameters_peak_mib"),
+    ("gradients MiB", "data/metrics/train.json", "mem_gradients_peak_mib"),
+    ("optimizer MiB", "data/metrics/train.json", "mem_optimizer_peak_mib"),
+    ("activations MiB", "data/metrics/train.json", "mem_activations_peak_mib"),
+    ("temporaries MiB", "data/metrics/train.json", "mem_temporaries_peak_mib"),
+    ("train peak RSS MiB", "data/metrics/train.json", "peak_rss_mib"),
+    ("tokens/s", "data/metrics/train.json", "tokens_per_sec"),
+    ("val ppl", "data/metrics/train.json", "val_ppl"),
+    ("model MiB on disk", "data/metrics/train.json", "size_on_disk_mib"),
+]
+
+
+# ----------------------------------------------------------------------------- points
+
+
+def yaml_load(text: str) -> Any:
+    """YAML as DVC reads it (ruamel, YAML 1.2: `5e-3` is a float), so that the params we
+    expect compare equal to the params DVC records."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
+
+
+def parse_value(text: str) -> Any:
+    """A -S value as DVC reads it: YAML (true, 3, 0.5, [a, b]) or else the string."""
+    try:
+        return yaml_load(text)
+    except Exception:  # ruamel's errors share no base class worth naming here
+        return text
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[list[str]]:
+    """Every combination of the grid's values, as override lists (key order kept)."""
+    if any(not isinstance(v, list) or not v for v in grid.values()):
+        raise StageError("sweep grid: every key needs a non-empty list of values")
+    keys = list(grid)
+    return [[f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+             for k, v in zip(keys, combo)] for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def read_sweep_file(path: Path) -> list[list[str]]:
+    data = read_params_file(path)  # a mapping, or a one-line error
+    if set(data) - {"grid", "points"} or not data:
+        raise StageError(f"sweep file {path}: expected `grid:` and/or `points:`, got {', '.join(map(str, data))}")
+    points = grid_points(data["grid"]) if "grid" in data else []
+    return points + [list(p) for p in data.get("points") or []]
+
+
+def expected_params(root: Path, overrides: list[str]) -> dict[str, Any]:
+    """params.yaml with the overrides applied: what the point's experiment will record."""
+    read_params_file(root / "params.yaml")  # a missing or broken file: one clear line
+    params = yaml_load((root / "params.yaml").read_text(encoding="utf-8"))
+    for override in overrides:
+        key, _, value = override.partition("=")
+        *path, leaf = key.split(":")[-1].split(".")
+        node = params
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = parse_value(value)
+    return params
+
+
+def point_name(overrides: list[str]) -> str:
+    """A stable experiment name for a point (the same overrides, the same name)."""
+    return "sweep-" + hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:10]
+
+
+# ----------------------------------------------------------------------------- DVC's record
+
+
+def find_experiment(existing: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any] | None:
+    """An experiment whose params.yaml equals `params` (the `flows` section aside: how a sweep
+    runs does not change what its points compute)."""
+    def stages_part(p: dict[str, Any] | None) -> dict[str, Any]:
+        return {k: v for k, v in (p or {}).items() if k != "flows"}
+
+    return next((e for e in existing if stages_part(e["params"].get("params.yaml")) == stages_part(params)), None)
+
+
+# ----------------------------------------------------------------------------- tasks and flow
+
+
+def where() -> str:
+    """The Dask worker running this task, or this process."""
+    try:
+        from distributed import get_worker
+
+        return f"dask worker {get_worker().address}"
+    except (ImportError, ValueError):  # ValueError: not inside a Dask worker
+        return f"process {os.getpid()}"
+
+
+@task(cache_policy=NONE, task_run_name="{name}")
+def point_task(root: str, overrides: list[str], name: str, targets: list[str]) -> State:
+    """One sweep point: one DVC experiment in a temporary workspace."""
+    log = get_run_logger()
+    log.info("point %s on %s: %s", name, where(), " ".join(overrides) or "(no overrides)")
+    args = ["exp", "run", "--temp", *[a for o in overrides for a in ("-S", o)], "--name", name, *targets]
+    run = run_dvc(args, Path(root), log)
+    if run.returncode != 0:
+        raise DvcFailed(run.error())
+    return Completed(name="Ran", message=f"experiment {name}", data=name)
+
+
+def task_runner(settings: FlowParams) -> Any:
+    """Threads on this machine, or a Dask cluster (an existing scheduler, else a LocalCluster)."""
+    if settings.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=settings.concurrency)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise StageError("flows.task_runner: dask needs prefect-dask (pip install prefect-dask)") from None
+    if settings.dask_address:
+        return DaskTaskRunner(address=settings.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": settings.concurrency, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None})
+
+
+@flow(name="lmmem-sweep-points")
+def run_points(root: str, points: list[list[str]], names: list[str], targets: list[str], retries: int,
+               retry_delay_seconds: float) -> list[str]:
+    """The points still to run, at most flows.concurrency at once (the runner is set per run)."""
+    runner = point_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+    futures = [runner.submit(root, overrides, name, targets) for overrides, name in zip(points, names)]
+    return [f.result() for f in futures]
+
+
+def comparison(root: Path, wanted: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """One row per point: its overrides, then the COLUMNS figures from its experiment."""
+    existing = {e["name"]: e for e in experiments(root)}
+    rows = []
+    for name, overrides in wanted.items():
+        exp = existing.get(name) or find_experiment(list(existing.values()), expected_params(root, overrides))
+        row: dict[str, Any] = {"point": " ".join(overrides) or "(workspace params)", "experiment":
+                               exp["name"] if exp else "missing"}
+        for title, file, key in COLUMNS:
+            value = (exp or {}).get("metrics", {}).get(file, {}).get(key) if exp else None
+            row[title] = round(value, 4) if isinstance(value, float) and math.isfinite(value) else value
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no points)\n"
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join("" if r[h] is None else str(r[h]) for h in head) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="lmmem-sweep")
+def sweep(points: list[list[str]] | None = None, grid: dict[str, list[Any]] | None = None, sweep_file: str = "",
+          targets: list[str] | None = None, root: str = str(ROOT)) -> list[dict[str, Any]]:
+    """Run each point (overrides) as a DVC experiment and compare them. Points come from
+    `points`, from every combination of `grid`, and from a sweep file, in that order."""
+    log = get_run_logger()
+    here = Path(root)
+    every = [list(p) for p in points or []] + (grid_points(grid) if grid else [])
+    if sweep_file:
+        every += read_sweep_file(Path(sweep_file) if Path(sweep_file).is_absolute() else here / sweep_file)
+    if not every:
+        raise StageError("sweep: no points (give points, grid or sweep_file)")
+    for overrides in every:
+        check_overrides(overrides)
+    settings = flow_params(here)
+    existing = experiments(here)
+    wanted = {point_name(o): o for o in every}
+    todo = {}
+    for name, overrides in wanted.items():
+        found = find_experiment(existing, expected_params(here, overrides))
+        if found is not None:
+            log.info("point %s: experiment %s already has these params: not run again", name, found["name"])
+        else:
+            todo[name] = overrides
+    log.info("%d points, %d to run, %d already done; concurrency %d on %s", len(wanted), len(todo),
+             len(wanted) - len(todo), settings.concurrency, settings.task_runner)
+    if todo:
+        run_points.with_options(task_runner=task_runner(settings))(
+            root, list(todo.values()), list(todo), list(targets or []), settings.retries,
+            settings.retry_delay_seconds)
+    rows = comparison(here, wanted)
+    create_table_artifact(key="sweep-comparison", table=rows, description="each sweep point's DVC experiment")
+    create_markdown_artifact(key="sweep-comparison-md", markdown="# Memory sweep\n\n" + markdown_table(rows))
+    out = here / "data" / "sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "comparison.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flows.serve import announce_server
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", nargs="*", default=[], help="key=v1,v2,... (every combination)")
+    parser.add_argument("--point", nargs="*", action="append", default=[], help="one point: key=value ...")
+    parser.add_argument("--file", default="", help="a sweep file: {grid: {key: [values]}} and/or {points: [...]}")
+    parser.add_argument("--targets", nargs="*", default=None, help="stages each experiment runs (default all)")
+    parser.add_argument("--root", default=str(ROOT))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    announce_server()
+    grid: dict[str, list[Any]] = {}
+    for item in args.grid:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            print(f"error: --grid {item!r} is not key=v1,v2,...")
+            return 1
+        grid[key] = [parse_value(v) for v in values.split(",")]
+    try:
+        rows = sweep(args.point or None, grid or None, args.file, args.targets, args.root)
+    except (StageError, DvcFailed) as exc:
+        print(f"error: {exc}")
+        return 1
+    print(markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
