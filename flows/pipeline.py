@@ -7,7 +7,8 @@ failing on it), streams DVC's and the stage's lines into the task's Prefect log,
 Completed state named after DVC's answer (Ran, Skipped, Restored from the run-cache), and is
 retried per `flows.retries` / `flows.retry_delay_seconds`. After each stage its
 data/metrics/<stage>.json is published as a table artifact (`<stage>-metrics`); at the end a
-Markdown artifact (`pipeline-summary`) shows every stage's answer and the evaluation table.
+Markdown artifact (`pipeline-summary`) shows every stage's answer and the evaluation table,
+and the report stage's data/report/report.md is published as the `report` artifact.
 
 With `-S` overrides the run is a DVC experiment instead (`dvc exp run --temp -S ...`): one
 task, params.yaml and the workspace untouched, the result in `dvc exp show`.
@@ -127,6 +128,10 @@ def pipeline(stages: list[str] | None = None, overrides: list[str] | None = None
             answers[stage] = state.result()
     create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(here, answers, overrides),
                              description="what DVC did with each stage")
+    report = here / "data" / "report" / "report.md"
+    if not overrides and "report" in answers and report.is_file():
+        create_markdown_artifact(key="report", markdown=report.read_text(encoding="utf-8"),
+                                 description="data/report/report.md (the HTML twin is beside it)")
     return answers
 
 

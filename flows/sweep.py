@@ -9,7 +9,8 @@ most `flows.concurrency` at once, on threads or (`flows.task_runner: dask`) on a
 A point whose experiment already exists on this commit with the same params is not run
 again. When every point is done, the experiments' params and metrics are read back from DVC
 (`dvc exp show`) into a comparison table: a Prefect table artifact (`sweep-comparison`), a
-Markdown artifact, and data/sweep/comparison.csv for the report.
+Markdown artifact, and data/sweep/comparison.csv; the report is regenerated with the new
+experiments into data/sweep/report/ and published as the `sweep-report` artifact.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import itertools
 import logging
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ from prefect.cache_policies import NONE
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import ROOT, FlowParams, experiments, flow_params, run_dvc
+from flows.common import ROOT, FlowParams, dvc_env, experiments, flow_params, run_dvc
 from flows.pipeline import DvcFailed, check_overrides
 from stages.common.errors import StageError
 from stages.common.params import read_params_file
@@ -230,7 +233,27 @@ def sweep(points: list[list[str]] | None = None, grid: dict[str, list[Any]] | No
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    report = sweep_report(here, log)
+    if report is not None:
+        create_markdown_artifact(key="sweep-report", markdown=report.read_text(encoding="utf-8"),
+                                 description="the report with every experiment of this commit")
     return rows
+
+
+def sweep_report(root: Path, log: Any) -> Path | None:
+    """The report regenerated with the new experiments, into data/sweep/report (outside DVC's
+    outputs: the workspace stays as it was); None when the pipeline has no report yet."""
+    if not (root / "data" / "metrics" / "evaluate.json").is_file():
+        log.info("no report: the workspace pipeline has not been run (dvc repro) yet")
+        return None
+    command = [sys.executable, "-m", "stages.report", "--out", "data/sweep/report", "--metrics",
+               "data/sweep/report-metrics.json", "--log-level", "WARNING"]
+    result = subprocess.run(command, cwd=root, env=dvc_env(), capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        log.warning("report failed: %s", (result.stderr.strip().splitlines() or ["?"])[-1])
+        return None
+    log.info("report with the sweep's experiments: data/sweep/report/report.html")
+    return root / "data" / "sweep" / "report" / "report.md"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import yaml
 from tests.conftest import ROOT, sh, tiny_repo
 
 pytestmark = pytest.mark.e2e
-STAGES = ["ingest", "clean", "tokenize", "embed", "train", "compress", "evaluate"]
+STAGES = ["ingest", "clean", "tokenize", "embed", "train", "compress", "evaluate", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,8 @@ def test_pipeline_runs_every_stage_then_skips_every_stage(server: str, repo: Pat
     assert rows["val_ppl"] == pytest.approx(stored["val_ppl"]) and rows["steps"] == stored["steps"]
     summary = artifact("pipeline-summary")
     assert "| evaluate | ran |" in summary.data and "size_ratio" in summary.data
+    report = artifact("report")
+    assert report.data == (repo / "data" / "report" / "report.md").read_text(encoding="utf-8")
     sh("git", "add", "-A", cwd=repo)  # dvc.lock, the uncached metrics and plots, data/.gitignore
     sh("git", "commit", "-qm", "pipeline ran", cwd=repo)
 
@@ -158,6 +160,9 @@ def test_sweep_two_points_compared_and_not_run_twice(server: str, repo: Path) ->
     assert rows[0]["train tensor peak MiB"] == rows[1]["train tensor peak MiB"]  # steps do not change memory
     table = json.loads(artifact("sweep-comparison").data)
     assert [r["point"] for r in table] == ["train.steps=2", "train.steps=4"]
+    report = artifact("sweep-report").data  # the report, regenerated with both experiments
+    for r in rows:
+        assert f"| {r['experiment']} | train.steps={r['point'].split('=')[1]} |" in report
     assert git_clean(repo) == ""
 
     assert len(point_runs()) == 2

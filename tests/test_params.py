@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import clean, compress, embed, ingest, tokenize, train
+from flows.common import FlowParams
+from stages import clean, compress, embed, evaluate, ingest, report, tokenize, train
 from stages.common.errors import StageError
 from stages.common.params import load_params, validate_section
 from tests.conftest import ROOT, TINY, one_error_line, run_cli, tiny_params
 
 STAGES = {"ingest": ingest, "clean": clean, "tokenize": tokenize, "embed": embed, "train": train,
-          "compress": compress}
+          "compress": compress, "evaluate": evaluate, "report": report}
 
 
 @pytest.mark.parametrize("path", [ROOT / "params.yaml", TINY])
@@ -22,6 +23,8 @@ def test_shipped_params_files_validate(path: Path) -> None:
         base, params = load_params(path, name, module.Params)
         assert base.seed == 1337
         assert params == module.Params.model_validate(yaml.safe_load(path.read_text())[name])
+    _, flows = load_params(path, "flows", FlowParams)  # the flows' section validates the same way
+    assert flows.retries >= 0
 
 
 def test_every_key_of_params_yaml_has_a_comment() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import yaml
 from tests.conftest import ROOT, sh, tiny_repo
 
 pytestmark = pytest.mark.e2e
-STAGES = ["ingest", "clean", "tokenize", "embed", "train", "compress", "evaluate"]
+STAGES = ["ingest", "clean", "tokenize", "embed", "train", "compress", "evaluate", "report"]
 
 
 def ran(output: str) -> list[str]:
@@ -58,8 +59,8 @@ def test_changing_an_embed_param_reruns_its_readers_only(repo: Path) -> None:
     params["embed"]["window"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
     # train may start from the vectors; its model comes out the same, so compress is skipped;
-    # evaluate reads the vectors for its Word2Vec baseline
-    assert ran(sh("dvc", "repro", cwd=repo)) == ["embed", "train", "evaluate"]
+    # evaluate reads the vectors for its Word2Vec baseline; the report reads every stage's metrics
+    assert ran(sh("dvc", "repro", cwd=repo)) == ["embed", "train", "evaluate", "report"]
     sh("git", "checkout", "params.yaml", cwd=repo)
     sh("dvc", "checkout", "-q", cwd=repo)
 
@@ -68,7 +69,7 @@ def test_changing_a_compress_param_reruns_compress_and_evaluate_only(repo: Path)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["compress"]["variants"]["prune50"]["sparsity"] = 0.7
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
-    assert ran(sh("dvc", "repro", cwd=repo)) == ["compress", "evaluate"]
+    assert ran(sh("dvc", "repro", cwd=repo)) == ["compress", "evaluate", "report"]
     metrics = json.loads((repo / "data" / "metrics" / "compress.json").read_text())
     assert metrics["prune50_sparsity"] == pytest.approx(0.7, abs=1e-5)
     evaluated = json.loads((repo / "data" / "metrics" / "evaluate.json").read_text())
@@ -79,11 +80,12 @@ def test_changing_a_compress_param_reruns_compress_and_evaluate_only(repo: Path)
 
 def test_a_file_added_to_data_corpus_reruns_its_readers_only(repo: Path) -> None:
     """ingest and tokenize depend on data/corpus; their outputs come out the same (the source
-    is still the built-in corpus), so DVC skips clean and embed."""
+    is still the built-in corpus), so DVC skips clean and embed; their metrics (timings) feed
+    the report."""
     extra = repo / "data" / "corpus" / "mine.txt"
     extra.write_text("a corpus of my own\n", encoding="utf-8")
     try:
-        assert ran(sh("dvc", "repro", cwd=repo)) == ["ingest", "tokenize"]
+        assert ran(sh("dvc", "repro", cwd=repo)) == ["ingest", "tokenize", "report"]
     finally:
         extra.unlink()
     # back to the committed inputs: DVC's run cache restores those outputs without running
@@ -116,6 +118,17 @@ def test_experiment_on_english_news_lists_its_metrics(repo: Path) -> None:
     assert data["params"]["params.yaml"]["data"]["train"]["precision"] == "bf16"
     evaluated = data["metrics"]["data/metrics/evaluate.json"]["data"]
     assert evaluated["model_status"] == "ok" and "model_cls_accuracy" not in evaluated  # news has no labels
+    # the report compares the experiment with the workspace run, read from git's experiment refs
+    sh("git", "checkout", "--", ".", cwd=repo)  # the workspace back to the baseline run
+    sh("dvc", "checkout", "-q", cwd=repo)
+    out = repo / "report-check"
+    sh(sys.executable, "-m", "stages.report", "--out", str(out), "--metrics", str(repo / "report-check.json"),
+       cwd=repo)
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    row = next(line for line in markdown.splitlines() if line.startswith("| news |"))
+    assert 'train.precision=\"bf16\"' in row or 'train.precision="bf16"' in row
+    assert f"| {train['mem_total_peak_mib']:,.1f} |" in row
+    assert json.loads((repo / "report-check.json").read_text())["experiments"] == 1
 
 
 def stage_imports(source: str) -> set[str]:

@@ -1,0 +1,115 @@
+"""The report: byte-for-byte reproducible, hostile text escaped, the Markdown twin holding the
+same numbers as the HTML, and the summary's choices on hand-made figures."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from stages.report import pareto
+from tests.conftest import ROOT, run_stage
+
+HOSTILE = "<script>alert(1)</script>"
+
+
+def row(name: str, size: float, ppl: float, ms: float, f1: float) -> dict[str, Any]:
+    return {"name": name, "status": "ok", "bytes_on_disk": int(4_000_000 * size), "size_ratio": size,
+            "params": 1_000_000, "nonzero_params": 1_000_000, "val_ppl": ppl, "test_ppl": ppl + 1, "top1": 0.2,
+            "top5": 0.4, "ms_per_token_b1": ms, "ms_per_token_batch": ms / 5, "tensor_peak_mib": 50.0,
+            "rss_peak_mib": 300.0, "load_seconds": 1.0, "cls_f1_macro": f1, "cls_accuracy": f1,
+            "generations": [f"{HOSTILE} | <b>{name}</b>", "质量 | 不错"]}
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> dict[str, Path]:
+    """The committed pipeline metrics and training curve, a hand-made evaluation, params with
+    a hostile prompt."""
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    for stage in ("ingest", "clean", "tokenize", "embed", "train", "compress", "evaluate"):
+        shutil.copy(ROOT / "data" / "metrics" / f"{stage}.json", metrics / f"{stage}.json")
+    results = [row("model", 1.0, 100.0, 10.0, 0.60), row("a", 0.30, 105.0, 12.0, 0.65),
+               row("b", 0.20, 115.0, 8.0, 0.55), row("c", 0.25, 109.0, 9.0, 0.50),
+               {"name": "bad", "status": "failed", "reason": '<img src=x onerror="alert(1)">'},
+               {"name": "word2vec-bow", "status": "ok", "cls_f1_macro": 0.70, "cls_accuracy": 0.70}]
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["evaluate"]["prompts"] = [HOSTILE, "质量"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    return {"metrics-dir": metrics, "steps": ROOT / "data" / "plots" / "train" / "steps.csv",
+            "eval": tmp_path / "eval", "params-file": tmp_path / "params.yaml"}
+
+
+def report(inputs: dict[str, Path], out: Path) -> Path:
+    args = [f"--{k}={v}" for k, v in inputs.items()]
+    assert run_stage("report", [*args, f"--out={out}", f"--metrics={out}.json", "--params",
+                                str(inputs["params-file"])]) == 0
+    return out
+
+
+def test_the_same_artifacts_give_the_same_bytes(inputs: dict[str, Path], tmp_path: Path) -> None:
+    first, second = report(inputs, tmp_path / "one"), report(inputs, tmp_path / "two")
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir())
+    assert {"report.html", "report.md", "loss.svg", "memory.svg", "size_vs_perplexity.svg"} <= set(names)
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_hostile_text_shows_as_text(inputs: dict[str, Path], tmp_path: Path) -> None:
+    out = report(inputs, tmp_path / "r")
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "<script" not in page and "<img" not in page and "<b>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;b&gt;a&lt;/b&gt;" in page
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert "<script" not in markdown and "<img" not in markdown
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in markdown
+    for svg in out.glob("*.svg"):
+        assert "<script" not in svg.read_text(encoding="utf-8")
+
+
+def numbers(text: str) -> list[str]:
+    return re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+
+
+def test_markdown_twin_holds_the_same_numbers_as_the_html(inputs: dict[str, Path], tmp_path: Path) -> None:
+    out = report(inputs, tmp_path / "r")
+    page = (out / "report.html").read_text(encoding="utf-8")
+    body = re.sub(r"<figure>.*?</figure>|<style>.*?</style>|<title>.*?</title>", " ", page, flags=re.S)
+    page_text = html.unescape(re.sub(r"<[^>]+>", " ", body))
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    md_text = html.unescape("\n".join(line for line in markdown.splitlines() if not line.startswith("![")))
+    assert numbers(page_text) == numbers(md_text)
+    assert len(numbers(page_text)) > 100
+
+
+def test_summary_picks_from_the_figures(inputs: dict[str, Path], tmp_path: Path) -> None:
+    markdown = (report(inputs, tmp_path / "r") / "report.md").read_text(encoding="utf-8")
+    # within 10 % of perplexity 100: a (0.30), c (0.25); b is smaller but 1.15 x
+    assert "smallest variant within 10 % of the trained model's perplexity is c: 0.250 × the bytes at " \
+           "1.090 × the perplexity" in markdown
+    assert "The fastest at batch 1 is b (8.00 ms per token, 0.800 × the trained model)" in markdown
+    assert "best language model's macro F1 is 0.650 (a); the bag-of-Word2Vec baseline 0.700" in markdown
+    assert "| bad | failed: <img" not in markdown and "| bad | failed: &lt;img" in markdown
+
+
+def test_pareto_front() -> None:
+    points = [("a", 1.0, 5.0), ("b", 2.0, 4.0), ("c", 3.0, 6.0), ("d", 0.5, 9.0), ("e", 2.0, 4.5)]
+    assert pareto(points) == ["d", "a", "b"]
+
+
+def test_no_metrics_is_one_line_and_no_output(tmp_path: Path, inputs: dict[str, Path]) -> None:
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    args = {**inputs, "metrics-dir": empty}
+    rc = run_stage("report", [*[f"--{k}={v}" for k, v in args.items()], f"--out={tmp_path / 'r'}",
+                              f"--metrics={tmp_path / 'r.json'}", "--params", str(inputs["params-file"])])
+    assert rc == 2 and not (tmp_path / "r").exists()
