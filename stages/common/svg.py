@@ -28,8 +28,11 @@ def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def _label(v: float) -> str:
-    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+def _label(v: float, ticks: list[float]) -> str:
+    """A tick label with as many decimals as the tick spacing needs (no repeated labels)."""
+    step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else 1.0
+    decimals = max(0, -math.floor(math.log10(step))) if step > 0 else 0
+    return f"{v:,.{decimals}f}"
 
 
 class _Frame:
@@ -49,14 +52,16 @@ class _Frame:
         self.parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
                       f'font-family="sans-serif" font-size="11">',
                       f'<text x="{LEFT}" y="16" font-size="13" font-weight="bold">{escape(title)}</text>']
-        for t in _ticks(self.x0, self.x1) if x_ticks else []:
+        xt = _ticks(self.x0, self.x1) if x_ticks else []
+        for t in xt:
             x = self.px(t)
             self.parts.append(f'<line x1="{_n(x)}" y1="{TOP}" x2="{_n(x)}" y2="{H - BOTTOM}" stroke="#eee"/>'
-                              f'<text x="{_n(x)}" y="{H - BOTTOM + 14}" text-anchor="middle">{_label(t)}</text>')
-        for t in _ticks(self.y0, self.y1):
+                              f'<text x="{_n(x)}" y="{H - BOTTOM + 14}" text-anchor="middle">{_label(t, xt)}</text>')
+        yt = _ticks(self.y0, self.y1)
+        for t in yt:
             y = self.py(t)
             self.parts.append(f'<line x1="{LEFT}" y1="{_n(y)}" x2="{W - RIGHT}" y2="{_n(y)}" stroke="#eee"/>'
-                              f'<text x="{LEFT - 6}" y="{_n(y + 4)}" text-anchor="end">{_label(t)}</text>')
+                              f'<text x="{LEFT - 6}" y="{_n(y + 4)}" text-anchor="end">{_label(t, yt)}</text>')
         self.parts.append(f'<rect x="{LEFT}" y="{TOP}" width="{W - LEFT - RIGHT}" height="{H - TOP - BOTTOM}" '
                           f'fill="none" stroke="#888"/>'
                           f'<text x="{(LEFT + W - RIGHT) / 2:.0f}" y="{H - 8}" text-anchor="middle">{escape(xlabel)}</text>'
