@@ -6,8 +6,9 @@ results.json, params.yaml (provenance: what differs from the defaults) and the e
 under git's refs/exps of HEAD (read from git: the report runs inside `dvc repro`, which
 holds DVC's lock). Writes data/report/report.html (plots inline as SVG, no script, no
 font or style fetched from anywhere), report.md with the same tables and numbers, and the
-figures as .svg files beside it. The same artifacts give the same bytes: no clock time in
-the body, fixed ordering, SVG coordinates rounded.
+figures as .svg files beside it, and curves/*.csv (the training CSV's sparse columns, dense)
+for dvc.yaml's plots. The same artifacts give the same bytes: no clock time in the body,
+fixed ordering, SVG coordinates rounded.
 """
 
 from __future__ import annotations
@@ -405,6 +406,18 @@ def compression_section(doc: Doc, inputs: Inputs, params: Params) -> None:
                                         for r in generated])
 
 
+def write_curves(folder: Path, steps: list[dict[str, str]]) -> None:
+    """The training CSV's sparse columns as dense files of their own (validation on the
+    evaluated steps, the tensor peak on the metered ones), for dvc.yaml's plots: DVC draws an
+    empty cell as 0, the report skips it, and both must draw the same curves."""
+    folder.mkdir()
+    for name, column in (("validation.csv", "val_loss"), ("metered.csv", "tensor_peak_mib")):
+        with (folder / name).open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["step", column])
+            writer.writerows([r["step"], r[column]] for r in steps if r.get(column))
+
+
 def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     inputs = read_inputs(paths, params)
     runs = configurations(inputs, paths)
@@ -421,6 +434,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
         for name, svg in doc.figures.items():
             (tmp / name).write_text(svg, encoding="utf-8")
+        write_curves(tmp / "curves", inputs.steps)
     log.info("report: %d experiments, %d training runs, %d models", len(inputs.experiments), len(runs),
              len(inputs.results))
     return {"html_bytes": len(html.encode()), "markdown_bytes": len(markdown.encode()),

@@ -59,9 +59,12 @@ def test_the_same_artifacts_give_the_same_bytes(inputs: dict[str, Path], tmp_pat
     first, second = report(inputs, tmp_path / "one"), report(inputs, tmp_path / "two")
     names = sorted(p.name for p in first.iterdir())
     assert names == sorted(p.name for p in second.iterdir())
-    assert {"report.html", "report.md", "loss.svg", "memory.svg", "size_vs_perplexity.svg"} <= set(names)
+    assert {"report.html", "report.md", "loss.svg", "memory.svg", "size_vs_perplexity.svg", "curves"} <= set(names)
+    for name in ("validation.csv", "metered.csv"):
+        assert (first / "curves" / name).read_bytes() == (second / "curves" / name).read_bytes()
     for name in names:
-        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+        if name != "curves":
+            assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
 def test_hostile_text_shows_as_text(inputs: dict[str, Path], tmp_path: Path) -> None:
@@ -99,6 +102,20 @@ def test_summary_picks_from_the_figures(inputs: dict[str, Path], tmp_path: Path)
     assert "The fastest at batch 1 is b (8.00 ms per token, 0.800 × the trained model)" in markdown
     assert "best language model's macro F1 is 0.650 (a); the bag-of-Word2Vec baseline 0.700" in markdown
     assert "| bad | failed: <img" not in markdown and "| bad | failed: &lt;img" in markdown
+
+
+def test_curves_for_dvc_plots_keep_only_filled_cells(inputs: dict[str, Path], tmp_path: Path) -> None:
+    """The training CSV's sparse columns, dense: the steps that have a value, with that value."""
+    import csv
+
+    out = report(inputs, tmp_path / "r")
+    with inputs["steps"].open(newline="") as f:
+        steps = list(csv.DictReader(f))
+    for name, column in (("validation.csv", "val_loss"), ("metered.csv", "tensor_peak_mib")):
+        with (out / "curves" / name).open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        expected = [(r["step"], r[column]) for r in steps if r[column] != ""]
+        assert [(r["step"], r[column]) for r in rows] == expected and 0 < len(expected) < len(steps)
 
 
 def test_pareto_front() -> None:
