@@ -28,10 +28,10 @@ from stages.common.params import Section, read_params_file, validate_section
 ROOT = Path(__file__).resolve().parent.parent
 
 # What DVC prints about each stage it looked at, and the task state name it becomes.
-STATUS_LINES = {
-    "ran": re.compile(r"Running stage '([\w.-]+)'"),
-    "skipped": re.compile(r"Stage '([\w.-]+)' didn't change, skipping"),
-    "restored": re.compile(r"Stage '([\w.-]+)' is cached - skipping run, checking out outputs"),
+STATUS_LINES = {  # a stage of another dvc.yaml is named like sub/dvc.yaml:train
+    "ran": re.compile(r"Running stage '([^']+)'"),
+    "skipped": re.compile(r"Stage '([^']+)' didn't change, skipping"),
+    "restored": re.compile(r"Stage '([^']+)' is cached - skipping run, checking out outputs"),
 }
 STATE_NAMES = {"ran": "Ran", "skipped": "Skipped", "restored": "Restored"}
 
