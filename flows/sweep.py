@@ -19,6 +19,7 @@ import argparse
 import csv
 import hashlib
 import itertools
+import json
 import logging
 import math
 import os
@@ -105,20 +106,24 @@ def expected_params(root: Path, overrides: list[str]) -> dict[str, Any]:
     return params
 
 
-def point_name(overrides: list[str]) -> str:
-    """A stable experiment name for a point (the same overrides, the same name)."""
-    return "sweep-" + hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:10]
+def stages_part(params: dict[str, Any] | None) -> dict[str, Any]:
+    """params.yaml without its `flows` section: how a sweep runs does not change what its
+    points compute."""
+    return {k: v for k, v in (params or {}).items() if k != "flows"}
+
+
+def point_name(params: dict[str, Any]) -> str:
+    """A stable experiment name for a point: a hash of the params it runs with, so the same
+    params give the same name and a point after a params.yaml edit gets a new one."""
+    canonical = json.dumps(stages_part(params), sort_keys=True, ensure_ascii=False, default=str)
+    return "sweep-" + hashlib.sha1(canonical.encode()).hexdigest()[:10]
 
 
 # ----------------------------------------------------------------------------- DVC's record
 
 
 def find_experiment(existing: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any] | None:
-    """An experiment whose params.yaml equals `params` (the `flows` section aside: how a sweep
-    runs does not change what its points compute)."""
-    def stages_part(p: dict[str, Any] | None) -> dict[str, Any]:
-        return {k: v for k, v in (p or {}).items() if k != "flows"}
-
+    """An experiment of this commit whose params.yaml equals `params` (flows aside)."""
     return next((e for e in existing if stages_part(e["params"].get("params.yaml")) == stages_part(params)), None)
 
 
@@ -210,7 +215,7 @@ def sweep(points: list[list[str]] | None = None, grid: dict[str, list[Any]] | No
         check_overrides(overrides)
     settings = flow_params(here)
     existing = experiments(here)
-    wanted = {point_name(o): o for o in every}
+    wanted = {point_name(expected_params(here, o)): o for o in every}
     todo = {}
     for name, overrides in wanted.items():
         found = find_experiment(existing, expected_params(here, overrides))
