@@ -23,15 +23,13 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT, machine
-from tests.conftest import tiny_repo
+from tests.conftest import GIT_IDENTITY, tiny_repo
 
 log = logging.getLogger("bench.flow_overhead")
-GIT = {"GIT_AUTHOR_NAME": "lmmem bench", "GIT_AUTHOR_EMAIL": "bench@lmmem.invalid",
-       "GIT_COMMITTER_NAME": "lmmem bench", "GIT_COMMITTER_EMAIL": "bench@lmmem.invalid"}
 
 
 def env(api_url: str) -> dict[str, str]:
-    return {**os.environ, **GIT, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    return {**os.environ, **GIT_IDENTITY, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1", "PREFECT_API_URL": api_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 

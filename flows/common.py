@@ -146,21 +146,11 @@ def read_metrics(root: Path, stage: str) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def experiments(root: Path) -> list[dict[str, Any]]:
-    """This commit's experiments as DVC records them: name, params (params.yaml), metrics by file."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        rows = repo.experiments.show()
-    out = []
-    for baseline in rows:
-        for exp_range in baseline.experiments or []:
-            for exp in exp_range.revs:
-                data = exp.data
-                if data is None or exp.error is not None:
-                    continue
-                params = {f: v["data"] for f, v in (data.params or {}).items() if v.get("data") is not None}
-                metrics = {f: v["data"] for f, v in (data.metrics or {}).items() if v.get("data") is not None}
-                out.append({"name": exp.name or exp_range.name or exp.rev[:7], "rev": exp.rev, "params": params,
-                            "metrics": metrics})
-    return out
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Rows of one shape as a Markdown table, columns in the first row's order."""
+    if not rows:
+        return "(no rows)\n"
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join("" if r[h] is None else str(r[h]) for h in head) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -28,9 +28,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.states import Completed, State
 
-from flows.common import (ROOT, STATE_NAMES, artifact_key, experiments, flow_params, metric_rows, read_metrics, run_dvc,
-                          stage_order)
+from flows.common import (ROOT, STATE_NAMES, artifact_key, flow_params, markdown_table, metric_rows, read_metrics,
+                          run_dvc, stage_order)
 from stages.common.errors import StageError
+from stages.common.experiments import experiment_records
 
 RAN_EXPERIMENT = re.compile(r"Ran experiment\(s\): ([\w.-]+)")
 OVERRIDE = re.compile(r"^([A-Za-z_][\w-]*:)?[A-Za-z_][\w.-]*=.*$")  # [file:]key.path=value, as `dvc exp run -S`
@@ -80,7 +81,7 @@ def experiment_task(root: str, overrides: list[str], targets: list[str], name: s
 
 def publish_experiment(root: Path, name: str) -> None:
     """The experiment's metrics as DVC recorded them, as one table artifact."""
-    found = next((e for e in experiments(root) if e["name"] == name), None)
+    found = next((e for e in experiment_records(root) if e["name"] == name), None)
     if found is None:
         return
     rows = [{"file": file, **row} for file, metrics in sorted(found["metrics"].items())
@@ -97,10 +98,7 @@ def summary_markdown(root: Path, answers: dict[str, str], overrides: list[str]) 
     table = root / "data" / "eval" / "table.csv"
     if not overrides and table.is_file():
         with table.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-        if rows:
-            lines += ["", "## Evaluation (data/eval/table.csv)", "", "| " + " | ".join(rows[0]) + " |",
-                      "|" + "---|" * len(rows[0])] + ["| " + " | ".join(r) + " |" for r in rows[1:]]
+            lines += ["", "## Evaluation (data/eval/table.csv)", "", markdown_table(list(csv.DictReader(f)))]
     return "\n".join(lines) + "\n"
 
 

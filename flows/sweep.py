@@ -35,9 +35,10 @@ from prefect.cache_policies import NONE
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import ROOT, FlowParams, dvc_env, experiments, flow_params, run_dvc
+from flows.common import ROOT, FlowParams, dvc_env, flow_params, markdown_table, run_dvc
 from flows.pipeline import DvcFailed, check_overrides
 from stages.common.errors import StageError
+from stages.common.experiments import experiment_records, yaml_load
 from stages.common.params import read_params_file
 
 # The comparison's columns: (title, metrics file, key); a missing figure stays empty.
@@ -57,14 +58,6 @@ COLUMNS = [
 
 
 # ----------------------------------------------------------------------------- points
-
-
-def yaml_load(text: str) -> Any:
-    """YAML as DVC reads it (ruamel, YAML 1.2: `5e-3` is a float), so that the params we
-    expect compare equal to the params DVC records."""
-    from ruamel.yaml import YAML
-
-    return YAML(typ="safe", pure=True).load(text)
 
 
 def parse_value(text: str) -> Any:
@@ -124,7 +117,7 @@ def point_name(params: dict[str, Any]) -> str:
 
 def find_experiment(existing: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any] | None:
     """An experiment of this commit whose params.yaml equals `params` (flows aside)."""
-    return next((e for e in existing if stages_part(e["params"].get("params.yaml")) == stages_part(params)), None)
+    return next((e for e in existing if stages_part(e["params"]) == stages_part(params)), None)
 
 
 # ----------------------------------------------------------------------------- tasks and flow
@@ -177,7 +170,7 @@ def run_points(root: str, points: list[list[str]], names: list[str], targets: li
 
 def comparison(root: Path, wanted: dict[str, list[str]]) -> list[dict[str, Any]]:
     """One row per point: its overrides, then the COLUMNS figures from its experiment."""
-    existing = {e["name"]: e for e in experiments(root)}
+    existing = {e["name"]: e for e in experiment_records(root)}
     rows = []
     for name, overrides in wanted.items():
         exp = existing.get(name) or find_experiment(list(existing.values()), expected_params(root, overrides))
@@ -188,15 +181,6 @@ def comparison(root: Path, wanted: dict[str, list[str]]) -> list[dict[str, Any]]
             row[title] = round(value, 4) if isinstance(value, float) and math.isfinite(value) else value
         rows.append(row)
     return rows
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "(no points)\n"
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join("" if r[h] is None else str(r[h]) for h in head) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 @flow(name="lmmem-sweep")
@@ -214,7 +198,7 @@ def sweep(points: list[list[str]] | None = None, grid: dict[str, list[Any]] | No
     for overrides in every:
         check_overrides(overrides)
     settings = flow_params(here)
-    existing = experiments(here)
+    existing = experiment_records(here)
     wanted = {point_name(expected_params(here, o)): o for o in every}
     todo = {}
     for name, overrides in wanted.items():

@@ -175,8 +175,7 @@ def read_inputs(paths: Paths, params: Params) -> Inputs:
         with paths.steps.open(newline="", encoding="utf-8") as f:
             steps = list(csv.DictReader(f))
     results = read_json(paths.eval / "results.json") if (paths.eval / "results.json").is_file() else []
-    files = [str(paths.metrics_dir / f"{s}.json") for s in STAGES]
-    experiments = experiment_records(Path.cwd(), files) if params.experiments else []
+    experiments = experiment_records(Path.cwd(), paths.metrics_dir.as_posix()) if params.experiments else []
     return Inputs(read_params_file(paths.params_file), metrics, steps, results, experiments)
 
 
@@ -208,7 +207,7 @@ def defaults() -> dict[str, Any]:
 
 def configurations(inputs: Inputs, paths: Paths) -> list[dict[str, Any]]:
     """The training runs to compare: the workspace's and each experiment's train metrics."""
-    train_file = str(paths.metrics_dir / "train.json")
+    train_file = (paths.metrics_dir / "train.json").as_posix()
     runs = []
     if "train" in inputs.metrics:
         runs.append({"name": WORKSPACE, "train": inputs.metrics["train"], "params": inputs.params})
