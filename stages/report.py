@@ -340,10 +340,11 @@ def training_section(doc: Doc, inputs: Inputs, runs: list[dict[str, Any]]) -> No
         doc.para("No training metrics.")
         return
     doc.para("Tensor memory by category at the moment of each run's peak (measured by the tensor "
-             "meter), the dry-run estimate of the total made before training beside it.")
-    doc.table(["run", "differs from workspace", *CATEGORIES, "measured MiB", "estimated MiB", "error",
+             "meter; for a run on several ranks, the largest rank's), the dry-run estimate of the total "
+             "made before training beside it.")
+    doc.table(["run", "differs from workspace", "ranks", *CATEGORIES, "measured MiB", "estimated MiB", "error",
                "tokens/s", "val ppl"],
-              [[r["name"], differs(r["params"], inputs.params),
+              [[r["name"], differs(r["params"], inputs.params), ranks_label(r["train"]),
                 *[num(r["train"].get(f"mem_at_peak_{c}_mib")) for c in CATEGORIES],
                 num(r["train"].get("mem_total_peak_mib")), num(r["train"].get("est_total_peak_mib")),
                 pct(r["train"].get("est_total_peak_mib"), r["train"].get("mem_total_peak_mib")),
@@ -354,12 +355,42 @@ def training_section(doc: Doc, inputs: Inputs, runs: list[dict[str, Any]]) -> No
                                       {r["name"]: r["train"]["est_total_peak_mib"] for r in runs
                                        if "est_total_peak_mib" in r["train"]}),
                "Measured tensor peak by category (bars) and the estimate (tick), per run.")
+    per_rank_table(doc, runs)
     points = [(r["name"], r["train"]["mem_total_peak_mib"], r["train"]["val_ppl"]) for r in runs
               if "mem_total_peak_mib" in r["train"] and "val_ppl" in r["train"]]
     front = pareto(points)
     doc.figure("pareto", scatter("Memory against perplexity", "tensor peak MiB", "validation perplexity", points,
                                  front), "Every run; the dashed line joins the Pareto front.")
     doc.para("Pareto front (no other run has both less memory and a lower perplexity): " + ", ".join(front) + ".")
+
+
+def ranks_label(train: dict[str, Any]) -> str:
+    world = train.get("dist_world_size", 1)
+    return "1" if world == 1 else f"{world} × {train.get('dist_strategy', '?')}"
+
+
+def per_rank_table(doc: Doc, runs: list[dict[str, Any]]) -> None:
+    """Each rank of the distributed runs: its own peak per sharded category, its tensor peak
+    against the estimate, and its saving against the estimate for ddp of the same run."""
+    rows = []
+    for r in runs:
+        t = r["train"]
+        for rank in range(t.get("dist_world_size", 1) if t.get("dist_world_size", 1) > 1 else 0):
+            p = f"rank{rank}_"
+            if f"{p}mem_total_peak_mib" not in t:
+                continue
+            saving = t.get(f"{p}saving_vs_ddp")
+            rows.append([r["name"], ranks_label(t), str(rank),
+                         *[num(t.get(f"{p}mem_{c}_peak_mib"), 2) for c in ("parameters", "gradients", "optimizer")],
+                         num(t.get(f"{p}mem_total_peak_mib")), num(t.get(f"{p}est_total_peak_mib")),
+                         pct(t.get(f"{p}est_total_peak_mib"), t.get(f"{p}mem_total_peak_mib")),
+                         f"{saving * 100:.1f} %" if isinstance(saving, (int, float)) else "–"])
+    if rows:
+        doc.para("Per rank of the runs on several ranks: what each rank held of what the strategy shards "
+                 "(each category's own peak, MiB), its tensor peak against its estimate, and the saving "
+                 "against the estimate for ddp of the same run.")
+        doc.table(["run", "ranks", "rank", "parameters", "gradients", "optimizer", "measured MiB", "estimated MiB",
+                   "error", "saving vs ddp"], rows)
 
 
 def differs(params: dict[str, Any], workspace: dict[str, Any]) -> str:

@@ -29,7 +29,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,15 +40,16 @@ from pydantic import Field, model_validator
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
-from stages.common import checkpoint
+from stages.common import checkpoint, distributed
 from stages.common.artifacts import atomic_dir, read_json, write_params
+from stages.common.distributed import Context, DistributedParams
 from stages.common.errors import StageError
-from stages.common.memory import current_rss_mib
-from stages.common.meter import TensorMeter
+from stages.common.memory import current_rss_mib, peak_rss_mib, reset_peak_rss
+from stages.common.meter import CATEGORIES, TensorMeter
 from stages.common.models import TOKENIZER_FILES, ModelParams, build_model, count_parameters, logits_of
 from stages.common.params import BaseParams, Section
 from stages.common.pruning import Pruner, PruneParams, zero_fraction
-from stages.common.stage import stage_main
+from stages.common.stage import seed_everything, setup_logging, stage_main
 
 log = logging.getLogger("lmmem.train")
 
@@ -87,9 +88,11 @@ class Params(Section):
     prune: PruneParams = Field(default_factory=PruneParams)
     cuda_alloc_conf: str = ""
     threads: int = Field(0, ge=0, le=256)
+    distributed: DistributedParams = Field(default_factory=DistributedParams)
 
     @model_validator(mode="after")
     def _combinations(self) -> Params:
+        self._distributed_combinations()
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                              f"({self.micro_batch_size}): the effective batch must stay the same")
@@ -108,6 +111,23 @@ class Params(Section):
                 raise ValueError(f"cuda_alloc_conf: {item!r} is not key:value with a key of "
                                  f"{', '.join(CUDA_ALLOC_KEYS)}")
         return self
+
+    def _distributed_combinations(self) -> None:
+        d = self.distributed
+        world = d.world_size
+        if world == 1:
+            return
+        if self.batch_size % (world * self.micro_batch_size):
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of distributed.nproc x nnodes "
+                             f"x micro_batch_size ({world} x {self.micro_batch_size}): each rank takes an equal "
+                             f"share of the batch in whole micro-batches")
+        if self.optimizer == "sparse_adam":
+            raise ValueError("optimizer sparse_adam cannot be distributed: DDP reduces dense gradients only")
+        if d.strategy == "fsdp" and self.prune.enabled:
+            raise ValueError("distributed.strategy fsdp shards the weights that prune masks; prune with ddp or zero1")
+        if d.strategy == "fsdp" and self.precision == "fp16":
+            raise ValueError("distributed.strategy fsdp: fp16's gradient scaler cannot see sharded gradients; "
+                             "use bf16")
 
 
 @dataclass(frozen=True)
@@ -178,36 +198,50 @@ class SparseDenseAdam(torch.optim.Optimizer):
         self.sparse.step()
 
 
-def make_optimizer(params: Params, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer; weight decay applies to matrices only (not norms, biases)."""
+def optimizer_class(params: Params) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The optimizer's class and keyword arguments (sparse_adam aside: see make_optimizer)."""
+    lr = params.lr
+    match params.optimizer:
+        case "sgd":
+            return torch.optim.SGD, {"lr": lr, "momentum": params.momentum}
+        case "adam":
+            return torch.optim.Adam, {"lr": lr}
+        case "adamw":
+            return torch.optim.AdamW, {"lr": lr}
+        case "adagrad":
+            return torch.optim.Adagrad, {"lr": lr}
+        case "rmsprop":
+            return torch.optim.RMSprop, {"lr": lr, "momentum": params.momentum}
+        case "adafactor":
+            return torch.optim.Adafactor, {"lr": lr}
+        case "adamw8bit":
+            logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # 4-bit kernels: unused
+            import bitsandbytes
+
+            return bitsandbytes.optim.AdamW8bit, {"lr": lr}
+    raise StageError(f"train.optimizer: unknown optimizer {params.optimizer}")  # pragma: no cover
+
+
+def make_optimizer(params: Params, model: torch.nn.Module, ctx: Context = Context(),
+                   dry_run: bool = False) -> torch.optim.Optimizer:
+    """The optimizer; weight decay applies to matrices only (not norms, biases). Under zero1
+    it is a ZeroRedundancyOptimizer; a dry run builds what this rank's shard of it holds."""
     sparse = [model.get_input_embeddings().weight] if params.optimizer == "sparse_adam" else []
     trainable = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in sparse)]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": params.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    lr = params.lr
-    match params.optimizer:
-        case "sgd":
-            return torch.optim.SGD(groups, lr=lr, momentum=params.momentum)
-        case "adam":
-            return torch.optim.Adam(groups, lr=lr)
-        case "adamw":
-            return torch.optim.AdamW(groups, lr=lr)
-        case "adagrad":
-            return torch.optim.Adagrad(groups, lr=lr)
-        case "rmsprop":
-            return torch.optim.RMSprop(groups, lr=lr, momentum=params.momentum)
-        case "adafactor":
-            return torch.optim.Adafactor(groups, lr=lr)
-        case "adamw8bit":
-            logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # 4-bit kernels: unused
-            import bitsandbytes
+    if params.optimizer == "sparse_adam":
+        return SparseDenseAdam(groups, sparse, params.lr)
+    cls, kwargs = optimizer_class(params)
+    if ctx.strategy == "zero1" and dry_run:
+        return cls(distributed.zero_partition(groups, ctx.world)[ctx.rank], **kwargs)
+    if ctx.strategy == "zero1":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
 
-            return bitsandbytes.optim.AdamW8bit(groups, lr=lr)
-        case "sparse_adam":
-            return SparseDenseAdam(groups, sparse, lr)
-    raise StageError(f"train.optimizer: unknown optimizer {params.optimizer}")  # pragma: no cover
+        return ZeroRedundancyOptimizer(groups, optimizer_class=cls, **kwargs)
+    return cls(groups, **kwargs)
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> None:
@@ -296,13 +330,17 @@ def evaluate(model: torch.nn.Module, windows: Windows, params: Params, device: t
 
 @dataclass
 class Parts:
-    """What a training run holds: the model, its optimizer, the gradient scaler (a no-op
-    unless fp16) and the pruner (None unless pruning)."""
+    """What a training run holds: the model (wrapped by the distributed strategy, if any),
+    its optimizer, the gradient scaler (a no-op unless fp16) and the pruner (None unless
+    pruning). `raw` is the model without DDP's wrapper. `keep_grads`: gradients stay
+    allocated between steps (DDP's gradient buckets)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     pruner: Pruner | None
+    raw: torch.nn.Module
+    keep_grads: bool = False
 
     def track(self, meter: TensorMeter) -> None:
         meter.track_model(self.model)
@@ -311,11 +349,17 @@ class Parts:
             meter.track(self.pruner.masks, "parameters")  # model state, one byte per prunable weight
 
 
-def build(params: Params, meta: dict[str, Any], device: torch.device, seed: int, scale: bool = True) -> Parts:
-    """Model (seeded), optimizer, gradient scaler and pruner as the params ask."""
+def build(params: Params, meta: dict[str, Any], device: torch.device, seed: int, scale: bool = True,
+          ctx: Context = Context(), dry_run: bool = False, word2vec: np.ndarray | None = None) -> Parts:
+    """Model (seeded; its input embedding from `word2vec` when given), optimizer, gradient
+    scaler and pruner as the params ask, the model wrapped for the distributed strategy (a
+    dry run only reshapes what one rank holds)."""
     torch.manual_seed(seed)
     with device:  # made where it trains: no copy, and fake tensors cannot be moved
         model = build_model(params.model, meta["vocab_size"], meta["special_ids"])
+    if word2vec is not None:
+        init_embedding_from_word2vec(model, word2vec, seed)
+    with device:
         pruner = Pruner(params.prune, model) if params.prune.enabled else None
     if params.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
@@ -323,9 +367,14 @@ def build(params: Params, meta: dict[str, Any], device: torch.device, seed: int,
     if params.optimizer == "sparse_adam":
         model.get_input_embeddings().sparse = True  # gradient: only the rows the batch used
     model.train()
-    optimizer = make_optimizer(params, model)
+    raw = model
+    if ctx.enabled and not dry_run:
+        model = distributed.wrap_model(model, ctx, device)
+    optimizer = make_optimizer(params, model, ctx, dry_run)
     scaler = torch.amp.GradScaler(device.type, enabled=scale and params.precision == "fp16")
-    return Parts(model, optimizer, scaler, pruner)
+    # DDP's gradients are views of its buckets: kept between steps (zeroed, not freed), the
+    # meter sees them where they live, and a dry run holds them as long
+    return Parts(model, optimizer, scaler, pruner, raw, keep_grads=ctx.enabled and ctx.strategy in ("ddp", "zero1"))
 
 
 def init_embedding_from_word2vec(model: torch.nn.Module, aligned: np.ndarray, seed: int) -> None:
@@ -348,23 +397,26 @@ def init_embedding_from_word2vec(model: torch.nn.Module, aligned: np.ndarray, se
 
 def train_step(parts: Parts, rows: torch.Tensor, params: Params, device: torch.device, step: int,
                meter: TensorMeter | None) -> list[torch.Tensor]:
-    """One optimizer step over `rows` (batch_size, context + 1), in micro-batches; the meter,
-    when given, watches each phase. Returns the micro-batches' (scaled-down) losses."""
+    """One optimizer step over `rows` (this rank's share of the batch, context + 1), in
+    micro-batches; the meter, when given, watches each phase. Returns the micro-batches'
+    (scaled-down) losses. Distributed, DDP averages the gradients over the ranks on the
+    last micro-batch: the update is the one a single process makes on the whole batch."""
     model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
 
     def phase(name: str) -> contextlib.AbstractContextManager[Any]:
         return meter.phase(step, name) if meter is not None else contextlib.nullcontext()
 
-    accumulation = params.batch_size // params.micro_batch_size
+    micros = rows.split(params.micro_batch_size)
     losses = []
-    for micro in rows.split(params.micro_batch_size):
-        with phase("forward"):
-            if meter is not None:
-                meter.track(micro, "activations")
-            with autocast(params, device):
-                loss = next_token_loss(model, micro) / accumulation
-        with phase("backward"):
-            scaler.scale(loss).backward()
+    for i, micro in enumerate(micros):
+        with distributed.no_sync(model, last=i + 1 == len(micros)):
+            with phase("forward"):
+                if meter is not None:
+                    meter.track(micro, "activations")
+                with autocast(params, device):
+                    loss = next_token_loss(model, micro) / len(micros)
+            with phase("backward"):
+                scaler.scale(loss).backward()
         losses.append(loss.detach())
         del loss
     with phase("optimizer"):
@@ -373,7 +425,7 @@ def train_step(parts: Parts, rows: torch.Tensor, params: Params, device: torch.d
             clip_gradients(model, params.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not parts.keep_grads)
         if parts.pruner is not None:
             parts.pruner.after_step(step)
     return losses
@@ -412,24 +464,75 @@ def estimate(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     return predict_memory(params, read_json(paths.tokens / "meta.json"), resolve_device(base), base.seed)
 
 
-def predict_memory(params: Params, meta: dict[str, Any], device: torch.device, seed: int) -> dict[str, Any]:
-    """Tensor memory by category, predicted before training by a dry run: the configured
-    model, optimizer and technique run `max(2, meter_steps)` steps on fake tensors (shapes and
-    dtypes, no data, no memory) under the same meter. Exact up to kernels that allocate
-    differently on fake inputs."""
+def dry_run(params: Params, meta: dict[str, Any], device: torch.device, seed: int, ctx: Context = Context(),
+            batch: int = 0) -> dict[str, Any]:
+    """Tensor memory by category, predicted before training: the configured model, optimizer
+    and technique run `max(2, meter_steps)` steps of `batch` windows (default batch_size) on
+    fake tensors (shapes and dtypes, no data, no memory) under the same meter. Exact up to
+    kernels that allocate differently on fake inputs. `ctx` reshapes it to one rank of a
+    distributed run (see `predict_memory`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(), _NeutralScalars():
         # without the gradient scaler (a few bytes): its overflow check would need values
-        parts = build(params, meta, device, seed, scale=False)
+        parts = build(params, meta, device, seed, scale=False, ctx=ctx, dry_run=True)
         meter = TensorMeter()
         parts.track(meter)
         for step in range(max(2, params.meter_steps)):
-            rows = torch.zeros(params.batch_size, params.model.context + 1, dtype=torch.long, device=device)
+            rows = torch.zeros(batch or params.batch_size, params.model.context + 1, dtype=torch.long, device=device)
             train_step(parts, rows, params, device, step, meter)
             del rows
         meter.close()
     return meter.summary(prefix="est_")
+
+
+def predict_memory(params: Params, meta: dict[str, Any], device: torch.device, seed: int) -> dict[str, Any]:
+    """The dry run's prediction; distributed, per rank (the largest rank's figures as est_*,
+    every rank's total and optimizer state as rank<r>_est_*). Each rank trains on
+    batch_size / ranks windows. ddp: gradients stay allocated between steps (DDP's
+    buckets). zero1: besides, the optimizer holds the state of this rank's ZeRO partition
+    only. fsdp: ZeRO stage 3's formula on the one-rank dry run (`fsdp_estimate`)."""
+    d = params.distributed
+    if d.world_size == 1:
+        return dry_run(params, meta, device, seed)
+    world, local = d.world_size, params.batch_size // d.world_size
+    ddp = dry_run(params, meta, device, seed, Context(0, world, 0, "ddp"), local)
+    if d.strategy == "ddp":
+        per_rank = [ddp] * world
+    elif d.strategy == "zero1":
+        per_rank = [dry_run(params, meta, device, seed, Context(r, world, r, "zero1"), local) for r in range(world)]
+    else:
+        single = dry_run(params, meta, device, seed, Context(), local)
+        per_rank = [fsdp_estimate(single, params, meta, world)] * world
+    out = dict(max(per_rank, key=lambda e: e["est_total_peak_mib"]))
+    for rank, e in enumerate(per_rank):
+        for cat in ("total", "optimizer", "gradients", "parameters"):
+            out[f"rank{rank}_est_{cat}_peak_mib"] = e[f"est_{cat}_peak_mib"]
+    out["dist_ddp_est_total_peak_mib"] = ddp["est_total_peak_mib"]
+    return out
+
+
+def fsdp_estimate(single: dict[str, Any], params: Params, meta: dict[str, Any], world: int) -> dict[str, Any]:
+    """One FSDP rank from a one-rank dry run: parameters, gradients and optimizer state
+    divided by the ranks (ZeRO stage 3), plus what is gathered whole at a time: the root
+    unit (embeddings, final norm, head) through forward and backward, and two blocks (the
+    one computing and the one prefetched), less this rank's own shard of them."""
+    with torch.device("meta"):
+        model = build_model(params.model, meta["vocab_size"], meta["special_ids"])
+    blocks = distributed.block_classes(model)
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(p.nbytes for p in unique.values())
+    block_bytes = [sum(p.nbytes for p in m.parameters()) for m in model.modules() if blocks and isinstance(m, blocks)]
+    root = total - sum(block_bytes)
+    gathered = (root + 2 * max(block_bytes, default=0)) * (world - 1) / world / 2**20
+    out = dict(single)
+    for cat in ("parameters", "gradients", "optimizer"):
+        out[f"est_{cat}_peak_mib"] = single[f"est_{cat}_peak_mib"] / world
+        out[f"est_at_peak_{cat}_mib"] = single[f"est_at_peak_{cat}_mib"] / world
+    out["est_temporaries_peak_mib"] = single["est_temporaries_peak_mib"] + gathered
+    out["est_at_peak_temporaries_mib"] = single["est_at_peak_temporaries_mib"] + gathered
+    out["est_total_peak_mib"] = sum(out[f"est_at_peak_{cat}_mib"] for cat in CATEGORIES)
+    return out
 
 
 # ----------------------------------------------------------------------------- budget
@@ -437,13 +540,20 @@ def predict_memory(params: Params, meta: dict[str, Any], device: torch.device, s
 # Moves that lower memory, with the slowdown each is expected to cost (rules of thumb, roughly
 # what bench/train_grid.py measured: bf16 and a leaner optimizer cost about nothing, 8-bit
 # AdamW included; each halving of the micro-batch ~10 % from smaller matrix products;
-# checkpointing ~30 % from recomputation).
-SLOWDOWN = {"precision": 1.0, "optimizer": 1.0, "micro_batch_size": 1.1, "activation_checkpointing": 1.3}
+# checkpointing ~30 % from recomputation). Sharding across ranks changes no number of the run,
+# only what is communicated, so it is tried first.
+SLOWDOWN = {"distributed.strategy": 1.0, "precision": 1.0, "optimizer": 1.0, "micro_batch_size": 1.1,
+            "activation_checkpointing": 1.3}
+STRATEGIES = ("ddp", "zero1", "fsdp")  # each shards more than the one before
 
 
 def memory_moves(p: Params) -> list[dict[str, Any]]:
     """The changes that could shrink this configuration, cheapest expected slowdown first."""
     moves: list[dict[str, Any]] = []
+    if p.distributed.world_size > 1:
+        for strategy in STRATEGIES[STRATEGIES.index(p.distributed.strategy) + 1:]:
+            if strategy != "fsdp" or not (p.prune.enabled or p.precision == "fp16"):
+                moves.append({"distributed.strategy": strategy})
     if p.precision == "fp32":
         moves.append({"precision": "bf16"})
     if p.optimizer in ("adam", "adamw"):
@@ -457,6 +567,15 @@ def memory_moves(p: Params) -> list[dict[str, Any]]:
     if not p.activation_checkpointing and p.model.family != "lstm":
         moves.append({"activation_checkpointing": True})
     return sorted(moves, key=lambda m: SLOWDOWN[next(iter(m))])
+
+
+def apply_moves(p: Params, changes: dict[str, Any]) -> Params:
+    """params with the moves' changes (`distributed.strategy` inside its section)."""
+    strategy = changes.get("distributed.strategy")
+    updated = p.model_copy(update={k: v for k, v in changes.items() if k != "distributed.strategy"})
+    if strategy is not None:
+        updated = updated.model_copy(update={"distributed": p.distributed.model_copy(update={"strategy": strategy})})
+    return updated
 
 
 def describe(changes: dict[str, Any]) -> str:
@@ -476,7 +595,7 @@ def fit_budget(params: Params, meta: dict[str, Any], device: torch.device, seed:
     tried: list[str] = []
     for move in memory_moves(params):
         changes = {**changes, **move}
-        candidate = params.model_copy(update=changes)
+        candidate = apply_moves(params, changes)
         estimate_mib = predict_memory(candidate, meta, device, seed)
         tried.append(f"{describe(changes)} {estimate_mib['est_total_peak_mib']:.1f} MiB")
         if estimate_mib["est_total_peak_mib"] <= budget:
@@ -507,8 +626,46 @@ def apply_cuda_alloc_conf(conf: str, device: torch.device) -> str:
     return os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
 
 
-def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
+def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any] | None:
+    """Train here, or (train.distributed over one process) launch the workers that do and
+    return rank 0's metrics; None on a node without rank 0, which writes nothing."""
+    dp = params.distributed
+    if distributed.in_worker():  # started by torchrun: one rank of its run
+        with distributed.process_group(dp, resolve_device(base).type) as ctx:
+            return train(params, paths, base, ctx)
+    if dp.world_size == 1:
+        return train(params, paths, base, Context())
+    results = distributed.launch(dp, _worker, params, paths, base, logging.getLogger().level)
+    for result in results.values():
+        if isinstance(result, str):  # a StageError on every rank: the same line
+            raise StageError(result)
+    if 0 not in results:
+        log.info("ranks %s done; the node with rank 0 writes the model and metrics", sorted(results))
+        return None
+    return results[0]
+
+
+def _worker(params: Params, paths: Paths, base: BaseParams, log_level: int) -> dict[str, Any] | str | None:
+    """One rank, in a process of torch's elastic launcher: the metrics on rank 0, None on the
+    others, a StageError's message as a string."""
+    setup_logging(logging.getLevelName(log_level))
+    reset_peak_rss()
+    seed_everything(base.seed)
+    try:
+        with distributed.process_group(params.distributed, resolve_device(base).type) as ctx:
+            return train(params, paths, base, ctx)
+    except StageError as exc:
+        return str(exc)
+
+
+def rank_device(base: BaseParams, ctx: Context) -> torch.device:
     device = resolve_device(base)
+    return torch.device("cuda", ctx.local_rank) if device.type == "cuda" and ctx.enabled else device
+
+
+def train(params: Params, paths: Paths, base: BaseParams, ctx: Context) -> dict[str, Any] | None:
+    """The training run of one process (one rank of `ctx`); the metrics on rank 0."""
+    device = rank_device(base, ctx)
     alloc_conf = apply_cuda_alloc_conf(params.cuda_alloc_conf, device)
     if params.threads:
         torch.set_num_threads(params.threads)
@@ -516,15 +673,28 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     context = params.model.context
     train_windows = Windows(paths.tokens / "train.bin", meta["dtype"], context)
     val_windows = Windows(paths.tokens / "validation.bin", meta["dtype"], context)
+    if params.batch_size % (ctx.world * params.micro_batch_size):
+        raise StageError(f"batch_size ({params.batch_size}) must be a multiple of the {ctx.world} ranks x "
+                         f"micro_batch_size ({params.micro_batch_size})")
+    local = params.batch_size // ctx.world  # this rank's windows of each batch
 
-    predicted = predict_memory(params, meta, device, base.seed)
-    params, predicted, fitted = fit_budget(params, meta, device, base.seed, predicted)
-    parts = build(params, meta, device, base.seed)
+    shared: tuple[Any, ...] | str | None = None
+    if ctx.main:  # the prediction (and what fits the budget) once, for every rank
+        try:
+            predicted = predict_memory(params, meta, device, base.seed)
+            shared = fit_budget(params, meta, device, base.seed, predicted)
+        except StageError as exc:  # every rank stops with it, none waits for rank 0
+            shared = str(exc)
+    shared = ctx.gather(shared)[0]
+    if isinstance(shared, str):
+        raise StageError(shared)
+    params, predicted, fitted = shared
+    ctx = replace(ctx, strategy=params.distributed.strategy if ctx.enabled else ctx.strategy)
+    word2vec = np.load(paths.embed / "aligned.npy") if params.init_from_word2vec else None
+    parts = build(params, meta, device, base.seed, ctx=ctx, word2vec=word2vec)
     model, optimizer = parts.model, parts.optimizer
-    if params.init_from_word2vec:
-        init_embedding_from_word2vec(model, np.load(paths.embed / "aligned.npy"), base.seed)
     rng = np.random.default_rng(base.seed)
-    accumulation = params.batch_size // params.micro_batch_size
+    accumulation = local // params.micro_batch_size
     meter = TensorMeter()
     parts.track(meter)
     if device.type == "cuda":
@@ -533,93 +703,109 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     cuda_peak = cuda_reserved = 0.0
     step_seconds: list[float] = []
-    metered_figures: dict[str, Any] = {}
+    metered: list[dict[str, Any]] = [{} for _ in range(ctx.world)]  # each rank's metered figures
     identity = checkpoint.fingerprint(base, params, meta, checkpoint.file_digest(paths.tokens / "train.bin"), code_identity())
+    saves = params.checkpoint_every > 0 and ctx.strategy != "fsdp"
+    if params.checkpoint_every and not saves:
+        log.info("fsdp: no resume checkpoints (the stage saves and resumes ddp, zero1 and one-process runs)")
     start = 0
-    resumed = checkpoint.load(paths.checkpoints, identity, model, optimizer, parts.scaler)
+    resumed = None
+    if saves and ctx.agree(checkpoint.peek(paths.checkpoints, identity)):  # every rank resumes, or none
+        resumed = checkpoint.load(paths.checkpoints, identity, parts.raw, optimizer, parts.scaler)
     if resumed is not None:
         start = resumed["step"] + 1
-        records, metered_figures = resumed["records"], resumed["metered"]
+        records, metered = resumed["records"], resumed["metered"]
         rng.bit_generator.state = resumed["rng"]
         if parts.pruner is not None:
             parts.pruner.restore(resumed["extra"], resumed["sparsity"])
     if start >= params.meter_steps:
         meter.close()  # nothing left to meter
     bar = tqdm(range(start, params.steps), desc="train", unit=" steps", mininterval=2, initial=start,
-               total=params.steps)
+               total=params.steps, disable=not ctx.main)
     for step in bar:
-        metered = step < params.meter_steps
+        metering = step < params.meter_steps
         started = time.perf_counter()
         lr = lr_at(step, params)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rows = train_windows.batch(train_windows.random_starts(rng, params.batch_size)).to(device)
-        losses = train_step(parts, rows, params, device, step, meter if metered else None)
-        step_loss = sum(loss.item() for loss in losses)
+        starts = train_windows.random_starts(rng, params.batch_size)  # the whole batch, the same on every rank
+        rows = train_windows.batch(starts[ctx.rank * local:(ctx.rank + 1) * local]).to(device)
+        losses = train_step(parts, rows, params, device, step, meter if metering else None)
+        step_loss = ctx.mean(sum(loss.item() for loss in losses))
         del rows
         seconds = time.perf_counter() - started
-        if not metered:
+        if not metering:
             step_seconds.append(seconds)
         if not math.isfinite(step_loss):
             raise StageError(f"the loss became {step_loss} at step {step}: lower train.lr or use fp32/bf16")
         record: dict[str, Any] = {"step": step, "train_loss": step_loss, "lr": lr, "step_ms": seconds * 1000,
                                   "sparsity": parts.pruner.sparsity if parts.pruner is not None else 0.0,
                                   "rss_mib": current_rss_mib()}
-        if metered:
-            record["tensor_peak_mib"] = meter.step_peaks.get(step, 0) / 2**20
+        if metering:  # the largest rank's
+            record["tensor_peak_mib"] = max(ctx.gather(meter.step_peaks.get(step, 0))) / 2**20
         if device.type == "cuda":  # this step's allocator peak; the run's is the largest of them
             record["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             cuda_peak = max(cuda_peak, record["cuda_peak_mib"])
             cuda_reserved = max(cuda_reserved, torch.cuda.max_memory_reserved(device) / 2**20)
             torch.cuda.reset_peak_memory_stats(device)
         if (step + 1) % params.eval_every == 0 or step + 1 == params.steps:
-            record["val_loss"] = evaluate(model, val_windows, params, device)
+            record["val_loss"] = evaluate(distributed.unwrap(model), val_windows, params, device)
         records.append(record)
         bar.set_postfix(loss=f"{step_loss:.3f}")
         if step + 1 == params.meter_steps:
-            metered_figures = meter.summary()
+            metered = ctx.gather(meter.summary())
             meter.close()  # its hooks off: the remaining steps run unobserved
         last = step + 1 == params.steps
-        if params.checkpoint_every and step + 1 >= params.meter_steps and \
-                ((step + 1) % params.checkpoint_every == 0 or last):
-            pruner = parts.pruner
-            checkpoint.save(paths.checkpoints, model, optimizer, parts.scaler,
-                            {"fingerprint": identity, "step": step, "rng": rng.bit_generator.state,
-                             "records": records, "metered": metered_figures,
-                             "sparsity": pruner.sparsity if pruner is not None else 0.0},
-                            extra=pruner.masks if pruner is not None else None)
+        if saves and step + 1 >= params.meter_steps and ((step + 1) % params.checkpoint_every == 0 or last):
+            if ctx.strategy == "zero1":
+                optimizer.consolidate_state_dict(to=0)  # every rank sends its shard of the state
+            if ctx.main:
+                pruner = parts.pruner
+                checkpoint.save(paths.checkpoints, parts.raw, optimizer, parts.scaler,
+                                {"fingerprint": identity, "step": step, "rng": rng.bit_generator.state,
+                                 "records": records, "metered": metered,
+                                 "sparsity": pruner.sparsity if pruner is not None else 0.0},
+                                extra=pruner.masks if pruner is not None else None)
     meter.close()
 
-    final_val = records[-1]["val_loss"]  # the last step always evaluates
     timed = step_seconds[1:] or step_seconds  # the first unmetered step warms caches up
+    cuda_figures = {}
+    if device.type == "cuda":
+        cuda_figures = {"cuda_max_allocated_mib": max(cuda_peak, torch.cuda.max_memory_allocated(device) / 2**20),
+                        "cuda_max_reserved_mib": max(cuda_reserved, torch.cuda.max_memory_reserved(device) / 2**20)}
+    ranks = [{**m, **rest} for m, rest in zip(metered, ctx.gather({**cuda_figures, "peak_rss_mib": peak_rss_mib()}),
+                                              strict=True)]
+    final = full_model(parts, params, meta, ctx)
+    if not ctx.main:
+        return None
+
+    final_val = records[-1]["val_loss"]  # the last step always evaluates
     tokens_per_step = params.batch_size * context
     metrics: dict[str, Any] = {
-        **count_parameters(model),
+        **count_parameters(final),
         "steps": params.steps, "tokens_seen": params.steps * tokens_per_step,
         "train_loss": statistics.fmean(r["train_loss"] for r in records[-10:]),
         "val_loss": final_val, "val_ppl": math.exp(final_val),
         "accumulation_steps": accumulation,
         "auto_fit_changes": describe(fitted),
-        "prune_sparsity": zero_fraction(model),
+        "prune_sparsity": zero_fraction(final),
         "cuda_alloc_conf": alloc_conf,
+        "dist_strategy": ctx.strategy, "dist_world_size": ctx.world,
     }
     if timed:
         median = statistics.median(timed)
         metrics.update({"step_ms_median": median * 1000, "tokens_per_sec": tokens_per_step / median})
-    metrics.update(metered_figures)
+    metrics.update(rank_figures(ranks, predicted))
     metrics.update(predicted)
     for key, value in predicted.items():  # relative error of the prediction, per category
-        measured = metered_figures.get(key.replace("est_", "mem_", 1))
-        if key.endswith("_peak_mib") and measured:
+        measured = metrics.get(key.replace("est_", "mem_", 1))
+        if key.endswith("_peak_mib") and not key.startswith("dist_") and measured:
             metrics[key.replace("est_", "est_error_", 1)] = (value - measured) / measured
-    if device.type == "cuda":
-        metrics["cuda_max_allocated_mib"] = max(cuda_peak, torch.cuda.max_memory_allocated(device) / 2**20)
-        metrics["cuda_max_reserved_mib"] = max(cuda_reserved, torch.cuda.max_memory_reserved(device) / 2**20)
 
-    if hasattr(model, "generation_config"):  # trained without a KV cache; generation wants one
-        model.config.use_cache = model.generation_config.use_cache = True
+    if hasattr(final, "generation_config"):  # trained without a KV cache; generation wants one
+        final.config.use_cache = final.generation_config.use_cache = True
     with atomic_dir(paths.out) as tmp:
-        model.save_pretrained(str(tmp))
+        final.save_pretrained(str(tmp))
         for name in TOKENIZER_FILES:
             shutil.copy(paths.tokens / name, tmp / name)
         write_params(tmp, base=base, train=params)
@@ -635,6 +821,38 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     log.info("trained %d steps: val loss %.4f (ppl %.1f), %s tokens/s", params.steps, final_val,
              math.exp(final_val), f"{metrics.get('tokens_per_sec', 0):.0f}")
     return metrics
+
+
+def full_model(parts: Parts, params: Params, meta: dict[str, Any], ctx: Context) -> torch.nn.Module:
+    """The trained model whole, to save: gathered from FSDP's shards onto rank 0 (a
+    collective), the model itself otherwise."""
+    if ctx.strategy != "fsdp":
+        return parts.raw
+    state = distributed.full_state_dict(parts.model)
+    if not ctx.main:
+        return parts.raw
+    with torch.device("cpu"):
+        model = build_model(params.model, meta["vocab_size"], meta["special_ids"])
+    model.load_state_dict(state)
+    return model
+
+
+def rank_figures(ranks: list[dict[str, Any]], predicted: dict[str, Any]) -> dict[str, Any]:
+    """The metered figures of one process, or distributed: every rank's peaks as
+    rank<r>_mem_*, the largest rank's as mem_*, and each rank's saving against the
+    prediction for ddp (the same run unsharded)."""
+    if len(ranks) == 1:
+        return ranks[0]
+    out: dict[str, Any] = dict(max(ranks, key=lambda r: r.get("mem_total_peak_mib", 0.0)))
+    out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in ranks)
+    ddp = predicted.get("dist_ddp_est_total_peak_mib")
+    for rank, figures in enumerate(ranks):
+        for key, value in figures.items():
+            if key.endswith("_mib"):
+                out[f"rank{rank}_{key}"] = value
+        if ddp and "mem_total_peak_mib" in figures:
+            out[f"rank{rank}_saving_vs_ddp"] = 1 - figures["mem_total_peak_mib"] / ddp
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,6 +118,23 @@ def test_curves_for_dvc_plots_keep_only_filled_cells(inputs: dict[str, Path], tm
         assert [(r["step"], r[column]) for r in rows] == expected and 0 < len(expected) < len(steps)
 
 
+def test_a_run_on_two_ranks_lists_each_rank(inputs: dict[str, Path], tmp_path: Path) -> None:
+    train_file = inputs["metrics-dir"] / "train.json"
+    train = json.loads(train_file.read_text(encoding="utf-8"))
+    train.update({"dist_world_size": 2, "dist_strategy": "zero1"})
+    for rank, (optimizer, total) in enumerate([(12.34, 321.5), (8.76, 301.25)]):
+        train.update({f"rank{rank}_mem_parameters_peak_mib": 31.39, f"rank{rank}_mem_gradients_peak_mib": 31.39,
+                      f"rank{rank}_mem_optimizer_peak_mib": optimizer, f"rank{rank}_mem_total_peak_mib": total,
+                      f"rank{rank}_est_total_peak_mib": total * 1.01, f"rank{rank}_saving_vs_ddp": 0.125 + rank / 10})
+    train_file.write_text(json.dumps(train), encoding="utf-8")
+    md = (report(inputs, tmp_path / "out") / "report.md").read_text(encoding="utf-8")
+    assert "| workspace | – | 2 × zero1 |" in md
+    assert "| workspace | 2 × zero1 | 0 | 31.39 | 31.39 | 12.34 | 321.5 | 324.7 | +1.00 % | 12.5 % |" in md
+    assert "| workspace | 2 × zero1 | 1 | 31.39 | 31.39 | 8.76 | 301.2 | 304.3 | +1.00 % | 22.5 % |" in md
+    one_rank = (report({**inputs, "metrics-dir": ROOT / "data" / "metrics"}, tmp_path / "one") / "report.md")
+    assert "| rank |" not in one_rank.read_text(encoding="utf-8")
+
+
 def test_pareto_front() -> None:
     points = [("a", 1.0, 5.0), ("b", 2.0, 4.0), ("c", 3.0, 6.0), ("d", 0.5, 9.0), ("e", 2.0, 4.5)]
     assert pareto(points) == ["d", "a", "b"]

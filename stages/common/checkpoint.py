@@ -54,6 +54,15 @@ def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         write_json(tmp / "state.json", state)
 
 
+def peek(folder: Path, expected: str) -> int | None:
+    """The step of the latest checkpoint when it belongs to this fingerprint, else None."""
+    state_file = folder / LATEST / "state.json"
+    if not state_file.is_file():
+        return None
+    state = read_json(state_file)
+    return state.get("step") if state.get("fingerprint") == expected else None
+
+
 def load(folder: Path, expected: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          scaler: torch.amp.GradScaler) -> dict[str, Any] | None:
     """Restore the latest checkpoint into model, optimizer and scaler; None when there is none

@@ -38,6 +38,9 @@ PHASE_CATEGORY = {"forward": "activations", "backward": "temporaries", "optimize
 def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
     if not isinstance(t, torch.Tensor) or t.is_meta:
         return None
+    local = getattr(t, "_local_tensor", None)  # a DTensor (FSDP's shards): this rank's part
+    if local is not None:
+        t = local
     try:
         return t.untyped_storage()
     except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
@@ -140,6 +143,10 @@ class TensorMeter(TorchDispatchMode):
                 self._move(_storage(t), "gradients")
 
     def track_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        if isinstance(optimizer, ZeroRedundancyOptimizer):  # the state lives in its inner, local optimizer
+            optimizer = optimizer.optim
         self._optimizer = optimizer
         self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.sync_optimizer()))
         self.sync_optimizer()

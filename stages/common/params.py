@@ -49,7 +49,10 @@ def _describe_error(section: str, err: dict[str, Any], model: type[BaseModel]) -
     ctx = err.get("ctx") or {}
     if kind == "literal_error":
         return f"{where}: must be one of {ctx.get('expected')} (got {got!r})"
-    return f"{where}: {err['msg']} (got {got!r})"
+    message = err["msg"].removeprefix("Value error, ")
+    if isinstance(got, dict):  # a check across keys: the section itself is no help to print
+        return f"{where}: {message}"
+    return f"{where}: {message} (got {got!r})"
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -3,7 +3,8 @@
 A stage module provides
 - `Params`: a pydantic model of its params.yaml section (see stages.common.params);
 - `Paths`: a frozen dataclass of its input and output paths, each a `--name` option;
-- `run(params, paths, base) -> metrics`: the work, returning flat figures.
+- `run(params, paths, base) -> metrics`: the work, returning flat figures (None where this
+  process writes no outputs: a distributed run's node without rank 0).
 
 `stage_main` parses the path options, loads and validates params, sets up logging,
 seeds every generator, resets the peak-RSS meter, calls `run`, adds `seconds` and
@@ -94,7 +95,7 @@ def stage_main(
     name: str,
     params_cls: type[P],
     paths_cls: type,
-    run: Callable[[P, Any, BaseParams], dict[str, Any]],
+    run: Callable[[P, Any, BaseParams], dict[str, Any] | None],
     argv: Sequence[str] | None = None,
     doc: str | None = None,
     estimate: Callable[[P, Any, BaseParams], dict[str, Any]] | None = None,
@@ -113,6 +114,8 @@ def stage_main(
             print(json.dumps(round_metrics(estimate(params, paths, base)), indent=2, sort_keys=True))  # type: ignore[misc]
             return 0
         metrics = run(params, paths, base)
+        if metrics is None:  # a distributed run's node without rank 0: its outputs are rank 0's to write
+            return 0
     except (StageError, OSError) as exc:  # OSError: unreadable input, full disk (the OS names the file)
         print(f"lmmem {name}: error: {exc}", file=sys.stderr)
         return 2

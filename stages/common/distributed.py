@@ -1,0 +1,213 @@
+"""Training across processes and machines on torch.distributed, with its own engines only.
+
+- Launch: `train.distributed.nproc` > 1 (or `nnodes` > 1) makes the stage start its workers
+  through torch's elastic launcher (the engine behind `torchrun`): `nproc` processes on this
+  machine, meeting the other nodes at the c10d rendezvous `rdzv_endpoint`. Run the same
+  command on every node; rank 0's node writes the outputs. A process that torchrun started
+  itself (RANK in its environment) is a worker already and is not launched again.
+- Strategies (per rank, Ψ weights, K bytes of optimizer state per weight, N ranks):
+  - ddp: DistributedDataParallel; every rank holds the parameters, gradients (as views of
+    DDP's all-reduce buckets, so they stay allocated between steps) and the whole optimizer
+    state: 4Ψ + 4Ψ + KΨ bytes in fp32.
+  - zero1: DDP plus ZeroRedundancyOptimizer: optimizer state sharded (ZeRO stage 1):
+    4Ψ + 4Ψ + KΨ/N. ZeRO assigns whole parameters, largest first, to the rank with the
+    fewest so far, so the shares are only as even as the parameter sizes allow;
+    `zero_partition` reproduces that assignment for the estimator.
+  - fsdp: FSDP2 (`fully_shard` per transformer block, then the root): parameters,
+    gradients and optimizer state sharded (ZeRO stage 3): (4 + 4 + K)Ψ/N, plus the
+    parameters of the blocks being gathered at the moment.
+- Backend: gloo on CPU, NCCL on CUDA (one GPU per local rank), unless `backend` says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import Field, model_validator
+
+from stages.common.errors import StageError
+from stages.common.params import Section
+
+log = logging.getLogger("lmmem.distributed")
+
+ENDPOINT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:\d{1,5}$")
+
+
+class DistributedParams(Section):
+    nproc: int = Field(1, ge=1, le=1024)
+    nnodes: int = Field(1, ge=1, le=4096)
+    rdzv_endpoint: str = ""
+    rdzv_id: str = Field("lmmem-train", min_length=1, max_length=128)
+    strategy: Literal["ddp", "zero1", "fsdp"] = "ddp"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> DistributedParams:
+        if self.rdzv_endpoint and not ENDPOINT.match(self.rdzv_endpoint):
+            raise ValueError(f"rdzv_endpoint {self.rdzv_endpoint!r} is not host:port")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"nnodes is {self.nnodes}: set rdzv_endpoint to host:port of a machine every node "
+                             f"reaches (node 0's address, say 10.0.0.1:29400)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+
+# ----------------------------------------------------------------------------- launching
+
+
+def in_worker() -> bool:
+    """True in a process started by torch's launcher (elastic_launch or torchrun)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch(dp: DistributedParams, worker: Callable[..., Any], *args: Any) -> dict[int, Any]:
+    """Run `worker(*args)` in nproc processes on this node (and meet nnodes nodes) through
+    torch's elastic launcher; returns each local rank's return value by global rank. A
+    worker's exception becomes a StageError naming the rank and its last line."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=dp.nnodes, max_nodes=dp.nnodes, nproc_per_node=dp.nproc,
+                          run_id=dp.rdzv_id, rdzv_backend="c10d",
+                          rdzv_endpoint=dp.rdzv_endpoint or "127.0.0.1:0",
+                          max_restarts=0, start_method="spawn", monitor_interval=0.2)
+    log.info("launching %d process(es) per node on %d node(s), %s, rendezvous %s", dp.nproc, dp.nnodes,
+             dp.strategy, config.rdzv_endpoint)
+    try:
+        return elastic_launch(config, worker)(*args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        lines = [ln.strip() for ln in str(failure.message).splitlines() if ln.strip()]
+        raise StageError(f"rank {rank} failed: {lines[-1] if lines else f'exit code {failure.exitcode}'}") from None
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in the run: rank and world size (0 and 1 alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    strategy: str = "none"
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: float) -> float:
+        """The mean of a number over every rank."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def agree(self, obj: Any) -> bool:
+        """Whether every rank holds the same `obj`."""
+        values = self.gather(obj)
+        return all(v == values[0] for v in values)
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def process_group(dp: DistributedParams, device_type: str) -> Iterator[Context]:
+    """Join the launcher's process group for the length of the block."""
+    backend = dp.backend if dp.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+    if backend == "nccl" and device_type != "cuda":
+        raise StageError("train.distributed.backend nccl needs base.device cuda (gloo runs on CPU)")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend)
+    try:
+        yield Context(dist.get_rank(), dist.get_world_size(), local_rank, dp.strategy)
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- strategies
+
+
+def zero_partition(groups: Sequence[dict[str, Any]], world: int) -> list[list[dict[str, Any]]]:
+    """ZeroRedundancyOptimizer's assignment of parameters to ranks: in each group, largest
+    first, each to the rank with the fewest elements so far (counted across groups). Returns
+    each rank's parameter groups."""
+    sizes = [0] * world
+    out: list[list[dict[str, Any]]] = [[] for _ in range(world)]
+    for group in groups:
+        per_rank: list[list[torch.Tensor]] = [[] for _ in range(world)]
+        for p in sorted(group["params"], key=lambda t: t.numel(), reverse=True):
+            rank = sizes.index(min(sizes))
+            per_rank[rank].append(p)
+            sizes[rank] += p.numel()
+        for rank in range(world):
+            out[rank].append({**group, "params": per_rank[rank]})
+    return out
+
+
+def block_classes(model: torch.nn.Module) -> tuple[type, ...]:
+    """The transformer block classes FSDP shards one at a time (transformers names them in
+    `_no_split_modules`); none for the LSTM, which is sharded as one unit."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
+
+
+def wrap_model(model: torch.nn.Module, ctx: Context, device: torch.device) -> torch.nn.Module:
+    """The model as the strategy trains it: DDP for ddp and zero1, FSDP2 units for fsdp."""
+    if ctx.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = block_classes(model)
+        for module in list(model.modules()):
+            if blocks and isinstance(module, blocks):
+                fully_shard(module)
+        fully_shard(model)
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
+                                                 forward_sync_buffers=False)  # buffers (RoPE's) are constants
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def no_sync(model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager[Any]:
+    """DDP all-reduces gradients on the last micro-batch of a step only."""
+    if last or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU, gathered from the shards (a collective: every rank
+    calls it; only rank 0 gets the tensors)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,0 +1,239 @@
+"""train.distributed: ddp, zero1 and fsdp in 2 processes on CPU (gloo) through torch's
+elastic launcher. The loss curve matches one process on the same effective batch, each
+strategy's per-rank memory moves the category it shards, the estimator predicts every rank,
+a killed run resumes, and two "nodes" meet at a rendezvous endpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, deep_update, one_error_line, read_metrics, run_cli, tiny_params
+
+TIMING = {"seconds", "peak_rss_mib", "step_ms_median", "tokens_per_sec"}
+# the tiny profile's batch of 8 as 2 micro-batches of 4: one process accumulates both, two
+# ranks take one each
+BATCH = {"batch_size": 8, "micro_batch_size": 4}
+# Tolerance of the loss curves: DDP averages the two ranks' gradients where one process sums
+# its micro-batches' gradients, so results may differ in the last bits; over 30 AdamW steps
+# that stays far below 1e-4 (measured here: identical for ddp and zero1, 1e-5 for fsdp).
+LOSS_TOLERANCE = 1e-4
+
+
+def train_args(work: Path, tokens: Path) -> list[str]:
+    return ["--params", str(work / "params.yaml"), "--tokens", str(tokens), "--embed", str(tokens.parent / "embed"),
+            "--out", str(work / "model"), "--plots", str(work / "plots"), "--checkpoints", str(work / "ckpt"),
+            "--metrics", str(work / "train.json")]
+
+
+def write_params(work: Path, **train: Any) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "params.yaml").write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": {**BATCH, **train}})))
+
+
+def losses(work: Path) -> list[float]:
+    with (work / "plots" / "steps.csv").open() as f:
+        return [float(r["train_loss"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def runs(tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[str, Any], Path]]:
+    """One process, then ddp, zero1 and fsdp on 2 ranks, all on the same params otherwise."""
+    root = tmp_path_factory.mktemp("distributed")
+    out = {}
+    for name, dist in (("single", None), ("ddp", "ddp"), ("zero1", "zero1"), ("fsdp", "fsdp")):
+        work = root / name
+        write_params(work, **({"distributed": {"nproc": 2, "strategy": dist}} if dist else {}))
+        result = run_cli("train", train_args(work, tokens))
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[name] = (read_metrics(work / "train.json"), work)
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "fsdp"])
+def test_two_ranks_follow_the_one_process_loss_curve(runs: dict[str, Any], strategy: str) -> None:
+    single, single_dir = runs["single"]
+    metrics, work = runs[strategy]
+    assert metrics["dist_strategy"] == strategy and metrics["dist_world_size"] == 2
+    assert single["dist_world_size"] == 1
+    one, two = losses(single_dir), losses(work)
+    assert len(one) == len(two) == 30
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < LOSS_TOLERANCE
+    assert one[-1] < one[0] - 1.0  # it did learn
+    assert abs(metrics["val_loss"] - single["val_loss"]) < LOSS_TOLERANCE
+    # rank 0 saved the whole model (gathered from the shards under fsdp), as one process does
+    a, b = load_file(single_dir / "model" / "model.safetensors"), load_file(work / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-4), key
+    assert metrics["params_total"] == single["params_total"]
+
+
+def test_zero1_shards_the_optimizer_state_as_predicted(runs: dict[str, Any]) -> None:
+    ddp, zero1 = runs["ddp"][0], runs["zero1"][0]
+    full = ddp["rank0_mem_optimizer_peak_mib"]
+    assert full == pytest.approx(ddp["rank1_mem_optimizer_peak_mib"])
+    shards = [zero1["rank0_mem_optimizer_peak_mib"], zero1["rank1_mem_optimizer_peak_mib"]]
+    # the two shards hold ddp's state between them, each about half of it: ZeRO assigns whole
+    # parameters, and the tied embedding alone is 39 % of this model's weights
+    assert sum(shards) == pytest.approx(full, rel=1e-3)
+    assert all(0.35 * full < s < 0.65 * full for s in shards), shards
+    for rank, shard in enumerate(shards):  # the estimator reproduces ZeRO's partition
+        assert zero1[f"rank{rank}_est_optimizer_peak_mib"] == pytest.approx(shard, rel=1e-3)
+        assert zero1[f"rank{rank}_saving_vs_ddp"] > 0
+    # nothing else is sharded: parameters and gradients (DDP's buckets) are whole on each rank
+    for key in ("mem_parameters_peak_mib", "mem_gradients_peak_mib"):
+        assert zero1[key] == pytest.approx(ddp[key]) == pytest.approx(runs["single"][0][key])
+    assert zero1["mem_total_peak_mib"] < ddp["mem_total_peak_mib"]
+
+
+def test_ddp_per_rank_memory_matches_its_prediction(runs: dict[str, Any]) -> None:
+    ddp = runs["ddp"][0]
+    for rank in (0, 1):
+        assert ddp[f"rank{rank}_mem_total_peak_mib"] > 0
+        assert abs(ddp[f"rank{rank}_est_error_total_peak_mib"]) < 0.02
+    assert ddp["mem_total_peak_mib"] == max(ddp["rank0_mem_total_peak_mib"], ddp["rank1_mem_total_peak_mib"])
+    assert ddp["est_total_peak_mib"] == pytest.approx(ddp["dist_ddp_est_total_peak_mib"])
+
+
+def test_fsdp_shards_parameters_gradients_and_optimizer(runs: dict[str, Any]) -> None:
+    ddp, fsdp = runs["ddp"][0], runs["fsdp"][0]
+    for category in ("parameters", "gradients", "optimizer"):
+        for rank in (0, 1):  # FSDP splits every tensor in two, padding to an even row count
+            assert fsdp[f"rank{rank}_mem_{category}_peak_mib"] == \
+                pytest.approx(ddp[f"rank{rank}_mem_{category}_peak_mib"] / 2, rel=0.01), category
+    assert fsdp["mem_total_peak_mib"] < ddp["mem_total_peak_mib"]
+    assert abs(fsdp["est_error_total_peak_mib"]) < 0.15  # ZeRO-3's formula plus the gathered units
+
+
+def test_over_budget_a_distributed_run_shards_more(runs: dict[str, Any], tokens: Path, tmp_path: Path) -> None:
+    ddp, zero1 = runs["ddp"][0], runs["zero1"][0]
+    budget = round((ddp["est_total_peak_mib"] + zero1["est_total_peak_mib"]) / 2, 2)  # zero1 fits, ddp does not
+    work = tmp_path / "refused"
+    write_params(work, distributed={"nproc": 2}, memory_budget_mib=budget)
+    result = run_cli("train", train_args(work, tokens))
+    assert result.returncode == 2
+    assert "it fits with distributed.strategy=zero1" in one_error_line(result.stderr, "train")
+    assert not (work / "model").exists()
+
+    work = tmp_path / "fitted"
+    write_params(work, distributed={"nproc": 2}, memory_budget_mib=budget, auto_fit=True)
+    result = run_cli("train", train_args(work, tokens))
+    assert result.returncode == 0, result.stderr[-3000:]
+    fitted = read_metrics(work / "train.json")
+    assert fitted["auto_fit_changes"] == "distributed.strategy=zero1" and fitted["dist_strategy"] == "zero1"
+    assert fitted["rank1_mem_optimizer_peak_mib"] == zero1["rank1_mem_optimizer_peak_mib"]
+    assert fitted["mem_total_peak_mib"] <= budget
+    assert yaml.safe_load((work / "model" / "params.json").read_text())["train"]["distributed"]["strategy"] == "zero1"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP over NCCL needs two CUDA devices")
+def test_fsdp_on_cuda(tokens: Path, tmp_path: Path) -> None:  # pragma: no cover - needs GPUs
+    work = tmp_path / "cuda"
+    write_params(work, distributed={"nproc": 2, "strategy": "fsdp"}, precision="bf16")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["base"]["device"] = "cuda"
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run_cli("train", train_args(work, tokens))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(work / "train.json")
+    assert metrics["cuda_max_allocated_mib"] > 0 and metrics["rank1_cuda_max_allocated_mib"] > 0
+    assert metrics["val_loss"] < 7.0
+
+
+def test_a_killed_zero1_run_resumes_to_the_same_metrics(runs: dict[str, Any], tokens: Path, tmp_path: Path) -> None:
+    uninterrupted, full_dir = runs["zero1"]
+    work = tmp_path / "killed"
+    write_params(work, distributed={"nproc": 2, "strategy": "zero1"}, checkpoint_every=5)
+    settings = yaml.safe_load((work / "params.yaml").read_text())
+    assert settings["train"]["steps"] == 30
+    args = [sys.executable, "-m", "stages.train", *train_args(work, tokens)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # its own process group: the launcher and both ranks go down together, as with a lost machine
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    state = work / "ckpt" / "latest" / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["step"] >= 9:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (work / "train.json").exists(), "the run finished before it could be killed"
+    stopped_at = json.loads(state.read_text())["step"]
+    assert 9 <= stopped_at < 29
+
+    result = subprocess.run(args, env=env, capture_output=True, text=True, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from the checkpoint at step {stopped_at}" in result.stderr
+    resumed = read_metrics(work / "train.json")
+    skip = TIMING | {k for k in resumed if k.endswith("peak_rss_mib")}  # each rank's RSS: timing-like
+    assert {k: v for k, v in resumed.items() if k not in skip} == \
+        {k: v for k, v in uninterrupted.items() if k not in skip}
+    assert (work / "model" / "model.safetensors").read_bytes() == (full_dir / "model" / "model.safetensors").read_bytes()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_meet_at_the_endpoint_and_rank_0_writes(tokens: Path, tmp_path: Path,
+                                                          runs: dict[str, Any]) -> None:
+    """The README's multi-machine command, with two "nodes" on this machine: the same params
+    (nnodes 2, one process each, one endpoint) started twice."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs, works = [], []
+    for node in (0, 1):
+        work = tmp_path / f"node{node}"
+        write_params(work, distributed={"nproc": 1, "nnodes": 2, "rdzv_endpoint": endpoint, "strategy": "ddp",
+                                        "rdzv_id": "two-nodes"})
+        works.append(work)
+        procs.append(subprocess.Popen([sys.executable, "-m", "stages.train", *train_args(work, tokens)], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errors)
+    written = [w for w in works if (w / "train.json").exists()]
+    assert len(written) == 1, "exactly the node with rank 0 writes the metrics"
+    assert all((w / "model").exists() == (w in written) for w in works)
+    metrics = read_metrics(written[0] / "train.json")
+    assert metrics["dist_world_size"] == 2
+    assert max(abs(a - b) for a, b in zip(losses(written[0]), losses(runs["ddp"][1]), strict=True)) < LOSS_TOLERANCE
+
+
+@pytest.mark.parametrize(("train", "message"), [
+    ({"batch_size": 6, "micro_batch_size": 2, "distributed": {"nproc": 2}},
+     "batch_size (6) must be a multiple of distributed.nproc x nnodes x micro_batch_size (2 x 2)"),
+    ({"distributed": {"nnodes": 2}}, "set rdzv_endpoint to host:port"),
+    ({"distributed": {"nnodes": 2, "rdzv_endpoint": "no port"}}, "is not host:port"),
+    ({"distributed": {"nproc": 2, "strategy": "fsdp"}, "prune": {"final_sparsity": 0.5}}, "prune with ddp or zero1"),
+    ({"distributed": {"nproc": 2, "strategy": "fsdp"}, "precision": "fp16"}, "use bf16"),
+    ({"distributed": {"nproc": 2}, "optimizer": "sparse_adam", "model": {"tie_embeddings": False}},
+     "sparse_adam cannot be distributed"),
+    ({"distributed": {"strategy": "zero2"}}, "train.distributed.strategy: must be one of"),
+])
+def test_impossible_distributed_settings_are_one_line(tokens: Path, tmp_path: Path, train: dict[str, Any],
+                                                      message: str) -> None:
+    work = tmp_path / "bad"
+    work.mkdir()
+    (work / "params.yaml").write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": {**BATCH, **train}})))
+    result = run_cli("train", train_args(work, tokens))
+    assert result.returncode == 2
+    assert message in one_error_line(result.stderr, "train")
+    assert not (work / "model").exists() and not (work / "train.json").exists()
