@@ -1,5 +1,6 @@
-# Two entry points: `make repro` (set up, then run the whole pipeline on the built-in
-# corpus) and `make test` (set up, then run the tests). Both create .venv from
+# Two entry points: `make repro` (set up, run the whole pipeline on the built-in corpus,
+# push its outputs to the default DVC remote) and `make test` (set up, then run the tests).
+# `make pull` fetches the outputs a clone pushed. Each creates .venv from
 # requirements.lock on first use.
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test bench clean-venv
+.PHONY: setup repro pull test bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -21,6 +22,10 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 repro: setup
 	$(BIN)/dvc repro
+	$(BIN)/dvc push  # to the default remote (.dvc/config: a folder beside this clone)
+
+pull: setup
+	$(BIN)/dvc pull
 
 test: setup
 	$(BIN)/python -m pytest
@@ -33,6 +38,7 @@ bench: setup
 	$(BIN)/python -m bench.quant_kernels
 	$(BIN)/python -m bench.compression
 	$(BIN)/python -m bench.flow_overhead
+	$(BIN)/python -m bench.distributed
 
 clean-venv:
 	rm -rf $(VENV)

@@ -45,6 +45,7 @@ class FlowParams(Section):
     task_runner: Literal["threads", "dask"] = "threads"
     dask_address: str = ""
     schedule: str = ""
+    push: bool = True
 
 
 def flow_params(root: Path) -> FlowParams:

@@ -8,7 +8,8 @@ Completed state named after DVC's answer (Ran, Skipped, Restored from the run-ca
 retried per `flows.retries` / `flows.retry_delay_seconds`. After each stage its
 data/metrics/<stage>.json is published as a table artifact (`<stage>-metrics`); at the end a
 Markdown artifact (`pipeline-summary`) shows every stage's answer and the evaluation table,
-and the report stage's data/report/report.md is published as the `report` artifact.
+and the report stage's data/report/report.md is published as the `report` artifact. With
+`flows.push` the outputs then go to the default DVC remote (`dvc push`).
 
 With `-S` overrides the run is a DVC experiment instead (`dvc exp run --temp -S ...`): one
 task, params.yaml and the workspace untouched, the result in `dvc exp show`.
@@ -79,6 +80,17 @@ def experiment_task(root: str, overrides: list[str], targets: list[str], name: s
     return run.stages
 
 
+@task(cache_policy=NONE, task_run_name="dvc push")
+def push_task(root: str) -> State:
+    """`dvc push`: the outputs to the default DVC remote, for other clones to `dvc pull`. The
+    final state is Pushed, or Up to date when the remote had everything."""
+    run = run_dvc(["push"], Path(root), get_run_logger())
+    if run.returncode != 0:
+        raise DvcFailed(run.error())
+    said = run.lines[-1] if run.lines else ""
+    return Completed(name="Up to date" if "up to date" in said.lower() else "Pushed", message=said, data=said)
+
+
 def publish_experiment(root: Path, name: str) -> None:
     """The experiment's metrics as DVC recorded them, as one table artifact."""
     found = next((e for e in experiment_records(root) if e["name"] == name), None)
@@ -124,6 +136,8 @@ def pipeline(stages: list[str] | None = None, overrides: list[str] | None = None
             if state.is_failed():
                 state.result()  # raises the task's error: the flow fails with DVC's message
             answers[stage] = state.result()
+        if settings.push:
+            log.info("dvc push: %s", push_task.with_options(**retry)(root))
     create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(here, answers, overrides),
                              description="what DVC did with each stage")
     report = here / "data" / "report" / "report.md"

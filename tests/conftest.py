@@ -110,8 +110,9 @@ def sh(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
 
 
 def tiny_repo(repo: Path, env: dict[str, str] | None = None) -> Path:
-    """A git + DVC repository in `repo` with the stages, the built-in corpus, dvc.yaml and the
-    tiny profile as params.yaml, all committed."""
+    """A git + DVC repository in `repo` with the stages, the built-in corpus, dvc.yaml, the
+    tiny profile as params.yaml and lmmem's DVC config (its default remote: a folder beside
+    `repo`), all committed."""
     shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data" / "corpus", repo / "data" / "corpus")
     for name in ("dvc.yaml", "requirements.lock", ".dvcignore", ".gitignore"):
@@ -119,6 +120,8 @@ def tiny_repo(repo: Path, env: dict[str, str] | None = None) -> Path:
     shutil.copy(TINY, repo / "params.yaml")
     sh("git", "init", "-q", "-b", "main", cwd=repo, env=env)
     sh("dvc", "init", "-q", cwd=repo, env=env)
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # its plots template and default remote
+    shutil.copytree(ROOT / "plots", repo / "plots")
     sh("git", "add", "-A", cwd=repo, env=env)
     sh("git", "commit", "-qm", "tiny pipeline", cwd=repo, env=env)
     return repo

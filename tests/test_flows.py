@@ -113,7 +113,9 @@ def test_pipeline_runs_every_stage_then_skips_every_stage(server: str, repo: Pat
     assert state.is_completed(), state.message
     assert state.result() == {stage: "ran" for stage in STAGES}
     runs = {run.name: run for run in task_runs(state.state_details.flow_run_id)}
-    assert {name: run.state.name for name, run in runs.items()} == {stage: "Ran" for stage in STAGES}
+    assert {name: run.state.name for name, run in runs.items()} == {**{stage: "Ran" for stage in STAGES},
+                                                                     "dvc push": "Pushed"}
+    assert any(f.is_file() for f in (repo.parent / "lmmem-dvc-remote").rglob("*"))  # .dvc/config's default remote
     train = artifact("train-metrics")
     rows = {row["metric"]: row["value"] for row in json.loads(train.data)}
     stored = json.loads((repo / "data" / "metrics" / "train.json").read_text())
@@ -128,7 +130,7 @@ def test_pipeline_runs_every_stage_then_skips_every_stage(server: str, repo: Pat
     again = pipeline(root=str(repo), return_state=True)
     assert again.result() == {stage: "skipped" for stage in STAGES}
     runs = task_runs(again.state_details.flow_run_id)
-    assert sorted(run.state.name for run in runs) == ["Skipped"] * len(STAGES)
+    assert sorted(run.state.name for run in runs) == ["Skipped"] * len(STAGES) + ["Up to date"]
     assert git_clean(repo) == ""
 
 
@@ -231,6 +233,6 @@ def test_served_deployment_triggered_through_the_api_completes(server: str, repo
         finished = asyncio.run(wait())
         assert finished.state.is_completed(), finished.state.message
         assert finished.parameters["root"] == str(repo)
-        assert [r.state.name for r in task_runs(run.id)] == ["Skipped"]
+        assert sorted(r.state.name for r in task_runs(run.id)) == ["Skipped", "Up to date"]
     finally:
         stop_process_group(proc, signal.SIGINT)

@@ -1,5 +1,6 @@
 """End to end: `dvc repro` of the whole pipeline on the tiny profile in a temporary git repo,
-a no-op repro, a param change that reruns only what depends on it, and a DVC experiment."""
+a no-op repro, push / fresh clone / pull / no-op repro through the default remote, a param
+change that reruns only what depends on it, and a DVC experiment."""
 
 from __future__ import annotations
 
@@ -42,6 +43,28 @@ def test_repro_runs_every_stage_then_nothing(repo: Path) -> None:
     assert (repo / "data" / "embed" / "vectors.bin").is_file()
     second = sh("dvc", "repro", cwd=repo)
     assert ran(second) == [] and "Data and pipelines are up to date" in second
+
+
+def test_push_then_a_fresh_clone_pulls_and_reruns_nothing(repo: Path) -> None:
+    """The artifacts beyond this clone: `dvc push` to the committed default remote (a folder
+    beside the repository), then a fresh `git clone` next to it pulls and has nothing to run."""
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "pipeline run", cwd=repo)
+    assert "files pushed" in sh("dvc", "push", cwd=repo)
+    remote = repo.parent / "lmmem-dvc-remote"
+    assert any(f.is_file() for f in remote.rglob("*"))
+
+    clone = repo.parent / "clone"
+    sh("git", "clone", "-q", str(repo), str(clone), cwd=repo.parent)
+    assert not (clone / "data" / "model").exists()  # git holds the pipeline, DVC the data
+    sh("dvc", "pull", cwd=clone)
+    assert (clone / "data" / "model" / "model.safetensors").read_bytes() == \
+        (repo / "data" / "model" / "model.safetensors").read_bytes()
+    again = sh("dvc", "repro", cwd=clone)
+    assert ran(again) == [] and "Data and pipelines are up to date" in again
+    assert "up to date" in sh("dvc", "status", cwd=clone)
+    # and the clone's own push finds everything there already
+    assert "Everything is up to date" in sh("dvc", "push", cwd=clone)
 
 
 def test_tiny_metrics_match_the_stored_figures(repo: Path) -> None:
