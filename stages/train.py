@@ -635,6 +635,9 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any] | None
             return train(params, paths, base, ctx)
     if dp.world_size == 1:
         return train(params, paths, base, Context())
+    if resolve_device(base).type == "cuda" and dp.nproc > torch.cuda.device_count():
+        raise StageError(f"train.distributed.nproc is {dp.nproc} but this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s): one process per GPU")
     results = distributed.launch(dp, _worker, params, paths, base, logging.getLogger().level)
     for result in results.values():
         if isinstance(result, str):  # a StageError on every rank: the same line
