@@ -39,6 +39,7 @@ bench: setup
 	$(BIN)/python -m bench.compression
 	$(BIN)/python -m bench.flow_overhead
 	$(BIN)/python -m bench.distributed
+	$(BIN)/python -m bench.remote
 
 clean-venv:
 	rm -rf $(VENV)

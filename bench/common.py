@@ -61,5 +61,12 @@ def run_stage(stage: str, params: Path, work: Path, **paths: Path) -> dict[str, 
     return json.loads(metrics.read_text(encoding="utf-8"))
 
 
+def require_tokens(tokens: Path) -> Path:
+    """The tokens folder a training benchmark reads; a clear exit when the pipeline has not made it."""
+    if not (tokens / "meta.json").is_file():
+        raise SystemExit(f"{tokens} has no tokens: run `dvc repro tokenize` first")
+    return tokens
+
+
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"

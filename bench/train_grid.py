@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, machine, params_file, run_stage
+from bench.common import ROOT, machine, params_file, require_tokens, run_stage
 
 log = logging.getLogger("bench.train_grid")
 
@@ -54,8 +54,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=Path, default=ROOT / "data" / "tokens")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not (args.tokens / "meta.json").is_file():
-        raise SystemExit(f"{args.tokens} has no tokens: run `dvc repro tokenize` first")
+    require_tokens(args.tokens)
     chosen = {name: o for name, o in GRID.items() if args.only is None or name == BASELINE or name in args.only}
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:

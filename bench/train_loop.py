@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.common import ROOT, machine
+from bench.common import ROOT, machine, require_tokens
 from stages import train as stage
 from stages.common.artifacts import read_json
 from stages.common.models import build_model, logits_of
@@ -72,8 +72,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=Path, default=ROOT / "data" / "tokens")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if not (args.tokens / "meta.json").is_file():
-        raise SystemExit(f"{args.tokens} has no tokens: run `dvc repro tokenize` first")
+    require_tokens(args.tokens)
     base, params = load_params(ROOT / "params.yaml", "train", stage.Params)
     if params.optimizer != "adamw" or params.micro_batch_size != params.batch_size or params.precision != "fp32" \
             or params.activation_checkpointing or params.prune.enabled or not params.grad_clip:
