@@ -627,8 +627,8 @@ def apply_cuda_alloc_conf(conf: str, device: torch.device) -> str:
 
 
 def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any] | None:
-    """Train here, or (train.distributed over one process) launch the workers that do and
-    return rank 0's metrics; None on a node without rank 0, which writes nothing."""
+    """Train here, or (train.distributed over several processes) launch the workers that do
+    and return rank 0's metrics; None on a node without rank 0, which writes nothing."""
     dp = params.distributed
     if distributed.in_worker():  # started by torchrun: one rank of its run
         with distributed.process_group(dp, resolve_device(base).type) as ctx:
