@@ -3,6 +3,7 @@ fresh processes (each with its own peak-RSS meter), read back from their metrics
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -59,6 +60,14 @@ def run_stage(stage: str, params: Path, work: Path, **paths: Path) -> dict[str, 
     if result.returncode != 0:
         raise SystemExit(f"{stage} failed:\n{result.stderr}")
     return json.loads(metrics.read_text(encoding="utf-8"))
+
+
+def training_parser(doc: str | None, steps: int) -> argparse.ArgumentParser:
+    """The command line every training benchmark shares: --steps and --tokens (add the rest)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--tokens", type=Path, default=ROOT / "data" / "tokens")
+    return parser
 
 
 def require_tokens(tokens: Path) -> Path:

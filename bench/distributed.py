@@ -13,14 +13,13 @@ largest rank's peak RSS; the last training loss against the one-process run; tok
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, machine, params_file, require_tokens, run_stage
+from bench.common import machine, params_file, require_tokens, run_stage, training_parser
 
 log = logging.getLogger("bench.distributed")
 
@@ -28,10 +27,8 @@ CATEGORIES = ("parameters", "gradients", "optimizer")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
+    parser = training_parser(__doc__, steps=20)
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--tokens", type=Path, default=ROOT / "data" / "tokens")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     require_tokens(args.tokens)

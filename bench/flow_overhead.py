@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import subprocess
 import sys
@@ -23,14 +22,14 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT, machine
+from flows.common import dvc_env
 from tests.conftest import GIT_IDENTITY, tiny_repo
 
 log = logging.getLogger("bench.flow_overhead")
 
 
 def env(api_url: str) -> dict[str, str]:
-    return {**os.environ, **GIT_IDENTITY, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1", "PREFECT_API_URL": api_url,
+    return {**dvc_env(), **GIT_IDENTITY, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": api_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 

@@ -12,22 +12,19 @@ command, and which stages (none) the clone's `dvc repro` ran.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench.common import ROOT, machine
+from flows.common import dvc_env
 
 
 def dvc(*args: str, cwd: Path) -> tuple[float, str]:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     started = time.perf_counter()
-    result = subprocess.run(["dvc", *args], cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    result = subprocess.run(["dvc", *args], cwd=cwd, env=dvc_env(), capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"dvc {' '.join(args)} failed in {cwd}:\n{result.stdout}{result.stderr}")

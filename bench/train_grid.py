@@ -14,14 +14,13 @@ validation perplexity, each beside the fp32 AdamW baseline.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, machine, params_file, require_tokens, run_stage
+from bench.common import machine, params_file, require_tokens, run_stage, training_parser
 
 log = logging.getLogger("bench.train_grid")
 
@@ -48,10 +47,8 @@ CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporarie
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
+    parser = training_parser(__doc__, steps=200)
     parser.add_argument("--only", nargs="*", default=None, help="configuration names (the baseline always runs)")
-    parser.add_argument("--tokens", type=Path, default=ROOT / "data" / "tokens")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     require_tokens(args.tokens)

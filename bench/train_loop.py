@@ -15,7 +15,6 @@ must agree exactly: the benchmark checks that too. Target: stage ≥ 0.95 × the
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import statistics
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.common import ROOT, machine, require_tokens
+from bench.common import ROOT, machine, require_tokens, training_parser
 from stages import train as stage
 from stages.common.artifacts import read_json
 from stages.common.models import build_model, logits_of
@@ -66,10 +65,8 @@ def bare_loop(params: stage.Params, tokens: Path, seed: int) -> tuple[list[float
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
+    parser = training_parser(__doc__, steps=40)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tokens", type=Path, default=ROOT / "data" / "tokens")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     require_tokens(args.tokens)

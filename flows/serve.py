@@ -63,14 +63,19 @@ def stop_process_group(proc: subprocess.Popen[Any], first: signal.Signals = sign
         proc.wait()
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a local server or a rendezvous endpoint)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def local_server(home: Path, startup_timeout: float = 300.0) -> Iterator[str]:
     """`prefect server start` on 127.0.0.1 and a free port, with its SQLite database in
     `home`; yields the API URL once /health answers, stops the server afterwards. (Tests and
     benchmarks use it; users run `prefect server start` themselves.)"""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_ENABLED": "false"}

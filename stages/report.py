@@ -375,9 +375,9 @@ def per_rank_table(doc: Doc, runs: list[dict[str, Any]]) -> None:
     rows = []
     for r in runs:
         t = r["train"]
-        for rank in range(t.get("dist_world_size", 1) if t.get("dist_world_size", 1) > 1 else 0):
+        for rank in range(t.get("dist_world_size", 1)):
             p = f"rank{rank}_"
-            if f"{p}mem_total_peak_mib" not in t:
+            if f"{p}mem_total_peak_mib" not in t:  # a one-process run has no rank figures
                 continue
             saving = t.get(f"{p}saving_vs_ddp")
             rows.append([r["name"], ranks_label(t), str(rank),

@@ -117,10 +117,8 @@ class Params(Section):
         world = d.world_size
         if world == 1:
             return
-        if self.batch_size % (world * self.micro_batch_size):
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of distributed.nproc x nnodes "
-                             f"x micro_batch_size ({world} x {self.micro_batch_size}): each rank takes an equal "
-                             f"share of the batch in whole micro-batches")
+        if (problem := batch_split_problem(self, world)) is not None:
+            raise ValueError(problem)
         if self.optimizer == "sparse_adam":
             raise ValueError("optimizer sparse_adam cannot be distributed: DDP reduces dense gradients only")
         if d.strategy == "fsdp" and self.prune.enabled:
@@ -128,6 +126,15 @@ class Params(Section):
         if d.strategy == "fsdp" and self.precision == "fp16":
             raise ValueError("distributed.strategy fsdp: fp16's gradient scaler cannot see sharded gradients; "
                              "use bf16")
+
+
+def batch_split_problem(params: Params, world: int) -> str | None:
+    """Why `world` ranks cannot share each batch in whole micro-batches, or None."""
+    if params.batch_size % (world * params.micro_batch_size) == 0:
+        return None
+    return (f"batch_size ({params.batch_size}) must be a multiple of distributed.nproc x nnodes x "
+            f"micro_batch_size ({world} x {params.micro_batch_size}): each rank takes an equal share of the "
+            f"batch in whole micro-batches")
 
 
 @dataclass(frozen=True)
@@ -332,7 +339,8 @@ def evaluate(model: torch.nn.Module, windows: Windows, params: Params, device: t
 class Parts:
     """What a training run holds: the model (wrapped by the distributed strategy, if any),
     its optimizer, the gradient scaler (a no-op unless fp16) and the pruner (None unless
-    pruning). `raw` is the model without DDP's wrapper. `keep_grads`: gradients stay
+    pruning). `raw` is the model without DDP's wrapper (FSDP shards the model in place, so
+    there it is the model itself: what evaluation runs and rank 0 saves). `keep_grads`: gradients stay
     allocated between steps (DDP's gradient buckets)."""
 
     model: torch.nn.Module
@@ -676,9 +684,8 @@ def train(params: Params, paths: Paths, base: BaseParams, ctx: Context) -> dict[
     context = params.model.context
     train_windows = Windows(paths.tokens / "train.bin", meta["dtype"], context)
     val_windows = Windows(paths.tokens / "validation.bin", meta["dtype"], context)
-    if params.batch_size % (ctx.world * params.micro_batch_size):
-        raise StageError(f"batch_size ({params.batch_size}) must be a multiple of the {ctx.world} ranks x "
-                         f"micro_batch_size ({params.micro_batch_size})")
+    if (problem := batch_split_problem(params, ctx.world)) is not None:  # torchrun's world may not be params'
+        raise StageError(f"train: {problem}")
     local = params.batch_size // ctx.world  # this rank's windows of each batch
 
     shared: tuple[Any, ...] | str | None = None
@@ -752,7 +759,7 @@ def train(params: Params, paths: Paths, base: BaseParams, ctx: Context) -> dict[
             cuda_reserved = max(cuda_reserved, torch.cuda.max_memory_reserved(device) / 2**20)
             torch.cuda.reset_peak_memory_stats(device)
         if (step + 1) % params.eval_every == 0 or step + 1 == params.steps:
-            record["val_loss"] = evaluate(distributed.unwrap(model), val_windows, params, device)
+            record["val_loss"] = evaluate(parts.raw, val_windows, params, device)
         records.append(record)
         bar.set_postfix(loss=f"{step_loss:.3f}")
         if step + 1 == params.meter_steps:

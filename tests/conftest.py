@@ -72,6 +72,26 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     return path
 
 
+def kill_at_checkpoint(args: list[str], state: Path, step: int, timeout: float) -> int:
+    """Start `python -m stages.train` (args), SIGKILL it and everything it started (its own
+    process group: a launcher and its ranks go down together, as with a lost machine) once
+    its checkpoint state.json has reached `step`; returns the step of the checkpoint left."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["step"] >= step:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return json.loads(state.read_text())["step"]
+
+
 def one_error_line(stderr: str, stage: str) -> str:
     """The stage's error as printed: exactly one line, no traceback."""
     lines = [ln for ln in stderr.splitlines() if ln.startswith(f"lmmem {stage}: error:")]

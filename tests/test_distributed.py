@@ -6,13 +6,9 @@ a killed run resumes, and two "nodes" meet at a rendezvous endpoint."""
 from __future__ import annotations
 
 import csv
-import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, deep_update, one_error_line, read_metrics, run_cli, tiny_params
+from tests.conftest import ROOT, deep_update, kill_at_checkpoint, one_error_line, read_metrics, run_cli, tiny_params
 
 TIMING = {"seconds", "peak_rss_mib", "step_ms_median", "tokens_per_sec"}
 # the tiny profile's batch of 8 as 2 micro-batches of 4: one process accumulates both, two
@@ -160,24 +156,11 @@ def test_a_killed_zero1_run_resumes_to_the_same_metrics(runs: dict[str, Any], to
     write_params(work, distributed={"nproc": 2, "strategy": "zero1"}, checkpoint_every=5)
     settings = yaml.safe_load((work / "params.yaml").read_text())
     assert settings["train"]["steps"] == 30
-    args = [sys.executable, "-m", "stages.train", *train_args(work, tokens)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    # its own process group: the launcher and both ranks go down together, as with a lost machine
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    state = work / "ckpt" / "latest" / "state.json"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["step"] >= 9:
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    stopped_at = kill_at_checkpoint(train_args(work, tokens), work / "ckpt" / "latest" / "state.json", 9, 300)
     assert not (work / "train.json").exists(), "the run finished before it could be killed"
-    stopped_at = json.loads(state.read_text())["step"]
     assert 9 <= stopped_at < 29
 
-    result = subprocess.run(args, env=env, capture_output=True, text=True, check=False, timeout=600)
+    result = run_cli("train", train_args(work, tokens))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from the checkpoint at step {stopped_at}" in result.stderr
     resumed = read_metrics(work / "train.json")
@@ -187,16 +170,12 @@ def test_a_killed_zero1_run_resumes_to_the_same_metrics(runs: dict[str, Any], to
     assert (work / "model" / "model.safetensors").read_bytes() == (full_dir / "model" / "model.safetensors").read_bytes()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_meet_at_the_endpoint_and_rank_0_writes(tokens: Path, tmp_path: Path,
                                                           runs: dict[str, Any]) -> None:
     """The README's multi-machine command, with two "nodes" on this machine: the same params
     (nnodes 2, one process each, one endpoint) started twice."""
+    from flows.serve import free_port
+
     endpoint = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs, works = [], []

@@ -14,7 +14,8 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import deep_update, one_error_line, read_metrics, run_stage, tiny_params
+from tests.conftest import (deep_update, kill_at_checkpoint, one_error_line, read_metrics, run_cli, run_stage,
+                            tiny_params)
 
 TIMING = {"seconds", "peak_rss_mib", "step_ms_median", "tokens_per_sec"}
 
@@ -182,12 +183,6 @@ def test_cuda_paths_report_cuda_memory(train: Callable[..., Any], tmp_path: Path
 ], ids=["pruning", "sparse_adam", "adamw8bit"])
 def test_a_killed_run_resumes_to_the_same_metrics(tokens: Path, tmp_path: Path, train: Callable[..., Any],
                                                   technique: dict[str, Any]) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     settings = {"steps": 120, "checkpoint_every": 5, "eval_every": 20, **technique}
     rc, uninterrupted, full_dir = train("full", **settings)
     assert rc == 0
@@ -196,24 +191,13 @@ def test_a_killed_run_resumes_to_the_same_metrics(tokens: Path, tmp_path: Path, 
     work.mkdir()
     params = work / "params.yaml"
     params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": settings}), allow_unicode=True))
-    args = [sys.executable, "-m", "stages.train", "--params", str(params), "--tokens", str(tokens),
-            "--out", str(work / "model"), "--plots", str(work / "plots"),
-            "--checkpoints", str(work / "ckpt"), "--metrics", str(work / "train.json")]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = work / "ckpt" / "latest" / "state.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["step"] >= 29:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    args = ["--params", str(params), "--tokens", str(tokens), "--out", str(work / "model"),
+            "--plots", str(work / "plots"), "--checkpoints", str(work / "ckpt"), "--metrics", str(work / "train.json")]
+    stopped_at = kill_at_checkpoint(args, work / "ckpt" / "latest" / "state.json", 29, 120)
     assert not (work / "train.json").exists(), "the run finished before it could be killed"
-    stopped_at = json.loads(state.read_text())["step"]
     assert 29 <= stopped_at < 119
 
-    result = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    result = run_cli("train", args)
     assert result.returncode == 0, result.stderr
     assert f"resuming from the checkpoint at step {stopped_at}" in result.stderr
     resumed = read_metrics(work / "train.json")

@@ -194,10 +194,6 @@ def wrap_model(model: torch.nn.Module, ctx: Context, device: torch.device) -> to
                                                  forward_sync_buffers=False)  # buffers (RoPE's) are constants
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def no_sync(model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager[Any]:
     """DDP all-reduces gradients on the last micro-batch of a step only."""
     if last or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
