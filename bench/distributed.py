@@ -23,7 +23,7 @@ from bench.common import machine, params_file, require_tokens, run_stage, traini
 
 log = logging.getLogger("bench.distributed")
 
-CATEGORIES = ("parameters", "gradients", "optimizer")
+SHARDED = ("parameters", "gradients", "optimizer")  # the categories a strategy shards
 
 
 def main() -> int:
@@ -50,14 +50,14 @@ def main() -> int:
     single, ddp = results["one process"], results["ddp"]
     print(f"\nmachine: {machine()}; {args.steps} optimizer steps of 16 windows; {args.nproc} ranks (gloo)")
     print("\nPer rank, measured / estimated MiB:\n")
-    print("| configuration | rank | " + " | ".join(CATEGORIES) + " | tensor peak | estimate error | "
+    print("| configuration | rank | " + " | ".join(SHARDED) + " | tensor peak | estimate error | "
           "× ddp's rank | peak RSS MiB |")
-    print("|---|---|" + "---|" * (len(CATEGORIES) + 4))
+    print("|---|---|" + "---|" * (len(SHARDED) + 4))
     for name, m in results.items():
         ranks = range(args.nproc) if name != "one process" else [None]
         for rank in ranks:
             p = f"rank{rank}_" if rank is not None else ""
-            cells = " | ".join(f"{m[f'{p}mem_{c}_peak_mib']:.2f} / {m[f'{p}est_{c}_peak_mib']:.2f}" for c in CATEGORIES)
+            cells = " | ".join(f"{m[f'{p}mem_{c}_peak_mib']:.2f} / {m[f'{p}est_{c}_peak_mib']:.2f}" for c in SHARDED)
             total, est = m[f"{p}mem_total_peak_mib"], m[f"{p}est_total_peak_mib"]
             ratio = f"{total / ddp[f'rank{rank}_mem_total_peak_mib']:.3f}" if rank is not None else "-"
             rss = m[f"{p}peak_rss_mib"]

@@ -21,29 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, params_file, require_tokens, run_stage, training_parser
+from stages.common.schema import CATEGORIES
+from stages.train.techniques import REGISTRY
 
 log = logging.getLogger("bench.train_grid")
 
 BASELINE = "fp32 adamw (baseline)"
-UNTIED = {"model": {"tie_embeddings": False}}
-GRID: dict[str, dict[str, Any]] = {
-    BASELINE: {},
-    "bf16 autocast": {"precision": "bf16"},
-    "activation checkpointing": {"activation_checkpointing": True},
-    "micro-batch 4 (x4 accumulation)": {"micro_batch_size": 4},
-    "micro-batch 1 (x16 accumulation)": {"micro_batch_size": 1},
-    "sgd (momentum)": {"optimizer": "sgd"},
-    "adafactor": {"optimizer": "adafactor"},
-    "8-bit adamw": {"optimizer": "adamw8bit"},
-    "untied embeddings, adamw": UNTIED,
-    "untied, sparse embedding gradients (sparse_adam)": {"optimizer": "sparse_adam", **UNTIED},
-    "pruning to 50 % (during the middle of training)": {"prune": {"final_sparsity": 0.5}},
+STACKS: dict[str, dict[str, Any]] = {
     "checkpointing + micro-batch 4 + 8-bit adamw": {"activation_checkpointing": True, "micro_batch_size": 4,
                                                     "optimizer": "adamw8bit"},
     "checkpointing + micro-batch 1 + adafactor": {"activation_checkpointing": True, "micro_batch_size": 1,
                                                    "optimizer": "adafactor"},
 }
-CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries")
+# the baseline, each technique's own configurations (from the registry), then the stacks
+GRID: dict[str, dict[str, Any]] = {BASELINE: {}, **{name: overrides for t in REGISTRY for name, overrides in t.grid.items()},
+                                   **STACKS}
 
 
 def main() -> int:

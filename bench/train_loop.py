@@ -28,19 +28,21 @@ import torch.nn.functional as F
 
 from bench.common import ROOT, machine, require_tokens, training_parser
 from stages import train as stage
-from stages.common.artifacts import read_json
 from stages.common.models import build_model, logits_of
+from stages.common.optim import lr_at
 from stages.common.params import load_params
+from stages.common.schema import TokensMeta, read_typed
+from stages.common.windows import Windows
 
 log = logging.getLogger("bench.train_loop")
 
 
 def bare_loop(params: stage.Params, tokens: Path, seed: int) -> tuple[list[float], float]:
     """The same training written as the shortest loop: step seconds and the last step's loss."""
-    meta = read_json(tokens / "meta.json")
-    windows = stage.Windows(tokens / "train.bin", meta["dtype"], params.model.context)
+    meta = read_typed(tokens / "meta.json", TokensMeta)
+    windows = Windows(tokens / "train.bin", meta.dtype, params.model.context)
     torch.manual_seed(seed)
-    model = build_model(params.model, meta["vocab_size"], meta["special_ids"])
+    model = build_model(params.model, meta.vocab_size, meta.special_ids.model_dump())
     model.train()
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
@@ -51,7 +53,7 @@ def bare_loop(params: stage.Params, tokens: Path, seed: int) -> tuple[list[float
     for step in range(params.steps):
         started = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = stage.lr_at(step, params)
+            group["lr"] = lr_at(step, params.lr, params.steps, params.warmup_steps, params.decay, params.min_lr_ratio)
         rows = windows.batch(windows.random_starts(rng, params.batch_size))
         logits = logits_of(model, rows[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))

@@ -45,19 +45,28 @@ _SPACE = re.compile(r"\s+")
 
 
 class Params(Section):
-    strip_html: bool = True
-    urls: Literal["keep", "replace", "remove"] = "replace"
-    url_token: str = "URL"
-    emails: Literal["keep", "replace", "remove"] = "replace"
-    email_token: str = "EMAIL"
-    nfkc: bool = True
-    remove_control: bool = True
-    collapse_whitespace: bool = True
-    lowercase: bool = False
-    remove_punctuation: bool = False
-    dedupe: bool = True
-    min_chars: int = Field(1, ge=1)
-    max_chars: int = Field(100_000, ge=1)
+    strip_html: bool = Field(
+        True, description="remove tags (script/style with their content) and unescape entities")
+    urls: Literal["keep", "replace", "remove"] = Field(
+        "replace", description="keep | replace (with url_token) | remove")
+    url_token: str = Field("URL", description="what replaces a URL (a word both tokenizers keep whole)")
+    emails: Literal["keep", "replace", "remove"] = Field(
+        "replace", description="keep | replace (with email_token) | remove")
+    email_token: str = Field("EMAIL", description="what replaces an e-mail address")
+    nfkc: bool = Field(
+        True, description="Unicode NFKC: full-width letters, digits, punctuation to half-width")
+    remove_control: bool = Field(
+        True, description="drop control and invisible format characters (zero-width, BOM, bidi)")
+    collapse_whitespace: bool = Field(
+        True, description="any run of whitespace, newlines included, becomes one space")
+    lowercase: bool = Field(
+        False, description="true merges case variants: smaller vocabulary, loses proper-noun cues")
+    remove_punctuation: bool = Field(
+        False, description="true shrinks token counts; the language model then never sees punctuation")
+    dedupe: bool = Field(
+        True, description="drop exact duplicates across splits (no test text also in train); keeps 8 B per document")
+    min_chars: int = Field(2, ge=1, description="shorter documents are dropped (counted)")
+    max_chars: int = Field(20_000, ge=1, description="longer documents are dropped (counted)")
 
     @model_validator(mode="after")
     def _limits(self) -> Params:

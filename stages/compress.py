@@ -14,7 +14,8 @@ applies the method to that variant instead of the trained model, so combinations
 - prune_structured: whole attention heads and MLP neurons with the smallest weight norms
   removed, the same number in every block, the layers rebuilt smaller (llama);
 - distill: a smaller llama student trained on the teacher's softened next-token
-  distribution plus the data's next token.
+  distribution plus the data's next token, with training's schedule, optimizer groups and
+  clipping (stages.common.optim) and its token windows (stages.common.windows).
 
 A variant that cannot run here (a scheme the CPU lacks, a method the architecture does not
 have) gets `unsupported.json` with the reason, status "unsupported" in the metrics, and the
@@ -38,19 +39,22 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, TypeAdapter, model_validator
 from torch import nn
 from tqdm import tqdm
 
 from stages.common import quant, storage
-from stages.common.artifacts import atomic_dir, read_json, write_json, write_params
+from stages.common.artifacts import atomic_dir, size_on_disk, write_json, write_params
 from stages.common.errors import StageError
+from stages.common.loading import VARIANT_FILE, VARIANT_WEIGHTS, load_model_folder, weight_counts
 from stages.common.memory import peak_rss_mib, reset_peak_rss
-from stages.common.models import (VARIANT_FILE, VARIANT_WEIGHTS, LSTMLanguageModel, ModelParams, build_model,
-                                  TOKENIZER_FILES, load_model_folder, logits_of, output_head, weight_counts)
+from stages.common.models import TOKENIZER_FILES, LSTMLanguageModel, ModelParams, build_model, logits_of, output_head
+from stages.common.optim import clip_gradients, lr_at, param_groups, set_lr
 from stages.common.params import BaseParams, Section
 from stages.common.pruning import magnitude_mask, prunable
+from stages.common.schema import TokensMeta, read_typed
 from stages.common.stage import stage_main
+from stages.common.windows import Windows
 
 log = logging.getLogger("lmmem.compress")
 
@@ -92,6 +96,10 @@ class Distill(Section):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(3e-3, gt=0.0, le=10.0)
     warmup_steps: int = Field(20, ge=0)
+    decay: Literal["cosine", "linear", "none"] = "none"
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    grad_clip: float = Field(1.0, ge=0.0)
     temperature: float = Field(2.0, gt=0.0)
     alpha: float = Field(0.5, ge=0.0, le=1.0)
     init_from_teacher: bool = True
@@ -101,8 +109,30 @@ class Distill(Section):
 Variant = Annotated[Cast | Quantize | PruneMagnitude | PruneStructured | Distill, Field(discriminator="method")]
 
 
+def shipped_variants() -> dict[str, Any]:
+    """The variants params.yaml ships (its comments say what each one trades)."""
+    int8 = {"method": "int8_weight_only", "embeddings": True}
+    return TypeAdapter(dict[str, Variant]).validate_python({
+        "fp16": {"method": "cast", "dtype": "float16"},
+        "bf16": {"method": "cast", "dtype": "bfloat16"},
+        "int8": int8,
+        "int8-dynamic": {"method": "int8_dynamic", "embeddings": True},
+        "int4": {"method": "int4_weight_only", "group_size": 32, "embeddings": True},
+        "prune50": {"method": "prune_magnitude", "sparsity": 0.5, "scope": "layer", "embeddings": False},
+        "prune50-int8": {**int8, "base": "prune50"},
+        "prune50-all": {"method": "prune_magnitude", "sparsity": 0.5, "scope": "layer", "embeddings": True},
+        "prune50-all-int8": {**int8, "base": "prune50-all"},
+        "prune40-all": {"method": "prune_magnitude", "sparsity": 0.4, "scope": "layer", "embeddings": True},
+        "prune40-all-int8": {**int8, "base": "prune40-all"},
+        "structured25": {"method": "prune_structured", "heads": 0.5, "neurons": 0.125},
+        "distill-half": {"method": "distill", "layers": 0, "steps": 200, "batch_size": 16, "lr": 0.003,
+                         "warmup_steps": 20, "temperature": 2.0, "alpha": 0.5, "init_from_teacher": True},
+    })
+
+
 class Params(Section):
-    variants: dict[str, Variant] = Field(default_factory=dict)
+    variants: dict[str, Variant] = Field(default_factory=shipped_variants, description=(
+        "name: {method, its params; base: another variant to start from instead of the trained model}"))
 
     @model_validator(mode="after")
     def _names_and_bases(self) -> Params:
@@ -268,20 +298,18 @@ def distill(made: Made, spec: Distill, tokens: Path, seed: int) -> Made:
     teacher's width on loss = alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · CE, T the
     temperature. With init_from_teacher the student starts from the teacher's embedding, final
     norm and evenly spaced blocks (DistilBERT's initialisation)."""
-    from stages.train import Windows
-
     teacher = made.model
     if made.quantized or getattr(teacher.config, "model_type", "") != "llama":
         raise Unsupported("distill trains a llama student from a float llama teacher")
     config = teacher.config
     layers = spec.layers or max(1, config.num_hidden_layers // 2)
-    meta = read_json(tokens / "meta.json")
+    meta = read_typed(tokens / "meta.json", TokensMeta)
     context = config.max_position_embeddings
     student_params = ModelParams(family="llama", layers=layers, width=config.hidden_size,
                                  heads=config.num_attention_heads, ffn_width=config.intermediate_size,
                                  context=context, tie_embeddings=config.tie_word_embeddings)
     torch.manual_seed(seed)
-    student = build_model(student_params, meta["vocab_size"], meta["special_ids"])
+    student = build_model(student_params, meta.vocab_size, meta.special_ids.model_dump())
     if spec.init_from_teacher:
         picked = np.linspace(0, config.num_hidden_layers - 1, layers).round().astype(int)
         state = teacher.state_dict()
@@ -293,16 +321,14 @@ def distill(made: Made, spec: Distill, tokens: Path, seed: int) -> Made:
                 source = f"model.layers.{picked[int(match.group(1))]}.{match.group(2)}"
             own[key] = state[source].clone()
         student.load_state_dict(own)
-    windows = Windows(tokens / "train.bin", meta["dtype"], context)
+    windows = Windows(tokens / "train.bin", meta.dtype, context)
     rng = np.random.default_rng(seed)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=spec.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(param_groups(list(student.parameters()), spec.weight_decay), lr=spec.lr)
     teacher.eval()
     student.train()
     t = spec.temperature
     for step in tqdm(range(spec.steps), desc="distill", unit=" steps", mininterval=2):
-        lr = spec.lr * min(1.0, (step + 1) / max(1, spec.warmup_steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr_at(step, spec.lr, spec.steps, spec.warmup_steps, spec.decay, spec.min_lr_ratio))
         rows = windows.batch(windows.random_starts(rng, spec.batch_size))
         with torch.no_grad():
             target = logits_of(teacher, rows[:, :-1]).float()
@@ -313,7 +339,8 @@ def distill(made: Made, spec: Distill, tokens: Path, seed: int) -> Made:
         hard = F.cross_entropy(logits.reshape(-1, vocab), rows[:, 1:].reshape(-1))
         loss = spec.alpha * soft + (1 - spec.alpha) * hard
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        if spec.grad_clip:
+            clip_gradients(student, spec.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     student.eval()
@@ -344,7 +371,7 @@ def save(made: Made, folder: Path, model_dir: Path, name: str, spec: Any) -> dic
             shutil.copy(model_dir / tokenizer_file, folder / tokenizer_file)
     write_json(folder / "params.json", {"variant": name, **spec.model_dump()})
     weights, nonzero = weight_counts(model)
-    on_disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    on_disk = size_on_disk(folder)
     return {"params": weights, "nonzero_params": nonzero, "bytes_on_disk": on_disk,
             "bytes_per_param": on_disk / weights if weights else math.nan,
             **{f"tensors_{kind}": count for kind, count in encodings.items()}}
@@ -373,7 +400,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         trained = load_model_folder(paths.model)
     except ValueError as exc:
         raise StageError(f"{exc} (run the train stage first)") from None
-    reference = sum(f.stat().st_size for f in paths.model.glob("*.safetensors"))
+    reference = size_on_disk(paths.model)
     metrics: dict[str, Any] = {"reference_bytes_on_disk": reference, "variants": len(params.variants)}
     made: dict[str, Made | None] = {}
     peak = peak_rss_mib()

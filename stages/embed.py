@@ -27,6 +27,7 @@ from pydantic import Field
 from stages.common.artifacts import atomic_dir, read_json, write_json, write_params
 from stages.common.errors import StageError
 from stages.common.params import BaseParams, Section
+from stages.common.schema import TokensMeta, read_typed
 from stages.common.stage import stage_main
 from stages.common.text import package_file
 
@@ -37,19 +38,25 @@ SIMILARITY_BUILTIN = "builtin:wordsim353"
 
 
 class Params(Section):
-    algorithm: Literal["skipgram", "cbow"] = "skipgram"
-    vector_size: int = Field(100, ge=1, le=4096)
-    window: int = Field(5, ge=1, le=100)
-    min_count: int = Field(2, ge=1)
-    negative: int = Field(5, ge=0, le=100)
-    sample: float = Field(1e-3, ge=0.0, le=1.0)
-    alpha: float = Field(0.025, gt=0.0, le=1.0)
-    epochs: int = Field(5, ge=1, le=1000)
-    workers: int = Field(1, ge=1, le=64)
-    analogy: str = ANALOGY_BUILTIN
-    similarity: str = SIMILARITY_BUILTIN
-    probe_words: list[str] = Field(default_factory=list)
-    neighbours: int = Field(10, ge=1, le=1000)
+    algorithm: Literal["skipgram", "cbow"] = Field(
+        "skipgram", description="skipgram: better for rare words, slower | cbow: faster, smoother for frequent words")
+    vector_size: int = Field(
+        100, ge=1, le=4096, description="wider vectors hold more, cost vector_size x vocabulary x 4 B")
+    window: int = Field(5, ge=1, le=100, description="context words each side: larger = more topical, slower")
+    min_count: int = Field(2, ge=1, description="rarer words get no vector (their aligned row is random)")
+    negative: int = Field(5, ge=0, le=100, description="negative samples per word (0 = hierarchical softmax)")
+    sample: float = Field(
+        1e-3, ge=0.0, le=1.0, description="down-sampling of frequent words: faster, better rare-word vectors")
+    alpha: float = Field(0.025, gt=0.0, le=1.0, description="initial learning rate, decays linearly")
+    epochs: int = Field(5, ge=1, le=1000, description="passes over the corpus: quality against time")
+    workers: int = Field(1, ge=1, le=64, description="threads; > 1 is faster but not deterministic")
+    analogy: str = Field(ANALOGY_BUILTIN, description="analogy set (gensim's); a path; '' for none")
+    similarity: str = Field(
+        SIMILARITY_BUILTIN, description="word-pair similarity set (gensim's); a path; '' for none")
+    probe_words: list[str] = Field(
+        default_factory=lambda: ["好", "质量", "手机", "不错", "失望"],
+        description="nearest neighbours of these go to data/embed/neighbours.json")
+    neighbours: int = Field(10, ge=1, le=1000, description="neighbours listed per probe word")
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     from gensim.models import Word2Vec
 
     corpus = paths.tokens / "train.txt"
-    meta = read_json(paths.tokens / "meta.json")
+    meta = read_typed(paths.tokens / "meta.json", TokensMeta)
     vocab_file = read_json(paths.tokens / "vocab.json")
     vocab: list[str] = vocab_file["words"]
     if not corpus.is_file():
@@ -141,9 +148,9 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     if len(wv) == 0:
         raise StageError(f"Word2Vec kept no word of {corpus}: embed.min_count={params.min_count} is too high")
 
-    matrix, found = aligned_matrix(wv, vocab, base.seed, meta["special_ids"]["pad"])
+    matrix, found = aligned_matrix(wv, vocab, base.seed, meta.special_ids.pad)
     counts: list[int] = vocab_file["train_counts"]
-    n_special = len(meta["special_ids"])
+    n_special = len(meta.special_ids.model_dump())
     weighted = sum(c for w, c in zip(vocab[n_special:], counts[n_special:]) if w in wv.key_to_index)
     metrics: dict[str, Any] = {
         "w2v_vocab_size": len(wv), "vector_size": params.vector_size,

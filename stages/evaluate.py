@@ -18,11 +18,9 @@ or that fails here, is a row with its status and reason; the others go on.
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import logging
 import math
-import multiprocessing
 import statistics
 import time
 from dataclasses import dataclass
@@ -34,14 +32,18 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from stages.common.artifacts import atomic_dir, read_json, write_json, write_params
+from stages.common.artifacts import atomic_dir, read_json, size_on_disk, write_json, write_params
 from stages.common.classify import fit_logistic, predict, scores
 from stages.common.errors import StageError
 from stages.common.memory import peak_rss_mib, reset_peak_rss
 from stages.common.meter import TensorMeter
-from stages.common.models import LSTMLanguageModel, load_model_folder, logits_of, weight_counts
+from stages.common.loading import load_model_folder, weight_counts
+from stages.common.models import LSTMLanguageModel, logits_of
 from stages.common.params import BaseParams, Section
+from stages.common.schema import EvalRow, TokensMeta, read_typed
 from stages.common.stage import stage_main
+from stages.common.windows import Windows
+from stages.common.workers import cores, fresh_processes, share_cores
 
 log = logging.getLogger("lmmem.evaluate")
 
@@ -52,19 +54,32 @@ TABLE = ("name", "status", "bytes_on_disk", "size_ratio", "params", "nonzero_par
 
 
 class Params(Section):
-    variants: list[str] = Field(default_factory=list)
-    batch_size: int = Field(16, ge=1)
-    eval_batches: int = Field(16, ge=1)
-    latency_batch: int = Field(8, ge=1)
-    latency_new_tokens: int = Field(16, ge=1)
-    latency_repeats: int = Field(3, ge=1)
-    prompts: list[str] = Field(default_factory=lambda: ["这 本书", "质量"])
-    generate_tokens: int = Field(20, ge=1)
-    temperature: float = Field(0.8, gt=0.0)
-    top_k: int = Field(20, ge=1)
-    classify: bool = True
-    classify_train_docs: int = Field(2000, ge=10)
-    classify_max_tokens: int = Field(64, ge=1)
+    variants: list[str] = Field(
+        default_factory=list, description="compressed variants to evaluate beside the trained model; [] = all of data/compressed")
+    batch_size: int = Field(
+        16, ge=1, description="windows per batch for perplexity, accuracy and the inference memory peak")
+    eval_batches: int = Field(
+        16, ge=1, description="batches of validation and of test windows (the same for every model)")
+    latency_batch: int = Field(
+        8, ge=1, description="the batched latency's batch size (batch 1 is always measured)")
+    latency_new_tokens: int = Field(16, ge=1, description="greedy tokens generated per latency measurement")
+    latency_repeats: int = Field(
+        3, ge=1, description="timed repeats after one warm-up; the median is reported")
+    prompts: list[str] = Field(
+        default_factory=lambda: ["这 本书", "质量"], description="generation prompts, words separated by spaces (the tokenizer's pre-tokenization)")
+    generate_tokens: int = Field(20, ge=1, description="sampled tokens per prompt and model")
+    temperature: float = Field(
+        0.8, gt=0.0, description="sampling temperature: lower = more conservative text")
+    top_k: int = Field(20, ge=1, description="sample among the k most likely tokens")
+    classify: bool = Field(
+        True, description=("sentiment probe on labelled corpora (a head on each model's frozen body) and a Word2Vec "
+        "baseline"))
+    classify_train_docs: int = Field(
+        2000, ge=10, description="labelled training documents for the probe: more = better head, slower (features of each)")
+    classify_max_tokens: int = Field(64, ge=1, description="each document cut to its first N tokens")
+    workers: int = Field(2, ge=1, le=64, description=(
+        "models measured at once, each in its own process on its share of the cores; latency is timed "
+        "one model at a time"))
 
 
 @dataclass(frozen=True)
@@ -99,8 +114,6 @@ class Docs:
 
 def windows(tokens: Path, split: str, dtype: str, context: int, batches: int, batch: int) -> list[torch.Tensor]:
     """The same consecutive non-overlapping windows of context + 1 ids for every model."""
-    from stages.train import Windows
-
     return list(Windows(tokens / f"{split}.bin", dtype, context).fixed_batches(batches, batch))
 
 
@@ -175,11 +188,14 @@ def pooled_features(model: torch.nn.Module, docs: list[np.ndarray], batch: int =
     return torch.cat(out)
 
 
-def evaluate_one(name: str, folder: Path, params: Params, paths: Paths, context: int, seed: int) -> dict[str, Any]:
-    """Everything about one model; runs in a fresh process."""
+def measure(name: str, folder: Path, params: Params, paths: Paths, context: int, seed: int,
+            threads: int) -> dict[str, Any]:
+    """Everything about one model but its latency; runs in a fresh process (beside another
+    model's, each on its share of the cores)."""
+    share_cores(threads)
     reset_peak_rss()  # the imports are the same for every model: leave them out
     torch.manual_seed(seed)
-    meta = read_json(paths.tokens / "meta.json")
+    meta = read_typed(paths.tokens / "meta.json", TokensMeta)
     started = time.perf_counter()
     model = load_model_folder(folder)
     result: dict[str, Any] = {"name": name, "status": "ok", "load_seconds": time.perf_counter() - started}
@@ -187,7 +203,7 @@ def evaluate_one(name: str, folder: Path, params: Params, paths: Paths, context:
     clock = time.perf_counter()
     result["params"], result["nonzero_params"] = weight_counts(model)
     for split in ("validation", "test"):
-        figures = quality(model, windows(paths.tokens, split, meta["dtype"], context, params.eval_batches,
+        figures = quality(model, windows(paths.tokens, split, meta.dtype, context, params.eval_batches,
                                          params.batch_size))
         prefix = "val" if split == "validation" else "test"
         result.update({f"{prefix}_ppl": figures["ppl"], f"{prefix}_top1": figures["top1"],
@@ -195,7 +211,7 @@ def evaluate_one(name: str, folder: Path, params: Params, paths: Paths, context:
     result["top1"], result["top5"] = result["test_top1"], result["test_top5"]
     phases["quality"], clock = time.perf_counter() - clock, time.perf_counter()
 
-    rows = windows(paths.tokens, "validation", meta["dtype"], context, 1, params.batch_size)[0]
+    rows = windows(paths.tokens, "validation", meta.dtype, context, 1, params.batch_size)[0]
     meter = TensorMeter()
     meter.track_model(model)
     with torch.no_grad(), meter.phase(0, "forward"):
@@ -204,20 +220,29 @@ def evaluate_one(name: str, folder: Path, params: Params, paths: Paths, context:
     summary = meter.summary(prefix="")
     result["tensor_peak_mib"] = summary["total_peak_mib"]
     result["tensor_weights_mib"] = summary["parameters_peak_mib"]
-
-    prompt = rows[:1, :8]
-    result["ms_per_token_b1"] = ms_per_token(model, prompt, 1, params.latency_new_tokens, params.latency_repeats)
-    result["ms_per_token_batch"] = ms_per_token(model, prompt, params.latency_batch, params.latency_new_tokens,
-                                                params.latency_repeats)
     result["generations"] = generations(model, folder, params, seed)
-    phases["latency and generation"], clock = time.perf_counter() - clock, time.perf_counter()
-    if params.classify and meta["labels"]:
+    phases["inference peak and generation"], clock = time.perf_counter() - clock, time.perf_counter()
+    if params.classify and meta.labels:
         result.update(probe(model, paths, params, meta, seed))
         phases["probe"] = time.perf_counter() - clock
     result["rss_peak_mib"] = peak_rss_mib()
     result["seconds"] = time.perf_counter() - started
     log.info("%s: %.1f s (%s)", name, result["seconds"], ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     return result
+
+
+def latency(folder: Path, params: Params, paths: Paths, context: int, threads: int) -> dict[str, Any]:
+    """ms per generated token at batch 1 and at latency_batch (greedy, median of the repeats
+    after a warm-up), in a fresh process with the cores to itself: no other work runs meanwhile."""
+    share_cores(threads)
+    meta = read_typed(paths.tokens / "meta.json", TokensMeta)
+    model = load_model_folder(folder)
+    started = time.perf_counter()
+    prompt = windows(paths.tokens, "validation", meta.dtype, context, 1, params.batch_size)[0][:1, :8]
+    return {"ms_per_token_b1": ms_per_token(model, prompt, 1, params.latency_new_tokens, params.latency_repeats),
+            "ms_per_token_batch": ms_per_token(model, prompt, params.latency_batch, params.latency_new_tokens,
+                                               params.latency_repeats),
+            "latency_seconds": time.perf_counter() - started}
 
 
 def generations(model: torch.nn.Module, folder: Path, params: Params, seed: int) -> list[str]:
@@ -234,29 +259,29 @@ def generations(model: torch.nn.Module, folder: Path, params: Params, seed: int)
     return texts
 
 
-def probe_docs(paths: Paths, params: Params, meta: dict[str, Any], seed: int
+def probe_docs(paths: Paths, params: Params, meta: TokensMeta, seed: int
                ) -> tuple[list[np.ndarray], list[int], list[np.ndarray], list[int]]:
     """The probe's training documents (a seeded sample of the train split) and all labelled
     test documents: the same for every model and for the baseline."""
-    train = Docs(paths.tokens, "train", meta["dtype"]).labelled(params.classify_train_docs,
+    train = Docs(paths.tokens, "train", meta.dtype).labelled(params.classify_train_docs,
                                                                params.classify_max_tokens, seed)
-    test = Docs(paths.tokens, "test", meta["dtype"]).labelled(10**9, params.classify_max_tokens, seed)
+    test = Docs(paths.tokens, "test", meta.dtype).labelled(10**9, params.classify_max_tokens, seed)
     return *train, *test
 
 
-def probe(model: torch.nn.Module, paths: Paths, params: Params, meta: dict[str, Any], seed: int) -> dict[str, Any]:
+def probe(model: torch.nn.Module, paths: Paths, params: Params, meta: TokensMeta, seed: int) -> dict[str, Any]:
     train_docs, train_y, test_docs, test_y = probe_docs(paths, params, meta, seed)
-    n = len(meta["labels"])
+    n = len(meta.labels)
     head = fit_logistic(pooled_features(model, train_docs), torch.tensor(train_y), n)
     result = scores(test_y, predict(head, pooled_features(model, test_docs)), n)
     return {f"cls_{k}": v for k, v in result.items()}
 
 
-def word2vec_probe(paths: Paths, params: Params, meta: dict[str, Any], seed: int) -> dict[str, Any]:
+def word2vec_probe(paths: Paths, params: Params, meta: TokensMeta, seed: int) -> dict[str, Any]:
     """The baseline: each document as the mean of its words' Word2Vec vectors."""
     vectors = torch.from_numpy(np.load(paths.embed / "aligned.npy")).float()
     train_docs, train_y, test_docs, test_y = probe_docs(paths, params, meta, seed)
-    n = len(meta["labels"])
+    n = len(meta.labels)
     head = fit_logistic(torch.stack([vectors[d].mean(0) for d in train_docs]), torch.tensor(train_y), n)
     result = scores(test_y, predict(head, torch.stack([vectors[d].mean(0) for d in test_docs])), n)
     return {"name": "word2vec-bow", "status": "ok", **{f"cls_{k}": v for k, v in result.items()}}
@@ -275,33 +300,49 @@ def models_to_evaluate(params: Params, paths: Paths) -> list[tuple[str, Path]]:
     return [(TRAINED, paths.model)] + [(v, paths.compressed / v) for v in chosen]
 
 
+def failure(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     if not (paths.model / "params.json").is_file():
         raise StageError(f"{paths.model} holds no trained model (no params.json): run the train stage first")
     context = read_json(paths.model / "params.json")["train"]["model"]["context"]
-    meta = read_json(paths.tokens / "meta.json")
-    reference = sum(f.stat().st_size for f in paths.model.glob("*.safetensors"))
-    rows: list[dict[str, Any]] = []
-    spawn = multiprocessing.get_context("spawn")
-    for name, folder in models_to_evaluate(params, paths):
-        unsupported = folder / "unsupported.json"
-        if unsupported.is_file():
-            rows.append({"name": name, "status": "unsupported", "reason": read_json(unsupported)["reason"]})
-            continue
-        log.info("evaluating %s ...", name)
-        # a fresh process per model: its peaks are its own
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+    meta = read_typed(paths.tokens / "meta.json", TokensMeta)
+    reference = size_on_disk(paths.model)
+    chosen = models_to_evaluate(params, paths)
+    found: dict[str, dict[str, Any]] = {}
+    for name, folder in chosen:
+        if (folder / "unsupported.json").is_file():
+            found[name] = {"name": name, "status": "unsupported",
+                           "reason": read_json(folder / "unsupported.json")["reason"]}
+    todo = [(name, folder) for name, folder in chosen if name not in found]
+    workers = min(params.workers, len(todo)) or 1
+    log.info("measuring %d models, %d at a time, each in a fresh process ...", len(todo), workers)
+    with fresh_processes(workers) as pool:  # quality, inference peak, generations, probe
+        futures = {name: pool.submit(measure, name, folder, params, paths, context, base.seed, cores() // workers)
+                   for name, folder in todo}
+        for name, future in futures.items():
             try:
-                row = pool.submit(evaluate_one, name, folder, params, paths, context, base.seed).result()
+                found[name] = future.result()
             except Exception as exc:  # a broken variant is a row, not the end of the evaluation
-                row = {"name": name, "status": "failed", "reason": str(exc).splitlines()[0] if str(exc) else
-                       type(exc).__name__}
-                log.warning("%s failed: %s", name, row["reason"])
-        if row["status"] == "ok":
-            on_disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-            row.update(bytes_on_disk=on_disk, size_ratio=on_disk / reference)
-        rows.append(row)
-    if params.classify and meta["labels"]:
+                found[name] = {"name": name, "status": "failed", "reason": failure(exc)}
+                log.warning("%s failed: %s", name, found[name]["reason"])
+    log.info("timing generation, one model at a time ...")
+    with fresh_processes(1) as pool:
+        for name, folder in todo:
+            if found[name]["status"] != "ok":
+                continue
+            try:
+                found[name].update(pool.submit(latency, folder, params, paths, context, cores()).result())
+            except Exception as exc:
+                found[name] = {"name": name, "status": "failed", "reason": failure(exc)}
+                log.warning("%s failed: %s", name, found[name]["reason"])
+                continue
+            on_disk = size_on_disk(folder)
+            found[name].update(bytes_on_disk=on_disk, size_ratio=on_disk / reference)
+    rows = [found[name] for name, _ in chosen]
+    if params.classify and meta.labels:
         rows.append(word2vec_probe(paths, params, meta, base.seed))
 
     metrics: dict[str, Any] = {"models": len(rows)}
@@ -310,7 +351,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
             if key not in ("name", "generations", "reason", "cls_confusion") and value is not None:
                 metrics[f"{row['name']}_{key}"] = value
     with atomic_dir(paths.out) as tmp:
-        write_json(tmp / "results.json", rows)
+        write_json(tmp / "results.json", [EvalRow.model_validate(row) for row in rows])
         with (tmp / "table.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=TABLE, extrasaction="ignore")
             writer.writeheader()

@@ -68,20 +68,30 @@ class SplitParams(Section):
 
 
 class Params(Section):
-    source: str = Field("builtin:zh-reviews", min_length=1)
-    format: Literal["auto", "txt", "jsonl", "csv", "parquet"] = "auto"
-    txt_unit: Literal["line", "file"] = "line"
-    text_field: str = Field("text", min_length=1)
-    label_field: str = "label"
+    source: str = Field(
+        "builtin:zh-reviews", min_length=1, description="builtin:zh-reviews | builtin:en-news | builtin:en-polarity | a file, folder or glob")
+    format: Literal["auto", "txt", "jsonl", "csv", "parquet"] = Field(
+        "auto", description="auto (by extension) | txt | jsonl | csv | parquet")
+    txt_unit: Literal["line", "file"] = Field(
+        "line", description=".txt: line = one document per line, file = one document per file")
+    text_field: str = Field(
+        "text", min_length=1, description="jsonl/csv/parquet: the field holding the text (a CSV without it is refused)")
+    label_field: str = Field("label", description="the field holding an optional label; '' for none")
     encodings: list[Literal["utf-8", "gb18030", "gbk", "big5", "cp1252", "latin-1"]] = Field(
-        default_factory=lambda: ["utf-8", "gb18030"], min_length=1
-    )
-    on_decode_error: Literal["skip", "fail"] = "skip"
-    max_record_bytes: int = Field(1_000_000, ge=1, le=1_000_000_000)
-    sample: float = Field(1.0, gt=0.0, le=1.0)
-    max_docs: int = Field(0, ge=0)
-    csv_delimiter: str = Field(",", min_length=1, max_length=1)
-    split: SplitParams = Field(default_factory=SplitParams)
+        default_factory=lambda: ["utf-8", "gb18030"], min_length=1, description=(
+            "tried in order per file (a BOM means UTF-8); GB18030 reads GBK too; also big5, cp1252, latin-1"))
+    on_decode_error: Literal["skip", "fail"] = Field(
+        "skip", description="skip: count and skip a line no encoding decodes | fail: stop the stage")
+    max_record_bytes: int = Field(
+        1_000_000, ge=1, le=1_000_000_000, description="longer records are counted and skipped without being held in memory")
+    sample: float = Field(
+        1.0, gt=0.0, le=1.0, description="keep this fraction of documents, chosen by a hash of the text (counted as sampled_out)")
+    max_docs: int = Field(
+        0, ge=0, description="0 = every document; N = stop after N (the rest are counted, not silently lost)")
+    csv_delimiter: str = Field(
+        ",", min_length=1, max_length=1, description='.csv: the one-character field separator (";" or "\\t" for some exports)')
+    split: SplitParams = Field(
+        default_factory=SplitParams, description="by a hash of the text: adding documents never moves an old one")
 
 
 @dataclass(frozen=True)

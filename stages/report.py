@@ -27,10 +27,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from stages.common.artifacts import atomic_dir, read_json
 from stages.common.errors import StageError
 from stages.common.experiments import experiment_records, head_revision
 from stages.common.params import BaseParams, Section, read_params_file
+from stages.common.schema import CATEGORIES, EvalRow, read_rows
 from stages.common.stage import stage_main
 from stages.common.svg import line_chart, scatter, stacked_bars
 
@@ -39,14 +42,14 @@ log = logging.getLogger("lmmem.report")
 STAGES = ["ingest", "clean", "tokenize", "embed", "train", "compress", "evaluate"]
 LIBRARIES = ["torch", "transformers", "tokenizers", "dvc", "prefect", "gensim", "jieba", "nltk", "numpy",
              "bitsandbytes"]
-CATEGORIES = ["parameters", "gradients", "optimizer", "activations", "temporaries"]
 WORKSPACE = "workspace"  # the run of the checked-out params (data/metrics), beside the experiments
 
 
 class Params(Section):
-    title: str = "lmmem: what each memory technique saved and cost"
-    experiments: bool = True
-    generation_chars: int = 160
+    title: str = Field("lmmem: what each memory technique saved and cost", description="the page's heading")
+    experiments: bool = Field(
+        True, description="compare the DVC experiments of this commit (git refs/exps) beside the workspace run")
+    generation_chars: int = Field(160, description="each generation shown up to this many characters")
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,8 @@ def read_inputs(paths: Paths, params: Params) -> Inputs:
     if paths.steps.is_file():
         with paths.steps.open(newline="", encoding="utf-8") as f:
             steps = list(csv.DictReader(f))
-    results = read_json(paths.eval / "results.json") if (paths.eval / "results.json").is_file() else []
+    results = [row.figures() for row in read_rows(paths.eval / "results.json", EvalRow)] \
+        if (paths.eval / "results.json").is_file() else []
     experiments = experiment_records(Path.cwd(), paths.metrics_dir.as_posix()) if params.experiments else []
     return Inputs(read_params_file(paths.params_file), metrics, steps, results, experiments)
 

@@ -41,6 +41,7 @@ from stages.common.artifacts import SPLITS, atomic_dir, iter_jsonl, write_json, 
 from stages.common.errors import StageError
 from stages.common.memory import children_peak_rss_mib
 from stages.common.params import BaseParams, Section
+from stages.common.schema import TokensMeta
 from stages.common.stage import stage_main
 from stages.common.text import CJK_RUN, package_file
 
@@ -68,17 +69,26 @@ class SpecialTokens(Section):
 
 
 class Params(Section):
-    jieba_mode: Literal["precise", "search"] = "precise"
-    hmm: bool = True
-    user_dict: str = ""
-    stopwords: bool = False
-    workers: int = Field(2, ge=1, le=64)
-    batch_docs: int = Field(256, ge=1)
-    vocab_min_count: int = Field(2, ge=1)
-    vocab_max_size: int = Field(32000, ge=5, le=2**32 - 1)
-    special_tokens: SpecialTokens = Field(default_factory=SpecialTokens)
-    gold: str = GOLD_BUILTIN
-    gold_max_lines: int = Field(0, ge=0)
+    jieba_mode: Literal["precise", "search"] = Field(
+        "precise", description="precise: one segmentation | search: also sub-words of long words (more, overlapping tokens)")
+    hmm: bool = Field(
+        True, description="jieba's HMM finds words missing from its dictionary: better recall, slower")
+    user_dict: str = Field(
+        "", description='a jieba user dictionary (word [freq] [tag] per line), best under data/corpus/; "" for none')
+    stopwords: bool = Field(
+        False, description="drop stopwords (stopwordsiso zh+en): good for Word2Vec, wrong for a language model")
+    workers: int = Field(
+        2, ge=1, le=64, description="segmenting processes: about linear speed-up, each holds jieba's dictionary")
+    batch_docs: int = Field(
+        256, ge=1, description="documents per task sent to a worker: larger = less overhead, more memory in flight")
+    vocab_min_count: int = Field(2, ge=1, description="words seen fewer times in train become <unk>")
+    vocab_max_size: int = Field(
+        32000, ge=5, le=2**32 - 1, description="including the 4 special tokens; <= 65536 stores ids as uint16 (half the bytes)")
+    special_tokens: SpecialTokens = Field(default_factory=SpecialTokens, description="ids 0-3, in this order")
+    gold: str = Field(
+        GOLD_BUILTIN, description="gold segmentation to score jieba against (People's Daily 1998); a path; '' for none")
+    gold_max_lines: int = Field(
+        0, ge=0, description="0 = the whole gold corpus (about 6 s); N = its first N lines")
 
 
 @dataclass(frozen=True)
@@ -413,12 +423,10 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         save_hf_tokenizer(tmp, vocab, sp)
         write_json(tmp / "vocab.json", {"words": vocab, "train_counts": [train_counts.get(w, 0) for w in vocab]})
         covered = sum(train_counts[w] for w in vocab[4:])
-        meta = {
-            "dtype": np.dtype(dtype).name, "vocab_size": len(vocab), "labels": list(label_index),
-            "special_tokens": sp.model_dump(), "special_ids": {k: index[v] for k, v in sp.model_dump().items()},
-            "docs": dict(docs), "tokens": {s: metrics[f"tokens_{s}"] for s in SPLITS},
-            "layout": "ids: each document's word ids then eos; offsets: uint64 document starts, n_docs + 1",
-        }
+        meta = TokensMeta(
+            dtype=np.dtype(dtype).name, vocab_size=len(vocab), labels=list(label_index),
+            special_tokens=sp.model_dump(), special_ids={k: index[v] for k, v in sp.model_dump().items()},
+            docs=dict(docs), tokens={s: metrics[f"tokens_{s}"] for s in SPLITS})
         write_json(tmp / "meta.json", meta)
         write_params(tmp, base=base, tokenize=params)
 

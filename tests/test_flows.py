@@ -20,7 +20,7 @@ import yaml
 from tests.conftest import ROOT, sh, tiny_repo
 
 pytestmark = pytest.mark.e2e
-STAGES = ["ingest", "clean", "tokenize", "embed", "train", "compress", "evaluate", "report"]
+STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compress", "evaluate", "report"]
 
 
 @pytest.fixture(scope="module")

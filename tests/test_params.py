@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from flows.common import FlowParams
 from stages import clean, compress, embed, evaluate, ingest, report, tokenize, train
 from stages.common.errors import StageError
-from stages.common.params import load_params, validate_section
+from stages.common.params import BaseParams, load_params, validate_section
 from tests.conftest import ROOT, TINY, one_error_line, run_cli, tiny_params
 
 STAGES = {"ingest": ingest, "clean": clean, "tokenize": tokenize, "embed": embed, "train": train,
@@ -35,6 +39,87 @@ def test_every_key_of_params_yaml_has_a_comment() -> None:
         if stripped.startswith(("train:", "validation:", "test:")):
             continue  # split fractions: explained on their header line
         assert "#" in line, f"params.yaml line {number} has no comment: {line!r}"
+
+
+SECTIONS: dict[str, type[BaseModel]] = {"base": BaseParams, "flows": FlowParams,
+                                        **{name: module.Params for name, module in STAGES.items()}}
+
+
+def yaml_comments(path: Path) -> dict[str, str]:
+    """{dotted key: its trailing comment} for every key line of a params file that has one."""
+    out: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []  # (indent, key) of the enclosing sections
+    for line in path.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^( *)([A-Za-z_][\w-]*):(.*)$", line)
+        if not match:
+            continue
+        indent, key, rest = len(match.group(1)), match.group(2), match.group(3)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, key))
+        quote = None
+        for i, ch in enumerate(rest):  # the first '#' after a space, outside quotes
+            if quote:
+                quote = None if ch == quote else quote
+            elif ch in "\"'":
+                quote = ch
+            elif ch == "#" and (i == 0 or rest[i - 1] == " "):
+                out[".".join(k for _, k in stack)] = rest[i + 1:].strip()
+                break
+    return out
+
+
+def field_at(path: str) -> FieldInfo | None:
+    """The pydantic field a dotted params key names (None for a key inside a free mapping)."""
+    section, *keys = path.split(".")
+    model: Any = SECTIONS[section]
+    info = None
+    for key in keys:
+        fields = getattr(model, "model_fields", None)
+        if not fields or key not in fields:
+            return None
+        info = fields[key]
+        model = info.annotation
+    return info
+
+
+def test_code_defaults_equal_the_shipped_params_yaml() -> None:
+    """One source of defaults: every section's Params() is what params.yaml ships, so the
+    report's "differs from the defaults" lists only what a user changed."""
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    for name, model in SECTIONS.items():
+        assert model() == model.model_validate(shipped[name]), name
+
+
+def test_code_defaults_are_caught_when_they_drift() -> None:
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    drifted = {**shipped["clean"], "min_chars": shipped["clean"]["min_chars"] + 1}
+    assert clean.Params() != clean.Params.model_validate(drifted)
+
+
+def test_params_yaml_comments_are_the_fields_descriptions() -> None:
+    comments = yaml_comments(ROOT / "params.yaml")
+    checked = 0
+    for path, comment in comments.items():
+        if "." not in path or path.startswith("compress.variants."):
+            continue  # a section's own comment; the shipped variants are data, each comment says what it trades
+        info = field_at(path)
+        assert info is not None, f"params.yaml: {path} is not a field of its section"
+        assert info.description == comment, f"{path}: params.yaml says {comment!r}, the field {info.description!r}"
+        checked += 1
+    assert checked >= 120  # 120 keys at the time of writing: a parser that found none would fail here
+    assert comments["train.precision"].startswith("fp32 | bf16")  # the parser reads what a person reads
+    # and every field of every section is described in params.yaml
+    def walk(model: Any, prefix: str) -> list[str]:
+        out = []
+        for key, info in model.model_fields.items():
+            out.append(prefix + key)
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+                out += walk(info.annotation, f"{prefix}{key}.")
+        return out
+    missing = [key for name, model in SECTIONS.items() for key in walk(model, f"{name}.")
+               if key not in comments and not key.startswith(("ingest.split.", "tokenize.special_tokens."))]
+    assert missing == []
 
 
 def test_tiny_profile_has_the_same_keys_as_params_yaml() -> None:

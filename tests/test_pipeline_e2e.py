@@ -4,7 +4,6 @@ change that reruns only what depends on it, and a DVC experiment."""
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 import sys
@@ -16,7 +15,7 @@ import yaml
 from tests.conftest import ROOT, sh, tiny_repo
 
 pytestmark = pytest.mark.e2e
-STAGES = ["ingest", "clean", "tokenize", "embed", "train", "compress", "evaluate", "report"]
+STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compress", "evaluate", "report"]
 
 
 def ran(output: str) -> list[str]:
@@ -77,15 +76,61 @@ def test_tiny_metrics_match_the_stored_figures(repo: Path) -> None:
     assert m["embed"]["deterministic"] is True
 
 
-def test_changing_an_embed_param_reruns_its_readers_only(repo: Path) -> None:
+def dvc_changed(repo: Path) -> list[str]:
+    """The stages `dvc status` says have changed, in dvc.yaml's order."""
+    status = json.loads(sh("dvc", "status", "--json", cwd=repo))
+    return [stage for stage in STAGES if stage in status]
+
+
+def edited(repo: Path, relative: str) -> Path:
+    """Append a comment to a source file of the repository (undone by `git checkout`)."""
+    path = repo / relative
+    path.write_text(path.read_text(encoding="utf-8") + "\n# an edit\n", encoding="utf-8")
+    return path
+
+
+def test_a_word2vec_param_does_not_rerun_train_unless_train_starts_from_it(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["train"]["init_from_word2vec"] is False
     params["embed"]["window"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
-    # train may start from the vectors; its model comes out the same, so compress is skipped;
-    # evaluate reads the vectors for its Word2Vec baseline; the report reads every stage's metrics
-    assert ran(sh("dvc", "repro", cwd=repo)) == ["embed", "train", "evaluate", "report"]
-    sh("git", "checkout", "params.yaml", cwd=repo)
+    # warmstart reruns and writes the same bytes (no vectors asked for), so DVC leaves train and
+    # compress alone; evaluate reads the vectors for its Word2Vec baseline
+    assert ran(sh("dvc", "repro", cwd=repo)) == ["embed", "warmstart", "evaluate", "report"]
+    params["train"]["init_from_word2vec"] = True  # now train starts from the vectors: it reruns
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    assert ran(sh("dvc", "repro", cwd=repo))[:2] == ["warmstart", "train"]
+    sh("git", "checkout", "params.yaml", "dvc.lock", cwd=repo)
     sh("dvc", "checkout", "-q", cwd=repo)
+
+
+@pytest.mark.parametrize("module, changed", [
+    ("stages/common/quant.py", ["compress", "evaluate"]),  # the report: through their outputs, once they run
+    ("stages/common/storage.py", ["compress", "evaluate"]),
+    ("stages/report.py", ["report"]),
+    ("stages/common/svg.py", ["report"]),
+])
+def test_editing_a_module_changes_only_the_stages_that_run_it(repo: Path, module: str, changed: list[str]) -> None:
+    """Quantization or sparse-storage code: compress and evaluate, not train; the report or its
+    charts: the report alone."""
+    sh("dvc", "repro", cwd=repo)
+    edited(repo, module)
+    try:
+        assert dvc_changed(repo) == changed
+    finally:
+        sh("git", "checkout", module, cwd=repo)
+
+
+def test_editing_the_training_loop_reruns_train_and_what_its_bytes_change(repo: Path) -> None:
+    sh("dvc", "repro", cwd=repo)
+    edited(repo, "stages/train/loop.py")
+    try:
+        assert dvc_changed(repo) == ["train", "report"]  # the report lists train's params defaults
+        # the same model bytes come out: compress and evaluate do not rerun
+        assert ran(sh("dvc", "repro", cwd=repo)) == ["train", "report"]
+    finally:
+        sh("git", "checkout", "stages/train/loop.py", cwd=repo)
+        sh("dvc", "checkout", "-q", cwd=repo)
 
 
 def test_changing_a_compress_param_reruns_compress_and_evaluate_only(repo: Path) -> None:
@@ -154,32 +199,36 @@ def test_experiment_on_english_news_lists_its_metrics(repo: Path) -> None:
     assert json.loads((repo / "report-check.json").read_text())["experiments"] == 1
 
 
-def stage_imports(source: str) -> set[str]:
-    """Modules of this project that `from stages... import ...` lines name (package imports
-    resolved to their modules)."""
-    found = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages"):
-            if (ROOT / node.module.replace(".", "/")).is_dir():
-                found |= {f"{node.module}.{alias.name}" for alias in node.names}
-            else:
-                found.add(node.module)
-    return found
-
-
 def test_dvc_yaml_declares_every_common_module_each_stage_imports() -> None:
+    from stages.common.sources import closure
+
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage in STAGES:
-        imported = stage_imports((ROOT / "stages" / f"{stage}.py").read_text())
-        todo = list(imported)  # modules imported by those modules count too
-        while todo:
-            for mod in stage_imports((ROOT / (todo.pop().replace(".", "/") + ".py")).read_text()) - imported:
-                imported.add(mod)
-                todo.append(mod)
-        needed = {m.replace(".", "/") + ".py" for m in imported} | {f"stages/{stage}.py"}
+        own = f"stages/{stage}" if (ROOT / "stages" / stage).is_dir() else f"stages/{stage}.py"
+        files = {f.relative_to(ROOT).as_posix() for f in closure(f"stages.{stage}")}
+        needed = {f for f in files if not f.startswith(own + "/")} | {own}
         deps = set(pipeline[stage]["deps"])
         assert needed <= deps, f"{stage}: {sorted(needed - deps)} missing from dvc.yaml deps"
-        assert stage in pipeline[stage]["params"] and "base.seed" in pipeline[stage]["params"]
+        extra = {d for d in deps if d.startswith("stages/")} - needed
+        if stage != "report":  # the report reads every stage's Params (their defaults) besides
+            assert extra == set(), f"{stage}: {sorted(extra)} in dvc.yaml deps but not run by the stage"
+        assert "base.seed" in pipeline[stage]["params"]
+        assert stage in pipeline[stage]["params"] or stage == "warmstart"
         assert pipeline[stage]["metrics"] == [{f"data/metrics/{stage}.json": {"cache": False}}]
         outs = [o if isinstance(o, str) else next(iter(o)) for o in pipeline[stage]["outs"]]
         assert outs and all(o.startswith("data/") for o in outs)
+
+
+def test_training_does_not_run_quantization_storage_or_charts() -> None:
+    """The narrow graph rests on what the stages import: training code reaches no
+    quantization, sparse storage, model-folder loading or chart module, and the checkpoint
+    fingerprint covers exactly what training runs."""
+    from stages.common.sources import closure
+
+    train = {f.relative_to(ROOT).as_posix() for f in closure("stages.train")}
+    assert "stages/train/loop.py" in train and "stages/common/meter.py" in train
+    for module in ("quant", "storage", "loading", "svg", "classify"):
+        assert f"stages/common/{module}.py" not in train
+    for stage in ("compress", "evaluate"):
+        assert not any(f.startswith("stages/train/") for f in
+                       (g.relative_to(ROOT).as_posix() for g in closure(f"stages.{stage}")))

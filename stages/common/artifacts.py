@@ -47,6 +47,11 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def size_on_disk(folder: Path) -> int:
+    """Bytes of a model folder's weight files (*.safetensors): what a model costs to store."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")

@@ -42,12 +42,19 @@ ENDPOINT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:\d{1,5}$")
 
 
 class DistributedParams(Section):
-    nproc: int = Field(1, ge=1, le=1024)
-    nnodes: int = Field(1, ge=1, le=4096)
-    rdzv_endpoint: str = ""
-    rdzv_id: str = Field("lmmem-train", min_length=1, max_length=128)
-    strategy: Literal["ddp", "zero1", "fsdp"] = "ddp"
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    nproc: int = Field(
+        1, ge=1, le=1024, description="processes on this machine; > 1 launches them (gloo on CPU; on CUDA one GPU each, NCCL)")
+    nnodes: int = Field(
+        1, ge=1, le=4096, description="machines; > 1: run the same command on each, rank 0's machine writes the outputs")
+    rdzv_endpoint: str = Field(
+        "", description='host:port every machine reaches (node 0, say 10.0.0.1:29400); "" = this machine, a free port')
+    rdzv_id: str = Field(
+        "lmmem-train", min_length=1, max_length=128, description="names the run at the rendezvous: the same on every machine")
+    strategy: Literal["ddp", "zero1", "fsdp"] = Field(
+        "ddp", description=("ddp: everything replicated | zero1: optimizer state sharded | fsdp: parameters, gradients "
+        "and optimizer state sharded (FSDP2)"))
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="auto (gloo on CPU, nccl on CUDA) | gloo | nccl")
 
     @model_validator(mode="after")
     def _endpoint(self) -> DistributedParams:

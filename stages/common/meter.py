@@ -30,7 +30,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries")
+from stages.common.schema import CATEGORIES, mem_key
+
 PHASE_CATEGORY = {"forward": "activations", "backward": "temporaries", "optimizer": "optimizer",
                   "setup": "activations"}
 
@@ -82,6 +83,7 @@ class TensorMeter(TorchDispatchMode):
         self.phase_name = "setup"
         self._hooks: list[Any] = []
         self._optimizer: torch.optim.Optimizer | None = None
+        self._state_seen: dict[int, weakref.ref[torch.Tensor]] = {}  # optimizer state tensors already counted
 
     # ------------------------------------------------------------------ bookkeeping
     def _add(self, storage: torch.UntypedStorage, category: str) -> None:
@@ -152,11 +154,21 @@ class TensorMeter(TorchDispatchMode):
         self.sync_optimizer()
 
     def sync_optimizer(self) -> None:
+        """Count the optimizer's state tensors as optimizer state. A tensor already counted is
+        recognised by identity without asking for its storage again (on fake tensors that
+        question is a dispatch of its own, and this runs before every optimizer op)."""
         if self._optimizer is None:
             return
         for state in self._optimizer.state.values():
-            for t in _tensors_of(state):
-                self._move(_storage(t), "optimizer")
+            for t in (state.values() if isinstance(state, dict) else _tensors_of(state)):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                seen = self._state_seen.get(id(t))
+                if seen is not None and seen() is t:
+                    continue
+                for part in _tensors_of(t):
+                    self._move(_storage(part), "optimizer")
+                self._state_seen[id(t)] = weakref.ref(t)
 
     def track(self, obj: Any, category: str) -> None:
         """Count tensors made before the meter started (a batch, say) in `category`."""
@@ -177,16 +189,13 @@ class TensorMeter(TorchDispatchMode):
         if category == "optimizer":  # state made by the last op is in optimizer.state by now
             self.sync_optimizer()
         out = func(*args, **(kwargs or {}))
-        if category == "optimizer":  # new state (exp_avg, ...) is optimizer state, the rest temporaries
-            state = {id(_storage(t)) for s in self._optimizer.state.values() for t in _tensors_of(s)} \
-                if self._optimizer is not None else set()
+        # in the optimizer phase a new storage is a temporary until the optimizer keeps it in its
+        # state (exp_avg, ...): the sync before the next op, or after the step, moves it there
+        new = "temporaries" if category == "optimizer" else category
         for t in _tensors_of(out):
             st = _storage(t)
             if st is not None and st.nbytes() > 0:
-                if category == "optimizer":
-                    self._add(st, "optimizer" if id(st) in state else "temporaries")
-                else:
-                    self._add(st, category)
+                self._add(st, new)
         return out
 
     # ------------------------------------------------------------------ results
@@ -194,10 +203,10 @@ class TensorMeter(TorchDispatchMode):
         """Flat metrics in MiB: each category's own peak, the total's peak, and the
         categories at the moment of the total's peak, with its step and phase."""
         mib = 2**20
-        out: dict[str, Any] = {f"{prefix}{c}_peak_mib": self.category_peaks[c] / mib for c in CATEGORIES}
-        out[f"{prefix}total_peak_mib"] = self.peak.total / mib
+        out: dict[str, Any] = {mem_key(c, prefix): self.category_peaks[c] / mib for c in CATEGORIES}
+        out[mem_key("total", prefix)] = self.peak.total / mib
         for c in CATEGORIES:
-            out[f"{prefix}at_peak_{c}_mib"] = self.peak.by_category[c] / mib
+            out[mem_key(c, prefix, at_peak=True)] = self.peak.by_category[c] / mib
         out[f"{prefix}peak_step"] = self.peak.step
         out[f"{prefix}peak_phase"] = self.peak.phase
         return out

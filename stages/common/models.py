@@ -26,14 +26,23 @@ LSTM_WEIGHTS = "model.safetensors"
 
 
 class ModelParams(Section):
-    family: Literal["llama", "gpt2", "lstm"] = "llama"
-    layers: int = Field(4, ge=1, le=128)
-    width: int = Field(256, ge=8, le=16384)
-    heads: int = Field(4, ge=1, le=256)
-    ffn_width: int = Field(0, ge=0)  # 0: llama 8/3 x width rounded up to 64, gpt2 4 x width
-    context: int = Field(128, ge=2, le=65536)
-    tie_embeddings: bool = True
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    family: Literal["llama", "gpt2", "lstm"] = Field(
+        "llama", description=("llama: Linear layers, RoPE, SwiGLU (what quantizers act on) | gpt2: Conv1D | lstm: the "
+        "classical baseline"))
+    layers: int = Field(
+        4, ge=1, le=128, description="transformer blocks (or LSTM layers): parameters and activations grow linearly")
+    width: int = Field(
+        256, ge=8, le=16384, description="hidden size: parameters grow with its square, activations linearly")
+    heads: int = Field(
+        4, ge=1, le=256, description="attention heads (width must be a multiple); attention scores grow with heads x context^2")
+    ffn_width: int = Field(
+        0, ge=0, description="MLP hidden size; 0 = llama 8/3 x width rounded up to 64, gpt2 4 x width")
+    context: int = Field(
+        128, ge=2, le=65536, description="tokens per window: activations grow linearly, attention scores with its square")
+    tie_embeddings: bool = Field(
+        True, description="share input and output embeddings: one vocab x width matrix instead of two")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="regularisation; > 0 also keeps a dropout mask per layer in memory")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelParams:
@@ -144,67 +153,3 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     embedding = sum(unique[i].numel() for i in embedding_ids if i in unique)
     return {"params_total": total, "params_trainable": trainable, "params_embedding": embedding,
             "params_non_embedding": total - embedding}
-
-
-VARIANT_FILE = "lmmem_variant.json"  # a model stored by lmmem's own encoding (stages.common.storage)
-VARIANT_WEIGHTS = "weights.safetensors"
-
-
-def load_model_folder(folder: str | Path) -> nn.Module:
-    """Any model folder lmmem writes, in eval mode: a transformers folder (stock
-    `from_pretrained`), the LSTM baseline's format, or a compressed variant in lmmem's encoding
-    (quantized modules rebuilt from the record in lmmem_variant.json, sparse tensors decoded).
-    Nothing is unpickled. Raises ValueError naming the folder when it holds no loadable model."""
-    from stages.common import quant, storage
-
-    folder = Path(folder)
-    variant = folder / VARIANT_FILE
-    try:
-        if variant.is_file():
-            record = json.loads(variant.read_text())
-            model = _skeleton(folder)
-            quant.skeleton(model, record.get("quantized", {}))
-            model.load_state_dict(storage.load_state(folder / VARIANT_WEIGHTS), strict=True)
-        elif (folder / LSTM_CONFIG).is_file():
-            model = load_lstm(folder)
-        elif (folder / "config.json").is_file():
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(str(folder))
-        else:
-            raise ValueError("no config.json, lstm_config.json or lmmem_variant.json")
-    except Exception as exc:  # whatever the format library raised: one message naming the folder
-        raise ValueError(f"{folder}: cannot load a model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    return model.eval()
-
-
-def _skeleton(folder: Path) -> nn.Module:
-    """An untrained model of the folder's architecture and dtype, to load weights into."""
-    if (folder / LSTM_CONFIG).is_file():
-        config = json.loads((folder / LSTM_CONFIG).read_text())
-        config.pop("family")
-        return LSTMLanguageModel(**config)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(folder))
-    return AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
-
-
-def weight_counts(model: nn.Module) -> tuple[int, int]:
-    """(weights, non-zero weights) of a model, quantized or not: each stored weight once
-    (tied ones once); scales and group minima are not weights; a packed int4 byte holds two
-    (its zeros are not counted apart)."""
-    total = nonzero = 0
-    seen: set[tuple[int, int]] = set()
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen or name.endswith(("scale", "minimum")):
-            continue
-        seen.add(key)
-        if name.endswith("packed"):
-            total += 2 * t.numel()
-            nonzero += 2 * t.numel()
-        else:
-            total += t.numel()
-            nonzero += int(torch.count_nonzero(t))
-    return total, nonzero

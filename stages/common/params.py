@@ -30,8 +30,10 @@ class Section(BaseModel):
 class BaseParams(Section):
     """The `base` section, shared by every stage that needs a seed or a device."""
 
-    seed: int = Field(1337, ge=0, le=2**32 - 1)  # seeds python, numpy, torch and gensim
-    device: Literal["cpu", "cuda", "auto"] = "cpu"  # auto: cuda when available, else cpu
+    seed: int = Field(
+        1337, ge=0, le=2**32 - 1, description="seeds Python, NumPy, torch and gensim: same params, same metrics on CPU")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="cpu | cuda | auto (cuda when present); data stages run on CPU regardless")
 
 
 def _describe_error(section: str, err: dict[str, Any], model: type[BaseModel]) -> str:

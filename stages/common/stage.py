@@ -27,15 +27,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from pydantic import BaseModel
 
 from stages.common.artifacts import write_json
 from stages.common.errors import StageError
 from stages.common.memory import peak_rss_mib, reset_peak_rss
-from stages.common.params import BaseParams, Section, load_params
+from stages.common.params import BaseParams, load_params
 
 log = logging.getLogger("lmmem")
 
-P = TypeVar("P", bound=Section)
+P = TypeVar("P", bound=BaseModel)
 Metrics = dict[str, float | int | str | bool]
 
 
@@ -99,15 +100,17 @@ def stage_main(
     argv: Sequence[str] | None = None,
     doc: str | None = None,
     estimate: Callable[[P, Any, BaseParams], dict[str, Any]] | None = None,
+    section: str | None = None,
 ) -> int:
     """Run one stage from the command line; returns the process exit code. A stage that can
-    predict its memory passes `estimate`, which `--estimate` runs instead of the stage."""
+    predict its memory passes `estimate`, which `--estimate` runs instead of the stage. A
+    stage that reads another stage's section of params.yaml names it as `section`."""
     args = _build_parser(name, paths_cls, doc, estimate is not None).parse_args(argv)
     setup_logging(args.log_level)
     reset_peak_rss()
     started = time.perf_counter()
     try:
-        base, params = load_params(args.params, name, params_cls)
+        base, params = load_params(args.params, section or name, params_cls)
         paths = paths_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(paths_cls)})
         seed_everything(base.seed)
         if getattr(args, "estimate", False):

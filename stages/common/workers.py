@@ -1,0 +1,33 @@
+"""Fresh worker processes that start fast: each task runs in a process of its own (its memory
+peaks are its own), forked from a server that imported the heavy libraries once, instead of a
+new interpreter importing torch and transformers again for every task."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+
+import torch
+
+# what every evaluation process imports: paid once, in the fork server
+PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama",
+           "transformers.models.gpt2.modeling_gpt2", "stages.common.loading", "stages.common.meter"]
+
+
+def cores() -> int:
+    """CPUs this process may run on (its affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def fresh_processes(workers: int, preload: list[str] = PRELOAD) -> concurrent.futures.ProcessPoolExecutor:
+    """A pool of `workers` processes, each running one task and exiting (max_tasks_per_child=1),
+    forked from a fork server with `preload` imported."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(preload)
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1)
+
+
+def share_cores(threads: int) -> None:
+    """In a worker: use `threads` of the cores for torch's intra-op parallelism."""
+    torch.set_num_threads(max(1, threads))

@@ -1,0 +1,119 @@
+"""What a training run holds, built the same way for a real run and for the dry run: the
+seeded model with every technique's changes, its distributed wrapper, the optimizer, the
+gradient scaler and the techniques' running state."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.common import distributed
+from stages.common.distributed import Context
+from stages.common.errors import StageError
+from stages.common.meter import TensorMeter
+from stages.common.models import build_model
+from stages.common.schema import TokensMeta
+from stages.train.techniques import REGISTRY, State, optimizer_family
+
+
+@dataclass
+class Parts:
+    """The model (wrapped by the distributed strategy, if any), its optimizer, the gradient
+    scaler (a no-op unless fp16) and each stateful technique's state. `raw` is the model
+    without DDP's wrapper (FSDP shards the model in place, so there it is the model itself:
+    what evaluation runs and rank 0 saves). `keep_grads`: gradients stay allocated between
+    steps (DDP's gradient buckets)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    raw: torch.nn.Module
+    states: dict[str, State] = field(default_factory=dict)
+    keep_grads: bool = False
+
+    def track(self, meter: TensorMeter) -> None:
+        meter.track_model(self.model)
+        meter.track_optimizer(self.optimizer)
+        for state in self.states.values():
+            meter.track(state.tensors(), "parameters")  # model state (pruning's masks)
+
+    def after_step(self, step: int) -> None:
+        for state in self.states.values():
+            state.after_step(step)
+
+    def record(self) -> dict[str, float]:
+        """Each technique's per-step columns (their value when it is off where it has no state)."""
+        out: dict[str, float] = {}
+        for technique in REGISTRY:
+            state = self.states.get(technique.name)
+            out.update(state.record() if state is not None else technique.columns)
+        return out
+
+
+def forward_context(p: Any, device: torch.device) -> contextlib.ExitStack:
+    """Every technique's context around a forward pass (autocast, for one)."""
+    stack = contextlib.ExitStack()
+    for technique in REGISTRY:
+        stack.enter_context(technique.forward_context(p, device))
+    return stack
+
+
+def build(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Context = Context(),
+          dry_run: bool = False, word2vec: np.ndarray | None = None) -> Parts:
+    """Model (seeded; its input embedding from `word2vec` when given), each technique's
+    changes, the distributed wrapper (a dry run only reshapes what one rank holds), the
+    optimizer of p.optimizer's family, and the gradient scaler."""
+    torch.manual_seed(seed)
+    with device:  # made where it trains: no copy, and fake tensors cannot be moved
+        model = build_model(p.model, meta.vocab_size, meta.special_ids.model_dump())
+    if word2vec is not None:
+        init_embedding_from_word2vec(model, word2vec, seed)
+    states = {}
+    for technique in REGISTRY:
+        if (state := technique.prepare(model, p, device)) is not None:
+            states[technique.name] = state
+    model.train()
+    raw = model
+    if ctx.enabled and not dry_run:
+        model = distributed.wrap_model(model, ctx, device)
+    optimizer = optimizer_family(p.optimizer).make_optimizer(p, model, ctx, dry_run)
+    scalers = [s for t in REGISTRY if (s := t.gradient_scaler(p, device, dry_run)) is not None]
+    scaler = scalers[0] if scalers else torch.amp.GradScaler(device.type, enabled=False)
+    # DDP's gradients are views of its buckets: kept between steps (zeroed, not freed), the
+    # meter sees them where they live, and a dry run holds them as long
+    return Parts(model, optimizer, scaler, raw, states, keep_grads=ctx.enabled and ctx.strategy in ("ddp", "zero1"))
+
+
+def init_embedding_from_word2vec(model: torch.nn.Module, aligned: np.ndarray, seed: int) -> None:
+    """Copy Word2Vec's vectors (row i = token id i) into the input embedding. A different width
+    goes through a fixed random projection; either way rows are rescaled to the standard
+    deviation of the embedding they replace, so the rest of the initialisation stays in scale."""
+    weight = model.get_input_embeddings().weight
+    if aligned.shape[0] != weight.shape[0]:
+        raise StageError(f"data/embed/aligned.npy has {aligned.shape[0]} rows for a vocabulary of "
+                         f"{weight.shape[0]}: rerun the embed stage on these tokens")
+    vectors = torch.from_numpy(aligned).float()
+    if vectors.shape[1] != weight.shape[1]:
+        g = torch.Generator().manual_seed(seed)
+        projection = torch.randn(vectors.shape[1], weight.shape[1], generator=g) / math.sqrt(vectors.shape[1])
+        vectors = vectors @ projection
+    with torch.no_grad():
+        vectors *= weight.std() / vectors.std().clamp_min(1e-12)
+        weight.copy_(vectors.to(weight.device, weight.dtype))
+
+
+@dataclass
+class Progress:
+    """What a run accumulates step by step (and a checkpoint carries)."""
+
+    rng: np.random.Generator
+    records: list[dict[str, Any]] = field(default_factory=list)
+    metered: list[dict[str, Any]] = field(default_factory=list)  # each rank's metered figures
+    step_seconds: list[float] = field(default_factory=list)
+    cuda_peak: float = 0.0
+    cuda_reserved: float = 0.0

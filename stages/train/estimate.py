@@ -1,0 +1,105 @@
+"""The dry run: tensor memory by category, predicted before training by running the
+configured steps on fake tensors (shapes and dtypes, no data, no memory) under the same
+meter, and per rank for a distributed run."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from stages.common.distributed import Context, block_classes
+from stages.common.meter import TensorMeter
+from stages.common.models import build_model
+from stages.common.schema import CATEGORIES, TokensMeta, mem_key
+from stages.train.build import build
+from stages.train.step import train_step
+from stages.train.techniques import REGISTRY
+
+
+class NeutralScalars(TorchDispatchMode):
+    """Fake tensors have no values, yet optimizers read scalars out of tensors (a step count,
+    Adafactor's step size). In a dry run those reads get a neutral answer (1 for floats, 0
+    for integers and flags): it steers no allocation."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return 1.0 if args[0].dtype.is_floating_point else 0
+        return func(*args, **(kwargs or {}))
+
+
+def dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Context = Context(),
+            batch: int = 0) -> dict[str, Any]:
+    """The configured model, optimizer and techniques run `max(2, meter_steps)` steps of
+    `batch` windows (default batch_size) on fake tensors under the meter. Exact up to kernels
+    that allocate differently on fake inputs. `ctx` reshapes it to one rank of a distributed
+    run (see `predict_memory`)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(FakeTensorMode())
+        stack.enter_context(NeutralScalars())
+        for technique in REGISTRY:
+            for mode in technique.dry_run_modes(p):
+                stack.enter_context(mode)
+        parts = build(p, meta, device, seed, ctx=ctx, dry_run=True)
+        meter = TensorMeter()
+        parts.track(meter)
+        for step in range(max(2, p.meter_steps)):
+            rows = torch.zeros(batch or p.batch_size, p.model.context + 1, dtype=torch.long, device=device)
+            train_step(parts, rows, p, device, step, meter)
+            del rows
+        meter.close()
+    return meter.summary(prefix="est_")
+
+
+def predict_memory(p: Any, meta: TokensMeta, device: torch.device, seed: int) -> dict[str, Any]:
+    """The dry run's prediction; distributed, per rank (the largest rank's figures as est_*,
+    every rank's total and optimizer state as rank<r>_est_*). Each rank trains on
+    batch_size / ranks windows. ddp: gradients stay allocated between steps (DDP's
+    buckets). zero1: besides, the optimizer holds the state of this rank's ZeRO partition
+    only. fsdp: ZeRO stage 3's formula on the one-rank dry run (`fsdp_estimate`)."""
+    d = p.distributed
+    if d.world_size == 1:
+        return dry_run(p, meta, device, seed)
+    world, local = d.world_size, p.batch_size // d.world_size
+    ddp = dry_run(p, meta, device, seed, Context(0, world, 0, "ddp"), local)
+    if d.strategy == "ddp":
+        per_rank = [ddp] * world
+    elif d.strategy == "zero1":
+        per_rank = [dry_run(p, meta, device, seed, Context(r, world, r, "zero1"), local) for r in range(world)]
+    else:
+        single = dry_run(p, meta, device, seed, Context(), local)
+        per_rank = [fsdp_estimate(single, p, meta, world)] * world
+    total = mem_key("total", "est_")
+    out = dict(max(per_rank, key=lambda e: e[total]))
+    for rank, e in enumerate(per_rank):
+        for cat in ("total", "optimizer", "gradients", "parameters"):
+            out[mem_key(cat, f"rank{rank}_est_")] = e[mem_key(cat, "est_")]
+    out["dist_ddp_est_total_peak_mib"] = ddp[total]
+    return out
+
+
+def fsdp_estimate(single: dict[str, Any], p: Any, meta: TokensMeta, world: int) -> dict[str, Any]:
+    """One FSDP rank from a one-rank dry run: parameters, gradients and optimizer state
+    divided by the ranks (ZeRO stage 3), plus what is gathered whole at a time: the root
+    unit (embeddings, final norm, head) through forward and backward, and two blocks (the
+    one computing and the one prefetched), less this rank's own shard of them."""
+    with torch.device("meta"):
+        model = build_model(p.model, meta.vocab_size, meta.special_ids.model_dump())
+    blocks = block_classes(model)
+    unique = {id(q): q for q in model.parameters()}
+    total = sum(q.nbytes for q in unique.values())
+    block_bytes = [sum(q.nbytes for q in m.parameters()) for m in model.modules() if blocks and isinstance(m, blocks)]
+    root = total - sum(block_bytes)
+    gathered = (root + 2 * max(block_bytes, default=0)) * (world - 1) / world / 2**20
+    out = dict(single)
+    for cat in ("parameters", "gradients", "optimizer"):
+        out[mem_key(cat, "est_")] = single[mem_key(cat, "est_")] / world
+        out[mem_key(cat, "est_", at_peak=True)] = single[mem_key(cat, "est_", at_peak=True)] / world
+    out[mem_key("temporaries", "est_")] = single[mem_key("temporaries", "est_")] + gathered
+    out[mem_key("temporaries", "est_", at_peak=True)] = single[mem_key("temporaries", "est_", at_peak=True)] + gathered
+    out[mem_key("total", "est_")] = sum(out[mem_key(cat, "est_", at_peak=True)] for cat in CATEGORIES)
+    return out

@@ -1,0 +1,133 @@
+"""The end of a run: the metrics (what was metered on every rank beside the dry run's
+prediction, throughput, quality, each technique's figures) and the outputs, written
+atomically on rank 0: the model folder and the per-step CSV."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import shutil
+import statistics
+from typing import Any
+
+import torch
+
+from stages.common import distributed
+from stages.common.artifacts import atomic_dir, size_on_disk, write_params
+from stages.common.distributed import Context
+from stages.common.memory import peak_rss_mib
+from stages.common.models import TOKENIZER_FILES, build_model, count_parameters
+from stages.common.params import BaseParams
+from stages.common.schema import TokensMeta, mem_key
+from stages.train.build import Parts, Progress
+from stages.train.params import Paths
+from stages.train.techniques import REGISTRY
+
+log = logging.getLogger("lmmem.train")
+
+CSV_FIELDS = ["step", "train_loss", "val_loss", "lr", "step_ms", *[c for t in REGISTRY for c in t.columns],
+              "rss_mib", "tensor_peak_mib"]
+
+
+def finish(parts: Parts, progress: Progress, p: Any, paths: Paths, base: BaseParams, ctx: Context,
+           device: torch.device, meta: TokensMeta, predicted: dict[str, Any],
+           extra: dict[str, Any]) -> dict[str, Any] | None:
+    """Gather every rank's figures, then on rank 0 write the outputs; returns the metrics
+    there (None on the other ranks)."""
+    cuda: dict[str, float] = {}
+    if device.type == "cuda":
+        cuda = {"cuda_max_allocated_mib": max(progress.cuda_peak, torch.cuda.max_memory_allocated(device) / 2**20),
+                "cuda_max_reserved_mib": max(progress.cuda_reserved, torch.cuda.max_memory_reserved(device) / 2**20)}
+    ranks = [{**m, **rest} for m, rest in zip(progress.metered, ctx.gather({**cuda, "peak_rss_mib": peak_rss_mib()}),
+                                              strict=True)]
+    final = full_model(parts, p, meta, ctx)
+    if not ctx.main:
+        return None
+    metrics = run_metrics(final, progress, p, ctx, extra)
+    metrics.update(rank_figures(ranks, predicted))
+    metrics.update(predicted)
+    metrics.update(estimate_errors(metrics, predicted))
+    if hasattr(final, "generation_config"):  # trained without a KV cache; generation wants one
+        final.config.use_cache = final.generation_config.use_cache = True
+    with atomic_dir(paths.out) as tmp:
+        final.save_pretrained(str(tmp))
+        for name in TOKENIZER_FILES:
+            shutil.copy(paths.tokens / name, tmp / name)
+        write_params(tmp, base=base, train=p)
+        metrics["size_on_disk_mib"] = size_on_disk(tmp) / 2**20
+    write_steps(paths, progress.records, device)
+    log.info("trained %d steps: val loss %.4f (ppl %.1f), %s tokens/s", p.steps, metrics["val_loss"],
+             metrics["val_ppl"], f"{metrics.get('tokens_per_sec', 0):.0f}")
+    return metrics
+
+
+def run_metrics(final: torch.nn.Module, progress: Progress, p: Any, ctx: Context,
+                extra: dict[str, Any]) -> dict[str, Any]:
+    records = progress.records
+    final_val = records[-1]["val_loss"]  # the last step always evaluates
+    tokens_per_step = p.batch_size * p.model.context
+    metrics: dict[str, Any] = {
+        **count_parameters(final), **extra,
+        "steps": p.steps, "tokens_seen": p.steps * tokens_per_step,
+        "train_loss": statistics.fmean(r["train_loss"] for r in records[-10:]),
+        "val_loss": final_val, "val_ppl": math.exp(final_val),
+    }
+    for technique in REGISTRY:
+        metrics.update(technique.metrics(p, final, ctx))
+    timed = progress.step_seconds[1:] or progress.step_seconds  # the first unmetered step warms caches up
+    if timed:
+        median = statistics.median(timed)
+        metrics.update({"step_ms_median": median * 1000, "tokens_per_sec": tokens_per_step / median})
+    return metrics
+
+
+def estimate_errors(metrics: dict[str, Any], predicted: dict[str, Any]) -> dict[str, float]:
+    """Relative error of each predicted peak (every category, the total, each rank's)."""
+    out = {}
+    for key, value in predicted.items():
+        measured = metrics.get(key.replace("est_", "mem_", 1))
+        if key.endswith("_peak_mib") and not key.startswith("dist_") and measured:
+            out[key.replace("est_", "est_error_", 1)] = (value - measured) / measured
+    return out
+
+
+def full_model(parts: Parts, p: Any, meta: TokensMeta, ctx: Context) -> torch.nn.Module:
+    """The trained model whole, to save: gathered from FSDP's shards onto rank 0 (a
+    collective), the model itself otherwise."""
+    if ctx.strategy != "fsdp":
+        return parts.raw
+    state = distributed.full_state_dict(parts.model)
+    if not ctx.main:
+        return parts.raw
+    with torch.device("cpu"):
+        model = build_model(p.model, meta.vocab_size, meta.special_ids.model_dump())
+    model.load_state_dict(state)
+    return model
+
+
+def rank_figures(ranks: list[dict[str, Any]], predicted: dict[str, Any]) -> dict[str, Any]:
+    """The metered figures of one process, or distributed: every rank's peaks as
+    rank<r>_mem_*, the largest rank's as mem_*, and each rank's saving against the
+    prediction for ddp (the same run unsharded)."""
+    if len(ranks) == 1:
+        return ranks[0]
+    total = mem_key("total")
+    out: dict[str, Any] = dict(max(ranks, key=lambda r: r.get(total, 0.0)))
+    out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in ranks)
+    ddp = predicted.get("dist_ddp_est_total_peak_mib")
+    for rank, figures in enumerate(ranks):
+        for key, value in figures.items():
+            if key.endswith("_mib"):
+                out[f"rank{rank}_{key}"] = value
+        if ddp and total in figures:
+            out[f"rank{rank}_saving_vs_ddp"] = 1 - figures[total] / ddp
+    return out
+
+
+def write_steps(paths: Paths, records: list[dict[str, Any]], device: torch.device) -> None:
+    with atomic_dir(paths.plots) as tmp, (tmp / "steps.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS + (["cuda_peak_mib"] if device.type == "cuda" else []))
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})

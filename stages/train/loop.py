@@ -1,0 +1,162 @@
+"""The training run of one process (one rank), top to bottom: set up, agree on the plan
+(the dry run's prediction and what fits the budget), build, resume, step, checkpoint,
+finish. See the package's docstring for what each step does."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from stages.common import checkpoint
+from stages.common.distributed import Context
+from stages.common.errors import StageError
+from stages.common.memory import current_rss_mib
+from stages.common.meter import TensorMeter
+from stages.common.optim import lr_at, set_lr
+from stages.common.params import BaseParams
+from stages.common.schema import TokensMeta, read_typed
+from stages.common.windows import Windows
+from stages.train import identity
+from stages.train.budget import fit_budget
+from stages.train.build import Parts, Progress, build
+from stages.train.estimate import predict_memory
+from stages.train.finish import finish
+from stages.train.params import Paths
+from stages.train.step import train_step, validation_loss
+from stages.train.techniques import REGISTRY
+from stages.train.techniques.sharding import batch_split_problem
+
+log = logging.getLogger("lmmem.train")
+
+
+def train(p: Any, paths: Paths, base: BaseParams, ctx: Context, device: torch.device) -> dict[str, Any] | None:
+    """Train on this process; the metrics on rank 0, None on the other ranks."""
+    started = {k: v for t in REGISTRY for k, v in t.start(p, device).items()}
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    meta = read_typed(paths.tokens / "meta.json", TokensMeta)
+    train_windows = Windows(paths.tokens / "train.bin", meta.dtype, p.model.context)
+    val_windows = Windows(paths.tokens / "validation.bin", meta.dtype, p.model.context)
+    if (problem := batch_split_problem(p, ctx.world)) is not None:  # torchrun's world may not be params'
+        raise StageError(f"train: {problem}")
+    p, predicted, fitted = plan(p, meta, device, base.seed, ctx)
+    ctx = replace(ctx, strategy=p.distributed.strategy if ctx.enabled else ctx.strategy)
+    word2vec = np.load(paths.embed / "aligned.npy") if p.init_from_word2vec else None
+    parts = build(p, meta, device, base.seed, ctx=ctx, word2vec=word2vec)
+    progress = Progress(np.random.default_rng(base.seed), metered=[{} for _ in range(ctx.world)])
+    fingerprint = checkpoint.fingerprint(base, p, meta, checkpoint.file_digest(paths.tokens / "train.bin"),
+                                         identity.code_identity())
+    saves = p.checkpoint_every > 0 and ctx.strategy != "fsdp"
+    if p.checkpoint_every and not saves:
+        log.info("fsdp: no resume checkpoints (the stage saves and resumes ddp, zero1 and one-process runs)")
+    start = resume(parts, progress, paths, fingerprint, ctx) if saves else 0
+    meter = TensorMeter()
+    parts.track(meter)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if start >= p.meter_steps:
+        meter.close()  # nothing left to meter
+    bar = tqdm(range(start, p.steps), desc="train", unit=" steps", mininterval=2, initial=start, total=p.steps,
+               disable=not ctx.main)
+    for step in bar:
+        record = one_step(parts, progress, p, train_windows, device, step, ctx, meter)
+        if (step + 1) % p.eval_every == 0 or step + 1 == p.steps:
+            record["val_loss"] = validation_loss(parts.raw, val_windows, p, device)
+        progress.records.append(record)
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}")
+        if step + 1 == p.meter_steps:
+            progress.metered = ctx.gather(meter.summary())
+            meter.close()  # its hooks off: the remaining steps run unobserved
+        last = step + 1 == p.steps
+        if saves and step + 1 >= p.meter_steps and ((step + 1) % p.checkpoint_every == 0 or last):
+            save_checkpoint(parts, progress, paths, fingerprint, step, ctx)
+    meter.close()
+    return finish(parts, progress, p, paths, base, ctx, device, meta, predicted,
+                  {**started, "auto_fit_changes": fitted})
+
+
+def plan(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Context) -> tuple[Any, dict[str, Any], str]:
+    """Rank 0's prediction and what fits the budget, shared with every rank (a refusal too,
+    so that no rank waits for rank 0). Returns (params, prediction, auto-fit's changes)."""
+    from stages.train.budget import describe
+
+    shared: tuple[Any, ...] | str | None = None
+    if ctx.main:
+        try:
+            predicted = predict_memory(p, meta, device, seed)
+            fitted_p, predicted, changes = fit_budget(p, meta, device, seed, predicted)
+            shared = (fitted_p, predicted, describe(changes))
+        except StageError as exc:
+            shared = str(exc)
+    shared = ctx.gather(shared)[0]
+    if isinstance(shared, str):
+        raise StageError(shared)
+    return shared  # type: ignore[return-value]
+
+
+def one_step(parts: Parts, progress: Progress, p: Any, windows: Windows, device: torch.device, step: int,
+             ctx: Context, meter: TensorMeter) -> dict[str, Any]:
+    """One optimizer step on this rank's share of a seeded batch; returns the step's record."""
+    metering = step < p.meter_steps
+    started = time.perf_counter()
+    lr = lr_at(step, p.lr, p.steps, p.warmup_steps, p.decay, p.min_lr_ratio)
+    set_lr(parts.optimizer, lr)
+    local = p.batch_size // ctx.world  # this rank's windows of each batch
+    starts = windows.random_starts(progress.rng, p.batch_size)  # the whole batch, the same on every rank
+    rows = windows.batch(starts[ctx.rank * local:(ctx.rank + 1) * local]).to(device)
+    losses = train_step(parts, rows, p, device, step, meter if metering else None)
+    step_loss = ctx.mean(sum(loss.item() for loss in losses))
+    del rows
+    seconds = time.perf_counter() - started
+    if not metering:
+        progress.step_seconds.append(seconds)
+    if not math.isfinite(step_loss):
+        raise StageError(f"the loss became {step_loss} at step {step}: lower train.lr or use fp32/bf16")
+    record: dict[str, Any] = {"step": step, "train_loss": step_loss, "lr": lr, "step_ms": seconds * 1000,
+                              **parts.record(), "rss_mib": current_rss_mib()}
+    if metering:  # the largest rank's
+        record["tensor_peak_mib"] = max(ctx.gather(meter.step_peaks.get(step, 0))) / 2**20
+    if device.type == "cuda":  # this step's allocator peak; the run's is the largest of them
+        record["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        progress.cuda_peak = max(progress.cuda_peak, record["cuda_peak_mib"])
+        progress.cuda_reserved = max(progress.cuda_reserved, torch.cuda.max_memory_reserved(device) / 2**20)
+        torch.cuda.reset_peak_memory_stats(device)
+    return record
+
+
+def resume(parts: Parts, progress: Progress, paths: Paths, fingerprint: str, ctx: Context) -> int:
+    """Restore the latest checkpoint of this run, on every rank or none; the step to start at."""
+    if not ctx.agree(checkpoint.peek(paths.checkpoints, fingerprint)):
+        return 0
+    resumed = checkpoint.load(paths.checkpoints, fingerprint, parts.raw, parts.optimizer, parts.scaler)
+    if resumed is None:
+        return 0
+    progress.records, progress.metered = resumed["records"], resumed["metered"]
+    progress.rng.bit_generator.state = resumed["rng"]
+    for name, state in parts.states.items():
+        prefix = f"{name}."
+        state.restore({k[len(prefix):]: v for k, v in resumed["extra"].items() if k.startswith(prefix)},
+                      resumed["techniques"][name])
+    return resumed["step"] + 1
+
+
+def save_checkpoint(parts: Parts, progress: Progress, paths: Paths, fingerprint: str, step: int,
+                    ctx: Context) -> None:
+    if ctx.strategy == "zero1":
+        parts.optimizer.consolidate_state_dict(to=0)  # every rank sends its shard of the state
+    if not ctx.main:
+        return
+    extra = {f"{name}.{key}": t for name, state in parts.states.items() for key, t in state.tensors().items()}
+    checkpoint.save(paths.checkpoints, parts.raw, parts.optimizer, parts.scaler,
+                    {"fingerprint": fingerprint, "step": step, "rng": progress.rng.bit_generator.state,
+                     "records": progress.records, "metered": progress.metered,
+                     "techniques": {name: state.record() for name, state in parts.states.items()}},
+                    extra=extra or None)
+
