@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import networkx as nx
+from prefect.settings import get_current_settings
 from pydantic import Field
 
 from stages.common.errors import StageError
@@ -35,17 +36,26 @@ STATUS_LINES = {  # a stage of another dvc.yaml is named like sub/dvc.yaml:train
 }
 STATE_NAMES = {"ran": "Ran", "skipped": "Skipped", "restored": "Restored"}
 
+log = logging.getLogger("lmmem.flows")
+
 
 class FlowParams(Section):
     """The `flows` section of params.yaml (read by the flows, never by a stage)."""
 
-    retries: int = Field(1, ge=0, le=10)
-    retry_delay_seconds: float = Field(5.0, ge=0.0)
-    concurrency: int = Field(1, ge=1)
-    task_runner: Literal["threads", "dask"] = "threads"
-    dask_address: str = ""
-    schedule: str = ""
-    push: bool = True
+    retries: int = Field(
+        1, ge=0, le=10, description="a failed stage or sweep point is run again this many times")
+    retry_delay_seconds: float = Field(5.0, ge=0.0, description="wait before a retry")
+    concurrency: int = Field(
+        1, ge=1, description="sweep points run at once, each in its own temporary workspace (1 on a 2-core machine)")
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="threads (this machine) or dask (prefect-dask: dask_address, else a LocalCluster)")
+    dask_address: str = Field(
+        "", description='a running Dask scheduler, tcp://host:8786; "" = start a LocalCluster')
+    schedule: str = Field(
+        "", description='cron for the served pipeline deployment ("0 3 * * *"); "" = run on demand only')
+    push: bool = Field(
+        True, description=("after a pipeline run, dvc push the outputs to the default DVC remote (.dvc/config); false = "
+        "keep them here"))
 
 
 def flow_params(root: Path) -> FlowParams:
@@ -155,3 +165,18 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join("" if r[h] is None else str(r[h]) for h in head) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def server_url() -> str | None:
+    url = get_current_settings().api.url
+    return str(url) if url else None
+
+
+def announce_server() -> None:
+    """Say which Prefect API the runs go to (and that they vanish without a server)."""
+    url = server_url()
+    if url:
+        log.info("Prefect API: %s (runs, logs and artifacts are kept there)", url)
+    else:
+        log.warning("no Prefect server configured (PREFECT_API_URL is unset): this run uses a temporary local "
+                    "server that stops with it; start one with `prefect server start` to keep runs and use the UI")

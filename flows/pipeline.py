@@ -29,8 +29,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.states import Completed, State
 
-from flows.common import (ROOT, STATE_NAMES, artifact_key, flow_params, markdown_table, metric_rows, read_metrics,
-                          run_dvc, stage_order)
+from flows.common import (ROOT, STATE_NAMES, announce_server, artifact_key, flow_params, markdown_table, metric_rows,
+                          read_metrics, run_dvc, stage_order)
 from stages.common.errors import StageError
 from stages.common.experiments import experiment_records
 
@@ -148,8 +148,6 @@ def pipeline(stages: list[str] | None = None, overrides: list[str] | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.serve import announce_server
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", nargs="*", default=None, help="stages to run (and what they depend on)")
     parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],

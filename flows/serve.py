@@ -28,28 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import serve
-from prefect.settings import get_current_settings
 
-from flows.common import ROOT, flow_params
+from flows.common import ROOT, announce_server, flow_params, server_url
 from flows.pipeline import pipeline
 from flows.sweep import sweep
 
 log = logging.getLogger("lmmem.flows")
-
-
-def server_url() -> str | None:
-    url = get_current_settings().api.url
-    return str(url) if url else None
-
-
-def announce_server() -> None:
-    """Say which Prefect API the runs go to (and that they vanish without a server)."""
-    url = server_url()
-    if url:
-        log.info("Prefect API: %s (runs, logs and artifacts are kept there)", url)
-    else:
-        log.warning("no Prefect server configured (PREFECT_API_URL is unset): this run uses a temporary local "
-                    "server that stops with it; start one with `prefect server start` to keep runs and use the UI")
 
 
 def stop_process_group(proc: subprocess.Popen[Any], first: signal.Signals = signal.SIGTERM) -> None:

@@ -35,7 +35,7 @@ from prefect.cache_policies import NONE
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import ROOT, FlowParams, dvc_env, flow_params, markdown_table, run_dvc
+from flows.common import ROOT, FlowParams, announce_server, dvc_env, flow_params, markdown_table, run_dvc
 from flows.pipeline import DvcFailed, check_overrides
 from stages.common.errors import StageError
 from stages.common.experiments import experiment_records, yaml_load
@@ -246,8 +246,6 @@ def sweep_report(root: Path, log: Any) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.serve import announce_server
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", nargs="*", default=[], help="key=v1,v2,... (every combination)")
     parser.add_argument("--point", nargs="*", action="append", default=[], help="one point: key=value ...")
