@@ -24,7 +24,7 @@ from stages.common.params import BaseParams
 from stages.common.schema import TokensMeta, read_typed
 from stages.common.windows import Windows
 from stages.train import identity
-from stages.train.budget import fit_budget
+from stages.train.budget import describe, fit_budget
 from stages.train.build import Parts, Progress, build
 from stages.train.estimate import predict_memory
 from stages.train.finish import finish
@@ -85,8 +85,6 @@ def train(p: Any, paths: Paths, base: BaseParams, ctx: Context, device: torch.de
 def plan(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Context) -> tuple[Any, dict[str, Any], str]:
     """Rank 0's prediction and what fits the budget, shared with every rank (a refusal too,
     so that no rank waits for rank 0). Returns (params, prediction, auto-fit's changes)."""
-    from stages.train.budget import describe
-
     shared: tuple[Any, ...] | str | None = None
     if ctx.main:
         try:
