@@ -129,15 +129,25 @@ def sh(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
     return result.stdout + result.stderr
 
 
-def tiny_repo(repo: Path, env: dict[str, str] | None = None) -> Path:
+# What the tests of the DVC and Prefect wiring compress and evaluate: one variant of each kind
+# of file (a cast, int8, sparse storage) instead of the tiny profile's thirteen. Every variant
+# is made and measured by test_compress and test_evaluate.
+WIRING_VARIANTS = ("fp16", "int8", "prune50")
+
+
+def tiny_repo(repo: Path, env: dict[str, str] | None = None, all_variants: bool = False) -> Path:
     """A git + DVC repository in `repo` with the stages, the built-in corpus, dvc.yaml, the
-    tiny profile as params.yaml and lmmem's DVC config (its default remote: a folder beside
-    `repo`), all committed."""
+    tiny profile as params.yaml (with WIRING_VARIANTS only, unless `all_variants`) and lmmem's
+    DVC config (its default remote: a folder beside `repo`), all committed."""
     shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data" / "corpus", repo / "data" / "corpus")
     for name in ("dvc.yaml", "requirements.lock", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
-    shutil.copy(TINY, repo / "params.yaml")
+    params = tiny_params()
+    if not all_variants:
+        variants = params["compress"]["variants"]
+        params["compress"]["variants"] = {name: variants[name] for name in WIRING_VARIANTS}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     sh("git", "init", "-q", "-b", "main", cwd=repo, env=env)
     sh("dvc", "init", "-q", cwd=repo, env=env)
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # its plots template and default remote

@@ -17,7 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, deep_update, kill_at_checkpoint, one_error_line, read_metrics, run_cli, tiny_params
+from tests.conftest import (ROOT, deep_update, kill_at_checkpoint, one_error_line, read_metrics, run_cli, run_stage,
+                            tiny_params)
 
 TIMING = {"seconds", "peak_rss_mib", "step_ms_median", "tokens_per_sec"}
 # the tiny profile's batch of 8 as 2 micro-batches of 4: one process accumulates both, two
@@ -208,11 +209,11 @@ def test_two_nodes_meet_at_the_endpoint_and_rank_0_writes(tokens: Path, tmp_path
     ({"distributed": {"strategy": "zero2"}}, "train.distributed.strategy: must be one of"),
 ])
 def test_impossible_distributed_settings_are_one_line(tokens: Path, tmp_path: Path, train: dict[str, Any],
-                                                      message: str) -> None:
+                                                      message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before any rank starts (the command's exit code and line: test_over_budget...)."""
     work = tmp_path / "bad"
     work.mkdir()
     (work / "params.yaml").write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": {**BATCH, **train}})))
-    result = run_cli("train", train_args(work, tokens))
-    assert result.returncode == 2
-    assert message in one_error_line(result.stderr, "train")
+    assert run_stage("train", train_args(work, tokens)) == 2
+    assert message in one_error_line(capsys.readouterr().err, "train")
     assert not (work / "model").exists() and not (work / "train.json").exists()
