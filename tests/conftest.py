@@ -135,18 +135,16 @@ def sh(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
 WIRING_VARIANTS = ("fp16", "int8", "prune50")
 
 
-def tiny_repo(repo: Path, env: dict[str, str] | None = None, all_variants: bool = False) -> Path:
+def tiny_repo(repo: Path, env: dict[str, str] | None = None) -> Path:
     """A git + DVC repository in `repo` with the stages, the built-in corpus, dvc.yaml, the
-    tiny profile as params.yaml (with WIRING_VARIANTS only, unless `all_variants`) and lmmem's
+    tiny profile as params.yaml (its variants: WIRING_VARIANTS only) and lmmem's
     DVC config (its default remote: a folder beside `repo`), all committed."""
     shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data" / "corpus", repo / "data" / "corpus")
     for name in ("dvc.yaml", "requirements.lock", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
     params = tiny_params()
-    if not all_variants:
-        variants = params["compress"]["variants"]
-        params["compress"]["variants"] = {name: variants[name] for name in WIRING_VARIANTS}
+    params["compress"]["variants"] = {name: params["compress"]["variants"][name] for name in WIRING_VARIANTS}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     sh("git", "init", "-q", "-b", "main", cwd=repo, env=env)
     sh("dvc", "init", "-q", cwd=repo, env=env)
