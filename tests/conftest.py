@@ -62,6 +62,14 @@ def run_cli(name: str, args: list[str], cwd: Path | None = None) -> subprocess.C
                           capture_output=True, text=True, env=env, timeout=600, check=False)
 
 
+def train_args(work: Path, tokens: Path) -> list[str]:
+    """The train stage's arguments for a run in `work` (its params.yaml there, every output
+    under it) on the `tokens` fixture's data."""
+    return ["--params", str(work / "params.yaml"), "--tokens", str(tokens), "--embed", str(tokens.parent / "embed"),
+            "--out", str(work / "model"), "--plots", str(work / "plots"), "--checkpoints", str(work / "ckpt"),
+            "--metrics", str(work / "train.json")]
+
+
 def read_metrics(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 

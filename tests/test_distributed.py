@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import (ROOT, deep_update, kill_at_checkpoint, one_error_line, read_metrics, run_cli, run_stage,
-                            tiny_params)
+                            tiny_params, train_args)
 
 TIMING = {"seconds", "peak_rss_mib", "step_ms_median", "tokens_per_sec"}
 # the tiny profile's batch of 8 as 2 micro-batches of 4: one process accumulates both, two
@@ -28,12 +28,6 @@ BATCH = {"batch_size": 8, "micro_batch_size": 4}
 # its micro-batches' gradients, so results may differ in the last bits; over 30 AdamW steps
 # that stays far below 1e-4 (measured here: identical for ddp and zero1, 1e-5 for fsdp).
 LOSS_TOLERANCE = 1e-4
-
-
-def train_args(work: Path, tokens: Path) -> list[str]:
-    return ["--params", str(work / "params.yaml"), "--tokens", str(tokens), "--embed", str(tokens.parent / "embed"),
-            "--out", str(work / "model"), "--plots", str(work / "plots"), "--checkpoints", str(work / "ckpt"),
-            "--metrics", str(work / "train.json")]
 
 
 def write_params(work: Path, **train: Any) -> None:

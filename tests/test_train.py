@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from tests.conftest import (deep_update, kill_at_checkpoint, one_error_line, read_metrics, run_cli, run_stage,
-                            tiny_params)
+                            tiny_params, train_args)
 
 TIMING = {"seconds", "peak_rss_mib", "step_ms_median", "tokens_per_sec"}
 
@@ -27,13 +27,10 @@ def train(tokens: Path, tmp_path: Path) -> Callable[..., tuple[int, dict[str, An
     def go(name: str = "run", **train: Any) -> tuple[int, dict[str, Any], Path]:
         work = tmp_path / name
         work.mkdir()
-        params = work / "params.yaml"
-        params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": train}), allow_unicode=True))
-        metrics = work / "train.json"
-        rc = run_stage("train", ["--params", str(params), "--tokens", str(tokens), "--embed", str(tokens.parent / "embed"),
-                                 "--out", str(work / "model"), "--plots", str(work / "plots"),
-                                 "--checkpoints", str(work / "ckpt"), "--metrics", str(metrics)])
-        return rc, read_metrics(metrics) if rc == 0 else {}, work / "model"
+        (work / "params.yaml").write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": train}),
+                                                         allow_unicode=True))
+        rc = run_stage("train", train_args(work, tokens))
+        return rc, read_metrics(work / "train.json") if rc == 0 else {}, work / "model"
 
     return go
 
@@ -188,11 +185,9 @@ def test_a_killed_run_resumes_to_the_same_metrics(tokens: Path, tmp_path: Path, 
 
     def cli_args(work: Path) -> list[str]:
         work.mkdir()
-        params = work / "params.yaml"
-        params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": settings}), allow_unicode=True))
-        return ["--params", str(params), "--tokens", str(tokens), "--out", str(work / "model"),
-                "--plots", str(work / "plots"), "--checkpoints", str(work / "ckpt"),
-                "--metrics", str(work / "train.json")]
+        (work / "params.yaml").write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": settings}),
+                                                         allow_unicode=True))
+        return train_args(work, tokens)
 
     full = run_cli("train", cli_args(tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-3000:]
