@@ -25,12 +25,13 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from stages.common.artifacts import SPLITS, JsonlWriter, atomic_dir, write_json, write_params
+from stages.common.encodings import decode_line, detect_encoding, is_binary, iter_raw_lines
 from stages.common.errors import StageError
 from stages.common.params import BaseParams, Section
 from stages.common.stage import stage_main
@@ -48,7 +49,6 @@ BUILTINS: dict[str, list[tuple[str, str, str | None, list[str]]]] = {
     # a few lines are Windows-1252 (clichés, em dashes) in an otherwise UTF-8 file
     "builtin:en-polarity": [("gensim", "test/test_data/pang_lee_polarity.cor", FASTTEXT_LABEL, ["utf-8", "cp1252"])],
 }
-SNIFF_BYTES = 8192
 MAX_LABEL_METRICS = 20  # more distinct labels than this go to stats.json only
 
 
@@ -125,61 +125,6 @@ class Counts:
 
 
 # ---------------------------------------------------------------------------- reading
-
-
-def iter_raw_lines(f: BinaryIO, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, bytes without line end) per line; None for a line over max_bytes,
-    which is drained in chunks rather than held in memory."""
-    number = 0
-    while True:
-        line = f.readline(max_bytes + 2)  # + room for \r\n
-        if not line:
-            return
-        number += 1
-        body = line.rstrip(b"\r\n")
-        if len(body) > max_bytes:
-            while not line.endswith(b"\n"):
-                line = f.readline(1 << 20)
-                if not line:
-                    break
-            yield number, None
-            continue
-        yield number, body
-
-
-def detect_encoding(path: Path, candidates: list[str]) -> str | None:
-    """The first candidate that decodes the whole file (streamed), 'utf-8-sig' for a BOM."""
-    with path.open("rb") as f:
-        head = f.read(3)
-    if head == codecs.BOM_UTF8:
-        candidates = ["utf-8-sig"]
-    for enc in candidates:
-        decoder = codecs.getincrementaldecoder(enc)(errors="strict")
-        try:
-            with path.open("rb") as f:
-                while chunk := f.read(1 << 20):
-                    decoder.decode(chunk)
-                decoder.decode(b"", final=True)
-            return enc
-        except UnicodeDecodeError:
-            continue
-    return None
-
-
-def is_binary(path: Path) -> bool:
-    """Git's heuristic: a NUL byte in the first 8 KiB means binary."""
-    with path.open("rb") as f:
-        return b"\x00" in f.read(SNIFF_BYTES)
-
-
-def decode_line(raw: bytes, encoding: str | None, candidates: list[str]) -> str | None:
-    """Decode one line with the file's encoding, or, where the file has none, the first candidate."""
-    for enc in [encoding] if encoding else candidates:
-        try:
-            return raw.decode(enc)
-        except UnicodeDecodeError:
-            continue
-    return None
 
 
 class Reader:
@@ -440,12 +385,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         metrics[f"chars_{s}"] = chars[s]
     for label, n in labels.most_common(MAX_LABEL_METRICS):
         metrics[f"docs_label_{metric_key(label)}"] = n
-    for lang, n in langs.items():
-        metrics[f"docs_lang_{lang}"] = n
-    for reason, n in counts.skipped.items():
-        metrics[f"skipped_{reason}"] = n
-    for reason, n in counts.files_skipped.items():
-        metrics[f"files_skipped_{reason}"] = n
+    for prefix, counter in (("docs_lang_", langs), ("skipped_", counts.skipped), ("files_skipped_", counts.files_skipped)):
+        metrics.update({f"{prefix}{key}": n for key, n in counter.items()})
     log.info("ingested %d documents (%s)", metrics["docs"], dict(docs))
     return metrics
 

@@ -14,7 +14,7 @@ Outputs in data/tokens/: <split>.txt, <split>.bin (ids, each document followed b
 <split>.labels.bin (int32 index into meta.json's labels per document, -1 for none), meta.json, vocab.json,
 and tokenizer.json with tokenizer_config.json, so `AutoTokenizer.from_pretrained` loads
 the vocabulary. That tokenizer splits on whitespace: give it text segmented by
-`Segmenter.segment` (jieba cannot live inside tokenizer.json).
+`stages.common.segment.Segmenter.segment` (jieba cannot live inside tokenizer.json).
 Against a gold-segmented corpus (the People's Daily 1998 corpus by default) it reports
 the segmenter's word precision, recall and F1.
 """
@@ -22,13 +22,11 @@ the segmenter's word precision, recall and F1.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
-import multiprocessing
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,12 +40,14 @@ from stages.common.errors import StageError
 from stages.common.memory import children_peak_rss_mib
 from stages.common.params import BaseParams, Section
 from stages.common.schema import TokensMeta
+from stages.common.segment import SegmentPool, batches
 from stages.common.stage import stage_main
-from stages.common.text import CJK_RUN, package_file
+from stages.common.text import package_file
 
 log = logging.getLogger("lmmem.tokenize")
 
 GOLD_BUILTIN = "builtin:pku-1998"
+HF_NO_LIMIT = int(1e30)  # transformers' model_max_length of a tokenizer without a length limit
 _WHITESPACE = re.compile(r"\s")
 UINT16_LIMIT = 2**16
 
@@ -97,134 +97,6 @@ class Paths:
     out: Path = Path("data/tokens")
 
 
-def check_user_dict(user_dict: str) -> None:
-    if user_dict and not Path(user_dict).is_file():
-        raise StageError(f"tokenize.user_dict: no such file: {user_dict}")
-
-
-class Segmenter:
-    """Words of a text: jieba for Han runs, nltk for the rest; optional stopword removal."""
-
-    def __init__(self, mode: str = "precise", hmm: bool = True, user_dict: str = "",
-                 stopwords: bool = False) -> None:
-        import jieba
-        from nltk.tokenize import NLTKWordTokenizer
-
-        jieba.setLogLevel(logging.WARNING)
-        self._jieba = jieba.Tokenizer()
-        self._jieba.initialize()
-        if user_dict:
-            check_user_dict(user_dict)
-            self._jieba.load_userdict(user_dict)
-        self._mode = mode
-        self._hmm = hmm
-        # Between Han runs sit many short fragments (", ", "!", "3"): the same few strings
-        # again and again, and nltk's 30-odd regexes cost more than jieba per call. A bounded
-        # cache returns nltk's own answer for a repeat (same output, about twice the speed).
-        self._nltk = functools.lru_cache(maxsize=1 << 16)(NLTKWordTokenizer().tokenize)
-        self._stop: frozenset[str] = frozenset()
-        if stopwords:
-            import stopwordsiso
-
-            self._stop = frozenset(stopwordsiso.stopwords(["zh", "en"]))
-
-    def _han(self, run: str) -> list[str]:
-        if self._mode == "search":
-            return self._jieba.lcut_for_search(run, HMM=self._hmm)
-        return self._jieba.lcut(run, HMM=self._hmm)
-
-    def segment(self, text: str) -> list[str]:
-        words: list[str] = []
-        pos = 0
-        for m in CJK_RUN.finditer(text):
-            if m.start() > pos:
-                words.extend(self._nltk(text[pos:m.start()]))
-            words.extend(self._han(m.group()))
-            pos = m.end()
-        if pos < len(text):
-            words.extend(self._nltk(text[pos:]))
-        out = []
-        for w in words:
-            w = w.strip()
-            if not w or w in self._stop or w.lower() in self._stop:
-                continue
-            out.append(_WHITESPACE.sub("_", w))
-        return out
-
-
-# The segmenter of this process. The parent builds it before the pool forks, so the
-# workers inherit nltk and jieba already imported and jieba's dictionary already loaded
-# (a few seconds that would otherwise be paid again in every worker).
-_SEGMENTER: Segmenter | None = None
-
-
-def _init_segmenter(config: dict[str, Any]) -> None:
-    global _SEGMENTER
-    _SEGMENTER = Segmenter(**config)
-
-
-def _segment_batch(texts: list[str]) -> tuple[list[str], Counter[str]]:
-    assert _SEGMENTER is not None
-    lines: list[str] = []
-    counts: Counter[str] = Counter()
-    for text in texts:
-        words = _SEGMENTER.segment(text)
-        counts.update(words)
-        lines.append(" ".join(words))
-    return lines, counts
-
-
-def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-class SegmentPool:
-    """Segments batches of texts, in order, on `workers` processes (in this one when 1).
-
-    At most 2 × workers batches are in flight: the reader never runs ahead of the workers,
-    so memory stays flat however large the corpus."""
-
-    def __init__(self, config: dict[str, Any], workers: int) -> None:
-        self.workers = workers
-        self._pool: Any = None
-        _init_segmenter(config)
-        if workers > 1:
-            self._pool = multiprocessing.get_context("fork").Pool(workers)
-
-    def map(self, batches: Iterable[list[str]]) -> Iterator[tuple[list[str], Counter[str]]]:
-        if self._pool is None:
-            yield from map(_segment_batch, batches)
-            return
-        pending: collections.deque[Any] = collections.deque()
-        for batch in batches:
-            pending.append(self._pool.apply_async(_segment_batch, (batch,)))
-            if len(pending) >= 2 * self.workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool.join()
-            self._pool = None
-
-    def __enter__(self) -> SegmentPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None and exc[0] is not None:
-            self._pool.terminate()
-        self.close()
-
-
 def build_vocab(counts: Counter[str], params: Params) -> list[str]:
     """Special tokens first (pad, unk, bos, eos), then words by falling count, ties by word."""
     sp = params.special_tokens
@@ -236,15 +108,21 @@ def build_vocab(counts: Counter[str], params: Params) -> list[str]:
 
 
 def save_hf_tokenizer(folder: Path, vocab: list[str], sp: SpecialTokens) -> None:
-    """tokenizer.json (WordLevel, whitespace pre-tokenizer) plus the config AutoTokenizer reads."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """tokenizer.json (WordLevel, whitespace pre-tokenizer, the special tokens marked special)
+    and the tokenizer_config.json that `AutoTokenizer.from_pretrained` reads: the files
+    transformers' `PreTrainedTokenizerFast.save_pretrained` writes, made with the tokenizers
+    library alone (importing transformers costs this stage seconds; a test loads the result
+    with AutoTokenizer)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token=sp.unk))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=sp.pad, unk_token=sp.unk,
-                                   bos_token=sp.bos, eos_token=sp.eos)
-    fast.save_pretrained(str(folder))
+    tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A:0 $B:1")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (sp.pad, sp.unk, sp.bos, sp.eos)])
+    tok.save(str(folder / "tokenizer.json"))
+    write_json(folder / "tokenizer_config.json", {
+        "backend": "tokenizers", "tokenizer_class": "TokenizersBackend", "model_max_length": HF_NO_LIMIT,
+        "pad_token": sp.pad, "unk_token": sp.unk, "bos_token": sp.bos, "eos_token": sp.eos})
 
 
 # ------------------------------------------------------------------------------ gold
@@ -284,7 +162,7 @@ def gold_scores(pool: SegmentPool, path: Path, max_lines: int, batch_docs: int) 
     in_flight: collections.deque[list[list[str]]] = collections.deque()
 
     def texts() -> Iterator[list[str]]:
-        for batch in _batches(read_gold(path, max_lines), batch_docs):
+        for batch in batches(read_gold(path, max_lines), batch_docs):
             in_flight.append(batch)
             yield ["".join(words) for words in batch]
 
@@ -374,9 +252,6 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     started = time.perf_counter()
     with SegmentPool(config, params.workers) as pool, atomic_dir(paths.out) as tmp:
-        # for save_hf_tokenizer: imported now, while the workers segment, rather than after them
-        import transformers  # noqa: F401
-
         # pass 1: segment every split, count the training words, write label ids
         for split in SPLITS:
             with (tmp / f"{split}.txt").open("w", encoding="utf-8", newline="\n") as out, \
@@ -391,7 +266,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                         yield rec["text"]
 
                 bar = tqdm(desc=f"tokenize {split}", unit=" docs", mininterval=2)
-                for lines, counts in pool.map(_batches(texts(), params.batch_docs)):
+                for lines, counts in pool.map(batches(texts(), params.batch_docs)):
                     for line in lines:
                         out.write(line + "\n")
                         empty += not line

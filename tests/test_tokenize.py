@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from stages.common.artifacts import SPLITS
-from stages.tokenize import Params, SegmentPool, Segmenter, build_vocab, gold_scores
+from stages.common.segment import SegmentPool, Segmenter
+from stages.tokenize import Params, SpecialTokens, build_vocab, gold_scores, save_hf_tokenizer
 from tests.conftest import one_error_line, read_metrics, run_stage, write_jsonl
 
 
@@ -88,6 +89,24 @@ DOCS = {
     "validation": [("我喜欢手机", "neg")],
     "test": [("完全陌生的词语", "pos")],
 }
+
+
+def test_tokenizer_files_are_those_transformers_writes(tmp_path: Path) -> None:
+    """The stage writes tokenizer.json and tokenizer_config.json without importing transformers;
+    they must be byte for byte what transformers' own save_pretrained makes of the same vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = SpecialTokens()
+    vocab = [sp.pad, sp.unk, sp.bos, sp.eos, "好", "质量", "book", "."]
+    (tmp_path / "ours").mkdir()
+    save_hf_tokenizer(tmp_path / "ours", vocab, sp)
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token=sp.unk))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=sp.pad, unk_token=sp.unk, bos_token=sp.bos,
+                            eos_token=sp.eos).save_pretrained(str(tmp_path / "theirs"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes(), name
 
 
 def test_ids_labels_and_hf_tokenizer_agree(params_file: Callable[..., Path], tmp_path: Path) -> None:
