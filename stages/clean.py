@@ -127,7 +127,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     changes: Counter[str] = Counter()
     docs_in = docs_out = chars_before = chars_after = 0
     per_split: Counter[str] = Counter()
-    with atomic_dir(paths.out) as tmp:
+    with atomic_dir(paths.out, "clean") as tmp:
         for split in SPLITS:
             with JsonlWriter(tmp / f"{split}.jsonl") as out:
                 for rec in tqdm(iter_jsonl(paths.raw / f"{split}.jsonl"), desc=f"clean {split}",

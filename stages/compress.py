@@ -335,7 +335,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     metrics: dict[str, Any] = {"reference_bytes_on_disk": reference, "variants": len(params.variants)}
     made: dict[str, Made | None] = {}
     peak = peak_rss_mib()
-    with atomic_dir(paths.out) as tmp:
+    with atomic_dir(paths.out, "compress") as tmp:
         for name in params.order():
             spec = params.variants[name]
             reset_peak_rss()

@@ -174,7 +174,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     metrics["probes"] = len(params.probe_words)
     metrics["probes_found"] = len(neighbours)
 
-    with atomic_dir(paths.out) as tmp:
+    with atomic_dir(paths.out, "embed") as tmp:
         wv.save_word2vec_format(str(tmp / "vectors.bin"), binary=True)
         np.save(tmp / "aligned.npy", matrix)
         write_json(tmp / "neighbours.json", neighbours)

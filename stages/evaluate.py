@@ -350,7 +350,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         for key, value in row.items():
             if key not in ("name", "generations", "reason", "cls_confusion") and value is not None:
                 metrics[f"{row['name']}_{key}"] = value
-    with atomic_dir(paths.out) as tmp:
+    with atomic_dir(paths.out, "evaluate") as tmp:
         write_json(tmp / "results.json", [EvalRow.model_validate(row) for row in rows])
         with (tmp / "table.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=TABLE, extrasaction="ignore")

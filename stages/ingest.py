@@ -340,7 +340,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     labels: Counter[str] = Counter()
     langs: Counter[str] = Counter()
     reader = Reader(params, counts)
-    with atomic_dir(paths.out) as tmp:
+    with atomic_dir(paths.out, "ingest") as tmp:
         writers = {s: JsonlWriter(tmp / f"{s}.jsonl") for s in SPLITS}
         try:
             total = 0

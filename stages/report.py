@@ -367,7 +367,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     training_section(doc, inputs, runs)
     compression_section(doc, inputs, params)
     html, markdown = doc.html(params.title), doc.markdown(params.title)
-    with atomic_dir(paths.out) as tmp:
+    with atomic_dir(paths.out, "report") as tmp:
         (tmp / "report.html").write_text(html, encoding="utf-8")
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
         for name, svg in doc.figures.items():

@@ -251,7 +251,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     label_index: dict[str, int] = {}  # label -> id, in order of first appearance
     metrics: dict[str, Any] = {}
     started = time.perf_counter()
-    with SegmentPool(config, params.workers) as pool, atomic_dir(paths.out) as tmp:
+    with SegmentPool(config, params.workers) as pool, atomic_dir(paths.out, "tokenize") as tmp:
         # pass 1: segment every split, count the training words, write label ids
         for split in SPLITS:
             with (tmp / f"{split}.txt").open("w", encoding="utf-8", newline="\n") as out, \

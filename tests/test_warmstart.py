@@ -25,7 +25,7 @@ def test_vectors_only_when_train_starts_from_them(tokens: Path, tmp_path: Path) 
     assert warmstart(tmp_path, embed, tmp_path / "on", True) == 0
     assert np.array_equal(np.load(tmp_path / "on" / "aligned.npy"), np.load(embed / "aligned.npy"))
     assert warmstart(tmp_path, embed, tmp_path / "off", False) == 0
-    assert sorted(p.name for p in (tmp_path / "off").iterdir()) == ["params.json"]
+    assert sorted(p.name for p in (tmp_path / "off").iterdir()) == [".lmmem-out", "params.json"]
 
 
 def test_missing_vectors_are_refused_and_the_previous_output_kept(tokens: Path, tmp_path: Path,

@@ -2,7 +2,8 @@
 
 A stage builds its whole output in a temporary folder beside the target and renames it
 into place at the end, so a killed or failed stage leaves either the previous complete
-output or none, never half of one.
+output or none, never half of one. It replaces only what it wrote: a folder that holds
+other files (`--out data`, a folder of the user's) is refused before any work starts.
 """
 
 from __future__ import annotations
@@ -16,18 +17,60 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel
 
 from stages.common.errors import StageError
 
 PARAMS_FILE = "params.json"
+OWNER_FILE = ".lmmem-out"  # in every output folder: the writer that made it (only it may replace it)
 SPLITS = ("train", "validation", "test")  # every data stage writes one file per split
 
 
-@contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder; on success it replaces `target`, on error it is removed."""
+def writer_of(folder: Path) -> str | None:
+    """Who wrote an output folder: its owner file, or, for a folder made before owner files,
+    the stage whose output dvc.lock (of the working directory) records at that path."""
+    try:
+        return json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))["writer"]
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    lock = Path("dvc.lock")
+    if not lock.is_file():
+        return None
+    try:
+        stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+        where = os.path.relpath(folder.resolve(), Path.cwd().resolve())
+        return next((name for name, stage in stages.items()
+                     for out in stage.get("outs", []) if os.path.normpath(out.get("path", "")) == where), None)
+    except (OSError, yaml.YAMLError, AttributeError, ValueError):
+        return None
+
+
+def check_replaceable(target: Path, writer: str) -> None:
+    """Refuse, with one line, to replace `target` unless it is absent, an empty folder, or a
+    folder `writer` made: a stage never deletes what it did not write."""
     target = Path(target)
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise StageError(f"{target}: exists and is not a folder; the {writer} output needs a folder there")
+    if not any(target.iterdir()):
+        return
+    found = writer_of(target)
+    if found != writer:
+        whose = f"it was written by {found}" if found else f"it holds files lmmem did not write (no {OWNER_FILE})"
+        raise StageError(f"{target}: not replaced with the {writer} output, {whose}: give a new or empty folder")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path, writer: str) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it replaces `target`, on error it is removed.
+    `writer` names what makes this output; a `target` it did not make is refused before the
+    temporary folder exists (check_replaceable)."""
+    target = Path(target)
+    check_replaceable(target, writer)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
@@ -38,6 +81,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    write_json(tmp / OWNER_FILE, {"writer": writer})
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from stages.common.artifacts import atomic_dir, dumps, read_json, write_json
+from stages.common.artifacts import OWNER_FILE, atomic_dir, dumps, read_json, write_json
 
 log = logging.getLogger("lmmem.checkpoint")
 
@@ -44,7 +44,10 @@ def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          extra: dict[str, torch.Tensor] | None = None) -> None:
     from safetensors.torch import save_file, save_model
 
-    with atomic_dir(folder / LATEST) as tmp:
+    latest = folder / LATEST
+    if (latest / "state.json").is_file() and not (latest / OWNER_FILE).is_file():
+        write_json(latest / OWNER_FILE, {"writer": "train"})  # a checkpoint saved before owner files
+    with atomic_dir(latest, "train") as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         if extra:
             save_file({k: v.contiguous() for k, v in extra.items()}, str(tmp / "extra.safetensors"))

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import numpy as np
 from pydantic import BaseModel
 
-from stages.common.artifacts import write_json
+from stages.common.artifacts import check_replaceable, write_json
 from stages.common.errors import StageError
 from stages.common.memory import peak_rss_mib, reset_peak_rss
 from stages.common.params import BaseParams, load_params
@@ -112,6 +112,9 @@ def stage_main(
     try:
         base, params = load_params(args.params, section or name, params_cls)
         paths = paths_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(paths_cls)})
+        for output in ("out", "plots"):  # refused before any work: a folder this stage did not write
+            if hasattr(paths, output):
+                check_replaceable(getattr(paths, output), name)
         seed_everything(base.seed)
         if getattr(args, "estimate", False):
             print(json.dumps(round_metrics(estimate(params, paths, base)), indent=2, sort_keys=True))  # type: ignore[misc]

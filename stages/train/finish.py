@@ -50,7 +50,7 @@ def finish(parts: Parts, progress: Progress, p: Any, paths: Paths, base: BasePar
     metrics.update(estimate_errors(metrics, predicted))
     if hasattr(final, "generation_config"):  # trained without a KV cache; generation wants one
         final.config.use_cache = final.generation_config.use_cache = True
-    with atomic_dir(paths.out) as tmp:
+    with atomic_dir(paths.out, "train") as tmp:
         final.save_pretrained(str(tmp))
         for name in TOKENIZER_FILES:
             shutil.copy(paths.tokens / name, tmp / name)
@@ -126,7 +126,7 @@ def rank_figures(ranks: list[dict[str, Any]], predicted: dict[str, Any]) -> dict
 
 
 def write_steps(paths: Paths, records: list[dict[str, Any]], device: torch.device) -> None:
-    with atomic_dir(paths.plots) as tmp, (tmp / "steps.csv").open("w", newline="") as f:
+    with atomic_dir(paths.plots, "train") as tmp, (tmp / "steps.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS + (["cuda_peak_mib"] if device.type == "cuda" else []))
         writer.writeheader()
         for r in records:

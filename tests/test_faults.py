@@ -1,0 +1,100 @@
+"""Bad inputs and faults, one test per class, each named after it: the message (one line, no
+traceback), the exit code, and that what was there before survives."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from stages.common.artifacts import OWNER_FILE, check_replaceable, writer_of
+from stages.common.errors import StageError
+from tests.conftest import ROOT, one_error_line, run_cli
+
+CORPUS = "好评 质量 不错\n手机 很 好用\n"
+
+
+def ingest(params: Path, out: Path, corpus: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    params.write_text(params.read_text().replace("builtin:zh-reviews", str(corpus)).replace("sample: 0.05", "sample: 1.0"))
+    return run_cli("ingest", ["--params", str(params), "--out", str(out), "--metrics", str(cwd / "ingest.json")], cwd=cwd)
+
+
+def test_out_at_a_folder_holding_user_files_is_refused(params_file: Callable[..., Path], tmp_path: Path) -> None:
+    """`--out data` once deleted all of data/, the user's corpus included, and exited 0."""
+    mine = tmp_path / "data" / "corpus" / "mine.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text(CORPUS, encoding="utf-8")
+    result = ingest(params_file(), tmp_path / "data", mine, tmp_path)
+    assert result.returncode == 2
+    line = one_error_line(result.stderr, "ingest")
+    assert f"{tmp_path / 'data'}: not replaced with the ingest output" in line and "lmmem did not write" in line
+    assert mine.read_text(encoding="utf-8") == CORPUS
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["corpus"]  # no temporary folder left
+    assert not (tmp_path / "ingest.json").exists()
+
+
+def test_out_at_another_stages_output_is_refused(params_file: Callable[..., Path], tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    raw = tmp_path / "raw"
+    assert ingest(params_file(), raw, corpus, tmp_path).returncode == 0
+    before = {p.name: p.read_bytes() for p in raw.iterdir()}
+    result = run_cli("clean", ["--params", str(tmp_path / "params.yaml"), "--raw", str(raw), "--out", str(raw),
+                               "--metrics", str(tmp_path / "clean.json")], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "not replaced with the clean output, it was written by ingest" in one_error_line(result.stderr, "clean")
+    assert {p.name: p.read_bytes() for p in raw.iterdir()} == before
+
+
+def test_out_at_a_file_is_refused(params_file: Callable[..., Path], tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    result = ingest(params_file(), corpus, corpus, tmp_path)
+    assert result.returncode == 2
+    assert "exists and is not a folder" in one_error_line(result.stderr, "ingest")
+    assert corpus.read_text(encoding="utf-8") == CORPUS
+
+
+def test_a_stage_replaces_its_own_previous_output(params_file: Callable[..., Path], tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    raw = tmp_path / "raw"
+    assert ingest(params_file(), raw, corpus, tmp_path).returncode == 0
+    assert json.loads((raw / OWNER_FILE).read_text()) == {"writer": "ingest"}
+    corpus.write_text(CORPUS + "新 的 一 行\n", encoding="utf-8")
+    assert ingest(tmp_path / "params.yaml", raw, corpus, tmp_path).returncode == 0
+    docs = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in raw.glob("*.jsonl"))
+    assert docs == 3
+
+
+def test_an_output_from_before_owner_files_is_known_by_dvc_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folders made before owner files existed: dvc.lock (in the working directory) says whose they are."""
+    old = tmp_path / "data" / "raw"
+    old.mkdir(parents=True)
+    (old / "train.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    assert writer_of(old) is None
+    with pytest.raises(StageError, match="lmmem did not write"):
+        check_replaceable(old, "ingest")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  ingest:\n    cmd: x\n    outs:\n"
+                                       "    - path: data/raw\n      hash: md5\n")
+    assert writer_of(old) == "ingest"
+    check_replaceable(old, "ingest")
+    with pytest.raises(StageError, match="it was written by ingest"):
+        check_replaceable(old, "clean")
+
+
+def test_an_empty_or_absent_out_is_fine(tmp_path: Path) -> None:
+    check_replaceable(tmp_path / "absent", "ingest")
+    (tmp_path / "empty").mkdir()
+    check_replaceable(tmp_path / "empty", "ingest")
+
+
+def test_temporaries_of_a_killed_run_are_git_ignored() -> None:
+    """A killed stage leaves `.<out>.tmp-*` (or `.<out>.old-*`) beside its output until its next run."""
+    for name in ("data/.raw.tmp-0123abcd", "data/plots/.train.old-0123abcd", "data/checkpoints/train/.latest.tmp-1"):
+        assert subprocess.run(["git", "check-ignore", "-q", name], cwd=ROOT, check=False).returncode == 0, name
+    assert subprocess.run(["git", "check-ignore", "-q", "data/corpus/mine.txt"], cwd=ROOT, check=False).returncode == 1
