@@ -39,7 +39,7 @@ from flows.common import ROOT, FlowParams, announce_server, dvc_env, flow_params
 from flows.pipeline import DvcFailed, check_overrides
 from stages.common.errors import StageError
 from stages.common.experiments import experiment_records, yaml_load
-from stages.common.params import read_params_file
+from stages.common.params import read_params_file, read_yaml_mapping
 
 # The comparison's columns: (title, metrics file, key); a missing figure stays empty.
 COLUMNS = [
@@ -78,7 +78,7 @@ def grid_points(grid: dict[str, list[Any]]) -> list[list[str]]:
 
 
 def read_sweep_file(path: Path) -> list[list[str]]:
-    data = read_params_file(path)  # a mapping, or a one-line error
+    data = read_yaml_mapping(path, "sweep file")  # a mapping, or a one-line error
     if set(data) - {"grid", "points"} or not data:
         raise StageError(f"sweep file {path}: expected `grid:` and/or `points:`, got {', '.join(map(str, data))}")
     points = grid_points(data["grid"]) if "grid" in data else []

@@ -98,3 +98,63 @@ def test_temporaries_of_a_killed_run_are_git_ignored() -> None:
     for name in ("data/.raw.tmp-0123abcd", "data/plots/.train.old-0123abcd", "data/checkpoints/train/.latest.tmp-1"):
         assert subprocess.run(["git", "check-ignore", "-q", name], cwd=ROOT, check=False).returncode == 0, name
     assert subprocess.run(["git", "check-ignore", "-q", "data/corpus/mine.txt"], cwd=ROOT, check=False).returncode == 1
+
+
+@pytest.fixture
+def ingested(params_file: Callable[..., Path], tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """A good ingest run's output folder and what it holds (with its metrics file)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    assert ingest(params_file(), tmp_path / "raw", corpus, tmp_path).returncode == 0
+    return tmp_path / "raw", snapshot(tmp_path)
+
+
+def snapshot(work: Path) -> dict[str, bytes]:
+    return {p.relative_to(work).as_posix(): p.read_bytes() for p in sorted((work / "raw").iterdir())} | {
+        "ingest.json": (work / "ingest.json").read_bytes()}
+
+
+def ingest_with(params_text: bytes, work: Path) -> subprocess.CompletedProcess[str]:
+    bad = work / "bad.yaml"
+    bad.write_bytes(params_text)
+    return run_cli("ingest", ["--params", str(bad), "--out", str(work / "raw"), "--metrics", str(work / "ingest.json")],
+                   cwd=work)
+
+
+@pytest.mark.parametrize("case, text, message", [
+    ("a section given twice", "ingest:\n  sample: 1.0\nbase:\n  seed: 1\ningest:\n  max_docs: 2\n",
+     "key 'ingest' appears twice in one mapping (line 5)"),
+    ("a key given twice", "base:\n  seed: 1\ningest:\n  sample: 1.0\n  sample: 0.5\n",
+     "key 'sample' appears twice in one mapping (line 5)"),
+    ("an unknown section", "base:\n  seed: 1\ningest:\n  sample: 1.0\ntrian:\n  steps: 3\n",
+     "unknown section 'trian' (sections: base, ingest, clean"),
+])
+def test_params_file_mistakes_are_refused(ingested: tuple[Path, dict[str, bytes]], case: str, text: str,
+                                          message: str) -> None:
+    raw, before = ingested
+    result = ingest_with(text.encode("utf-8"), raw.parent)
+    assert result.returncode == 2, case
+    assert message in one_error_line(result.stderr, "ingest"), case
+    assert snapshot(raw.parent) == before
+
+
+def test_params_file_not_utf8_is_refused(ingested: tuple[Path, dict[str, bytes]]) -> None:
+    raw, before = ingested
+    result = ingest_with("base:\n  seed: 1\n# 注释\ningest:\n  sample: 1.0\n".encode("gbk"), raw.parent)
+    assert result.returncode == 2
+    # 注 (D7 A2) happens to be valid UTF-8; 释 (CA CD) is not: byte 20
+    assert "is not UTF-8 text (byte 20 cannot be decoded)" in one_error_line(result.stderr, "ingest")
+    assert snapshot(raw.parent) == before
+
+
+def test_warmup_longer_than_training_is_refused(params_file: Callable[..., Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import run_stage, train_args
+
+    params_file(train={"steps": 10, "warmup_steps": 20})
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "keep.txt").write_text("earlier output")
+    assert run_stage("train", train_args(tmp_path, tmp_path / "tokens")) == 2
+    line = one_error_line(capsys.readouterr().err, "train")
+    assert "train: warmup_steps (20) is more than steps (10): the learning rate would never reach lr" in line
+    assert (tmp_path / "model" / "keep.txt").read_text() == "earlier output"

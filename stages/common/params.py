@@ -82,18 +82,56 @@ def validate_section(section: str, data: Any, model: type[M]) -> M:
         raise StageError("params: " + "; ".join(lines)) from None
 
 
-def read_params_file(path: Path) -> dict[str, Any]:
-    """Read params.yaml as a mapping; a missing or unreadable file is a one-line error."""
+# the top-level sections of params.yaml: one per stage that has params, base, and the flows'
+SECTIONS = ("base", "ingest", "clean", "tokenize", "embed", "train", "compress", "evaluate", "report", "flows")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (plain YAML keeps
+    the last: a second `train:` would silently reset every key the first one set)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_mapping(path: Path, what: str = "params file") -> dict[str, Any]:
+    """A YAML file that holds a mapping; a missing, non-UTF-8 or invalid file, or a key given
+    twice, is a one-line error that calls it `what`."""
     if not path.is_file():
-        raise StageError(f"params file not found: {path}")
+        raise StageError(f"{what} not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise StageError(f"{what} {path} is not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        raise StageError(f"{what} {path}: {exc.problem}"
+                         + (f" (line {mark.line + 1})" if mark is not None else "")) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise StageError(f"params file {path} is not valid YAML{where}") from None
+        raise StageError(f"{what} {path} is not valid YAML{where}") from None
     if not isinstance(data, dict):
-        raise StageError(f"params file {path} must hold a mapping of sections")
+        raise StageError(f"{what} {path} must hold a mapping")
+    return data
+
+
+def read_params_file(path: Path) -> dict[str, Any]:
+    """params.yaml as a mapping of sections (read_yaml_mapping); an unknown section is an error."""
+    data = read_yaml_mapping(path)
+    unknown = [str(key) for key in data if key not in SECTIONS]
+    if unknown:
+        raise StageError(f"params file {path}: unknown section {', '.join(map(repr, unknown))} "
+                         f"(sections: {', '.join(SECTIONS)})")
     return data
 
 

@@ -51,6 +51,9 @@ class Core(Section):
     @model_validator(mode="after")
     def _combinations(self) -> Core:
         """Every technique's refusals, before anything runs."""
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) is more than steps ({self.steps}): "
+                             "the learning rate would never reach lr")
         for technique in REGISTRY:
             if (problem := technique.refuse(self)) is not None:
                 raise ValueError(problem)
