@@ -158,3 +158,19 @@ def test_warmup_longer_than_training_is_refused(params_file: Callable[..., Path]
     line = one_error_line(capsys.readouterr().err, "train")
     assert "train: warmup_steps (20) is more than steps (10): the learning rate would never reach lr" in line
     assert (tmp_path / "model" / "keep.txt").read_text() == "earlier output"
+
+
+def test_distillation_warmup_longer_than_its_steps_is_refused(params_file: Callable[..., Path], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import run_stage
+
+    student = {"method": "distill", "steps": 5, "warmup_steps": 8}
+    params = params_file(compress={"variants": {"student": student}})
+    (tmp_path / "compressed").mkdir()
+    (tmp_path / "compressed" / "keep.txt").write_text("earlier output")
+    assert run_stage("compress", ["--params", str(params), "--model", str(tmp_path / "model"), "--tokens",
+                                  str(tmp_path / "tokens"), "--out", str(tmp_path / "compressed"),
+                                  "--metrics", str(tmp_path / "compress.json")]) == 2
+    line = one_error_line(capsys.readouterr().err, "compress")
+    assert "compress.variants.student.distill: warmup_steps (8) is more than steps (5)" in line, line
+    assert (tmp_path / "compressed" / "keep.txt").read_text() == "earlier output"

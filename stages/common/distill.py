@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from tqdm import tqdm
 
@@ -40,6 +40,12 @@ class Distill(Section):
     init_from_teacher: bool = True
     base: str = ""
 
+    @model_validator(mode="after")
+    def _warmup_within_steps(self) -> Distill:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) is more than steps ({self.steps}): "
+                             "the learning rate would never reach lr")
+        return self
 
 
 def train_student(teacher: nn.Module, spec: Distill, tokens: Path, seed: int) -> tuple[nn.Module, dict[str, Any]]:
