@@ -342,6 +342,9 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
             on_disk = size_on_disk(folder)
             found[name].update(bytes_on_disk=on_disk, size_ratio=on_disk / reference)
     rows = [found[name] for name, _ in chosen]
+    if not any(row["status"] == "ok" for row in rows):  # keep the previous results: these say nothing
+        reasons = "; ".join(f"{row['name']}: {row.get('reason', row['status'])}" for row in rows[:3])
+        raise StageError(f"no model could be measured ({len(rows)} tried; {reasons})")
     if params.classify and meta.labels:
         rows.append(word2vec_probe(paths, params, meta, base.seed))
 

@@ -120,6 +120,23 @@ def test_unknown_variant_and_missing_model_are_refused(made: dict[str, Path], tm
     assert rc == 2 and "holds no trained model" in one_error_line(capsys.readouterr().err, "evaluate")
 
 
+def test_every_model_failing_is_an_error_that_keeps_the_previous_results(
+        made: dict[str, Path], evaluated: tuple[dict[str, Any], Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Once exit 0 with every row "failed", overwriting good results."""
+    out = tmp_path / "eval"
+    shutil.copytree(evaluated[1], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    broken = tmp_path / "model"
+    shutil.copytree(made["model"], broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    rc, _ = evaluate({**made, "model": broken}, out, variants=["broken"])
+    assert rc == 2
+    line = one_error_line(capsys.readouterr().err, "evaluate")
+    assert "no model could be measured (2 tried; model: " in line and "; broken: " in line, line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_the_lstm_baseline_is_evaluated_like_the_transformers(tokens: Path, tmp_path: Path) -> None:
     model = trained_model(tokens, tmp_path / "lstm", family="lstm")
     data = tiny_params()
