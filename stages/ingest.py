@@ -18,7 +18,6 @@ from __future__ import annotations
 import codecs
 import csv
 import glob
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -35,7 +34,7 @@ from stages.common.encodings import decode_line, detect_encoding, is_binary, ite
 from stages.common.errors import StageError
 from stages.common.params import BaseParams, Section
 from stages.common.stage import stage_main
-from stages.common.text import detect_lang, metric_key, package_file
+from stages.common.text import detect_lang, metric_key, normalize, package_file, text_hash
 
 log = logging.getLogger("lmmem.ingest")
 
@@ -203,11 +202,7 @@ class Reader:
             self.counts.skip_file("empty_file", path)
             return
         header = [h.strip() for h in header]
-        if self.p.text_field not in header:
-            raise StageError(
-                f"{path}: no column '{self.p.text_field}' for ingest.text_field "
-                f"(columns: {', '.join(header)})"
-            )
+        self._require_text_column(path, header)
         number = 1
         try:
             for number, row in enumerate(reader, start=2):
@@ -225,11 +220,7 @@ class Reader:
             log.warning("%s: %s", path, exc)
             return
         names = pf.schema_arrow.names
-        if self.p.text_field not in names:
-            raise StageError(
-                f"{path}: no column '{self.p.text_field}' for ingest.text_field "
-                f"(columns: {', '.join(names)})"
-            )
+        self._require_text_column(path, names)
         columns = [self.p.text_field] + ([self.p.label_field] if self.p.label_field in names else [])
         row = 0
         for batch in pf.iter_batches(batch_size=4096, columns=columns):
@@ -237,16 +228,28 @@ class Reader:
                 row += 1
                 yield from self._from_mapping(obj, f"{path}:row {row}")
 
+    def _require_text_column(self, path: Path, columns: list[str]) -> None:
+        if self.p.text_field not in columns:
+            raise StageError(f"{path}: no column '{self.p.text_field}' for ingest.text_field "
+                             f"(columns: {', '.join(columns)})")
+
     def _from_mapping(self, obj: dict[str, Any], where: str) -> Iterator[Record]:
         text = obj.get(self.p.text_field)
         if not isinstance(text, str):
             self.counts.skip("missing_text" if text is None else "text_not_string", where)
             return
-        if len(text.encode("utf-8")) > self.p.max_record_bytes:
+        label = obj.get(self.p.label_field) if self.p.label_field else None
+        label = None if label in (None, "") else str(label)
+        try:
+            size = len(text.encode("utf-8"))
+            (label or "").encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON): no UTF-8 file can hold it
+            self.counts.skip("invalid_unicode", where)
+            return
+        if size > self.p.max_record_bytes:
             self.counts.skip("too_long", where)
             return
-        label = obj.get(self.p.label_field) if self.p.label_field else None
-        yield Record(text, None if label in (None, "") else str(label), where)
+        yield Record(text, label, where)
 
     # -- builtin corpora
     def builtin(self, name: str) -> Iterator[Record]:
@@ -312,12 +315,6 @@ class Reader:
 # ---------------------------------------------------------------------------- splitting
 
 
-def text_hash(text: str, purpose: bytes) -> float:
-    """A number in [0, 1) from the text alone; `purpose` keeps the split and the sample independent."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=purpose).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
 def split_of(text: str, split: SplitParams) -> str:
     """Deterministic split from a hash of the text alone: adding documents moves no old one."""
     h = text_hash(text, b"lmmem-split")
@@ -326,11 +323,6 @@ def split_of(text: str, split: SplitParams) -> str:
     if h < split.train + split.validation:
         return "validation"
     return "test"
-
-
-def normalize(text: str) -> str:
-    """Only what makes a record a record: one line-end style, no surrounding whitespace."""
-    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
 def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:

@@ -174,3 +174,29 @@ def test_distillation_warmup_longer_than_its_steps_is_refused(params_file: Calla
     line = one_error_line(capsys.readouterr().err, "compress")
     assert "compress.variants.student.distill: warmup_steps (8) is more than steps (5)" in line, line
     assert (tmp_path / "compressed" / "keep.txt").read_text() == "earlier output"
+
+
+def test_a_jsonl_record_with_a_lone_surrogate_is_counted_and_skipped(params_file: Callable[..., Path],
+                                                                      tmp_path: Path) -> None:
+    """`"\\ud800"` is valid JSON but not text: once it crashed ingest, losing every other record."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "好 的 手机"}\n{"text": "坏 \\ud800 的"}\n{"text": "ok", "label": "\\udfff"}\n'
+                      '{"text": "质量 不错"}\n', encoding="utf-8")
+    result = ingest(params_file(), tmp_path / "raw", corpus, tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "ingest.json").read_text())
+    assert metrics["docs"] == 2 and metrics["skipped_invalid_unicode"] == 2
+
+
+def test_language_detection_of_a_huge_record_holds_no_list_of_matches() -> None:
+    """A 200 MB line once took 5.7 GB here: every Han match collected just to be counted."""
+    import tracemalloc
+
+    from stages.common.text import detect_lang
+
+    text = "质量不错" * 250_000 + " good" * 1000  # a million Han characters
+    tracemalloc.start()
+    assert detect_lang(text) == "zh"
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 1 << 20, peak  # a list of a million one-character strings would be ~80 MB
