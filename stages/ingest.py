@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from stages.common.artifacts import SPLITS, JsonlWriter, atomic_dir, write_json, write_params
-from stages.common.encodings import decode_line, detect_encoding, is_binary, iter_raw_lines
+from stages.common.encodings import decode_line, detect_encoding, is_binary, iter_raw_lines, iter_text_lines
 from stages.common.errors import StageError
 from stages.common.params import BaseParams, Section
 from stages.common.stage import stage_main
@@ -140,6 +140,13 @@ class Reader:
         encodings = encodings or list(self.p.encodings)
         shown = shown or str(path)
         encoding = detect_encoding(path, encodings)
+        if encoding in ("utf-16", "utf-32"):  # from its byte-order mark
+            for number, text in iter_text_lines(path, encoding, self.p.max_record_bytes):
+                if text is None:
+                    self.counts.skip("too_long", f"{shown}:{number}")
+                else:
+                    yield number, text
+            return
         if encoding is None:
             log.info("%s: no single encoding of %s decodes it all; decoding line by line", path, encodings)
         with path.open("rb") as f:

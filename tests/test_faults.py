@@ -200,3 +200,35 @@ def test_language_detection_of_a_huge_record_holds_no_list_of_matches() -> None:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 1 << 20, peak  # a list of a million one-character strings would be ~80 MB
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le"])
+def test_utf16_and_utf32_with_a_bom_are_text_not_binary(params_file: Callable[..., Path], tmp_path: Path,
+                                                        encoding: str) -> None:
+    """Once reported as a binary file (its NUL bytes) and skipped."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes("\ufeff".encode(encoding) + "好 的 手机\r\n质量 不错\nplain English\n".encode(encoding))
+    result = ingest(params_file(), tmp_path / "raw", corpus, tmp_path)
+    assert result.returncode == 0, result.stderr
+    texts = sorted(json.loads(line)["text"] for f in (tmp_path / "raw").glob("*.jsonl")
+                   for line in f.read_text(encoding="utf-8").splitlines())
+    assert texts == ["plain English", "好 的 手机", "质量 不错"]
+
+
+def test_utf16_that_breaks_off_is_one_line_naming_the_file(params_file: Callable[..., Path], tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes("\ufeff好 的\n".encode("utf-16-le") + b"\x00\xdc\x41\x00")  # a lone low surrogate
+    result = ingest(params_file(), tmp_path / "raw", corpus, tmp_path)
+    assert result.returncode == 2
+    line = one_error_line(result.stderr, "ingest")
+    assert f"{corpus}: starts with a UTF-16 byte-order mark but is not valid UTF-16 (illegal encoding)" in line
+    assert not (tmp_path / "raw").exists()
+
+
+def test_a_file_with_nul_bytes_and_no_bom_is_still_binary(params_file: Callable[..., Path], tmp_path: Path) -> None:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("好 的 手机\n", encoding="utf-8")
+    (folder / "b.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    assert ingest(params_file(), tmp_path / "raw", folder, tmp_path).returncode == 0
+    assert json.loads((tmp_path / "ingest.json").read_text())["files_skipped_binary_file"] == 1
