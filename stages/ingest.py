@@ -357,7 +357,9 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                 total += 1
                 split = split_of(text, params.split)
                 lang = detect_lang(text)
-                writers[split].write({"text": text, "label": rec.label, "lang": lang, "source": rec.source})
+                # a file name that is not UTF-8 (os.fsdecode's surrogates) is written with \x escapes
+                source = rec.source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                writers[split].write({"text": text, "label": rec.label, "lang": lang, "source": source})
                 docs[split] += 1
                 chars[split] += len(text)
                 langs[lang] += 1

@@ -4,6 +4,7 @@ traceback), the exit code, and that what was there before survives."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -232,3 +233,18 @@ def test_a_file_with_nul_bytes_and_no_bom_is_still_binary(params_file: Callable[
     (folder / "b.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     assert ingest(params_file(), tmp_path / "raw", folder, tmp_path).returncode == 0
     assert json.loads((tmp_path / "ingest.json").read_text())["files_skipped_binary_file"] == 1
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_shown_escaped(params_file: Callable[..., Path],
+                                                                 tmp_path: Path) -> None:
+    """Once a traceback: the name's undecodable byte could not be written to the JSONL."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "good.txt").write_text("好 的 手机\n", encoding="utf-8")
+    with open(os.fsencode(folder) + b"/caf\xe9.txt", "wb") as f:  # Latin-1 é: not UTF-8
+        f.write("质量 不错\n".encode())
+    result = ingest(params_file(), tmp_path / "raw", folder, tmp_path)
+    assert result.returncode == 0, result.stderr
+    sources = sorted(json.loads(line)["source"] for f in (tmp_path / "raw").glob("*.jsonl")
+                     for line in f.read_text(encoding="utf-8").splitlines())
+    assert sources == [f"{folder}/caf\\xe9.txt:1", f"{folder}/good.txt:1"]
