@@ -34,7 +34,7 @@ from stages.common.encodings import decode_line, detect_encoding, is_binary, ite
 from stages.common.errors import StageError
 from stages.common.params import BaseParams, Section
 from stages.common.stage import stage_main
-from stages.common.text import detect_lang, metric_key, normalize, package_file, text_hash
+from stages.common.text import detect_lang, metric_key, normalize, package_file, text_hash, writable
 
 log = logging.getLogger("lmmem.ingest")
 
@@ -202,7 +202,7 @@ class Reader:
 
     def read_csv(self, path: Path) -> Iterator[Record]:
         stream = (line + "\n" for _, line in self.lines(path))
-        reader = csv.reader(stream, delimiter=self.p.csv_delimiter)
+        reader = csv.reader(stream, delimiter=self.p.csv_delimiter, strict=True)  # strict: an unclosed quote fails
         csv.field_size_limit(self.p.max_record_bytes)
         header = next(reader, None)
         if header is None:
@@ -215,7 +215,8 @@ class Reader:
             for number, row in enumerate(reader, start=2):
                 yield from self._from_mapping(dict(zip(header, row)), f"{path}:row {number}")
         except csv.Error as exc:
-            raise StageError(f"{path}: malformed CSV after row {number}: {exc}") from None
+            hint = " (a quote opened there is never closed)" if "end of data" in str(exc) else ""
+            raise StageError(f"{path}: malformed CSV at row {number + 1}: {exc}{hint}") from None
 
     def read_parquet(self, path: Path) -> Iterator[Record]:
         import pyarrow.parquet as pq
@@ -357,9 +358,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                 total += 1
                 split = split_of(text, params.split)
                 lang = detect_lang(text)
-                # a file name that is not UTF-8 (os.fsdecode's surrogates) is written with \x escapes
-                source = rec.source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-                writers[split].write({"text": text, "label": rec.label, "lang": lang, "source": source})
+                writers[split].write({"text": text, "label": rec.label, "lang": lang, "source": writable(rec.source)})
                 docs[split] += 1
                 chars[split] += len(text)
                 langs[lang] += 1

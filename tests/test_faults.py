@@ -248,3 +248,15 @@ def test_a_file_name_that_is_not_utf8_is_read_and_shown_escaped(params_file: Cal
     sources = sorted(json.loads(line)["source"] for f in (tmp_path / "raw").glob("*.jsonl")
                      for line in f.read_text(encoding="utf-8").splitlines())
     assert sources == [f"{folder}/caf\\xe9.txt:1", f"{folder}/good.txt:1"]
+
+
+def test_a_csv_quote_never_closed_is_one_line_not_one_swallowing_field(params_file: Callable[..., Path],
+                                                                        tmp_path: Path) -> None:
+    """Once every row after the quote became part of one document, with no count."""
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text('text,label\n"good one",pos\n"broken,neg\nnext row,pos\nlast,neg\n', encoding="utf-8")
+    result = ingest(params_file(), tmp_path / "raw", corpus, tmp_path)
+    assert result.returncode == 2
+    line = one_error_line(result.stderr, "ingest")
+    assert f"{corpus}: malformed CSV at row 3: unexpected end of data (a quote opened there is never closed)" in line
+    assert not (tmp_path / "raw").exists()

@@ -40,6 +40,12 @@ def normalize(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
+def writable(text: str) -> str:
+    """Text any UTF-8 file can hold: a file name's undecodable bytes (os.fsdecode's lone
+    surrogates) become \\x escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def package_file(package: str, relative: str) -> Path:
     """A data file shipped inside an installed package, found without importing it."""
     spec = importlib.util.find_spec(package)
