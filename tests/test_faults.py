@@ -260,3 +260,23 @@ def test_a_csv_quote_never_closed_is_one_line_not_one_swallowing_field(params_fi
     line = one_error_line(result.stderr, "ingest")
     assert f"{corpus}: malformed CSV at row 3: unexpected end of data (a quote opened there is never closed)" in line
     assert not (tmp_path / "raw").exists()
+
+
+def test_jieba_never_reads_a_cache_from_the_shared_temporary_folder(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another local user could plant /tmp/jieba.cache (read with marshal, unchecked) and change
+    every segmentation without DVC seeing it."""
+    import marshal
+    import tempfile
+
+    from stages.common.segment import Segmenter
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # jieba's default: tempfile.gettempdir()
+    planted = {"我": 1000, "我们": 1000, "去": 1000, "蓝": 0, "蓝莓": 0, "蓝莓派": 0, "蓝莓派对": 10**8}
+    with (tmp_path / "jieba.cache").open("wb") as f:
+        marshal.dump((planted, sum(planted.values())), f)
+    segmenter = Segmenter()
+    assert "蓝莓派对" not in segmenter.segment("我们去蓝莓派对")
+    cache = Path(segmenter._jieba.tmp_dir)
+    assert cache.is_relative_to(ROOT / ".cache") and (cache.stat().st_mode & 0o777) == 0o700
+    assert (cache / "jieba.cache").is_file()

@@ -24,6 +24,16 @@ from stages.common.text import CJK_RUN
 _WHITESPACE = re.compile(r"\s")
 
 
+def private_cache(name: str) -> Path:
+    """A cache folder of this project only (.cache/<name> in the repository, mode 0700). jieba
+    would otherwise load its dictionary cache from the shared temporary folder, unchecked
+    (marshal), where another local user could plant one that changes every segmentation."""
+    folder = Path(__file__).resolve().parents[2] / ".cache" / name
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    return folder
+
+
 def check_user_dict(user_dict: str) -> None:
     if user_dict and not Path(user_dict).is_file():
         raise StageError(f"tokenize.user_dict: no such file: {user_dict}")
@@ -39,6 +49,7 @@ class Segmenter:
 
         jieba.setLogLevel(logging.WARNING)
         self._jieba = jieba.Tokenizer()
+        self._jieba.tmp_dir = str(private_cache(f"jieba-{jieba.__version__}"))
         self._jieba.initialize()
         if user_dict:
             check_user_dict(user_dict)
