@@ -42,7 +42,7 @@ from stages.common.models import LSTMLanguageModel, logits_of
 from stages.common.params import BaseParams, Section
 from stages.common.schema import EvalRow, TokensMeta, read_typed
 from stages.common.stage import stage_main
-from stages.common.windows import Windows
+from stages.common.windows import Windows, check_ids
 from stages.common.workers import cores, fresh_processes, share_cores
 
 log = logging.getLogger("lmmem.evaluate")
@@ -309,6 +309,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         raise StageError(f"{paths.model} holds no trained model (no params.json): run the train stage first")
     context = read_json(paths.model / "params.json")["train"]["model"]["context"]
     meta = read_typed(paths.tokens / "meta.json", TokensMeta)
+    for split in ("train", "validation", "test"):  # once here, not as a failure of every model
+        check_ids(paths.tokens / f"{split}.bin", meta.dtype, meta.vocab_size)
     reference = size_on_disk(paths.model)
     chosen = models_to_evaluate(params, paths)
     found: dict[str, dict[str, Any]] = {}

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stages.common.artifacts import OWNER_FILE, check_replaceable, writer_of
@@ -280,3 +282,47 @@ def test_jieba_never_reads_a_cache_from_the_shared_temporary_folder(tmp_path: Pa
     cache = Path(segmenter._jieba.tmp_dir)
     assert cache.is_relative_to(ROOT / ".cache") and (cache.stat().st_mode & 0o777) == 0o700
     assert (cache / "jieba.cache").is_file()
+
+
+def broken_tokens(tokens: Path, tmp_path: Path, damage: Callable[[Path], None]) -> Path:
+    copy = tmp_path / "tokens"
+    shutil.copytree(tokens, copy)
+    damage(copy / "train.bin")
+    return copy
+
+
+def previous_train_output(work: Path) -> dict[str, bytes]:
+    """A model folder as an earlier train run leaves it (its owner file included)."""
+    (work / "model").mkdir()
+    (work / "model" / OWNER_FILE).write_text('{"writer": "train"}')
+    (work / "model" / "config.json").write_text("{}")
+    return {p.name: p.read_bytes() for p in (work / "model").iterdir()}
+
+
+def append_a_byte(path: Path) -> None:
+    with path.open("ab") as f:
+        f.write(b"\x00")
+
+
+def id_out_of_vocabulary(path: Path) -> None:
+    ids = np.fromfile(path, dtype=np.uint16)
+    ids[1000] = 60000
+    ids.tofile(path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (append_a_byte, "bytes, not a whole number of uint16 ids (truncated, or not a token file)"),
+    (id_out_of_vocabulary, "id 60000 at position 1000 is outside the vocabulary (2533 ids in meta.json)"),
+])
+def test_a_damaged_token_file_is_one_line_before_training(tokens: Path, tmp_path: Path, params_file: Callable[..., Path],
+                                                          capsys: pytest.CaptureFixture[str], damage: Callable[[Path], None],
+                                                          message: str) -> None:
+    from tests.conftest import run_stage, train_args
+
+    params_file()
+    broken = broken_tokens(tokens, tmp_path, damage)
+    before = previous_train_output(tmp_path)
+    assert run_stage("train", train_args(tmp_path, broken)) == 2
+    line = one_error_line(capsys.readouterr().err, "train")
+    assert f"{broken / 'train.bin'}: " in line and message in line, line
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before

@@ -71,7 +71,7 @@ def train_student(teacher: nn.Module, spec: Distill, tokens: Path, seed: int) ->
                 source = f"model.layers.{picked[int(match.group(1))]}.{match.group(2)}"
             own[key] = state[source].clone()
         student.load_state_dict(own)
-    windows = Windows(tokens / "train.bin", meta.dtype, context)
+    windows = Windows(tokens / "train.bin", meta.dtype, context, meta.vocab_size)
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.AdamW(param_groups(list(student.parameters()), spec.weight_decay), lr=spec.lr)
     teacher.eval()

@@ -18,11 +18,32 @@ from stages.common.errors import StageError
 from stages.common.models import logits_of
 
 
+def check_ids(path: Path, dtype: str, vocab_size: int) -> None:
+    """A token file must hold whole ids, each inside the vocabulary: checked on read, in
+    chunks (no memory that grows with the file), so a truncated or foreign file is one line
+    here instead of a traceback deep inside the model."""
+    itemsize = np.dtype(dtype).itemsize
+    size = path.stat().st_size
+    if size % itemsize:
+        raise StageError(f"{path}: {size} bytes, not a whole number of {dtype} ids (truncated, or not a token file)")
+    with path.open("rb") as f:
+        done = 0
+        while chunk := f.read(1 << 22):
+            ids = np.frombuffer(chunk, dtype=dtype)
+            if ids.size and int(ids.max()) >= vocab_size:
+                at = done + int(np.argmax(ids >= vocab_size))
+                raise StageError(f"{path}: id {int(ids[at - done])} at position {at} is outside the vocabulary "
+                                 f"({vocab_size} ids in meta.json)")
+            done += ids.size
+
+
 class Windows:
     """Windows of context + 1 ids from a memory-mapped split (input: the first context ids,
     target: the last context)."""
 
-    def __init__(self, path: Path, dtype: str, context: int) -> None:
+    def __init__(self, path: Path, dtype: str, context: int, vocab_size: int | None = None) -> None:
+        if vocab_size is not None:
+            check_ids(path, dtype, vocab_size)
         self.ids = np.memmap(path, dtype=dtype, mode="r")
         self.context = context
         if len(self.ids) < context + 2:

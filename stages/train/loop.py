@@ -42,8 +42,8 @@ def train(p: Any, paths: Paths, base: BaseParams, ctx: Context, device: torch.de
     if p.threads:
         torch.set_num_threads(p.threads)
     meta = read_typed(paths.tokens / "meta.json", TokensMeta)
-    train_windows = Windows(paths.tokens / "train.bin", meta.dtype, p.model.context)
-    val_windows = Windows(paths.tokens / "validation.bin", meta.dtype, p.model.context)
+    train_windows = Windows(paths.tokens / "train.bin", meta.dtype, p.model.context, meta.vocab_size)
+    val_windows = Windows(paths.tokens / "validation.bin", meta.dtype, p.model.context, meta.vocab_size)
     if (problem := batch_split_problem(p, ctx.world)) is not None:  # torchrun's world may not be params'
         raise StageError(f"train: {problem}")
     p, predicted, fitted = plan(p, meta, device, base.seed, ctx)
