@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from stages.common.artifacts import OWNER_FILE, check_replaceable, writer_of
 from stages.common.errors import StageError
-from tests.conftest import ROOT, one_error_line, run_cli
+from tests.conftest import ROOT, one_error_line, read_metrics, run_cli
 
 CORPUS = "好评 质量 不错\n手机 很 好用\n"
 
@@ -326,3 +327,49 @@ def test_a_damaged_token_file_is_one_line_before_training(tokens: Path, tmp_path
     line = one_error_line(capsys.readouterr().err, "train")
     assert f"{broken / 'train.bin'}: " in line and message in line, line
     assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
+
+
+@pytest.fixture(scope="module")
+def finished_run(tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny training run to its end: its checkpoints folder holds the step-29 checkpoint."""
+    from tests.conftest import run_stage, tiny_params, train_args
+
+    work = tmp_path_factory.mktemp("finished")
+    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(), allow_unicode=True), encoding="utf-8")
+    assert run_stage("train", train_args(work, tokens)) == 0
+    return work
+
+
+def truncate_the_weights(latest: Path) -> None:
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+def edit_the_step(latest: Path) -> None:
+    state = json.loads((latest / "state.json").read_text())
+    state["step"] = 5
+    (latest / "state.json").write_text(json.dumps(state))
+
+
+def garbage_state(latest: Path) -> None:
+    (latest / "state.json").write_text("{not json")
+
+
+@pytest.mark.parametrize("damage", [truncate_the_weights, edit_the_step, garbage_state])
+def test_an_unusable_checkpoint_is_set_aside_and_training_starts_afresh(
+        finished_run: Path, tokens: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str],
+        damage: Callable[[Path], None]) -> None:
+    """Once every rerun failed (or resumed at an edited step) until the folder was deleted by hand."""
+    from tests.conftest import run_stage, train_args
+
+    shutil.copy(finished_run / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(finished_run / "ckpt", tmp_path / "ckpt")
+    damage(tmp_path / "ckpt" / "latest")
+    damaged = {p.name: p.read_bytes() for p in (tmp_path / "ckpt" / "latest").iterdir()}
+    assert run_stage("train", train_args(tmp_path, tokens)) == 0
+    aside = list((tmp_path / "ckpt").glob("latest.corrupt-*"))
+    assert len(aside) == 1 and {p.name: p.read_bytes() for p in aside[0].iterdir()} == damaged  # kept as it was
+    warned = [line for line in capfd.readouterr().err.splitlines() if "is unusable" in line]
+    assert len(warned) == 1 and "training starts afresh" in warned[0] and "WARNING" in warned[0], warned
+    fresh, finished = read_metrics(tmp_path / "train.json"), read_metrics(finished_run / "train.json")
+    assert fresh["val_loss"] == finished["val_loss"]  # trained from step 0, as the first run did

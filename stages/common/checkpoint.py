@@ -5,14 +5,19 @@ A checkpoint is a folder written atomically (beside the old one, then renamed), 
 - extra.safetensors: other tensors of the run's state (pruning masks), when it has any;
 - optimizer.pt, scaler.pt, torch_rng.pt: tensors only, read back with weights_only=True;
 - state.json: the step reached, the data sampler's generator state, the per-step records
-  and the memory figures metered so far, and the fingerprint of the params and data it
-  belongs to. A checkpoint whose fingerprint differs from the run's is not resumed.
+  and the memory figures metered so far, the fingerprint of the params and data it
+  belongs to, and a digest of the step and every other file. A checkpoint whose fingerprint
+  differs from the run's is not resumed; one that cannot be read or whose files do not match
+  its digest (truncated, damaged, edited) is set aside as latest.corrupt-<id> with a
+  warning, and training starts afresh.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +59,46 @@ def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
         torch.save(torch.get_rng_state(), tmp / "torch_rng.pt")
-        write_json(tmp / "state.json", state)
+        write_json(tmp / "state.json", {**state, "digest": content_digest(tmp, state["step"])})
+
+
+def content_digest(folder: Path, step: int) -> str:
+    """A hash of the step and of every checkpoint file but state.json (streamed)."""
+    digest = hashlib.blake2b(str(step).encode(), digest_size=16)
+    for path in sorted(folder.iterdir()):
+        if path.name not in ("state.json", OWNER_FILE):
+            digest.update(path.name.encode())
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def set_aside(latest: Path, why: object) -> None:
+    """Move an unusable checkpoint out of the way (kept for a look, never deleted)."""
+    aside = latest.with_name(f"{LATEST}.corrupt-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(latest, aside)
+    except FileNotFoundError:  # another rank did it
+        return
+    log.warning("checkpoint %s is unusable (%s): set aside as %s; training starts afresh", latest, why, aside.name)
 
 
 def peek(folder: Path, expected: str) -> int | None:
     """The step of the latest checkpoint when it belongs to this fingerprint, else None."""
-    state_file = folder / LATEST / "state.json"
-    if not state_file.is_file():
+    latest = folder / LATEST
+    if not (latest / "state.json").is_file():
         return None
-    state = read_json(state_file)
-    return state.get("step") if state.get("fingerprint") == expected else None
+    try:
+        state = read_json(latest / "state.json")
+        if state.get("fingerprint") != expected:
+            return None
+        if state.get("digest") != content_digest(latest, state["step"]):
+            raise ValueError("its files or step do not match the digest in its state.json")
+        return int(state["step"])
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        set_aside(latest, exc)
+        return None
 
 
 def load(folder: Path, expected: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -79,11 +114,17 @@ def load(folder: Path, expected: str, model: torch.nn.Module, optimizer: torch.o
     if state.get("fingerprint") != expected:
         log.info("checkpoint in %s belongs to other params, data or code: starting afresh", latest)
         return None
+    try:  # everything read before anything is applied: a bad file leaves the fresh model untouched
+        load_file(str(latest / "model.safetensors"))
+        pieces = [torch.load(latest / f"{name}.pt", weights_only=True) for name in ("optimizer", "scaler", "torch_rng")]
+        extra = latest / "extra.safetensors"
+        state["extra"] = load_file(str(extra)) if extra.is_file() else {}
+    except Exception as exc:  # safetensors and torch.load raise several types for a damaged file
+        set_aside(latest, exc)
+        return None
     load_model(model, str(latest / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
-    scaler.load_state_dict(torch.load(latest / "scaler.pt", weights_only=True))
-    torch.set_rng_state(torch.load(latest / "torch_rng.pt", weights_only=True))
-    extra = latest / "extra.safetensors"
-    state["extra"] = load_file(str(extra)) if extra.is_file() else {}
+    optimizer.load_state_dict(pieces[0])
+    scaler.load_state_dict(pieces[1])
+    torch.set_rng_state(pieces[2])
     log.info("resuming from the checkpoint at step %d", state["step"])
     return state
