@@ -151,9 +151,9 @@ def test_failing_stage_fails_its_task_with_dvcs_message_after_retries(server: st
 def test_sweep_two_points_compared_and_not_run_twice(server: str, repo: Path) -> None:
     from flows.sweep import sweep
 
-    points = [["train.steps=2"], ["train.steps=4"]]
+    points = [["train.steps=6"], ["train.steps=8"]]  # the tiny profile warms up 5 steps
     rows = sweep(points=points, targets=["train"], root=str(repo))
-    assert [r["point"] for r in rows] == ["train.steps=2", "train.steps=4"]
+    assert [r["point"] for r in rows] == ["train.steps=6", "train.steps=8"]
     assert all(r["experiment"] != "missing" for r in rows)
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo))
     names = {e.get("name") for b in shown for r in (b.get("experiments") or []) for e in r["revs"]}
@@ -161,7 +161,7 @@ def test_sweep_two_points_compared_and_not_run_twice(server: str, repo: Path) ->
     assert rows[0]["val ppl"] != rows[1]["val ppl"]  # the params differ, so do the metrics
     assert rows[0]["train tensor peak MiB"] == rows[1]["train tensor peak MiB"]  # steps do not change memory
     table = json.loads(artifact("sweep-comparison").data)
-    assert [r["point"] for r in table] == ["train.steps=2", "train.steps=4"]
+    assert [r["point"] for r in table] == ["train.steps=6", "train.steps=8"]
     report = artifact("sweep-report").data  # the report, regenerated with both experiments
     for r in rows:
         assert f"| {r['experiment']} | train.steps={r['point'].split('=')[1]} |" in report
@@ -184,18 +184,18 @@ def test_sweep_on_a_dask_local_cluster(server: str, repo: Path) -> None:
     params["flows"].update(task_runner="dask", concurrency=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))  # uncommitted: same commit
     before = {r.id for r in point_runs()}
-    state = sweep(points=[["train.steps=4"], ["train.steps=3"]], targets=["train"], root=str(repo),
+    state = sweep(points=[["train.steps=8"], ["train.steps=7"]], targets=["train"], root=str(repo),
                   return_state=True)
     assert state.is_completed(), state.message
     new = [r for r in point_runs() if r.id not in before]
-    assert len(new) == 1  # train.steps=4 exists already, with the same params (flows aside)
+    assert len(new) == 1  # train.steps=8 exists already, with the same params (flows aside)
     for _ in range(30):  # the worker process sends its task's log lines on its own schedule
         if "on dask worker tcp://127.0.0.1:" in task_logs(new[0].id):
             break
         time.sleep(1)
     assert "on dask worker tcp://127.0.0.1:" in task_logs(new[0].id)
     rows = state.result()
-    assert rows[0]["point"] == "train.steps=4" and rows[1]["experiment"] != "missing"
+    assert rows[0]["point"] == "train.steps=8" and rows[1]["experiment"] != "missing"
     assert rows[1]["val ppl"] not in (None, rows[0]["val ppl"])
     (repo / "params.yaml").write_text(committed)
     assert git_clean(repo) == ""
