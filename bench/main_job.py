@@ -107,6 +107,11 @@ def main() -> int:
                   f"{cell(before.stage_wall.get(stage))} | {cell(before.stage_seconds.get(stage))} |")
         print(f"| **dvc repro** | **{now.wall:.1f}** ({now.wall / 60:.1f} min) | | "
               f"**{before.wall:.1f}** ({before.wall / 60:.1f} min) | |")
+    elif params is not None:  # the committed metrics are the default pipeline's: no before column
+        print("| stage | wall s | own s |\n|---|---|---|")
+        for stage in STAGES:
+            print(f"| {stage} | {cell(now.stage_wall.get(stage))} | {cell(now.stage_seconds.get(stage))} |")
+        print(f"| **dvc repro** | **{now.wall:.1f}** ({now.wall / 60:.1f} min) | |")
     else:
         print(f"| stage | wall s | own s | own s ({args.before}, committed) |")
         print("|---|---|---|---|")
