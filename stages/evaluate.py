@@ -48,6 +48,7 @@ from stages.common.workers import cores, fresh_processes, share_cores
 log = logging.getLogger("lmmem.evaluate")
 
 TRAINED = "model"  # the row of data/model, the reference of every ratio
+LATENCY_PROMPT = 8  # tokens of validation text the latency's greedy generation starts from
 TABLE = ("name", "status", "bytes_on_disk", "size_ratio", "params", "nonzero_params", "val_ppl", "test_ppl",
          "top1", "top5", "tensor_peak_mib", "rss_peak_mib", "load_seconds", "ms_per_token_b1",
          "ms_per_token_batch", "cls_accuracy", "cls_f1_macro")
@@ -238,7 +239,7 @@ def latency(folder: Path, params: Params, paths: Paths, context: int, threads: i
     meta = read_typed(paths.tokens / "meta.json", TokensMeta)
     model = load_model_folder(folder)
     started = time.perf_counter()
-    prompt = windows(paths.tokens, "validation", meta.dtype, context, 1, params.batch_size)[0][:1, :8]
+    prompt = windows(paths.tokens, "validation", meta.dtype, context, 1, params.batch_size)[0][:1, :LATENCY_PROMPT]
     return {"ms_per_token_b1": ms_per_token(model, prompt, 1, params.latency_new_tokens, params.latency_repeats),
             "ms_per_token_batch": ms_per_token(model, prompt, params.latency_batch, params.latency_new_tokens,
                                                params.latency_repeats),
@@ -308,6 +309,12 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     if not (paths.model / "params.json").is_file():
         raise StageError(f"{paths.model} holds no trained model (no params.json): run the train stage first")
     context = read_json(paths.model / "params.json")["train"]["model"]["context"]
+    prompt = max(len(p.split()) for p in params.prompts) if params.prompts else 0
+    for key, prompt_tokens, new_tokens in (("generate_tokens", prompt, params.generate_tokens),
+                                           ("latency_new_tokens", LATENCY_PROMPT, params.latency_new_tokens)):
+        if prompt_tokens + new_tokens > context:  # refused before any model is loaded
+            raise StageError(f"evaluate.{key}: {new_tokens} new tokens after a {prompt_tokens}-token prompt exceed "
+                             f"the model's context of {context}; at most {context - prompt_tokens}")
     meta = read_typed(paths.tokens / "meta.json", TokensMeta)
     for split in ("train", "validation", "test"):  # once here, not as a failure of every model
         check_ids(paths.tokens / f"{split}.bin", meta.dtype, meta.vocab_size)

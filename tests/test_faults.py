@@ -373,3 +373,29 @@ def test_an_unusable_checkpoint_is_set_aside_and_training_starts_afresh(
     assert len(warned) == 1 and "training starts afresh" in warned[0] and "WARNING" in warned[0], warned
     fresh, finished = read_metrics(tmp_path / "train.json"), read_metrics(finished_run / "train.json")
     assert fresh["val_loss"] == finished["val_loss"]  # trained from step 0, as the first run did
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("generate_tokens", 1_000_000_000, "evaluate.generate_tokens: 1000000000 new tokens after a 2-token prompt exceed "
+                                       "the model's context of 32; at most 30"),
+    ("latency_new_tokens", 25, "evaluate.latency_new_tokens: 25 new tokens after a 8-token prompt exceed "
+                               "the model's context of 32; at most 24"),
+])
+def test_generation_beyond_the_context_is_refused_before_any_model_loads(
+        tokens: Path, tmp_path: Path, params_file: Callable[..., Path], capsys: pytest.CaptureFixture[str],
+        key: str, value: int, message: str) -> None:
+    """`generate_tokens: 1e9` once ran for ever."""
+    from tests.conftest import run_stage
+
+    params = params_file(evaluate={key: value})
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "params.json").write_text(json.dumps({"train": {"model": {"context": 32}}}))
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / OWNER_FILE).write_text('{"writer": "evaluate"}')
+    (tmp_path / "eval" / "results.json").write_text("[]")
+    rc = run_stage("evaluate", ["--params", str(params), "--model", str(tmp_path / "model"), "--compressed",
+                                str(tmp_path / "none"), "--tokens", str(tokens), "--embed", str(tokens.parent / "embed"),
+                                "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "evaluate.json")])
+    assert rc == 2
+    assert message in one_error_line(capsys.readouterr().err, "evaluate")
+    assert (tmp_path / "eval" / "results.json").read_text() == "[]" and not (tmp_path / "evaluate.json").exists()
