@@ -399,3 +399,64 @@ def test_generation_beyond_the_context_is_refused_before_any_model_loads(
     assert rc == 2
     assert message in one_error_line(capsys.readouterr().err, "evaluate")
     assert (tmp_path / "eval" / "results.json").read_text() == "[]" and not (tmp_path / "evaluate.json").exists()
+
+
+def alive(pid: int) -> bool:
+    """Running or sleeping: a zombie waiting for a reaper has already died."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+POOL_SCRIPTS = {
+    "tokenize's segmenting pool": """
+import time
+from stages.common.segment import SegmentPool
+pool = SegmentPool({"mode": "precise", "hmm": True, "user_dict": "", "stopwords": False}, 2)
+print(" ".join(str(p.pid) for p in pool._pool._pool), flush=True)
+time.sleep(600)
+""",
+    "evaluate's forked processes": """
+import os, time
+from pathlib import Path
+from stages.common.workers import fresh_processes
+def task(marker):
+    Path(marker).write_text(str(os.getpid()))
+    time.sleep(600)
+if __name__ == "__main__":  # the fork server's workers import this file as __mp_main__
+    pool = fresh_processes(1, preload=[])
+    pool.submit(task, {marker!r})
+    while not Path({marker!r}).exists():
+        time.sleep(0.1)
+    print(Path({marker!r}).read_text(), flush=True)
+    time.sleep(600)
+""",
+}
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize("pool", list(POOL_SCRIPTS))
+def test_workers_die_with_a_killed_stage(tmp_path: Path, pool: str) -> None:
+    """A killed evaluate once left its worker (487 MB) and the resource tracker blocked for ever."""
+    import signal
+    import sys
+    import time
+
+    script = tmp_path / "stage.py"
+    script.write_text(POOL_SCRIPTS[pool].replace("{marker!r}", repr(str(tmp_path / "worker.pid"))))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout is not None
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+    except BaseException:
+        proc.kill()
+        raise
+    assert workers and all(alive(pid) for pid in workers)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers), f"{pool}: workers {workers} outlived their stage"

@@ -12,6 +12,7 @@ import collections
 import functools
 import logging
 import multiprocessing
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.errors import StageError
+from stages.common.lifetime import die_with
 from stages.common.text import CJK_RUN
 
 _WHITESPACE = re.compile(r"\s")
@@ -134,7 +136,8 @@ class SegmentPool:
         self._pool: Any = None
         _init_segmenter(config)
         if workers > 1:
-            self._pool = multiprocessing.get_context("fork").Pool(workers)
+            self._pool = multiprocessing.get_context("fork").Pool(workers, initializer=die_with,
+                                                                  initargs=(os.getpid(),))
 
     def map(self, batches: Iterable[list[str]]) -> Iterator[tuple[list[str], Counter[str]]]:
         if self._pool is None:

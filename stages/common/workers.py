@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from stages.common.lifetime import die_with
+
 # what every evaluation process imports: paid once, in the fork server
 PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama",
            "transformers.models.gpt2.modeling_gpt2", "stages.common.loading", "stages.common.meter"]
@@ -25,7 +27,8 @@ def fresh_processes(workers: int, preload: list[str] = PRELOAD) -> concurrent.fu
     forked from a fork server with `preload` imported."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(preload)
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1)
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1,
+                                                  initializer=die_with, initargs=(os.getpid(),))
 
 
 def share_cores(threads: int) -> None:
