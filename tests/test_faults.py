@@ -460,3 +460,19 @@ def test_workers_die_with_a_killed_stage(tmp_path: Path, pool: str) -> None:
     while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(alive(pid) for pid in workers), f"{pool}: workers {workers} outlived their stage"
+
+
+def test_metrics_that_cannot_be_written_are_refused_before_the_output_is_replaced(
+        params_file: Callable[..., Path], tmp_path: Path) -> None:
+    """A metrics folder that could not be written once failed after the new output was swapped in."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    blocker = tmp_path / "metrics"
+    blocker.write_text("a file where the metrics folder should be")
+    params = params_file()
+    params.write_text(params.read_text().replace("builtin:zh-reviews", str(corpus)).replace("sample: 0.05", "sample: 1.0"))
+    result = run_cli("ingest", ["--params", str(params), "--out", str(tmp_path / "raw"), "--metrics",
+                                str(blocker / "ingest.json")], cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"--metrics {blocker / 'ingest.json'}: cannot be written" in one_error_line(result.stderr, "ingest")
+    assert not (tmp_path / "raw").exists() and blocker.read_text().startswith("a file")

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -92,6 +93,19 @@ def round_metrics(metrics: dict[str, Any]) -> Metrics:
     return out
 
 
+def check_writable(metrics: Path) -> None:
+    """The metrics file can be written (its folder made, a file created there), or a one-line error."""
+    if metrics.is_dir():
+        raise StageError(f"--metrics {metrics}: is a folder, not a file")
+    try:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        probe = metrics.parent / f".{metrics.name}.probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise StageError(f"--metrics {metrics}: cannot be written ({exc.strerror or exc})") from None
+
+
 def stage_main(
     name: str,
     params_cls: type[P],
@@ -119,6 +133,7 @@ def stage_main(
         if getattr(args, "estimate", False):
             print(json.dumps(round_metrics(estimate(params, paths, base)), indent=2, sort_keys=True))  # type: ignore[misc]
             return 0
+        check_writable(args.metrics)  # before the work: not after the output was swapped in
         metrics = run(params, paths, base)
         if metrics is None:  # a distributed run's node without rank 0: its outputs are rank 0's to write
             return 0
