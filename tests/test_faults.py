@@ -476,3 +476,15 @@ def test_metrics_that_cannot_be_written_are_refused_before_the_output_is_replace
     assert result.returncode == 2
     assert f"--metrics {blocker / 'ingest.json'}: cannot be written" in one_error_line(result.stderr, "ingest")
     assert not (tmp_path / "raw").exists() and blocker.read_text().startswith("a file")
+
+
+def test_an_output_folder_whose_files_dvc_lock_lists_is_known_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plots = tmp_path / "data" / "plots" / "train"
+    plots.mkdir(parents=True)
+    (plots / "steps.csv").write_text("step\n")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    cmd: x\n    outs:\n"
+                                       "    - path: data/plots/train/steps.csv\n      hash: md5\n")
+    assert writer_of(plots) == "train"
+    (plots / "mine.txt").write_text("a file of the user's")
+    assert writer_of(plots) is None

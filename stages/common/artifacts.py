@@ -42,8 +42,12 @@ def writer_of(folder: Path) -> str | None:
     try:
         stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
         where = os.path.relpath(folder.resolve(), Path.cwd().resolve())
-        return next((name for name, stage in stages.items()
-                     for out in stage.get("outs", []) if os.path.normpath(out.get("path", "")) == where), None)
+        files = {os.path.join(where, f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()}
+        for name, stage in stages.items():  # the folder itself an out, or every file in it one
+            outs = {os.path.normpath(out.get("path", "")) for out in stage.get("outs", [])}
+            if where in outs or (files and files <= outs):
+                return str(name)
+        return None
     except (OSError, yaml.YAMLError, AttributeError, ValueError):
         return None
 

@@ -126,13 +126,13 @@ def stage_main(
     try:
         base, params = load_params(args.params, section or name, params_cls)
         paths = paths_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(paths_cls)})
+        seed_everything(base.seed)
+        if getattr(args, "estimate", False):  # writes nothing
+            print(json.dumps(round_metrics(estimate(params, paths, base)), indent=2, sort_keys=True))  # type: ignore[misc]
+            return 0
         for output in ("out", "plots"):  # refused before any work: a folder this stage did not write
             if hasattr(paths, output):
                 check_replaceable(getattr(paths, output), name)
-        seed_everything(base.seed)
-        if getattr(args, "estimate", False):
-            print(json.dumps(round_metrics(estimate(params, paths, base)), indent=2, sort_keys=True))  # type: ignore[misc]
-            return 0
         check_writable(args.metrics)  # before the work: not after the output was swapped in
         metrics = run(params, paths, base)
         if metrics is None:  # a distributed run's node without rank 0: its outputs are rank 0's to write
