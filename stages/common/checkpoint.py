@@ -114,17 +114,12 @@ def load(folder: Path, expected: str, model: torch.nn.Module, optimizer: torch.o
     if state.get("fingerprint") != expected:
         log.info("checkpoint in %s belongs to other params, data or code: starting afresh", latest)
         return None
-    try:  # everything read before anything is applied: a bad file leaves the fresh model untouched
-        load_file(str(latest / "model.safetensors"))
-        pieces = [torch.load(latest / f"{name}.pt", weights_only=True) for name in ("optimizer", "scaler", "torch_rng")]
-        extra = latest / "extra.safetensors"
-        state["extra"] = load_file(str(extra)) if extra.is_file() else {}
-    except Exception as exc:  # safetensors and torch.load raise several types for a damaged file
-        set_aside(latest, exc)
-        return None
+    # peek has checked every file against the digest saved with them: they read back whole
     load_model(model, str(latest / "model.safetensors"))
-    optimizer.load_state_dict(pieces[0])
-    scaler.load_state_dict(pieces[1])
-    torch.set_rng_state(pieces[2])
+    optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+    scaler.load_state_dict(torch.load(latest / "scaler.pt", weights_only=True))
+    torch.set_rng_state(torch.load(latest / "torch_rng.pt", weights_only=True))
+    extra = latest / "extra.safetensors"
+    state["extra"] = load_file(str(extra)) if extra.is_file() else {}
     log.info("resuming from the checkpoint at step %d", state["step"])
     return state
