@@ -1,1 +1,16 @@
-"""lmmem pipeline stages: one module per DVC stage, run as `python -m stages.<name>`."""
+"""lmmem pipeline stages: one module per DVC stage, run as `python -m stages.<name>`.
+
+Under `dvc repro` (DVC_STAGE in the environment) the stage's process starts its watcher
+here, before the stage module's imports (tens of seconds for torch and transformers): a stage
+killed at any moment after this gets the outputs DVC deleted put back (stages.common.restore).
+Processes the stage starts inherit LMMEM_WATCHED and start none of their own.
+"""
+
+import os
+
+WATCHER = None
+if os.environ.get("DVC_STAGE") and "LMMEM_WATCHED" not in os.environ and "RANK" not in os.environ:
+    os.environ["LMMEM_WATCHED"] = str(os.getpid())
+    from stages.common.restore import Watcher
+
+    WATCHER = Watcher(os.environ["DVC_STAGE"])

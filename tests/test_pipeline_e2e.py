@@ -5,7 +5,10 @@ change that reruns only what depends on it, and a DVC experiment."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -170,6 +173,135 @@ def test_a_file_added_to_data_corpus_reruns_its_readers_only(repo: Path) -> None
     restored = sh("dvc", "repro", cwd=repo)
     assert ran(restored) == [] and "Stage 'ingest' is cached - skipping run" in restored
     assert "up to date" in sh("dvc", "status", cwd=repo)
+
+
+def recorded_outputs(repo: Path, stage: str) -> dict[str, bytes]:
+    """Every file of every output (folder, metrics, plots) dvc.lock records for `stage`."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))["stages"][stage]
+    files: dict[str, bytes] = {}
+    for out in lock["outs"]:
+        path = repo / out["path"]
+        for f in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+            files[f.relative_to(repo).as_posix()] = f.read_bytes()
+    assert files, f"dvc.lock records no output files for {stage}"
+    return files
+
+
+def failing_repro(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(["dvc", "repro", *args], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=900, check=False)
+
+
+@pytest.mark.parametrize("stage, section, key, value", [
+    ("ingest", "ingest", "sample", 1.5),  # refused by its params check
+    ("clean", "clean", "min_chars", 10**6),  # more than max_chars
+    ("embed", "embed", "window", -2),
+    ("train", "train", "steps", 0),
+    ("evaluate", "evaluate", "generate_tokens", 10**9),  # refused against the model's context
+])
+def test_a_stage_that_fails_under_dvc_repro_leaves_its_previous_outputs_and_metrics(
+        repo: Path, stage: str, section: str, key: str, value: object) -> None:
+    """DVC deletes a stage's outputs before running it; the failed stage puts them back from
+    DVC's cache, byte for byte, so the workspace still matches dvc.lock."""
+    sh("dvc", "repro", cwd=repo)
+    before = recorded_outputs(repo, stage)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    try:
+        result = failing_repro(repo, stage)
+        assert result.returncode != 0
+        errors = [line for line in result.stderr.splitlines() if line.startswith(f"lmmem {stage}: error:")]
+        assert len(errors) == 1 and key in errors[0], result.stderr
+        assert "Traceback" not in result.stderr
+        assert "previous outputs dvc.lock records are back" in result.stderr
+        assert recorded_outputs(repo, stage) == before
+    finally:
+        sh("git", "checkout", "--", "params.yaml", cwd=repo)
+    # no `dvc checkout`: the outputs and the metrics files (cache: false) are dvc.lock's again
+    assert "up to date" in sh("dvc", "status", cwd=repo)
+
+
+def stage_process(root: int, module: str) -> int | None:
+    """The pid of the process below `root` running `python -m <module>`, if any."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+            stat = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if module.encode() in args and b"-m" in args:
+            pid, parent = int(cmdline.parent.name), int(stat[1])
+            while parent > 1:  # below root?
+                if parent == root:
+                    return pid
+                try:
+                    parent = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                except OSError:
+                    break
+    return None
+
+
+def test_a_stage_killed_under_dvc_repro_gets_its_outputs_back_from_its_watcher(repo: Path) -> None:
+    """SIGKILL (as the OOM killer sends) leaves the stage no moment to restore anything: its
+    watcher, a separate process, sees it die and puts back what DVC deleted."""
+    import signal
+    import time
+
+    sh("dvc", "repro", cwd=repo)
+    before = recorded_outputs(repo, "train")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["steps"] += 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    try:
+        dvc = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        stage = None
+        while stage is None or (repo / "data" / "model").exists():  # found, and DVC has deleted its outputs
+            assert dvc.poll() is None and time.monotonic() < deadline, "train was not seen running"
+            time.sleep(0.2)
+            stage = stage_process(dvc.pid, "stages.train")
+        os.kill(stage, signal.SIGKILL)
+        assert dvc.wait(timeout=120) != 0
+        for _ in range(100):  # the watcher finishes a moment after DVC reports the failure
+            if recorded_outputs_or_none(repo, "train") == before:
+                break
+            time.sleep(0.2)
+        assert recorded_outputs(repo, "train") == before
+    finally:
+        sh("git", "checkout", "--", "params.yaml", cwd=repo)
+    assert "up to date" in sh("dvc", "status", cwd=repo)
+
+
+def recorded_outputs_or_none(repo: Path, stage: str) -> dict[str, bytes] | None:
+    try:
+        return recorded_outputs(repo, stage)
+    except (AssertionError, OSError):
+        return None
+
+
+def test_restore_puts_back_what_dvc_deleted_before_a_killed_stage(repo: Path) -> None:
+    """A stage killed outright (SIGKILL, the OOM killer) cannot restore its outputs itself:
+    `python -m stages.common.restore` does, from DVC's cache, the metrics file included."""
+    sh("dvc", "repro", cwd=repo)
+    before = recorded_outputs(repo, "train")
+    lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))["stages"]["train"]
+    for out in lock["outs"]:  # what DVC deletes before it runs train
+        path = repo / out["path"]
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out = sh(sys.executable, "-m", "stages.common.restore", "train", cwd=repo)
+    assert "train: restored data/model (" in out and "train: restored data/metrics/train.json (1 file)" in out
+    assert recorded_outputs(repo, "train") == before
+    assert "up to date" in sh("dvc", "status", cwd=repo)
+    unknown = subprocess.run([sys.executable, "-m", "stages.common.restore", "trian"], cwd=repo,
+                             capture_output=True, text=True, check=False)
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == "lmmem restore: error: trian: dvc.lock records no outputs for it"
 
 
 def test_experiment_on_english_news_lists_its_metrics(repo: Path) -> None:

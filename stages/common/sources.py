@@ -24,6 +24,11 @@ def module_files(name: str) -> list[Path]:
     return [file] if file.is_file() else []
 
 
+def init_of(name: str) -> str:
+    """What importing `name` itself runs: a package's __init__ (not its every module), a module."""
+    return f"{name}.__init__" if (ROOT / name.replace(".", "/")).is_dir() else name
+
+
 def imported_modules(path: Path) -> set[str]:
     """The lmmem modules a file imports (stages.* and flows.*), by dotted name."""
     found: set[str] = set()
@@ -33,9 +38,9 @@ def imported_modules(path: Path) -> set[str]:
             for alias in node.names:  # `from stages.common import quant` names a module
                 sub = f"{node.module}.{alias.name}"
                 named = (package / f"{alias.name}.py").is_file() or (package / alias.name).is_dir()
-                found.add(sub if named else node.module)
+                found.add(sub if named else init_of(node.module))  # `from stages import WATCHER`: its __init__
         elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.split(".")[0] in ("stages", "flows")}
+            found |= {init_of(a.name) for a in node.names if a.name.split(".")[0] in ("stages", "flows")}
     return {m for m in found if module_files(m)}
 
 

@@ -10,7 +10,8 @@ A stage module provides
 seeds every generator, resets the peak-RSS meter, calls `run`, adds `seconds` and
 `peak_rss_mib`, and writes data/metrics/<stage>.json. A StageError becomes one line
 on stderr and exit code 2; outputs are written atomically by the stage itself, so a
-failure leaves no partial output.
+failure leaves no partial output. Under `dvc repro`, which deletes a stage's outputs before
+running it, a failure puts the previous ones back from DVC's cache (stages.common.restore).
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from typing import Any, TypeVar
 import numpy as np
 from pydantic import BaseModel
 
+from stages import WATCHER
 from stages.common.artifacts import check_replaceable, write_json
 from stages.common.errors import StageError
 from stages.common.memory import peak_rss_mib, reset_peak_rss
 from stages.common.params import BaseParams, load_params
+from stages.common.restore import put_back, under_dvc
 
 log = logging.getLogger("lmmem")
 
@@ -119,6 +122,31 @@ def stage_main(
     """Run one stage from the command line; returns the process exit code. A stage that can
     predict its memory passes `estimate`, which `--estimate` runs instead of the stage. A
     stage that reads another stage's section of params.yaml names it as `section`."""
+    code = 1  # an exception escaping the stage leaves it at 1
+    watcher = WATCHER if under_dvc(name) else None  # started by stages/__init__.py, told here how it ended
+    try:
+        code = _stage_main(name, params_cls, paths_cls, run, argv, doc, estimate, section)
+        return code
+    except SystemExit as exc:  # argparse: --help (0) or a bad option (2)
+        code = exc.code if isinstance(exc.code, int) else 1
+        raise
+    finally:
+        if code != 0 and under_dvc(name):
+            put_back(name)
+        if watcher is not None:
+            watcher.ended()
+
+
+def _stage_main(
+    name: str,
+    params_cls: type[P],
+    paths_cls: type,
+    run: Callable[[P, Any, BaseParams], dict[str, Any] | None],
+    argv: Sequence[str] | None,
+    doc: str | None,
+    estimate: Callable[[P, Any, BaseParams], dict[str, Any]] | None,
+    section: str | None,
+) -> int:
     args = _build_parser(name, paths_cls, doc, estimate is not None).parse_args(argv)
     setup_logging(args.log_level)
     reset_peak_rss()
