@@ -1,5 +1,7 @@
-"""The memory budget: the dry run's estimate against train.memory_budget_mib, and auto-fit's
-search through the techniques' moves (stages.train.techniques.all_moves), cheapest first."""
+"""The memory budget: the dry run's estimate against the smaller of train.memory_budget_mib
+and the memory this machine (or its GPU) has available, and auto-fit's search through the
+techniques' moves (stages.train.techniques.all_moves), cheapest first. A model whose
+parameters alone cannot fit is refused before the dry run, which would take minutes for it."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from typing import Any
 import torch
 
 from stages.common.errors import StageError
+from stages.common.memory import available_mib
+from stages.common.models import build_model
 from stages.common.schema import TokensMeta
 from stages.train.estimate import predict_memory
 from stages.train.params import with_changes
@@ -16,20 +20,68 @@ from stages.train.techniques import all_moves
 
 log = logging.getLogger("lmmem.train")
 
+PARAM_BYTES_FLOOR = 2  # no technique here trains weights in fewer than 16 bits
+
 
 def describe(changes: dict[str, Any]) -> str:
     return ",".join(f"{k}={str(v).lower()}" for k, v in changes.items()) or "none"
 
 
+def machine_limit(p: Any, device: torch.device) -> tuple[float, str] | None:
+    """What one rank may hold: the GPU's free memory, or the machine's available memory
+    shared by this machine's ranks; None where the OS does not say."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free / 2**20, f"the free memory of {device} ({free / 2**20:,.0f} MiB)"
+    found = available_mib()
+    if found is None:
+        return None
+    mib, source = found
+    ranks = p.distributed.nproc
+    share = f", shared by {ranks} processes" if ranks > 1 else ""
+    return mib / ranks, f"this machine's available memory ({mib:,.0f} MiB, {source}{share})"
+
+
+def limit(p: Any, device: torch.device) -> tuple[float, str] | None:
+    """The budget a run must fit: the smaller of train.memory_budget_mib and the machine's."""
+    found = machine_limit(p, device)
+    if p.memory_budget_mib and (found is None or p.memory_budget_mib <= found[0]):
+        return p.memory_budget_mib, f"train.memory_budget_mib={p.memory_budget_mib:g}"
+    return found
+
+
+def meta_model(p: Any, meta: TokensMeta) -> torch.nn.Module:
+    """The configured model on the meta device: its shapes, no memory."""
+    with torch.device("meta"):
+        return build_model(p.model, meta.vocab_size, meta.special_ids.model_dump())
+
+
+def check_parameters_fit(p: Any, model: torch.nn.Module, device: torch.device) -> None:
+    """Refuse at once a model (on the meta device) whose parameters alone, at 2 bytes each per
+    rank, exceed what it may hold: no memory and no dry run spent on it."""
+    found = limit(p, device)
+    if found is None:
+        return
+    count = sum(q.numel() for q in {id(q): q for q in model.parameters()}.values())
+    shards = p.distributed.world_size if p.distributed.strategy == "fsdp" else 1
+    floor_mib = count * PARAM_BYTES_FLOOR / shards / 2**20
+    if floor_mib > found[0]:
+        raise StageError(f"train.model: {count / 1e6:,.1f} M parameters need at least {floor_mib:,.0f} MiB "
+                         f"per process (2 bytes each) before any gradient or activation, more than {found[1]}: "
+                         f"choose fewer layers or a smaller width")
+
+
 def fit_budget(p: Any, meta: TokensMeta, device: torch.device, seed: int,
                predicted: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """Over budget: with auto_fit, apply the moves cumulatively, cheapest first, until the
-    estimate fits, and train with that; without, stop with the moves that would fit. Returns
+    """Over budget (the smaller of train.memory_budget_mib and the machine's available
+    memory): with auto_fit, apply the moves cumulatively, cheapest first, until the estimate
+    fits, and train with that; without, stop with the moves that would fit. Returns
     (params, prediction, changes)."""
-    budget = p.memory_budget_mib
-    if not budget or predicted["est_total_peak_mib"] <= budget:
+    found = limit(p, device)
+    if found is None or predicted["est_total_peak_mib"] <= found[0]:
         return p, predicted, {}
-    need = f"train.memory_budget_mib={budget:g}: the estimated tensor peak is {predicted['est_total_peak_mib']:.1f} MiB"
+    budget, what = found
+    need = f"the estimated tensor peak is {predicted['est_total_peak_mib']:,.1f} MiB, more than {what}"
     changes: dict[str, Any] = {}
     tried: list[str] = []
     for move in all_moves(p):
@@ -37,12 +89,12 @@ def fit_budget(p: Any, meta: TokensMeta, device: torch.device, seed: int,
         candidate = with_changes(p, changes)
         estimate = predict_memory(candidate, meta, device, seed)
         estimate_mib = estimate["est_total_peak_mib"]
-        tried.append(f"{describe(changes)} {estimate_mib:.1f} MiB")
+        tried.append(f"{describe(changes)} {estimate_mib:,.1f} MiB")
         if estimate_mib > budget:
             continue
         if p.auto_fit:
             log.info("%s; auto_fit trains with %s (%.1f MiB)", need, describe(changes), estimate_mib)
             return candidate, estimate, changes
-        raise StageError(f"{need}; it fits with {describe(changes)} ({estimate_mib:.1f} MiB), "
+        raise StageError(f"{need}; it fits with {describe(changes)} ({estimate_mib:,.1f} MiB), "
                          f"or set train.auto_fit: true")
     raise StageError(f"{need}; nothing fits: {'; '.join(tried) or 'no memory technique left to apply'}")

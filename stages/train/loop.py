@@ -24,8 +24,9 @@ from stages.common.params import BaseParams
 from stages.common.schema import TokensMeta, read_typed
 from stages.common.windows import Windows
 from stages.train import identity
-from stages.train.budget import describe, fit_budget
+from stages.train.budget import check_parameters_fit, describe, fit_budget, meta_model
 from stages.train.build import Parts, Progress, build
+from stages.train.duration import say_duration
 from stages.train.estimate import predict_memory
 from stages.train.finish import finish
 from stages.train.params import Paths
@@ -88,6 +89,11 @@ def plan(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Context
     shared: tuple[Any, ...] | str | None = None
     if ctx.main:
         try:
+            model = meta_model(p, meta)
+            say_duration(p, model, device)  # the first line: minutes or hours
+            check_parameters_fit(p, model, device)  # at once, not after minutes of dry run
+            log.info("dry run: %d steps of the configured model on fake tensors, to predict its memory",
+                     max(2, p.meter_steps))
             predicted = predict_memory(p, meta, device, seed)
             fitted_p, predicted, changes = fit_budget(p, meta, device, seed, predicted)
             shared = (fitted_p, predicted, describe(changes))
