@@ -158,6 +158,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
             raise StageError(f"no text left after cleaning {docs_in} documents (dropped: {dict(dropped)})")
         if per_split["train"] == 0:
             raise StageError(f"no training document left after cleaning (dropped: {dict(dropped)})")
+        for empty in (s for s in SPLITS if not per_split[s]):  # train reads validation, evaluate test
+            log.warning("the %s split is empty after cleaning: stages that read it will refuse it", empty)
         write_params(tmp, base=base, clean=params)
 
     metrics: dict[str, Any] = {

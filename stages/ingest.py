@@ -34,7 +34,8 @@ from stages.common.encodings import decode_line, detect_encoding, is_binary, ite
 from stages.common.errors import StageError
 from stages.common.params import BaseParams, Section
 from stages.common.stage import stage_main
-from stages.common.text import detect_lang, metric_key, normalize, package_file, text_hash, writable
+from stages.common.memory import check_record_fits
+from stages.common.text import detect_lang, metric_key, normalize, package_file, split_of, text_hash, writable
 
 log = logging.getLogger("lmmem.ingest")
 
@@ -82,7 +83,7 @@ class Params(Section):
     on_decode_error: Literal["skip", "fail"] = Field(
         "skip", description="skip: count and skip a line no encoding decodes | fail: stop the stage")
     max_record_bytes: int = Field(
-        1_000_000, ge=1, le=1_000_000_000, description="longer records are counted and skipped without being held in memory")
+        1_000_000, ge=1, description="longer records are counted and skipped without being held in memory")
     sample: float = Field(
         1.0, gt=0.0, le=1.0, description="keep this fraction of documents, chosen by a hash of the text (counted as sampled_out)")
     max_docs: int = Field(
@@ -323,22 +324,13 @@ class Reader:
 # ---------------------------------------------------------------------------- splitting
 
 
-def split_of(text: str, split: SplitParams) -> str:
-    """Deterministic split from a hash of the text alone: adding documents moves no old one."""
-    h = text_hash(text, b"lmmem-split")
-    if h < split.train:
-        return "train"
-    if h < split.train + split.validation:
-        return "validation"
-    return "test"
-
-
 def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     counts = Counts()
     docs: Counter[str] = Counter()
     chars: Counter[str] = Counter()
     labels: Counter[str] = Counter()
     langs: Counter[str] = Counter()
+    check_record_fits("ingest.max_record_bytes", params.max_record_bytes)
     reader = Reader(params, counts)
     with atomic_dir(paths.out, "ingest") as tmp:
         writers = {s: JsonlWriter(tmp / f"{s}.jsonl") for s in SPLITS}
@@ -356,7 +348,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                     counts.skipped["over_max_docs"] += 1
                     continue
                 total += 1
-                split = split_of(text, params.split)
+                split = split_of(text, params.split.train, params.split.validation)
                 lang = detect_lang(text)
                 writers[split].write({"text": text, "label": rec.label, "lang": lang, "source": writable(rec.source)})
                 docs[split] += 1
@@ -369,6 +361,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         if total == 0:
             reasons = dict(counts.skipped + counts.files_skipped)
             raise StageError(f"no documents ingested from {params.source} (skipped: {reasons or 'nothing'})")
+        for empty in (s for s in SPLITS if not docs[s]):  # train reads validation, evaluate test: said now
+            log.warning("the %s split is empty (%d documents in all): stages that read it will refuse it", empty, total)
         if counts.skipped["over_max_docs"]:
             log.info("ingest.max_docs=%d: %d further documents not taken", params.max_docs,
                      counts.skipped["over_max_docs"])

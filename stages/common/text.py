@@ -61,3 +61,13 @@ def metric_key(value: str) -> str:
     """A label or language as a flat metric key part: lowercase letters, digits, underscores."""
     key = re.sub(r"[^0-9a-z]+", "_", value.lower()).strip("_")
     return key or "blank"
+
+
+def split_of(text: str, train: float, validation: float) -> str:
+    """Deterministic split from a hash of the text alone: adding documents moves no old one."""
+    h = text_hash(text, b"lmmem-split")
+    if h < train:
+        return "train"
+    if h < train + validation:
+        return "validation"
+    return "test"
