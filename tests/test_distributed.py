@@ -9,6 +9,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,7 @@ def test_two_nodes_meet_at_the_endpoint_and_rank_0_writes(tokens: Path, tmp_path
      "batch_size (6) must be a multiple of distributed.nproc x nnodes x micro_batch_size (2 x 2)"),
     ({"distributed": {"nnodes": 2}}, "set rdzv_endpoint to host:port"),
     ({"distributed": {"nnodes": 2, "rdzv_endpoint": "no port"}}, "is not host:port"),
+    ({"distributed": {"nnodes": 2, "rdzv_endpoint": "10.0.0.1:99999"}}, "the port must be 1 to 65535"),
     ({"distributed": {"nproc": 2, "strategy": "fsdp"}, "prune": {"final_sparsity": 0.5}}, "prune with ddp or zero1"),
     ({"distributed": {"nproc": 2, "strategy": "fsdp"}, "precision": "fp16"}, "use bf16"),
     ({"distributed": {"nproc": 2}, "optimizer": "sparse_adam", "model": {"tie_embeddings": False}},
@@ -211,3 +213,62 @@ def test_impossible_distributed_settings_are_one_line(tokens: Path, tmp_path: Pa
     assert run_stage("train", train_args(work, tokens)) == 2
     assert message in one_error_line(capsys.readouterr().err, "train")
     assert not (work / "model").exists() and not (work / "train.json").exists()
+
+
+def descendants(pid: int) -> set[int]:
+    """`pid` and every process below it, from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, grew = {pid}, True
+    while grew:
+        more = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return tree
+
+
+def tcp_addresses(pids: set[int]) -> set[tuple[str, str]]:
+    """(local address, TCP state) of every TCP socket the processes hold, from /proc/net."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                found.add((fields[1].split(":")[0], fields[3]))
+    return found
+
+
+LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def test_a_one_machine_run_listens_and_talks_on_loopback_only(tokens: Path, tmp_path: Path) -> None:
+    """torch's rendezvous store once listened on every interface (and unpickles what it
+    reads): the ranks of a one-machine run hold no TCP socket beyond 127.0.0.1."""
+    work = tmp_path / "loopback"
+    write_params(work, distributed={"nproc": 2}, steps=40)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "train.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "stages.train", *train_args(work, tokens)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+        seen: set[tuple[str, str]] = set()
+        while proc.poll() is None:
+            seen |= tcp_addresses(descendants(proc.pid))
+            time.sleep(0.1)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert seen, "no TCP socket seen: the ranks must have talked somehow"
+    assert {address for address, _ in seen} <= LOOPBACK_HEX, seen

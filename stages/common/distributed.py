@@ -1,10 +1,11 @@
 """Training across processes and machines on torch.distributed, with its own engines only.
 
-- Launch: `train.distributed.nproc` > 1 (or `nnodes` > 1) makes the stage start its workers
-  through torch's elastic launcher (the engine behind `torchrun`): `nproc` processes on this
-  machine, meeting the other nodes at the c10d rendezvous `rdzv_endpoint`. Run the same
-  command on every node; rank 0's node writes the outputs. A process that torchrun started
-  itself (RANK in its environment) is a worker already and is not launched again.
+- Launch: `train.distributed.nproc` > 1 makes the stage start `nproc` worker processes on
+  this machine, which meet through a file and talk over loopback only (`launch_here`).
+  `nnodes` > 1 goes through torch's elastic launcher (the engine behind `torchrun`), meeting
+  the other nodes at the c10d rendezvous `rdzv_endpoint`: run the same command on every
+  node; rank 0's node writes the outputs. A process that torchrun started itself (RANK in
+  its environment) is a worker already and is not launched again.
 - Strategies (per rank, Ψ weights, K bytes of optimizer state per weight, N ranks):
   - ddp: DistributedDataParallel; every rank holds the parameters, gradients (as views of
     DDP's all-reduce buckets, so they stay allocated between steps) and the whole optimizer
@@ -25,8 +26,10 @@ import contextlib
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -38,6 +41,8 @@ from stages.common.params import Section
 
 log = logging.getLogger("lmmem.distributed")
 
+FILE_STORE = "LMMEM_FILE_STORE"  # launch_here's store, read by process_group
+LOOPBACK = "lo"
 ENDPOINT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:\d{1,5}$")
 
 
@@ -60,6 +65,8 @@ class DistributedParams(Section):
     def _endpoint(self) -> DistributedParams:
         if self.rdzv_endpoint and not ENDPOINT.match(self.rdzv_endpoint):
             raise ValueError(f"rdzv_endpoint {self.rdzv_endpoint!r} is not host:port")
+        if self.rdzv_endpoint and not 1 <= int(self.rdzv_endpoint.rsplit(":", 1)[1]) <= 65535:
+            raise ValueError(f"rdzv_endpoint {self.rdzv_endpoint!r}: the port must be 1 to 65535")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError(f"nnodes is {self.nnodes}: set rdzv_endpoint to host:port of a machine every node "
                              f"reaches (node 0's address, say 10.0.0.1:29400)")
@@ -79,9 +86,12 @@ def in_worker() -> bool:
 
 
 def launch(dp: DistributedParams, worker: Callable[..., Any], *args: Any) -> dict[int, Any]:
-    """Run `worker(*args)` in nproc processes on this node (and meet nnodes nodes) through
-    torch's elastic launcher; returns each local rank's return value by global rank. A
-    worker's exception becomes a StageError naming the rank and its last line."""
+    """Run `worker(*args)` in nproc processes on this node (and meet nnodes nodes); returns
+    each local rank's return value by global rank. A worker's exception becomes a StageError
+    naming the rank and its last line. One machine: `launch_here`; several: torch's elastic
+    launcher, whose rendezvous store listens on rdzv_endpoint's port on every interface."""
+    if dp.nnodes == 1 and not dp.rdzv_endpoint:
+        return launch_here(dp, worker, *args)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -97,6 +107,34 @@ def launch(dp: DistributedParams, worker: Callable[..., Any], *args: Any) -> dic
         rank, failure = exc.get_first_failure()
         lines = [ln.strip() for ln in str(failure.message).splitlines() if ln.strip()]
         raise StageError(f"rank {rank} failed: {lines[-1] if lines else f'exit code {failure.exitcode}'}") from None
+
+
+def launch_here(dp: DistributedParams, worker: Callable[..., Any], *args: Any) -> dict[int, Any]:
+    """The ranks of a one-machine run meet through a file (a FileStore in a private temporary
+    folder), not a TCP store, and gloo's and NCCL's own sockets bind the loopback interface:
+    nothing of the run listens beyond this machine, and no other user can reach its store."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
+
+    n = dp.nproc
+    log.info("launching %d processes on this machine, %s, meeting through a file store on loopback", n, dp.strategy)
+    with tempfile.TemporaryDirectory(prefix="lmmem-ranks-") as folder:  # mode 0700
+        common = {"WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "GROUP_RANK": "0", "ROLE_RANK": "0",
+                  FILE_STORE: str(Path(folder) / "store"), "GLOO_SOCKET_IFNAME": LOOPBACK,
+                  "NCCL_SOCKET_IFNAME": LOOPBACK}
+        envs = {r: {**common, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(n)}
+        context = start_processes(name="lmmem-train", entrypoint=worker, args={r: args for r in range(n)},
+                                  envs=envs, logs_specs=DefaultLogsSpecs(log_dir=str(Path(folder) / "logs")),
+                                  start_method="spawn")
+        try:
+            result = context.wait(period=0.2)
+        finally:
+            context.close()
+    assert result is not None
+    if result.failures:
+        rank = min(result.failures)
+        failure = result.failures[rank]
+        raise StageError(f"rank {rank} failed: exit code {failure.exitcode} (its output is above)")
+    return dict(result.return_values)
 
 
 @dataclass(frozen=True)
@@ -151,7 +189,12 @@ def process_group(dp: DistributedParams, device_type: str) -> Iterator[Context]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend)
+    store = os.environ.get(FILE_STORE)
+    if store:  # launch_here's ranks
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]))
+    else:
+        dist.init_process_group(backend)
     try:
         yield Context(dist.get_rank(), dist.get_world_size(), local_rank, dp.strategy)
     finally:
