@@ -9,8 +9,11 @@ other files (`--out data`, a folder of the user's) is refused before any work st
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -82,10 +85,13 @@ def atomic_dir(target: Path, writer: str) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (problem := write_problem(exc)) is not None:
+            raise StageError(f"{target}: the {writer} output could not be written ({problem}); "
+                             f"what was there is kept") from None
         raise
-    write_json(tmp / OWNER_FILE, {"writer": writer})
+    write_json(tmp / OWNER_FILE, {"writer": writer, "blake2b": digests(tmp)})
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -93,6 +99,55 @@ def atomic_dir(target: Path, writer: str) -> Iterator[Path]:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """A digest of every file of an output folder (its owner file aside), by relative path."""
+    return {p.relative_to(folder).as_posix(): file_digest(p) for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and p.name != OWNER_FILE}
+
+
+def check_digests(folder: Path, names: list[str]) -> None:
+    """Refuse files of an output folder (or of a folder inside one: a compressed variant)
+    that no longer match the digests written with them (flipped bytes, a truncated copy);
+    files written before digests pass unchecked."""
+    folder = Path(folder)
+    for owner in (folder, folder.parent):
+        try:
+            recorded = json.loads((owner / OWNER_FILE).read_text(encoding="utf-8")).get("blake2b") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for name in names:
+            key = (folder / name).relative_to(owner).as_posix()
+            if key in recorded and (folder / name).is_file() and file_digest(folder / name) != recorded[key]:
+                raise StageError(f"{folder / name}: does not match the digest written with it: the file is damaged")
+        return
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}  # full disk, size limit, quota, read-only
+
+
+def write_problem(exc: BaseException) -> str | None:
+    """Why an output could not be written (a full disk, a file size limit, a quota, a
+    read-only file system), from an OSError or from the errors safetensors and torch.save
+    raise instead, which carry it only in their text; None for any other exception."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) if exc.errno in WRITE_ERRNOS else None
+    text = str(exc)
+    found = re.search(r"os error (\d+)", text)  # safetensors: "I/O error: File too large (os error 27)"
+    if found and int(found.group(1)) in WRITE_ERRNOS:
+        return os.strerror(int(found.group(1)))
+    if isinstance(exc, RuntimeError) and "file write failed" in text:  # torch.save's stream writer
+        return "a file write failed: a full disk or a file size limit"
+    return None
 
 
 def size_on_disk(folder: Path) -> int:

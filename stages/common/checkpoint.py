@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from stages.common.artifacts import OWNER_FILE, atomic_dir, dumps, read_json, write_json
+from stages.common.artifacts import OWNER_FILE, atomic_dir, dumps, file_digest, read_json, write_json
 
 log = logging.getLogger("lmmem.checkpoint")
 
@@ -33,15 +33,6 @@ LATEST = "latest"
 def fingerprint(*parts: Any) -> str:
     """A stable hash of the params and data identity a checkpoint is valid for."""
     return hashlib.sha256(dumps(parts).encode("utf-8")).hexdigest()[:16]
-
-
-def file_digest(path: Path) -> str:
-    """Content hash of a data file (streamed): a checkpoint resumes only on the same data."""
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

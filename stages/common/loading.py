@@ -1,7 +1,9 @@
 """Loading any model folder lmmem writes: one loader for the trained model, the LSTM
 baseline and every compressed variant (what one weighs on disk: artifacts.size_on_disk).
 
-Nothing is unpickled: transformers folders load through `from_pretrained` (safetensors), the
+A weight file that no longer matches the digest written with it (stages.common.artifacts),
+or weights that hold NaN, are refused with the folder named. Nothing is unpickled:
+transformers folders load through `from_pretrained` (safetensors), the
 LSTM baseline through its own safetensors format, a compressed variant through lmmem's
 encoding (stages.common.storage) with its quantized modules rebuilt from the record in
 lmmem_variant.json (stages.common.quant).
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from stages.common import quant, storage
+from stages.common.artifacts import check_digests
 from stages.common.models import LSTM_CONFIG, LSTMLanguageModel, load_lstm
 
 VARIANT_FILE = "lmmem_variant.json"  # a model stored by lmmem's own encoding (stages.common.storage)
@@ -30,6 +33,7 @@ def load_model_folder(folder: str | Path) -> nn.Module:
     folder = Path(folder)
     variant = folder / VARIANT_FILE
     try:
+        check_digests(folder, [f.name for f in folder.glob("*.safetensors")])  # flipped bytes: refused
         if variant.is_file():
             record = json.loads(variant.read_text())
             model = _skeleton(folder)
@@ -45,6 +49,9 @@ def load_model_folder(folder: str | Path) -> nn.Module:
             raise ValueError("no config.json, lstm_config.json or lmmem_variant.json")
     except Exception as exc:  # whatever the format library raised: one message naming the folder
         raise ValueError(f"{folder}: cannot load a model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:  # a damaged file written before digests, or a model trained into NaN
+        raise ValueError(f"{folder}: {len(broken)} weight tensors hold NaN or infinite values ({broken[0]}, ...)")
     return model.eval()
 
 
