@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from stages.common.artifacts import atomic_dir, read_json, size_on_disk, write_json, write_params
-from stages.common.classify import fit_logistic, predict, scores
+from stages.common.classify import fit_logistic, predict, probe_problem, scores
 from stages.common.errors import StageError
 from stages.common.memory import peak_rss_mib, reset_peak_rss
 from stages.common.meter import TensorMeter
@@ -318,6 +318,11 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     meta = read_typed(paths.tokens / "meta.json", TokensMeta)
     for split in ("train", "validation", "test"):  # once here, not as a failure of every model
         check_ids(paths.tokens / f"{split}.bin", meta.dtype, meta.vocab_size)
+    labels = np.fromfile(paths.tokens / "train.labels.bin", dtype=np.int32) if meta.labels else None
+    if params.classify and labels is not None and (skip := probe_problem(labels, len(meta.labels),
+                                                                          params.classify_train_docs)):
+        log.warning("no sentiment probe: %s", skip)
+        params = params.model_copy(update={"classify": False})
     reference = size_on_disk(paths.model)
     chosen = models_to_evaluate(params, paths)
     found: dict[str, dict[str, Any]] = {}

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -153,3 +155,78 @@ def test_the_lstm_baseline_is_evaluated_like_the_transformers(tokens: Path, tmp_
     assert m["int8_val_ppl"] == pytest.approx(m["model_val_ppl"], rel=0.02)
     # embedding and tied head in int8 (stored once); nn.LSTM's own matrices are not Linear layers and stay fp32
     assert m["int8_bytes_on_disk"] < 0.6 * m["model_bytes_on_disk"] and m["model_ms_per_token_b1"] > 0
+
+
+def test_a_thousand_label_corpus_gets_no_probe_and_no_megabyte_matrices(made: dict[str, Path], capfd: Any) -> None:
+    """1,000 labels over a few hundred training documents once made a 33 MB results.json (a
+    1000 x 1000 confusion matrix per model) and a probe whose accuracy meant nothing, with no
+    warning."""
+    tokens = made["work"] / "tokens-1000-labels"
+    shutil.copytree(made["tokens"], tokens)
+    meta = json.loads((tokens / "meta.json").read_text(encoding="utf-8"))
+    meta["labels"] = [f"label-{i}" for i in range(1000)]
+    (tokens / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    rng = np.random.default_rng(0)
+    for split in ("train", "validation", "test"):
+        count = len(np.fromfile(tokens / f"{split}.labels.bin", dtype=np.int32))
+        rng.integers(0, 1000, count, dtype=np.int32).tofile(tokens / f"{split}.labels.bin")
+    out = made["work"] / "eval-1000"
+    rc, metrics = evaluate({**made, "tokens": tokens}, out, variants=["fp16"])
+    assert rc == 0
+    err = capfd.readouterr().err
+    assert re.search(r"WARNING lmmem\S*: no sentiment probe: 1,000 labels and \d+ labelled training documents "
+                     r"\([\d.]+ a label; it needs at least 5 a label\)", err), err[-2000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in rows] == ["model", "fp16"] and all(r["status"] == "ok" for r in rows)
+    assert all(r.get("cls_accuracy") is None and r.get("cls_confusion") is None for r in rows)
+    assert (out / "results.json").stat().st_size < 100_000
+    assert not any(key.endswith("cls_accuracy") for key in metrics)
+
+
+def test_the_confusion_matrix_is_kept_up_to_fifty_labels_only() -> None:
+    from stages.common.classify import scores
+
+    assert scores([0, 1, 1], [0, 1, 0], 2)["confusion"] == [[1, 0], [1, 1]]
+    assert len(scores([0, 49], [0, 49], 50)["confusion"]) == 50
+    wide = scores([0, 50], [0, 50], 51)
+    assert wide["confusion"] is None and wide["accuracy"] == 1.0
+
+
+def damaged_copy(made: dict[str, Path], name: str, damage: Any) -> Path:
+    """A copy of the compressed variants with the fp16 variant's weight file damaged."""
+    compressed = made["work"] / f"compressed-{name}"
+    shutil.copytree(made["compressed"], compressed)
+    damage(next((compressed / "fp16").glob("*.safetensors")))
+    return compressed
+
+
+def flip_a_byte(weights: Path) -> None:
+    data = bytearray(weights.read_bytes())
+    data[len(data) - 1000] ^= 0xFF  # inside the last tensor's values: the file still parses
+    weights.write_bytes(bytes(data))
+
+
+def write_a_nan(weights: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].clone()
+    tensors[first].view(-1)[0] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    (weights.parent.parent / ".lmmem-out").unlink()  # as a folder written before digests: no digest to catch it
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (flip_a_byte, "does not match the digest written with it: the file is damaged"),
+    (write_a_nan, "weight tensors hold NaN or infinite values"),
+])
+def test_damaged_weights_are_a_failed_row_not_nan_figures(made: dict[str, Path], damage: Any, reason: str) -> None:
+    """Weights with flipped bytes once loaded, gave NaN and exited 0."""
+    compressed = damaged_copy(made, damage.__name__, damage)
+    out = made["work"] / f"eval-{damage.__name__}"
+    rc, _ = evaluate({**made, "compressed": compressed}, out, variants=["fp16"])
+    assert rc == 0
+    rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())}
+    assert rows["model"]["status"] == "ok"
+    assert rows["fp16"]["status"] == "failed" and reason in rows["fp16"]["reason"], rows["fp16"]

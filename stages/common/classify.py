@@ -6,8 +6,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+MAX_CONFUSION = 50  # labels; beyond, results.json keeps no confusion matrix (it grows with their square)
+MIN_DOCS_PER_LABEL = 5  # fewer labelled training documents a label: no probe, its accuracy would say nothing
+
+
+def probe_problem(labels: np.ndarray, n_classes: int, limit: int) -> str | None:
+    """Why a probe trained on (up to `limit` of) these labels would say nothing, or None."""
+    used = min(int((labels >= 0).sum()), limit)
+    if n_classes > 1 and used < MIN_DOCS_PER_LABEL * n_classes:
+        return (f"{n_classes:,} labels and {used:,} labelled training documents ({used / n_classes:.1f} a label; "
+                f"it needs at least {MIN_DOCS_PER_LABEL} a label): its accuracy would say nothing")
+    return None
 
 
 def fit_logistic(train_x: torch.Tensor, train_y: torch.Tensor, n_classes: int, l2: float = 1e-3,
@@ -38,7 +51,8 @@ def predict(model: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
 
 def scores(y_true: list[int] | torch.Tensor, y_pred: list[int] | torch.Tensor, n_classes: int) -> dict[str, Any]:
     """Accuracy, macro precision, recall and F1 (a class never predicted has precision 0), and
-    the confusion matrix (rows: true class, columns: predicted)."""
+    the confusion matrix (rows: true class, columns: predicted; None beyond MAX_CONFUSION
+    labels)."""
     confusion = [[0] * n_classes for _ in range(n_classes)]
     for t, p in zip(list(map(int, y_true)), list(map(int, y_pred)), strict=True):
         confusion[t][p] += 1
@@ -55,4 +69,4 @@ def scores(y_true: list[int] | torch.Tensor, y_pred: list[int] | torch.Tensor, n
         f1.append(2 * p * r / (p + r) if p + r else 0.0)
     return {"accuracy": sum(confusion[c][c] for c in range(n_classes)) / total if total else 0.0,
             "precision_macro": sum(precision) / n_classes, "recall_macro": sum(recall) / n_classes,
-            "f1_macro": sum(f1) / n_classes, "confusion": confusion}
+            "f1_macro": sum(f1) / n_classes, "confusion": confusion if n_classes <= MAX_CONFUSION else None}
