@@ -15,6 +15,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -79,26 +81,68 @@ def stage_name(stage: Any, root: Path) -> str:
     return f"{os.path.relpath(dvcfile, root.resolve())}:{stage.name}"
 
 
-def stage_order(root: Path, targets: list[str] | None = None) -> list[str]:
-    """dvc.yaml's stages in dependency order, read from DVC's own graph. With targets: those
-    stages and every stage they depend on (what `dvc repro <targets>` would look at)."""
+@dataclass
+class StagePlan:
+    """The stages a flow run looks at, from DVC's own graph: in dependency order, what each
+    depends on (transitively), and which `dvc status` finds changed now. A stage not changed
+    whose upstream stages all skip has nothing to do: the flow says so without starting DVC."""
+
+    order: list[str]
+    upstream: dict[str, set[str]]
+    changed: set[str]
+
+    def needs_dvc(self, stage: str, acted: set[str]) -> bool:
+        """Whether `dvc repro` must look at `stage`, given the stages DVC ran or restored so far."""
+        return stage in self.changed or bool(self.upstream[stage] & acted)
+
+
+def stage_plan(root: Path, targets: list[str] | None = None) -> StagePlan:
+    """dvc.yaml's stages in dependency order, read from DVC's own graph, with their status.
+    With targets: those stages and every stage they depend on (what `dvc repro <targets>`
+    would look at). A stage whose status cannot be read now (another DVC process holds its
+    lock) counts as changed: DVC decides when it gets there."""
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # an edge goes from a stage to a stage it depends on
         names = {stage: stage_name(stage, root) for stage in graph.nodes}
         ordered = [names[stage] for stage in reversed(list(nx.topological_sort(graph)))]
-        if not targets:
-            return ordered
-        unknown = [t for t in targets if t not in ordered]
+        unknown = [t for t in targets or [] if t not in ordered]
         if unknown:
             raise StageError(f"no stage named {', '.join(map(repr, unknown))} in dvc.yaml "
                              f"(stages: {', '.join(ordered)})")
-        wanted = set(targets)
+        wanted = set(targets or ordered)
         for stage, name in names.items():
-            if name in targets:
+            if name in wanted:
                 wanted |= {names[s] for s in nx.descendants(graph, stage)}
-        return [name for name in ordered if name in wanted]
+        upstream = {name: {names[s] for s in nx.descendants(graph, stage)} for stage, name in names.items()
+                    if name in wanted}
+        try:
+            with repo.lock:  # as `dvc status` reads it; another DVC process holding it: DVC decides per stage
+                changed = {name for stage, name in names.items() if name in wanted and stage.status()}
+        except DvcException:
+            changed = set(wanted)
+    return StagePlan([name for name in ordered if name in wanted], upstream, changed)
+
+
+class DvcFailed(RuntimeError):
+    """DVC (or the stage it ran) exited non-zero; the message is DVC's own."""
+
+
+class Refused(DvcFailed):
+    """The stage refused its input or params (its `lmmem <stage>: error:` line): the same run
+    fails the same way again, so it is not retried."""
+
+
+def retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:
+    """The tasks' retry condition (Prefect's retry_condition_fn): a refusal is final."""
+    return not isinstance(state.data, Refused)
+
+
+STAGE_ERROR = re.compile(r"^lmmem [\w-]+: error: ")
+LOG_LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")  # a stage's log line (stage.setup_logging)
+PROGRESS_EVERY = 60.0  # seconds: a progress bar still running is logged at most this often
 
 
 @dataclass
@@ -110,33 +154,81 @@ class DvcRun:
     lines: list[str] = field(default_factory=list)
     stages: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def refused(self) -> bool:
+        return any(STAGE_ERROR.match(line) for line in self.lines)
+
     def error(self) -> str:
         """The failure in DVC's and the stage's words: the stage's `lmmem <stage>: error:` line and
         DVC's ERROR lines."""
-        picked = [ln for ln in self.lines if ln.startswith("lmmem ") and ": error: " in ln]
+        picked = [ln for ln in self.lines if STAGE_ERROR.match(ln)]
         picked += [ln for ln in self.lines if ln.startswith("ERROR")]
         tail = picked or self.lines[-3:]
         return f"`{' '.join(self.command[2:])}` exited {self.returncode}: " + " | ".join(tail)
 
+    def fail(self) -> DvcFailed:
+        """The exception a task raises for this run: Refused (not retried) or DvcFailed."""
+        return (Refused if self.refused else DvcFailed)(self.error())
+
+
+def level_of(line: str) -> int:
+    """The level a line is logged at: DVC's ERROR and WARNING lines and the stage's error line
+    and log lines keep theirs; everything else is INFO."""
+    if STAGE_ERROR.match(line) or line.startswith("ERROR"):
+        return logging.ERROR
+    if line.startswith("WARNING"):
+        return logging.WARNING
+    found = LOG_LEVEL.match(line)
+    return getattr(logging, found.group(1)) if found else logging.INFO
+
+
+LOG_START = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+ [A-Z]+ ")  # a stage's log line begins so
+
+
+def _shown(segment: bytes) -> str:
+    """A line as logged: a progress bar's state that a log line was written after, without a
+    newline between them, gives way to that log line."""
+    text = segment.decode("utf-8", errors="replace").rstrip()
+    found = LOG_START.search(text, 1)
+    return text[found.start():] if found else text
+
+
+def output_lines(fd: int) -> Iterator[str]:
+    """The lines a child writes to `fd`, until it closes. A progress bar redraws itself with
+    carriage returns: each line yields its last state only (a finished bar: one line), and a
+    bar still running yields its current state at most every PROGRESS_EVERY seconds."""
+    buffer, shown = b"", time.monotonic()
+    while chunk := os.read(fd, 65536):
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        for raw in complete:
+            last = next((seg for seg in reversed(raw.split(b"\r")) if seg.strip()), b"")
+            if last.strip():
+                yield _shown(last)
+        if b"\r" in buffer and time.monotonic() - shown >= PROGRESS_EVERY:
+            drawn = [seg for seg in buffer.split(b"\r")[:-1] if seg.strip()]
+            if drawn:
+                shown = time.monotonic()
+                yield _shown(drawn[-1])
+    last = next((seg for seg in reversed(buffer.split(b"\r")) if seg.strip()), b"")
+    if last.strip():
+        yield _shown(last)
+
 
 def run_dvc(args: list[str], root: Path, log: logging.Logger | logging.LoggerAdapter) -> DvcRun:
-    """Run `dvc --wait-for-lock <args>` in root, each output line into `log` as it comes (a
-    concurrent `dvc repro` makes this wait for the repo lock instead of failing)."""
+    """Run `dvc --wait-for-lock <args>` in root, each output line into `log` as it comes, at
+    its own level (a concurrent `dvc repro` makes this wait for the repo lock instead of
+    failing)."""
     command = [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
     run = DvcRun(command, -1)
-    with subprocess.Popen(command, cwd=root, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, encoding="utf-8", errors="replace", bufsize=1) as proc:
+    with subprocess.Popen(command, cwd=root, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            for line in raw.replace("\r", "\n").splitlines():  # progress bars redraw with \r
-                line = line.rstrip()
-                if not line:
-                    continue
-                run.lines.append(line)
-                log.info("%s", line)
-                for status, pattern in STATUS_LINES.items():
-                    for stage in pattern.findall(line):
-                        run.stages[stage] = status
+        for line in output_lines(proc.stdout.fileno()):
+            run.lines.append(line)
+            log.log(level_of(line), "%s", line)
+            for status, pattern in STATUS_LINES.items():
+                for stage in pattern.findall(line):
+                    run.stages[stage] = status
         run.returncode = proc.wait()
     return run
 
@@ -165,6 +257,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join("" if r[h] is None else str(r[h]) for h in head) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def setup_logging() -> None:
+    """The flows' INFO lines visible on the console: Prefect sets the root logger to WARNING
+    when it sets up logging, so lmmem's own logger gets INFO itself (its records go to the
+    root's handlers whatever the root's level)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # where nothing is set up yet
+    logging.getLogger("lmmem").setLevel(logging.INFO)
 
 
 def server_url() -> str | None:

@@ -9,7 +9,9 @@ retried per `flows.retries` / `flows.retry_delay_seconds`. After each stage its
 data/metrics/<stage>.json is published as a table artifact (`<stage>-metrics`); at the end a
 Markdown artifact (`pipeline-summary`) shows every stage's answer and the evaluation table,
 and the report stage's data/report/report.md is published as the `report` artifact. With
-`flows.push` the outputs then go to the default DVC remote (`dvc push`).
+`flows.push` the outputs of a run where a stage ran then go to the default DVC remote (`dvc
+push`). A stage that `dvc status` finds unchanged, with nothing upstream run, ends Skipped
+without starting DVC; a stage that refuses its params or input is not retried.
 
 With `-S` overrides the run is a DVC experiment instead (`dvc exp run --temp -S ...`): one
 task, params.yaml and the workspace untouched, the result in `dvc exp show`.
@@ -29,17 +31,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.states import Completed, State
 
-from flows.common import (ROOT, STATE_NAMES, announce_server, artifact_key, flow_params, markdown_table, metric_rows,
-                          read_metrics, run_dvc, stage_order)
+from flows.common import (ROOT, STATE_NAMES, DvcFailed, announce_server, artifact_key, flow_params, markdown_table,
+                          metric_rows, read_metrics, retry_unless_refused, run_dvc, setup_logging, stage_plan)
 from stages.common.errors import StageError
 from stages.common.experiments import experiment_records
 
 RAN_EXPERIMENT = re.compile(r"Ran experiment\(s\): ([\w.-]+)")
 OVERRIDE = re.compile(r"^([A-Za-z_][\w-]*:)?[A-Za-z_][\w.-]*=.*$")  # [file:]key.path=value, as `dvc exp run -S`
-
-
-class DvcFailed(RuntimeError):
-    """DVC (or the stage it ran) exited non-zero; the message is DVC's own."""
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -49,15 +47,19 @@ def check_overrides(overrides: list[str]) -> None:
 
 
 @task(cache_policy=NONE, task_run_name="{stage}")
-def stage_task(stage: str, root: str) -> State:
+def stage_task(stage: str, root: str, with_dvc: bool = True) -> State:
     """One DVC stage: DVC decides whether it runs; its answer names the task's final state."""
     log = get_run_logger()
-    run = run_dvc(["repro", "--single-item", stage], Path(root), log)
-    if run.returncode != 0:
-        raise DvcFailed(run.error())
-    status = run.stages.get(stage)
-    if status is None:
-        raise DvcFailed(f"DVC said nothing about stage {stage!r}: " + " | ".join(run.lines[-3:]))
+    if not with_dvc:  # dvc status found it unchanged and nothing upstream acted
+        log.info("dvc status: %s unchanged, its outputs as dvc.lock records them: skipped", stage)
+        status = "skipped"
+    else:
+        run = run_dvc(["repro", "--single-item", stage], Path(root), log)
+        if run.returncode != 0:
+            raise run.fail()
+        status = run.stages.get(stage)
+        if status is None:
+            raise DvcFailed(f"DVC said nothing about stage {stage!r}: " + " | ".join(run.lines[-3:]))
     metrics = read_metrics(Path(root), stage)
     if metrics is not None:
         create_table_artifact(key=artifact_key(stage, "metrics"), table=metric_rows(metrics),
@@ -73,7 +75,7 @@ def experiment_task(root: str, overrides: list[str], targets: list[str], name: s
             *targets]
     run = run_dvc(args, Path(root), log)
     if run.returncode != 0:
-        raise DvcFailed(run.error())
+        raise run.fail()
     made = [m.group(1) for ln in run.lines if (m := RAN_EXPERIMENT.search(ln))]
     if made:
         publish_experiment(Path(root), made[-1])
@@ -86,7 +88,7 @@ def push_task(root: str) -> State:
     final state is Pushed, or Up to date when the remote had everything."""
     run = run_dvc(["push"], Path(root), get_run_logger())
     if run.returncode != 0:
-        raise DvcFailed(run.error())
+        raise run.fail()
     said = run.lines[-1] if run.lines else ""
     return Completed(name="Up to date" if "up to date" in said.lower() else "Pushed", message=said, data=said)
 
@@ -123,21 +125,29 @@ def pipeline(stages: list[str] | None = None, overrides: list[str] | None = None
     here, overrides = Path(root), list(overrides or [])
     check_overrides(overrides)
     settings = flow_params(here)
-    order = stage_order(here, stages)
-    retry = {"retries": settings.retries, "retry_delay_seconds": settings.retry_delay_seconds}
-    log.info("stages in DVC's order: %s", ", ".join(order))
+    plan = stage_plan(here, stages)
+    order = plan.order
+    retry = {"retries": settings.retries, "retry_delay_seconds": settings.retry_delay_seconds,
+             "retry_condition_fn": retry_unless_refused}
+    log.info("stages in DVC's order: %s; changed: %s", ", ".join(order),
+             ", ".join(s for s in order if s in plan.changed) or "none")
     answers: dict[str, str] = {}
     if overrides:
         said = experiment_task.with_options(**retry)(root, overrides, list(stages or []), name)
         answers = {stage: said.get(stage, "not reached") for stage in order}
     else:
+        acted: set[str] = set()
         for stage in order:
-            state = stage_task.with_options(**retry)(stage, root, return_state=True)
+            state = stage_task.with_options(**retry)(stage, root, plan.needs_dvc(stage, acted), return_state=True)
             if state.is_failed():
                 state.result()  # raises the task's error: the flow fails with DVC's message
             answers[stage] = state.result()
-        if settings.push:
+            if answers[stage] != "skipped":
+                acted.add(stage)
+        if settings.push and acted:
             log.info("dvc push: %s", push_task.with_options(**retry)(root))
+        elif settings.push:
+            log.info("dvc push: not run, no stage ran (`dvc push` sends what an earlier run made)")
     create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(here, answers, overrides),
                              description="what DVC did with each stage")
     report = here / "data" / "report" / "report.md"
@@ -155,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="", help="the experiment's name (with -S)")
     parser.add_argument("--root", default=str(ROOT), help="the DVC repository")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     announce_server()
     try:
         answers: dict[str, Any] = pipeline(args.stages, args.overrides, args.name, args.root)

@@ -1,8 +1,8 @@
 """Serve the flows as deployments of a running Prefect server, to schedule and watch them in
 the Prefect UI.
 
+    prefect config set PREFECT_SERVER_API_PORT=4200 PREFECT_API_URL=http://127.0.0.1:4200/api  # any port
     prefect server start --host 127.0.0.1          # in another terminal; UI on http://127.0.0.1:4200
-    prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api
     python -m flows.serve [--cron "0 3 * * *"]     # until Ctrl-C
 
 Registers `lmmem-pipeline/pipeline` (on `--cron`, else on `flows.schedule` from params.yaml;
@@ -29,7 +29,7 @@ from typing import Any
 
 from prefect import serve
 
-from flows.common import ROOT, announce_server, flow_params, server_url
+from flows.common import ROOT, announce_server, flow_params, server_url, setup_logging
 from flows.pipeline import pipeline
 from flows.sweep import sweep
 
@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cron", default=None, help="the pipeline's schedule (default: flows.schedule)")
     parser.add_argument("--root", default=str(ROOT), help="the DVC repository the flows run in")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     if server_url() is None:
-        print("error: serving needs a running Prefect server: `prefect server start --host 127.0.0.1`, then "
-              "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`")
+        print("error: serving needs a running Prefect server: `prefect config set PREFECT_SERVER_API_PORT=4200 "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api`, then `prefect server start --host 127.0.0.1`")
         return 1
     cron = args.cron if args.cron is not None else flow_params(Path(args.root)).schedule
     deployments = [

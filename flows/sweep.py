@@ -7,10 +7,13 @@ Each point runs in its own temporary workspace (points never fight over the work
 DVC cache and run-cache are shared, so unchanged upstream stages are restored, not rerun), at
 most `flows.concurrency` at once, on threads or (`flows.task_runner: dask`) on a Dask cluster.
 A point whose experiment already exists on this commit with the same params is not run
-again. When every point is done, the experiments' params and metrics are read back from DVC
-(`dvc exp show`) into a comparison table: a Prefect table artifact (`sweep-comparison`), a
-Markdown artifact, and data/sweep/comparison.csv; the report is regenerated with the new
-experiments into data/sweep/report/ and published as the `sweep-report` artifact.
+again. A failed point does not stop the others (a refused one is not retried). When every
+point is done, the experiments' params and metrics are read back from DVC's experiment refs
+into a comparison table of every sweep point of this commit (this sweep's first, a failed
+one with its error): a Prefect table artifact (`sweep-comparison`), a Markdown artifact, and
+data/sweep/comparison.csv; the report is regenerated with the experiments into
+data/sweep/report/ and published as the `sweep-report` artifact. Then, if a point failed,
+the sweep fails naming it.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from prefect.cache_policies import NONE
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import ROOT, FlowParams, announce_server, dvc_env, flow_params, markdown_table, run_dvc
-from flows.pipeline import DvcFailed, check_overrides
+from flows.common import (ROOT, DvcFailed, FlowParams, announce_server, dvc_env, flow_params, markdown_table,
+                          retry_unless_refused, run_dvc, setup_logging)
+from flows.pipeline import check_overrides
 from stages.common.errors import StageError
 from stages.common.experiments import experiment_records, yaml_load
 from stages.common.params import read_params_file, read_yaml_mapping
@@ -141,7 +145,7 @@ def point_task(root: str, overrides: list[str], name: str, targets: list[str]) -
     args = ["exp", "run", "--temp", *[a for o in overrides for a in ("-S", o)], "--name", name, *targets]
     run = run_dvc(args, Path(root), log)
     if run.returncode != 0:
-        raise DvcFailed(run.error())
+        raise run.fail()
     return Completed(name="Ran", message=f"experiment {name}", data=name)
 
 
@@ -161,25 +165,63 @@ def task_runner(settings: FlowParams) -> Any:
 
 @flow(name="lmmem-sweep-points")
 def run_points(root: str, points: list[list[str]], names: list[str], targets: list[str], retries: int,
-               retry_delay_seconds: float) -> list[str]:
-    """The points still to run, at most flows.concurrency at once (the runner is set per run)."""
-    runner = point_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
-    futures = [runner.submit(root, overrides, name, targets) for overrides, name in zip(points, names)]
-    return [f.result() for f in futures]
+               retry_delay_seconds: float) -> dict[str, str]:
+    """The points still to run, at most flows.concurrency at once (the runner is set per run).
+    Every point runs to its end whatever the others do; returns the failed ones' messages."""
+    runner = point_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds,
+                                     retry_condition_fn=retry_unless_refused)
+    futures = {name: runner.submit(root, overrides, name, targets) for overrides, name in zip(points, names)}
+    failed = {}
+    for name, future in futures.items():
+        future.wait()
+        if not future.state.is_completed():
+            failed[name] = future.state.message or future.state.name
+    return failed
 
 
-def comparison(root: Path, wanted: dict[str, list[str]]) -> list[dict[str, Any]]:
-    """One row per point: its overrides, then the COLUMNS figures from its experiment."""
-    existing = {e["name"]: e for e in experiment_records(root)}
+def flat(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested params as dotted keys (lists and scalars are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def overrides_from(base: dict[str, Any], params: dict[str, Any]) -> list[str]:
+    """What an experiment changed against params.yaml, as overrides (flows aside)."""
+    before, after = flat(stages_part(base)), flat(stages_part(params))
+    return [f"{k}={json.dumps(after.get(k), ensure_ascii=False)}" for k in sorted(set(before) | set(after))
+            if before.get(k) != after.get(k)]
+
+
+def comparison(root: Path, wanted: dict[str, list[str]], failed: dict[str, str]) -> list[dict[str, Any]]:
+    """One row per point: this sweep's points first (a failed one with its error), then every
+    other sweep point of this commit, each with its overrides and the COLUMNS figures."""
+    records = experiment_records(root)
+    existing = {e["name"]: e for e in records}
     rows = []
-    for name, overrides in wanted.items():
-        exp = existing.get(name) or find_experiment(list(existing.values()), expected_params(root, overrides))
-        row: dict[str, Any] = {"point": " ".join(overrides) or "(workspace params)", "experiment":
-                               exp["name"] if exp else "missing"}
+
+    def row(point: str, exp: dict[str, Any] | None, said: str) -> dict[str, Any]:
+        found: dict[str, Any] = {"point": point or "(workspace params)", "experiment": exp["name"] if exp else said}
         for title, file, key in COLUMNS:
-            value = (exp or {}).get("metrics", {}).get(file, {}).get(key) if exp else None
-            row[title] = round(value, 4) if isinstance(value, float) and math.isfinite(value) else value
-        rows.append(row)
+            value = exp.get("metrics", {}).get(file, {}).get(key) if exp else None
+            found[title] = round(value, 4) if isinstance(value, float) and math.isfinite(value) else value
+        return found
+
+    shown = set()
+    for name, overrides in wanted.items():
+        exp = None if name in failed else (
+            existing.get(name) or find_experiment(records, expected_params(root, overrides)))
+        said = f"failed: {failed[name].splitlines()[0][:300]}" if name in failed else "missing"
+        rows.append(row(" ".join(overrides), exp, said))
+        shown |= {name, exp["name"] if exp else name}
+    base = yaml_load((root / "params.yaml").read_text(encoding="utf-8"))
+    for exp in records:
+        if exp["name"].startswith("sweep-") and exp["name"] not in shown:
+            rows.append(row(" ".join(overrides_from(base, exp["params"])), exp, "missing"))
     return rows
 
 
@@ -209,11 +251,12 @@ def sweep(points: list[list[str]] | None = None, grid: dict[str, list[Any]] | No
             todo[name] = overrides
     log.info("%d points, %d to run, %d already done; concurrency %d on %s", len(wanted), len(todo),
              len(wanted) - len(todo), settings.concurrency, settings.task_runner)
+    failed: dict[str, str] = {}
     if todo:
-        run_points.with_options(task_runner=task_runner(settings))(
+        failed = run_points.with_options(task_runner=task_runner(settings))(
             root, list(todo.values()), list(todo), list(targets or []), settings.retries,
             settings.retry_delay_seconds)
-    rows = comparison(here, wanted)
+    rows = comparison(here, wanted, failed)
     create_table_artifact(key="sweep-comparison", table=rows, description="each sweep point's DVC experiment")
     create_markdown_artifact(key="sweep-comparison-md", markdown="# Memory sweep\n\n" + markdown_table(rows))
     out = here / "data" / "sweep"
@@ -226,6 +269,9 @@ def sweep(points: list[list[str]] | None = None, grid: dict[str, list[Any]] | No
     if report is not None:
         create_markdown_artifact(key="sweep-report", markdown=report.read_text(encoding="utf-8"),
                                  description="the report with every experiment of this commit")
+    if failed:  # after the comparison of the others: the sweep fails, naming the points
+        raise DvcFailed(f"{len(failed)} of {len(wanted)} sweep points failed (the comparison has the rest): "
+                        + " | ".join(f"{' '.join(wanted[n])}: {m.splitlines()[0][:300]}" for n, m in failed.items()))
     return rows
 
 
@@ -253,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="*", default=None, help="stages each experiment runs (default all)")
     parser.add_argument("--root", default=str(ROOT))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     announce_server()
     grid: dict[str, list[Any]] = {}
     for item in args.grid:

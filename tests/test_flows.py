@@ -4,8 +4,11 @@ temporary PREFECT_HOME), driving DVC in a temporary git repo on the tiny profile
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,8 +105,42 @@ def task_logs(task_run_id: Any) -> str:
     return asyncio.run(read())
 
 
+def task_log_entries(task_run_id: Any) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            return await client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])))
+
+    return asyncio.run(read())
+
+
 def git_clean(repo: Path) -> str:
     return sh("git", "status", "--porcelain", cwd=repo)
+
+
+BAR = re.compile(r"^([\w ]+): +(?:\d+%\||\d+ [\w ]+ \[\d\d:\d\d)")  # tqdm's line, with a total or without
+
+
+def test_progress_bar_redraws_become_one_line_and_levels_are_kept() -> None:
+    from flows.common import level_of, output_lines
+
+    read, write = os.pipe()
+    os.write(write, "tokenize train:   0%|          | 0/9\rtokenize train:  44%|####4     | 4/9\r"
+                    "tokenize train: 100%|##########| 9/9\n2026-11-29 10:00:00,000 WARNING lmmem: low\n"
+                    "lmmem train: error: train.steps: 0\nERROR: failed to reproduce 'train'\n"
+                    "\ringest: 0 docs [00:00, ? docs/s]2026-11-29 10:00:01,000 WARNING lmmem.ingest: skipped\n"
+                    "no newline at the end"
+                    .encode())
+    os.close(write)
+    lines = list(output_lines(read))
+    os.close(read)
+    assert lines == ["tokenize train: 100%|##########| 9/9", "2026-11-29 10:00:00,000 WARNING lmmem: low",
+                     "lmmem train: error: train.steps: 0", "ERROR: failed to reproduce 'train'",
+                     "2026-11-29 10:00:01,000 WARNING lmmem.ingest: skipped", "no newline at the end"]
+    assert [level_of(ln) for ln in lines] == [logging.INFO, logging.WARNING, logging.ERROR, logging.ERROR,
+                                              logging.WARNING, logging.INFO]
 
 
 def test_pipeline_runs_every_stage_then_skips_every_stage(server: str, repo: Path) -> None:
@@ -120,6 +157,15 @@ def test_pipeline_runs_every_stage_then_skips_every_stage(server: str, repo: Pat
     rows = {row["metric"]: row["value"] for row in json.loads(train.data)}
     stored = json.loads((repo / "data" / "metrics" / "train.json").read_text())
     assert rows["val_ppl"] == pytest.approx(stored["val_ppl"]) and rows["steps"] == stored["steps"]
+    for stage in ("tokenize", "train"):  # a progress bar: one line when it ends, not one per redraw
+        for _ in range(30):  # the log handler sends its lines on its own schedule
+            bars = [ln for ln in task_logs(runs[stage].id).splitlines() if BAR.match(ln)]
+            if bars:
+                break
+            time.sleep(1)
+        names = [BAR.match(ln).group(1) for ln in bars]  # type: ignore[union-attr]
+        assert bars and len(names) == len(set(names)), bars
+    assert [ln for ln in bars if "100%|" in ln], bars  # train's bar has a total: drawn to its end
     summary = artifact("pipeline-summary")
     assert "| evaluate | ran |" in summary.data and "size_ratio" in summary.data
     report = artifact("report")
@@ -130,8 +176,21 @@ def test_pipeline_runs_every_stage_then_skips_every_stage(server: str, repo: Pat
     again = pipeline(root=str(repo), return_state=True)
     assert again.result() == {stage: "skipped" for stage in STAGES}
     runs = task_runs(again.state_details.flow_run_id)
-    assert sorted(run.state.name for run in runs) == ["Skipped"] * len(STAGES) + ["Up to date"]
+    assert sorted(run.state.name for run in runs) == ["Skipped"] * len(STAGES)  # nothing ran: nothing to push
     assert git_clean(repo) == ""
+
+
+def test_the_command_line_flow_prints_its_info_lines(server: str, repo: Path) -> None:
+    """Prefect sets the root logger to WARNING: lmmem's INFO lines ("Prefect API: ...") once
+    never printed."""
+    env = {**os.environ, "PREFECT_API_URL": server, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--stages", "ingest", "--root", str(repo)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said[-3000:]
+    assert f"Prefect API: {server} (runs, logs and artifacts are kept there)" in said
+    assert "stages in DVC's order: ingest; changed: none" in said
+    assert result.stdout.rstrip().endswith("ingest: skipped")
 
 
 def test_failing_stage_fails_its_task_with_dvcs_message_after_retries(server: str, repo: Path) -> None:
@@ -142,10 +201,37 @@ def test_failing_stage_fails_its_task_with_dvcs_message_after_retries(server: st
     assert state.is_failed()
     runs = task_runs(state.state_details.flow_run_id)
     assert len(runs) == 1 and runs[0].state.is_failed()
-    retries = yaml.safe_load(before)["flows"]["retries"]
-    assert runs[0].run_count == retries + 1  # retried per params
+    assert yaml.safe_load(before)["flows"]["retries"] >= 1
+    assert runs[0].run_count == 1  # a refused param fails the same way again: not retried
     assert "train.steps" in runs[0].state.message and "greater than or equal to 1" in runs[0].state.message
+    errors = [e for e in task_log_entries(runs[0].id) if e.message.startswith("lmmem train: error: ")]
+    assert errors and all(e.level == logging.ERROR for e in errors)
     assert (repo / "params.yaml").read_bytes() == before and git_clean(repo) == ""
+
+
+def test_a_stage_that_crashes_is_retried(server: str, repo: Path) -> None:
+    """A crash (a traceback, a kill: no `lmmem <stage>: error:` line) may pass on a second
+    try: retried per flows.retries. A report whose work raises stands for one; its previous
+    outputs come back each time (the workspace stays clean)."""
+    from flows.pipeline import pipeline
+
+    module = repo / "stages" / "report.py"
+    source = module.read_text(encoding="utf-8")
+    crash = "def run(*args, **kwargs):\n    raise RuntimeError('a crash')\n\n\n"
+    module.write_text(source.replace('if __name__ == "__main__":', crash + 'if __name__ == "__main__":'),
+                      encoding="utf-8")
+    try:
+        state = pipeline(stages=["report"], root=str(repo), return_state=True)
+    finally:
+        module.write_text(source, encoding="utf-8")
+    assert state.is_failed()
+    runs = {run.name: run for run in task_runs(state.state_details.flow_run_id)}
+    assert runs["report"].state.is_failed()
+    assert runs["report"].run_count == yaml.safe_load((repo / "params.yaml").read_text())["flows"]["retries"] + 1
+    assert {name: run.state.name for name, run in runs.items() if name != "report"} == {
+        stage: "Skipped" for stage in STAGES if stage != "report"}
+    assert "RuntimeError: a crash" in task_logs(runs["report"].id)
+    assert git_clean(repo) == ""
 
 
 def test_sweep_two_points_compared_and_not_run_twice(server: str, repo: Path) -> None:
@@ -201,6 +287,27 @@ def test_sweep_on_a_dask_local_cluster(server: str, repo: Path) -> None:
     assert git_clean(repo) == ""
 
 
+def test_a_failed_sweep_point_keeps_the_others_and_the_comparison_accumulates(server: str, repo: Path) -> None:
+    """One bad point once failed the whole sweep, left its good points uncompared and the old
+    comparison.csv in place; and each sweep replaced comparison.csv with its own points."""
+    from flows.sweep import sweep
+
+    state = sweep(points=[["train.steps=9"], ["train.steps=0"]], targets=["train"], root=str(repo),
+                  return_state=True)
+    assert state.is_failed()
+    assert "1 of 2 sweep points failed" in state.message and "train.steps=0: " in state.message
+    with (repo / "data" / "sweep" / "comparison.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    points = [row["point"] for row in rows]
+    assert points[:2] == ["train.steps=9", "train.steps=0"]
+    assert rows[0]["experiment"].startswith("sweep-") and float(rows[0]["val ppl"]) > 0
+    assert rows[1]["experiment"].startswith("failed: ") and "train.steps" in rows[1]["experiment"]
+    assert {"train.steps=6", "train.steps=7", "train.steps=8"} <= set(points[2:])  # the earlier sweeps' points
+    failed = [run for run in point_runs() if run.state.is_failed()]
+    assert len(failed) == 1 and failed[0].run_count == 1  # refused: not retried
+    assert git_clean(repo) == ""
+
+
 def test_served_deployment_triggered_through_the_api_completes(server: str, repo: Path) -> None:
     from prefect.deployments import run_deployment
 
@@ -233,6 +340,44 @@ def test_served_deployment_triggered_through_the_api_completes(server: str, repo
         finished = asyncio.run(wait())
         assert finished.state.is_completed(), finished.state.message
         assert finished.parameters["root"] == str(repo)
-        assert sorted(r.state.name for r in task_runs(run.id)) == ["Skipped", "Up to date"]
+        assert sorted(r.state.name for r in task_runs(run.id)) == ["Skipped"]
     finally:
         stop_process_group(proc, signal.SIGINT)
+    said = proc.stdout.read() if proc.stdout else ""
+    assert "serving lmmem-pipeline/pipeline (no schedule) and lmmem-sweep/sweep (on demand)" in said, said[-2000:]
+
+
+def test_the_readme_server_steps_work_on_any_port(tmp_path: Path) -> None:
+    """Started with `--port` before PREFECT_API_URL was set, the UI pointed at port 4200. The
+    README's own lines, run on another port: the server listens there and tells its UI to
+    call the API there."""
+    import urllib.request
+
+    from flows.serve import free_port, stop_process_group
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    steps = [ln.split("#")[0].strip() for ln in readme.splitlines()
+             if ln.startswith(("PORT=", "prefect config set PREFECT_SERVER_API_PORT", "prefect server start"))]
+    assert [s.split()[0] for s in steps] == ["PORT=4200", "prefect", "prefect"], steps
+    port = free_port()
+    script = "\n".join([f"PORT={port}", steps[1], f"exec {steps[2]}"])
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for name in ("PREFECT_API_URL", "PREFECT_SERVER_API_PORT", "PREFECT_UI_API_URL", "PREFECT_PROFILE"):
+        env.pop(name, None)
+    with (tmp_path / "server.log").open("w") as out:
+        proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=5) as response:
+                        settings = json.loads(response.read())
+                        break
+                except OSError:
+                    assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                    time.sleep(1)
+        finally:
+            stop_process_group(proc)
+    assert settings["api_url"] == f"http://127.0.0.1:{port}/api"
