@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -67,7 +68,9 @@ def test_a_stage_replaces_its_own_previous_output(params_file: Callable[..., Pat
     corpus.write_text(CORPUS, encoding="utf-8")
     raw = tmp_path / "raw"
     assert ingest(params_file(), raw, corpus, tmp_path).returncode == 0
-    assert json.loads((raw / OWNER_FILE).read_text()) == {"writer": "ingest"}
+    owner = json.loads((raw / OWNER_FILE).read_text())
+    assert owner["writer"] == "ingest"  # and a digest of every file it wrote, to catch damage later
+    assert set(owner["blake2b"]) == {p.name for p in raw.iterdir() if p.name != OWNER_FILE}
     corpus.write_text(CORPUS + "新 的 一 行\n", encoding="utf-8")
     assert ingest(tmp_path / "params.yaml", raw, corpus, tmp_path).returncode == 0
     docs = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in raw.glob("*.jsonl"))
@@ -488,3 +491,112 @@ def test_an_output_folder_whose_files_dvc_lock_lists_is_known_too(tmp_path: Path
     assert writer_of(plots) == "train"
     (plots / "mine.txt").write_text("a file of the user's")
     assert writer_of(plots) is None
+
+
+def test_a_model_whose_parameters_alone_cannot_fit_is_refused_before_the_dry_run(
+        tokens: Path, tmp_path: Path, params_file: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """width 16384 x 128 layers once sat in the dry run for minutes: 412 G parameters are
+    counted on the meta device and refused at once."""
+    from tests.conftest import run_stage, train_args
+
+    params_file(train={"model": {"layers": 128, "width": 16384, "heads": 128}})
+    before = previous_train_output(tmp_path)
+    assert run_stage("train", train_args(tmp_path, tokens)) == 2
+    line = one_error_line(capsys.readouterr().err, "train")
+    assert "train.model: 412,4" in line and "M parameters need at least" in line, line
+    assert "more than this machine's available memory (" in line and "choose fewer layers or a smaller width" in line
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
+
+
+def test_a_run_whose_estimate_exceeds_the_machines_memory_is_refused_with_what_fits(
+        tokens: Path, tmp_path: Path, params_file: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """Width 8192 x 8 layers once allocated until the machine ran out. Here a model sized to
+    this machine: its parameters (2 bytes each) fit, its fp32 AdamW training (16 bytes per
+    parameter) does not; the dry run's estimate is refused before anything is allocated."""
+    from stages.common.memory import available_mib
+    from tests.conftest import run_stage, train_args
+
+    found = available_mib()
+    assert found is not None
+    parameters = found[0] * 2**20 / 8  # 2 bytes each: a quarter of it; AdamW in fp32: twice it
+    width = int((parameters / 24) ** 0.5) // 64 * 64  # two llama blocks: about 24 x width^2 parameters
+    params_file(train={"model": {"layers": 2, "width": width, "heads": 8}, "meter_steps": 1})
+    before = previous_train_output(tmp_path)
+    assert run_stage("train", train_args(tmp_path, tokens)) == 2
+    line = one_error_line(capsys.readouterr().err, "train")
+    assert "the estimated tensor peak is " in line and "MiB, more than this machine's available memory (" in line, line
+    reported = float(line.split("available memory (")[1].split(" MiB")[0].replace(",", ""))
+    assert 0.5 * found[0] < reported < 1.5 * found[0]
+    assert "it fits with " in line or "nothing fits: " in line
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
+
+
+def test_a_run_expected_to_take_hours_says_so_in_its_first_log_line(
+        tokens: Path, tmp_path: Path, params_file: Callable[..., Path]) -> None:
+    """Ten million steps: the first line of the stage's log warns of hours (then the budget
+    refuses it, so that nothing runs for hours here)."""
+    from tests.conftest import train_args
+
+    params_file(train={"steps": 10_000_000, "memory_budget_mib": 0.5})
+    result = run_cli("train", train_args(tmp_path, tokens))
+    assert result.returncode == 2
+    logged = [line for line in result.stderr.splitlines() if re.match(r"^\d{4}-\d\d-\d\d \S+ [A-Z]+ ", line)]
+    assert re.search(r" WARNING lmmem\.train: train: 10,000,000 steps of \d+ x \d+ tokens: expected to take about "
+                     r"[\d.]+ hours here \(", logged[0]), logged[:3]
+    assert "more than train.memory_budget_mib=0.5" in one_error_line(result.stderr, "train")
+
+
+def test_a_file_size_limit_reached_while_writing_is_one_line_naming_the_output(
+        tokens: Path, tmp_path: Path, params_file: Callable[..., Path]) -> None:
+    """`ulimit -f` (as a full disk): safetensors once raised a traceback naming no file."""
+    import resource
+    import sys
+
+    from tests.conftest import train_args
+
+    params_file()
+    before = previous_train_output(tmp_path)
+    limit = 200_000  # bytes: the tiny model's weights (about 0.7 MB) do not fit under it
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run([sys.executable, "-m", "stages.train", *train_args(tmp_path, tokens)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                            timeout=600, check=False, preexec_fn=limited)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = one_error_line(result.stderr, "train")
+    assert re.search(r": the train output could not be written \(File too large\); what was there is kept$", line), line
+    assert line.split("lmmem train: error: ")[1].startswith((str(tmp_path / "ckpt"), str(tmp_path / "model")))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
+    assert not list(tmp_path.glob("**/.*.tmp-*"))  # no temporary folder left behind
+
+
+def test_a_record_limit_beyond_the_machines_memory_is_refused_before_reading(
+        ingested: tuple[Path, dict[str, bytes]]) -> None:
+    """max_record_bytes: 1e9 with a 200 MB line once reached 5.7 GB; a limit whose one record
+    could not be held here is refused before any file is read."""
+    raw, before = ingested
+    corpus = raw.parent / "corpus.txt"
+    text = f"base:\n  seed: 1\ningest:\n  source: {corpus}\n  max_record_bytes: 1000000000000\n"
+    result = ingest_with(text.encode("utf-8"), raw.parent)
+    assert result.returncode == 2
+    line = one_error_line(result.stderr, "ingest")
+    assert "ingest.max_record_bytes=1,000,000,000,000: one record that long needs about 5,722,046 MiB" in line, line
+    assert "more than this machine's available memory (" in line and line.endswith("): lower it")
+    assert snapshot(raw.parent) == before
+
+
+def test_an_empty_split_is_flagged_where_it_is_made(params_file: Callable[..., Path], tmp_path: Path) -> None:
+    """Three documents once gave an empty test split that nothing upstream flagged; evaluate
+    then had nothing to measure. Two documents fill at most two of the three splits."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    result = ingest(params_file(), tmp_path / "raw", corpus, tmp_path)
+    assert result.returncode == 0
+    metrics = read_metrics(tmp_path / "ingest.json")
+    empty = [s for s in ("train", "validation", "test") if not metrics.get(f"docs_{s}")]
+    assert empty
+    for split in empty:
+        assert re.search(rf"WARNING lmmem\S*: the {split} split is empty \(2 documents in all\): stages that read it "
+                         r"will refuse it", result.stderr), result.stderr[-2000:]
