@@ -58,8 +58,9 @@ def meta_model(p: Any, meta: TokensMeta) -> torch.nn.Module:
 
 def check_parameters_fit(p: Any, model: torch.nn.Module, device: torch.device) -> None:
     """Refuse at once a model (on the meta device) whose parameters alone, at 2 bytes each per
-    rank, exceed what it may hold: no memory and no dry run spent on it."""
-    found = limit(p, device)
+    rank, exceed what the machine can hold: no memory and no dry run spent on it. (Against
+    train.memory_budget_mib the dry run decides, and names the moves it tried.)"""
+    found = machine_limit(p, device)
     if found is None:
         return
     count = sum(q.numel() for q in {id(q): q for q in model.parameters()}.values())
