@@ -86,7 +86,7 @@ def main() -> int:
             noop_flow.append(timed(pipeline, ROOT, url))
         noop_served = served_runs(flow, url, args.repeats)
     nb, nf, ns = statistics.median(noop_bare), statistics.median(noop_flow), statistics.median(noop_served)
-    print(f"\nmachine: {machine()}; tiny profile, 7 stages; Prefect server on loopback")
+    print(f"\nmachine: {machine()}; tiny profile, 9 stages; Prefect server on loopback")
     print("\n| run | dvc repro s | flow s | flow − dvc s | flow / dvc |")
     print("|---|---|---|---|---|")
     print(f"| whole pipeline from nothing | {full_bare:.1f} | {full_flow:.1f} | {full_flow - full_bare:+.1f} | "
