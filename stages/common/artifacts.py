@@ -101,9 +101,8 @@ def atomic_dir(target: Path, writer: str) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def file_digest(path: Path, algorithm: str = "blake2b") -> str:
-    """A file's hash, streamed: blake2b (16 bytes) for lmmem's own records, md5 for DVC's."""
-    digest = hashlib.blake2b(digest_size=16) if algorithm == "blake2b" else hashlib.new(algorithm)
+def file_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
     with Path(path).open("rb") as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)

@@ -20,6 +20,7 @@ does the same by hand.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,8 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from stages.common.artifacts import file_digest
 
 log = logging.getLogger("lmmem")
 
@@ -52,6 +51,14 @@ def _recorded_outs(lock: Path, stage: str) -> list[dict[str, Any]]:
     return [out for out in outs if isinstance(out, dict) and out.get("path") and out.get("md5")]
 
 
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class _Cache:
     """DVC's local cache of this repository (the 3.x `files/md5` objects)."""
 
@@ -69,7 +76,7 @@ class _Cache:
         source = self.object(oid)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, dest)
-        if file_digest(dest, "md5") != oid:
+        if _md5(dest) != oid:
             raise ValueError(f"DVC's cache object {source} does not match its MD5")
 
 
