@@ -52,6 +52,9 @@ def _recorded_outs(lock: Path, stage: str) -> list[dict[str, Any]]:
 
 
 def _md5(path: Path) -> str:
+    """Not artifacts.file_digest: this module is imported before the stage's imports to start its
+    watcher, and artifacts' pydantic import there delayed the watcher enough that a kill in
+    that window went unwatched (the e2e kill test failed)."""
     digest = hashlib.md5()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
