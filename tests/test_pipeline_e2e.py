@@ -261,17 +261,19 @@ def test_a_stage_killed_under_dvc_repro_gets_its_outputs_back_from_its_watcher(r
         dvc = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
-        stage = None
-        while stage is None or (repo / "data" / "model").exists():  # found, and DVC has deleted its outputs
-            assert dvc.poll() is None and time.monotonic() < deadline, "train was not seen running"
+        stage = watcher = None
+        # the stage is running, its watcher has started (a kill before that, in the first instant
+        # of the interpreter, has nobody to see it) and DVC has deleted its outputs
+        while stage is None or watcher is None or (repo / "data" / "model").exists():
+            assert dvc.poll() is None and time.monotonic() < deadline, "train and its watcher were not seen running"
             time.sleep(0.2)
             stage = stage_process(dvc.pid, "stages.train")
+            watcher = stage_process(stage, "stages.common.restore") if stage else None
         os.kill(stage, signal.SIGKILL)
         assert dvc.wait(timeout=120) != 0
-        for _ in range(100):  # the watcher finishes a moment after DVC reports the failure
-            if recorded_outputs_or_none(repo, "train") == before:
-                break
-            time.sleep(0.2)
+        deadline = time.monotonic() + 120  # the watcher finishes a moment after DVC reports the failure
+        while recorded_outputs_or_none(repo, "train") != before and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert recorded_outputs(repo, "train") == before
     finally:
         sh("git", "checkout", "--", "params.yaml", cwd=repo)
