@@ -38,6 +38,7 @@ from stages.common.errors import StageError
 from stages.common.memory import peak_rss_mib, reset_peak_rss
 from stages.common.meter import TensorMeter
 from stages.common.loading import load_model_folder, weight_counts
+from stages.common.loss import logits_in_chunks
 from stages.common.models import LSTMLanguageModel, logits_of
 from stages.common.params import BaseParams, Section
 from stages.common.schema import EvalRow, TokensMeta, read_typed
@@ -61,6 +62,8 @@ class Params(Section):
         16, ge=1, description="windows per batch for perplexity, accuracy and the inference memory peak")
     eval_batches: int = Field(
         16, ge=1, description="batches of validation and of test windows (the same for every model)")
+    loss_chunk_tokens: int = Field(256, ge=0, description=(
+        "perplexity and accuracy over N positions' logits at a time (the full batch's never held); 0 = all at once"))
     latency_batch: int = Field(
         8, ge=1, description="the batched latency's batch size (batch 1 is always measured)")
     latency_new_tokens: int = Field(16, ge=1, description="greedy tokens generated per latency measurement")
@@ -122,17 +125,18 @@ def windows(tokens: Path, split: str, dtype: str, context: int, batches: int, ba
 
 
 @torch.no_grad()
-def quality(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
-    """Mean next-token loss (→ perplexity) and top-1/top-5 accuracy over the windows."""
+def quality(model: torch.nn.Module, batches: list[torch.Tensor], chunk: int = 0) -> dict[str, float]:
+    """Mean next-token loss (→ perplexity) and top-1/top-5 accuracy over the windows; the
+    logits `chunk` positions at a time (0: a batch's at once)."""
     loss, top1, top5, count = 0.0, 0, 0, 0
     for rows in batches:
-        logits = logits_of(model, rows[:, :-1]).float()
-        target = rows[:, 1:]
-        loss += F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum").item()
-        best = logits.topk(5, dim=-1).indices
-        top1 += int((best[..., 0] == target).sum())
-        top5 += int((best == target[..., None]).any(-1).sum())
-        count += target.numel()
+        for logits, target in logits_in_chunks(model, rows, chunk):
+            loss += F.cross_entropy(logits, target, reduction="sum").item()
+            best = logits.topk(5, dim=-1).indices
+            top1 += int((best[:, 0] == target).sum())
+            top5 += int((best == target[:, None]).any(-1).sum())
+            count += target.numel()
+            del logits
     return {"ppl": math.exp(loss / count), "top1": top1 / count, "top5": top5 / count}
 
 
@@ -205,7 +209,7 @@ def measure(name: str, folder: Path, params: Params, paths: Paths, context: int,
     result["params"], result["nonzero_params"] = weight_counts(model)
     for split in ("validation", "test"):
         figures = quality(model, windows(paths.tokens, split, meta.dtype, context, params.eval_batches,
-                                         params.batch_size))
+                                         params.batch_size), params.loss_chunk_tokens)
         prefix = "val" if split == "validation" else "test"
         result.update({f"{prefix}_ppl": figures["ppl"], f"{prefix}_top1": figures["top1"],
                        f"{prefix}_top5": figures["top5"]})

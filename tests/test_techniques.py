@@ -23,7 +23,7 @@ from tests.conftest import ROOT, tiny_params
 def test_every_technique_is_registered_once_with_described_params() -> None:
     names = [t.name for t in REGISTRY]
     assert len(names) == len(set(names))
-    assert {"precision", "activation_checkpointing", "micro_batching", "torch_optimizers", "adamw8bit",
+    assert {"precision", "chunked_loss", "activation_checkpointing", "micro_batching", "torch_optimizers", "adamw8bit",
             "adafactor", "sparse_adam", "pruning", "allocator", "distributed"} <= set(names)
     modules = {p.stem for p in (ROOT / "stages" / "train" / "techniques").glob("*.py")} - {"__init__", "base"}
     assert {type(t).__module__.rsplit(".", 1)[1] for t in REGISTRY} == modules  # one module, one technique
@@ -39,7 +39,7 @@ def test_auto_fit_moves_come_cheapest_first_and_each_costs_at_least_one() -> Non
     costs = [m.cost for m in moves]
     assert costs == sorted(costs) and min(costs) >= 1.0
     assert [m.changes for m in moves] == [
-        {"precision": "bf16"}, {"micro_batch_size": 4}, {"optimizer": "adamw8bit"},
+        {"precision": "bf16"}, {"loss_chunk_tokens": 256}, {"micro_batch_size": 4}, {"optimizer": "adamw8bit"},
         {"activation_checkpointing": True}, {"micro_batch_size": 2}, {"micro_batch_size": 1},
         {"optimizer": "adafactor"}]
     distributed = params.model_copy(update={"distributed": params.distributed.model_copy(update={"nproc": 2})})

@@ -88,19 +88,30 @@ def test_memory_techniques_move_their_category(train: Callable[..., Any]) -> Non
     fp16 = train("fp16", precision="fp16")[1]  # autocast with the gradient scaler
     ckpt = train("ckpt", activation_checkpointing=True)[1]
     half = train("ckpt-half", activation_checkpointing=True, activation_checkpointing_every=2)[1]  # 1 block of 2
+    keep_matmuls = train("ckpt-matmuls", activation_checkpointing=True,
+                         activation_checkpointing_policy="save_matmuls")[1]
     micro = train("micro", micro_batch_size=2)[1]
     adafactor = train("adafactor", optimizer="adafactor")[1]
+    chunk = train("chunked-loss", loss_chunk_tokens=64)[1]
     # in this toy model the logits (batch x context x vocab) are most of the activations and
     # checkpointing cannot drop them: it removes the blocks' share, about a third here
     assert ckpt["mem_activations_peak_mib"] < 0.75 * base["mem_activations_peak_mib"]
     assert ckpt["mem_activations_peak_mib"] < half["mem_activations_peak_mib"] < base["mem_activations_peak_mib"]
+    # selective: the matrix products kept, only pointwise work recomputed: between the two
+    assert ckpt["mem_activations_peak_mib"] < keep_matmuls["mem_activations_peak_mib"] \
+        < base["mem_activations_peak_mib"]
     assert micro["mem_activations_peak_mib"] < 0.4 * base["mem_activations_peak_mib"]
     assert micro["accumulation_steps"] == 4
     # autocast keeps bf16 copies of the weights and computes the loss in fp32: at this size
     # it changes the peak without lowering it (the measurement, not a wish, is the point)
     assert bf16["mem_total_peak_mib"] != base["mem_total_peak_mib"]
     assert adafactor["mem_optimizer_peak_mib"] < 0.5 * base["mem_optimizer_peak_mib"]
-    for m in (base, bf16, fp16, ckpt, half, micro, adafactor):  # the dry-run prediction, every category
+    # the chunked loss: the same training (to float rounding), without the whole logits (the
+    # tiny model's 8 x 32 x 2533 of them, their log-softmax and gradients: most of its peak)
+    assert chunk["val_loss"] == pytest.approx(base["val_loss"], abs=1e-3)
+    assert chunk["mem_total_peak_mib"] < 0.8 * base["mem_total_peak_mib"]
+    assert chunk["mem_temporaries_peak_mib"] < 0.5 * base["mem_temporaries_peak_mib"]
+    for m in (base, bf16, fp16, ckpt, half, keep_matmuls, micro, adafactor, chunk):  # the dry run, every category
         for category in ("total", "parameters", "gradients", "optimizer", "activations", "temporaries"):
             assert abs(m[f"est_error_{category}_peak_mib"]) < 0.02, (category, m)
     for m in (bf16, fp16, ckpt, micro):
@@ -127,6 +138,11 @@ def test_gpt2_and_lstm(train: Callable[..., Any]) -> None:
      "batch_size (8) must be a multiple of micro_batch_size (3)"),
     ({"model": {"family": "lstm"}, "activation_checkpointing": True},
      "activation_checkpointing: the lstm baseline"),
+    ({"activation_checkpointing_policy": "save_matmuls"},
+     "activation_checkpointing_policy save_matmuls chooses what checkpointing keeps: set activation_checkpointing: "
+     "true"),
+    ({"loss_chunk_tokens": 64, "micro_batch_size": 4, "distributed": {"nproc": 2, "strategy": "fsdp"}},
+     "loss_chunk_tokens: fsdp keeps the output head's weight sharded"),
     ({"model": {"width": 66, "heads": 4}}, "width (66) must be a multiple of heads (4)"),
     ({"model": {"context": 100000}}, "train.model.context: Input should be less than or equal to 65536"),
     ({"optimizer": "sparse_adam"}, "optimizer sparse_adam needs model.tie_embeddings: false"),

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.common.errors import StageError
+from stages.common.loss import CHUNK, next_token_loss_chunked
 from stages.common.models import logits_of
 
 
@@ -66,6 +67,9 @@ class Windows:
 
 
 def next_token_loss(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of each position's next token; rows are (batch, context + 1)."""
+    """Mean cross-entropy of each position's next token; rows are (batch, context + 1). Inside
+    `loss.chunked(n)` over n positions at a time, the full logits never made."""
+    if chunk := CHUNK.get():
+        return next_token_loss_chunked(model, rows, chunk)
     logits = logits_of(model, rows[:, :-1])  # (batch, context, vocab); autocast computes the loss in fp32
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))

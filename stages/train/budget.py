@@ -86,8 +86,11 @@ def fit_budget(p: Any, meta: TokensMeta, device: torch.device, seed: int,
     changes: dict[str, Any] = {}
     tried: list[str] = []
     for move in all_moves(p):
+        try:
+            candidate = with_changes(p, {**changes, **move.changes})
+        except ValueError:  # a technique refuses this move with the ones made so far: go on without it
+            continue
         changes = {**changes, **move.changes}
-        candidate = with_changes(p, changes)
         estimate = predict_memory(candidate, meta, device, seed)
         estimate_mib = estimate["est_total_peak_mib"]
         tried.append(f"{describe(changes)} {estimate_mib:,.1f} MiB")
