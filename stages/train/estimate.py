@@ -5,6 +5,7 @@ meter, and per rank for a distributed run."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -30,6 +31,26 @@ class NeutralScalars(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def rows_unpacked() -> Iterator[None]:
+    """transformers looks at the position ids for several sequences packed into one row; from
+    real ids it sees that a window is one sequence and lets attention run causal without a
+    mask, from fake ones it cannot tell and builds a (batch, 1, context, context) mask per
+    block. A training window is always one sequence: the dry run says so, so that it takes
+    the real run's path."""
+    try:
+        from transformers import masking_utils
+    except ImportError:  # the lstm baseline runs without transformers' masks
+        yield
+        return
+    saved = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = saved
+
+
 def dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Context = Context(),
             batch: int = 0) -> dict[str, Any]:
     """The configured model, optimizer and techniques run `max(2, meter_steps)` steps of
@@ -41,6 +62,7 @@ def dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Cont
     with contextlib.ExitStack() as stack:
         stack.enter_context(FakeTensorMode())
         stack.enter_context(NeutralScalars())
+        stack.enter_context(rows_unpacked())
         for technique in REGISTRY:
             for mode in technique.dry_run_modes(p):
                 stack.enter_context(mode)
