@@ -32,6 +32,11 @@ STACKS: dict[str, dict[str, Any]] = {
                                                     "optimizer": "adamw8bit"},
     "checkpointing + micro-batch 1 + adafactor": {"activation_checkpointing": True, "micro_batch_size": 1,
                                                    "optimizer": "adafactor"},
+    "chunked loss + checkpointing + 8-bit adamw + step in backward": {
+        "loss_chunk_tokens": 256, "activation_checkpointing": True, "optimizer": "adamw8bit",
+        "optimizer_in_backward": True, "grad_clip": 0.0},
+    "chunked loss + checkpointing + micro-batch 4 + 8-bit adamw": {
+        "loss_chunk_tokens": 256, "activation_checkpointing": True, "micro_batch_size": 4, "optimizer": "adamw8bit"},
 }
 # the baseline, each technique's own configurations (from the registry), then the stacks
 GRID: dict[str, dict[str, Any]] = {BASELINE: {}, **{name: overrides for t in REGISTRY for name, overrides in t.grid.items()},

@@ -329,7 +329,7 @@ def test_memory_budget_refuses_with_what_fits_or_fits_itself(tokens: Path, train
 
     rc, _, _ = train("impossible", memory_budget_mib=0.5, auto_fit=True)
     assert rc == 2
-    assert "nothing fits: precision=bf16" in one_error_line(capsys.readouterr().err, "train")
+    assert "nothing fits: loss_chunk_tokens=256" in one_error_line(capsys.readouterr().err, "train")
 
 
 def test_eight_bit_adamw_and_sparse_embedding_gradients(train: Callable[..., Any]) -> None:

@@ -135,7 +135,13 @@ class TensorMeter(TorchDispatchMode):
             if p.grad is not None:
                 self._move(_storage(p.grad), "gradients")
             if p.requires_grad:
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook))
+                handle = p.register_post_accumulate_grad_hook(self._grad_hook)
+                hooks = getattr(p, "_post_accumulate_grad_hooks", None)
+                if hooks is not None:  # first, before a hook that steps the parameter and frees its gradient
+                    # (autograd walks the plain dict's order, which move_to_end leaves as it was)
+                    for key, hook in [(k, hooks.pop(k)) for k in list(hooks) if k != handle.id]:
+                        hooks[key] = hook
+                self._hooks.append(handle)
         for b in model.buffers():
             self._move(_storage(b), "parameters")
 

@@ -82,6 +82,8 @@ def build(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Contex
     if ctx.enabled and not dry_run:
         model = distributed.wrap_model(model, ctx, device)
     optimizer = optimizer_family(p.optimizer).make_optimizer(p, model, ctx, dry_run)
+    for technique in REGISTRY:
+        optimizer = technique.wrap_optimizer(p, optimizer)
     scalers = [s for t in REGISTRY if (s := t.gradient_scaler(p, device, dry_run)) is not None]
     scaler = scalers[0] if scalers else torch.amp.GradScaler(device.type, enabled=False)
     # DDP's gradients are views of its buckets: kept between steps (zeroed, not freed), the

@@ -77,6 +77,10 @@ class Technique:
         """Optimizer families: the optimizer for p.optimizer (one of `optimizers`)."""
         raise NotImplementedError(self.name)
 
+    def wrap_optimizer(self, p: Any, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Change the optimizer once the family has made it (the step fused into backward)."""
+        return optimizer
+
     def moves(self, p: Any) -> list[Move]:
         """Changes that lower this run's memory through this technique, cheapest first."""
         return []

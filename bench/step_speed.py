@@ -1,0 +1,77 @@
+"""Step time of memory techniques against the baseline, alternating in one process: the
+slowdown behind each auto-fit move's cost.
+
+    python -m bench.step_speed [--steps 6] [--repeats 3] [--only NAME ...] [--tokens data/tokens]
+
+A configuration is one of bench.train_grid's (the baseline, each technique's, the stacks).
+Each is built once from params.yaml's train section with its keys changed; then every round
+runs `steps` optimizer steps of each in turn on the same seeded batches, `repeats` rounds,
+so that drift of a shared machine hits all alike (separate processes minutes apart, as the
+grid runs them, differ by more than most techniques cost). Reported: each configuration's
+median step time and tokens/s, and the baseline's step time over its own (the throughput
+ratio; a move's cost is its slowdown times its perplexity ratio at equal steps, from the grid).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from bench.common import ROOT, machine, require_tokens, training_parser
+from bench.train_grid import BASELINE, GRID
+from stages import train as stage
+from stages.common.params import load_params
+from stages.common.schema import TokensMeta, read_typed
+from stages.common.windows import Windows
+from stages.train.build import build
+from stages.train.params import with_changes
+from stages.train.step import train_step
+
+CPU = torch.device("cpu")
+
+
+def main() -> int:
+    parser = training_parser(__doc__, steps=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="*", default=None, help="configuration names (the baseline always runs)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    tokens = require_tokens(args.tokens)
+    unknown = set(args.only or []) - set(GRID)
+    if unknown:
+        raise SystemExit(f"unknown configurations: {', '.join(sorted(unknown))}; known: {', '.join(GRID)}")
+    base, params = load_params(ROOT / "params.yaml", "train", stage.Params)
+    meta = read_typed(tokens / "meta.json", TokensMeta)
+    windows = Windows(tokens / "train.bin", meta.dtype, params.model.context)
+    chosen = {name: with_changes(params, overrides) for name, overrides in GRID.items()
+              if args.only is None or name == BASELINE or name in args.only}
+    parts = {name: build(p, meta, CPU, base.seed) for name, p in chosen.items()}
+    rngs = {name: np.random.default_rng(base.seed) for name in chosen}
+    seconds: dict[str, list[float]] = {name: [] for name in chosen}
+    for repeat in range(args.repeats):
+        for name, p in chosen.items():
+            for i in range(args.steps):
+                rows = windows.batch(windows.random_starts(rngs[name], p.batch_size))
+                started = time.perf_counter()
+                train_step(parts[name], rows, p, CPU, repeat * args.steps + i, None)
+                seconds[name].append(time.perf_counter() - started)
+            logging.warning("round %d: %s %.0f ms/step", repeat, name, statistics.median(seconds[name]) * 1000)
+    positions = params.batch_size * params.model.context
+    ref = statistics.median(seconds[BASELINE])
+    print(f"\nmachine: {machine()}; torch threads {torch.get_num_threads()}; {args.repeats} rounds x "
+          f"{args.steps} steps of {positions:,} positions per configuration\n")
+    print("| configuration | median ms/step | tokens/s | throughput x baseline | slowdown |")
+    print("|---|---|---|---|---|")
+    for name, times in seconds.items():
+        ms = statistics.median(times) * 1000
+        print(f"| {name} | {ms:,.0f} | {positions / ms * 1000:,.0f} | {ref * 1000 / ms:.3f} | "
+              f"{ms / (ref * 1000):.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
