@@ -12,28 +12,13 @@ import torch
 from stages.common.errors import StageError
 from stages.common.meter import TensorMeter
 from stages.common.params import validate_section
-from stages.common.schema import SpecialIds, TokensMeta
 from stages.train import Params
 from stages.train.build import build
 from stages.train.estimate import predict_memory
 from stages.train.step import train_step
 from stages.train.techniques.fused_step import InBackward
 from tests.conftest import deep_update, tiny_params
-
-VOCAB, WIDTH = 700, 64  # the tiny model (2 blocks of width 64) over a 700-word vocabulary
-META = TokensMeta(dtype="uint16", vocab_size=VOCAB, special_tokens={"pad": "<pad>", "unk": "<unk>", "bos": "<s>",
-                                                                     "eos": "</s>"},
-                  special_ids=SpecialIds(pad=0, unk=1, bos=2, eos=3), docs={}, tokens={})
-CPU = torch.device("cpu")
-
-
-def params(**train: object) -> Params:
-    return validate_section("train", deep_update(tiny_params()["train"], {"grad_clip": 0.0, **train}), Params)
-
-
-def batches(n: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    return [torch.randint(0, VOCAB, (8, 33), generator=g) for _ in range(n)]
+from tests.training import CPU, META, VOCAB, WIDTH, batches, params
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])

@@ -143,6 +143,7 @@ def test_gpt2_and_lstm(train: Callable[..., Any]) -> None:
      "true"),
     ({"loss_chunk_tokens": 64, "micro_batch_size": 4, "distributed": {"nproc": 2, "strategy": "fsdp"}},
      "loss_chunk_tokens: fsdp keeps the output head's weight sharded"),
+    ({"saved_activations": "cpu"}, "train.saved_activations cpu moves activations off an accelerator"),
     ({"model": {"width": 66, "heads": 4}}, "width (66) must be a multiple of heads (4)"),
     ({"model": {"context": 100000}}, "train.model.context: Input should be less than or equal to 65536"),
     ({"optimizer": "sparse_adam"}, "optimizer sparse_adam needs model.tie_embeddings: false"),
