@@ -90,7 +90,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 logits[torch.arange(t.numel(), device=t.device), t] -= 1.0
                 logits.div_(n)  # d(mean loss) / d(logits)
-                g = logits.to(dtype)  # the same tensor in fp32
+                g = logits.to(dtype)  # the same tensor when fp32
                 del logits
                 if grad_hidden.dtype == dtype:  # written in place: no product-sized temporary
                     torch.mm(g, w, out=grad_hidden[start:start + chunk])
