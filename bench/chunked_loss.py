@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import ROOT, machine, require_tokens, training_parser
+from bench.step_speed import alternate
 from stages import train as stage
 from stages.common.loss import chunked_cross_entropy, hidden_and_head
 from stages.common.meter import TensorMeter
@@ -116,20 +116,7 @@ def main() -> int:
         print(f"| {name[c]} | " + " | ".join(cells) + f" | {worst:.2%} |")
 
     # 3. throughput, alternating, from the same initialisation on the same batches
-    all_parts = {c: build(p, meta, torch.device("cpu"), base.seed) for c, p in configs.items()}
-    rngs = {c: np.random.default_rng(base.seed) for c in configs}
-    seconds: dict[int, list[float]] = {c: [] for c in configs}
-    losses: dict[int, list[float]] = {c: [] for c in configs}
-    step = 0
-    for _ in range(args.repeats):
-        for c, p in configs.items():
-            for i in range(args.steps):
-                batch = windows.batch(windows.random_starts(rngs[c], p.batch_size))
-                started = time.perf_counter()
-                out = train_step(all_parts[c], batch, p, torch.device("cpu"), step + i, None)
-                losses[c].append(sum(x.item() for x in out))
-                seconds[c].append(time.perf_counter() - started)
-        step += args.steps
+    seconds, losses = alternate(configs, meta, windows, base.seed, args.steps, args.repeats)
     positions = params.batch_size * params.model.context
     ref_ms = statistics.median(seconds[0]) * 1000
     print(f"\n| {args.repeats} x {args.steps} steps | median ms/step | tokens/s | x standard | "

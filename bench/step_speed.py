@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,26 @@ from stages.train.step import train_step
 CPU = torch.device("cpu")
 
 
+def alternate(configs: dict[Any, Any], meta: TokensMeta, windows: Windows, seed: int, steps: int,
+              repeats: int) -> tuple[dict[Any, list[float]], dict[Any, list[float]]]:
+    """`steps` optimizer steps of each configuration in turn, `repeats` rounds, each from the
+    same initialisation on the same seeded batches: (step seconds, step losses) per name."""
+    parts = {name: build(p, meta, CPU, seed) for name, p in configs.items()}
+    rngs = {name: np.random.default_rng(seed) for name in configs}
+    seconds: dict[Any, list[float]] = {name: [] for name in configs}
+    losses: dict[Any, list[float]] = {name: [] for name in configs}
+    for repeat in range(repeats):
+        for name, p in configs.items():
+            for i in range(steps):
+                rows = windows.batch(windows.random_starts(rngs[name], p.batch_size))
+                started = time.perf_counter()
+                out = train_step(parts[name], rows, p, CPU, repeat * steps + i, None)
+                seconds[name].append(time.perf_counter() - started)
+                losses[name].append(sum(x.item() for x in out))
+            logging.warning("round %d: %s %.0f ms/step", repeat, name, statistics.median(seconds[name]) * 1000)
+    return seconds, losses
+
+
 def main() -> int:
     parser = training_parser(__doc__, steps=6)
     parser.add_argument("--repeats", type=int, default=3)
@@ -49,17 +70,7 @@ def main() -> int:
     windows = Windows(tokens / "train.bin", meta.dtype, params.model.context)
     chosen = {name: with_changes(params, overrides) for name, overrides in GRID.items()
               if args.only is None or name == BASELINE or name in args.only}
-    parts = {name: build(p, meta, CPU, base.seed) for name, p in chosen.items()}
-    rngs = {name: np.random.default_rng(base.seed) for name in chosen}
-    seconds: dict[str, list[float]] = {name: [] for name in chosen}
-    for repeat in range(args.repeats):
-        for name, p in chosen.items():
-            for i in range(args.steps):
-                rows = windows.batch(windows.random_starts(rngs[name], p.batch_size))
-                started = time.perf_counter()
-                train_step(parts[name], rows, p, CPU, repeat * args.steps + i, None)
-                seconds[name].append(time.perf_counter() - started)
-            logging.warning("round %d: %s %.0f ms/step", repeat, name, statistics.median(seconds[name]) * 1000)
+    seconds, _ = alternate(chosen, meta, windows, base.seed, args.steps, args.repeats)
     positions = params.batch_size * params.model.context
     ref = statistics.median(seconds[BASELINE])
     print(f"\nmachine: {machine()}; torch threads {torch.get_num_threads()}; {args.repeats} rounds x "

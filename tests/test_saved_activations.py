@@ -7,13 +7,10 @@ import pytest
 import torch
 
 from stages.common.errors import StageError
-from stages.common.meter import TensorMeter
 from stages.common.windows import next_token_loss
 from stages.train.build import build, forward_context
-from stages.train.estimate import predict_memory
-from stages.train.step import train_step
 from stages.train.techniques.saved_activations import TECHNIQUE, _pack_bf16, _pack_int8, _unpack
-from tests.training import CPU, META, batches, params
+from tests.training import CPU, META, batches, metered_against_estimate, params
 
 
 def test_packing_by_hand() -> None:
@@ -33,22 +30,6 @@ def test_packing_by_hand() -> None:
         assert pack(weight) is weight and pack(view) is view and pack(small) is small
 
 
-def metered(saved: str) -> dict[str, float]:
-    p = params(saved_activations=saved)
-    parts = build(p, META, CPU, seed=0)
-    meter = TensorMeter()
-    parts.track(meter)
-    for step, rows in enumerate(batches(2)):
-        train_step(parts, rows, p, CPU, step, meter)
-    meter.close()
-    estimate = predict_memory(p, META, CPU, seed=0)
-    summary = meter.summary()
-    for key, value in summary.items():
-        if key.endswith("_peak_mib"):
-            assert estimate[key.replace("mem_", "est_", 1)] == pytest.approx(value, rel=0.02), (saved, key)
-    return summary
-
-
 def gradients(saved: str) -> torch.Tensor:
     """All of one backward pass's gradients, flattened."""
     p = params(saved_activations=saved)
@@ -60,8 +41,9 @@ def gradients(saved: str) -> torch.Tensor:
 
 
 def test_fewer_activation_bytes_nearly_the_same_gradients() -> None:
-    keep, bf16, int8 = metered("keep"), metered("bf16"), metered("int8")
-    assert int8["mem_activations_peak_mib"] < bf16["mem_activations_peak_mib"] < keep["mem_activations_peak_mib"]
+    keep, bf16, int8 = (metered_against_estimate(params(saved_activations=s)).category_peaks["activations"]
+                        for s in ("keep", "bf16", "int8"))
+    assert int8 < bf16 < keep
     exact = gradients("keep")
     for saved, tolerance in (("bf16", 0.01), ("int8", 0.05)):
         error = (gradients(saved) - exact).norm() / exact.norm()
