@@ -245,7 +245,8 @@ def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def read_metrics(root: Path, stage: str) -> dict[str, Any] | None:
-    path = root / "data" / "metrics" / f"{stage}.json"
+    """A stage's data/metrics/<stage>.json; a foreach stage's (compare@bf16) data/metrics/compare/bf16.json."""
+    path = root / "data" / "metrics" / f"{stage.replace('@', '/')}.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 

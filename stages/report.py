@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import Field
 
+from stages.common import comparison
 from stages.common.artifacts import atomic_dir, read_json
 from stages.common.doc import Doc, num, ratio
 from stages.common.errors import StageError
@@ -71,6 +72,7 @@ class Inputs:
     steps: list[dict[str, str]]
     results: list[dict[str, Any]]
     experiments: list[dict[str, Any]]
+    compared: list[dict[str, Any]]  # the compare stage's configurations
 
 
 def read_inputs(paths: Paths, params: Params) -> Inputs:
@@ -84,7 +86,8 @@ def read_inputs(paths: Paths, params: Params) -> Inputs:
     results = [row.figures() for row in read_rows(paths.eval / "results.json", EvalRow)] \
         if (paths.eval / "results.json").is_file() else []
     experiments = experiment_records(Path.cwd(), paths.metrics_dir.as_posix()) if params.experiments else []
-    return Inputs(read_params_file(paths.params_file), metrics, steps, results, experiments)
+    given = read_params_file(paths.params_file)
+    return Inputs(given, metrics, steps, results, experiments, comparison.read_compared(paths.metrics_dir, given))
 
 
 def flat(data: Any, prefix: str = "", whole: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -107,6 +110,7 @@ def defaults() -> dict[str, Any]:
     for stage in [*STAGES, "report"]:
         model = importlib.import_module(f"stages.{stage}").Params
         out[stage] = model().model_dump()
+    out["compare"] = importlib.import_module("stages.compare").Settings().model_dump()
     return out
 
 
@@ -125,17 +129,6 @@ def configurations(inputs: Inputs, paths: Paths) -> list[dict[str, Any]]:
     return runs
 
 
-def pareto(points: list[tuple[str, float, float]]) -> list[str]:
-    """Labels on the lower-left front (no other point has both less memory and lower ppl), by x."""
-    ordered = sorted(points, key=lambda p: (p[1], p[2], p[0]))
-    front, best = [], math.inf
-    for label, _, y in ordered:
-        if y < best:
-            front.append(label)
-            best = y
-    return front
-
-
 def summary(inputs: Inputs, runs: list[dict[str, Any]]) -> list[str]:
     lines = []
     base = next((r for r in runs if r["name"] == WORKSPACE), None)
@@ -152,6 +145,8 @@ def summary(inputs: Inputs, runs: list[dict[str, Any]]) -> list[str]:
         lines.append(f"Training: one run (the workspace's), {num(base['train']['mem_total_peak_mib'])} MiB tensor "
                      f"peak, perplexity {num(base['train'].get('val_ppl'))}; run a sweep (python -m flows.sweep) "
                      "to compare techniques.")
+    if (line := comparison.summary_line(inputs.compared, inputs.params)) is not None:
+        lines.append(line)
     ok = {r["name"]: r for r in inputs.results if r.get("status") == "ok" and "val_ppl" in r}
     model = ok.get("model")
     if model:
@@ -266,7 +261,7 @@ def training_section(doc: Doc, inputs: Inputs, runs: list[dict[str, Any]]) -> No
     per_rank_table(doc, runs)
     points = [(r["name"], r["train"]["mem_total_peak_mib"], r["train"]["val_ppl"]) for r in runs
               if "mem_total_peak_mib" in r["train"] and "val_ppl" in r["train"]]
-    front = pareto(points)
+    front = comparison.front(points)
     doc.figure("pareto", scatter("Memory against perplexity", "tensor peak MiB", "validation perplexity", points,
                                  front), "Every run; the dashed line joins the Pareto front.")
     doc.para("Pareto front (no other run has both less memory and a lower perplexity): " + ", ".join(front) + ".")
@@ -365,6 +360,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     provenance(doc, inputs)
     data_section(doc, inputs)
     training_section(doc, inputs, runs)
+    comparison.section(doc, inputs.compared, inputs.params)
     compression_section(doc, inputs, params)
     html, markdown = doc.html(params.title), doc.markdown(params.title)
     with atomic_dir(paths.out, "report") as tmp:
@@ -377,6 +373,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
              len(inputs.results))
     return {"html_bytes": len(html.encode()), "markdown_bytes": len(markdown.encode()),
             "experiments": len(inputs.experiments), "training_runs": len(runs), "models": len(inputs.results),
+            "configurations_compared": len(inputs.compared),
             "figures": len(doc.figures)}
 
 

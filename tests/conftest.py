@@ -141,11 +141,14 @@ def sh(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
 # of file (a cast, int8, sparse storage) instead of the tiny profile's thirteen. Every variant
 # is made and measured by test_compress and test_evaluate.
 WIRING_VARIANTS = ("fp16", "int8", "prune50")
+# ... and the configurations they compare: the baseline and one technique (test_compare runs others).
+WIRING_CONFIGS = ("baseline", "chunked-loss")
 
 
 def tiny_repo(repo: Path, env: dict[str, str] | None = None) -> Path:
     """A git + DVC repository in `repo` with the stages, the built-in corpus, dvc.yaml, the
-    tiny profile as params.yaml (its variants: WIRING_VARIANTS only) and lmmem's
+    tiny profile as params.yaml (its variants: WIRING_VARIANTS only, its configurations
+    WIRING_CONFIGS) and lmmem's
     DVC config (its default remote: a folder beside `repo`), all committed."""
     shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data" / "corpus", repo / "data" / "corpus")
@@ -153,6 +156,7 @@ def tiny_repo(repo: Path, env: dict[str, str] | None = None) -> Path:
         shutil.copy(ROOT / name, repo / name)
     params = tiny_params()
     params["compress"]["variants"] = {name: params["compress"]["variants"][name] for name in WIRING_VARIANTS}
+    params["compare"]["configs"] = {name: params["compare"]["configs"][name] for name in WIRING_CONFIGS}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     sh("git", "init", "-q", "-b", "main", cwd=repo, env=env)
     sh("dvc", "init", "-q", cwd=repo, env=env)

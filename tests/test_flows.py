@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, sh, tiny_repo
+from tests.conftest import ROOT, WIRING_CONFIGS, sh, tiny_repo
 
 pytestmark = pytest.mark.e2e
-STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compress", "evaluate", "report"]
+STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", *[f"compare@{c}" for c in WIRING_CONFIGS],
+          "compress", "evaluate", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +158,9 @@ def test_pipeline_runs_every_stage_then_skips_every_stage(server: str, repo: Pat
     rows = {row["metric"]: row["value"] for row in json.loads(train.data)}
     stored = json.loads((repo / "data" / "metrics" / "train.json").read_text())
     assert rows["val_ppl"] == pytest.approx(stored["val_ppl"]) and rows["steps"] == stored["steps"]
+    compared = {row["metric"]: row["value"] for row in json.loads(artifact("compare-chunked-loss-metrics").data)}
+    assert compared["mem_total_peak_mib"] == json.loads(
+        (repo / "data" / "metrics" / "compare" / "chunked-loss.json").read_text())["mem_total_peak_mib"]
     for stage in ("tokenize", "train"):  # a progress bar: one line when it ends, not one per redraw
         for _ in range(30):  # the log handler sends its lines on its own schedule
             bars = [ln for ln in task_logs(runs[stage].id).splitlines() if BAR.match(ln)]

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from flows.common import FlowParams
-from stages import clean, compress, embed, evaluate, ingest, report, tokenize, train
+from stages import clean, compare, compress, embed, evaluate, ingest, report, tokenize, train
 from stages.common.errors import StageError
 from stages.common.params import BaseParams, load_params, validate_section
 from tests.conftest import ROOT, TINY, one_error_line, run_cli, tiny_params
@@ -29,6 +29,10 @@ def test_shipped_params_files_validate(path: Path) -> None:
         assert params == module.Params.model_validate(yaml.safe_load(path.read_text())[name])
     _, flows = load_params(path, "flows", FlowParams)  # the flows' section validates the same way
     assert flows.retries >= 0
+    _, both = load_params(path, ("train", "compare"), compare.Params)  # compare reads two sections
+    assert len(both.compare.configs) >= 16 and both.compare.baseline in both.compare.configs
+    for name in both.compare.configs:  # every shipped configuration is one train accepts
+        compare.configured(both, name)
 
 
 def test_every_key_of_params_yaml_has_a_comment() -> None:
@@ -41,7 +45,7 @@ def test_every_key_of_params_yaml_has_a_comment() -> None:
         assert "#" in line, f"params.yaml line {number} has no comment: {line!r}"
 
 
-SECTIONS: dict[str, type[BaseModel]] = {"base": BaseParams, "flows": FlowParams,
+SECTIONS: dict[str, type[BaseModel]] = {"base": BaseParams, "flows": FlowParams, "compare": compare.Settings,
                                         **{name: module.Params for name, module in STAGES.items()}}
 
 
@@ -101,8 +105,9 @@ def test_params_yaml_comments_are_the_fields_descriptions() -> None:
     comments = yaml_comments(ROOT / "params.yaml")
     checked = 0
     for path, comment in comments.items():
-        if "." not in path or path.startswith("compress.variants."):
-            continue  # a section's own comment; the shipped variants are data, each comment says what it trades
+        if "." not in path or path.startswith(("compress.variants.", "compare.configs.")):
+            continue  # a section's own comment; the shipped variants and configurations are data, each
+            # comment says what it trades
         info = field_at(path)
         assert info is not None, f"params.yaml: {path} is not a field of its section"
         assert info.description == comment, f"{path}: params.yaml says {comment!r}, the field {info.description!r}"

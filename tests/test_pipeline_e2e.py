@@ -15,14 +15,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, sh, tiny_repo
+from tests.conftest import ROOT, WIRING_CONFIGS, sh, tiny_repo
 
 pytestmark = pytest.mark.e2e
-STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compress", "evaluate", "report"]
+COMPARED = [f"compare@{name}" for name in WIRING_CONFIGS]  # one stage per configuration (foreach)
+STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", *COMPARED, "compress", "evaluate", "report"]
+MODULES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compare", "compress", "evaluate", "report"]
 
 
 def ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
+    return re.findall(r"Running stage '([\w@-]+)'", output)
+
+
+def metrics_of(repo: Path, stage: str) -> dict:
+    """data/metrics/<stage>.json; compare@<name>'s is data/metrics/compare/<name>.json."""
+    return json.loads((repo / "data" / "metrics" / f"{stage.replace('@', '/')}.json").read_text())
 
 
 def ran_all(output: str) -> bool:
@@ -40,7 +47,7 @@ def test_repro_runs_every_stage_then_nothing(repo: Path) -> None:
     first = sh("dvc", "repro", cwd=repo)
     assert ran_all(first)
     for stage in STAGES:
-        metrics = json.loads((repo / "data" / "metrics" / f"{stage}.json").read_text())
+        metrics = metrics_of(repo, stage)
         assert metrics["seconds"] > 0 and metrics["peak_rss_mib"] > 0
     assert (repo / "data" / "embed" / "vectors.bin").is_file()
     second = sh("dvc", "repro", cwd=repo)
@@ -72,7 +79,7 @@ def test_push_then_a_fresh_clone_pulls_and_reruns_nothing(repo: Path) -> None:
 def test_tiny_metrics_match_the_stored_figures(repo: Path) -> None:
     """Counts from the tiny profile (5 % sample of zh-reviews) as measured when it was set up;
     counts are exact on every machine, the gold score within a small tolerance."""
-    m = {s: json.loads((repo / "data" / "metrics" / f"{s}.json").read_text()) for s in STAGES}
+    m = {s: metrics_of(repo, s) for s in STAGES}
     assert (m["ingest"]["docs"], m["ingest"]["skipped_sampled_out"]) == (1741, 33382)
     assert (m["clean"]["docs_out"], m["clean"]["dropped_duplicate"]) == (857, 884)
     assert m["tokenize"]["gold_f1"] == pytest.approx(0.802, abs=0.005)
@@ -111,7 +118,7 @@ def test_a_word2vec_param_does_not_rerun_train_unless_train_starts_from_it(repo:
         params["train"]["init_from_word2vec"] = True  # now train starts from the vectors: it reruns
         (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
         assert ran(sh("dvc", "repro", "warmstart", cwd=repo)) == ["warmstart"]
-        assert dvc_changed(repo) == ["train", "evaluate", "report"]
+        assert dvc_changed(repo) == ["train", *COMPARED, "evaluate", "report"]  # every configuration starts from it
     finally:
         restore(repo)
     assert "up to date" in sh("dvc", "status", cwd=repo)
@@ -138,9 +145,10 @@ def test_editing_the_training_loop_reruns_train_and_what_its_bytes_change(repo: 
     sh("dvc", "repro", cwd=repo)
     edited(repo, "stages/train/loop.py")
     try:
-        assert dvc_changed(repo) == ["train", "report"]  # the report lists train's params defaults
+        # the comparison runs the train package; the report lists train's params defaults
+        assert dvc_changed(repo) == ["train", *COMPARED, "report"]
         # the same model bytes come out: compress and evaluate do not rerun
-        assert ran(sh("dvc", "repro", cwd=repo)) == ["train", "report"]
+        assert ran(sh("dvc", "repro", cwd=repo)) == ["train", *COMPARED, "report"]
     finally:
         restore(repo)
 
@@ -194,27 +202,37 @@ def failing_repro(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=900, check=False)
 
 
-@pytest.mark.parametrize("stage, section, key, value", [
-    ("ingest", "ingest", "sample", 1.5),  # refused by its params check
-    ("clean", "clean", "min_chars", 10**6),  # more than max_chars
-    ("embed", "embed", "window", -2),
-    ("train", "train", "steps", 0),
-    ("evaluate", "evaluate", "generate_tokens", 10**9),  # refused against the model's context
+@pytest.mark.parametrize("stage, where, value, named", [
+    ("ingest", "ingest.sample", 1.5, "sample"),  # refused by its params check
+    ("clean", "clean.min_chars", 10**6, "min_chars"),  # more than max_chars
+    ("embed", "embed.window", -2, "window"),
+    ("train", "train.steps", 0, "steps"),
+    # one configuration of the comparison (a foreach item): it alone changes, and fails
+    ("compare@chunked-loss", "compare.configs.chunked-loss", {"loss_chunk_tokens": -5},
+     "compare.configs.chunked-loss.loss_chunk_tokens"),
+    ("evaluate", "evaluate.generate_tokens", 10**9, "generate_tokens"),  # refused against the model's context
 ])
 def test_a_stage_that_fails_under_dvc_repro_leaves_its_previous_outputs_and_metrics(
-        repo: Path, stage: str, section: str, key: str, value: object) -> None:
+        repo: Path, stage: str, where: str, value: object, named: str) -> None:
     """DVC deletes a stage's outputs before running it; the failed stage puts them back from
     DVC's cache, byte for byte, so the workspace still matches dvc.lock."""
     sh("dvc", "repro", cwd=repo)
     before = recorded_outputs(repo, stage)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params[section][key] = value
+    *path, key = where.split(".")
+    section = params
+    for part in path:
+        section = section[part]
+    section[key] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
     try:
+        if "@" in stage:  # a configuration's own keys: its stage alone (and the report, which reads params.yaml)
+            assert dvc_changed(repo) == [stage, "report"]
         result = failing_repro(repo, stage)
         assert result.returncode != 0
-        errors = [line for line in result.stderr.splitlines() if line.startswith(f"lmmem {stage}: error:")]
-        assert len(errors) == 1 and key in errors[0], result.stderr
+        module = stage.split("@")[0]
+        errors = [line for line in result.stderr.splitlines() if line.startswith(f"lmmem {module}: error:")]
+        assert len(errors) == 1 and named in errors[0], result.stderr
         assert "Traceback" not in result.stderr
         assert "previous outputs dvc.lock records are back" in result.stderr
         assert recorded_outputs(repo, stage) == before
@@ -347,20 +365,28 @@ def test_dvc_yaml_declares_every_common_module_each_stage_imports() -> None:
     from stages.common.sources import closure
 
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for stage in STAGES:
+    for stage in MODULES:
         own = f"stages/{stage}" if (ROOT / "stages" / stage).is_dir() else f"stages/{stage}.py"
-        files = {f.relative_to(ROOT).as_posix() for f in closure(f"stages.{stage}")}
-        needed = {f for f in files if not f.startswith(own + "/")} | {own}
-        deps = set(pipeline[stage]["deps"])
+        # the comparison runs the train package whole (its registry finds the techniques at run time)
+        runs = [f"stages.{stage}", *(["stages.train"] if stage == "compare" else [])]
+        files = {f.relative_to(ROOT).as_posix() for f in closure(*runs)}
+        needed = {f for f in files if not f.startswith(own + "/") and not f.startswith("stages/train/")} | {own}
+        needed |= {"stages/train"} if any(f.startswith("stages/train/") for f in files) else set()
+        spec = pipeline[stage]["do"] if stage == "compare" else pipeline[stage]  # compare: a foreach
+        deps = set(spec["deps"])
         assert needed <= deps, f"{stage}: {sorted(needed - deps)} missing from dvc.yaml deps"
         extra = {d for d in deps if d.startswith("stages/")} - needed
         if stage != "report":  # the report reads every stage's Params (their defaults) besides
             assert extra == set(), f"{stage}: {sorted(extra)} in dvc.yaml deps but not run by the stage"
-        assert "base.seed" in pipeline[stage]["params"]
-        assert stage in pipeline[stage]["params"] or stage == "warmstart"
-        assert pipeline[stage]["metrics"] == [{f"data/metrics/{stage}.json": {"cache": False}}]
-        outs = [o if isinstance(o, str) else next(iter(o)) for o in pipeline[stage]["outs"]]
+        assert "base.seed" in spec["params"]
+        assert stage in spec["params"] or stage in ("warmstart", "compare")
+        metrics = "data/metrics/compare/${key}.json" if stage == "compare" else f"data/metrics/{stage}.json"
+        assert spec["metrics"] == [{metrics: {"cache": False}}]
+        outs = [o if isinstance(o, str) else next(iter(o)) for o in spec["outs"]]
         assert outs and all(o.startswith("data/") for o in outs)
+    # a configuration reruns when its own keys or what every configuration shares change, no other's
+    compare = pipeline["compare"]["do"]["params"]
+    assert "compare.configs.${key}" in compare and "compare.configs" not in compare and "compare" not in compare
 
 
 def test_training_does_not_run_quantization_storage_or_charts() -> None:

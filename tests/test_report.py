@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from stages.report import pareto
+from stages.common.comparison import front
 from tests.conftest import ROOT, run_stage
 
 HOSTILE = "<script>alert(1)</script>"
@@ -137,7 +137,7 @@ def test_a_run_on_two_ranks_lists_each_rank(inputs: dict[str, Path], tmp_path: P
 
 def test_pareto_front() -> None:
     points = [("a", 1.0, 5.0), ("b", 2.0, 4.0), ("c", 3.0, 6.0), ("d", 0.5, 9.0), ("e", 2.0, 4.5)]
-    assert pareto(points) == ["d", "a", "b"]
+    assert front(points) == ["d", "a", "b"]
 
 
 def test_no_metrics_is_one_line_and_no_output(tmp_path: Path, inputs: dict[str, Path]) -> None:

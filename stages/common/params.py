@@ -39,7 +39,7 @@ class BaseParams(Section):
 def _describe_error(section: str, err: dict[str, Any], model: type[BaseModel]) -> str:
     """One line for one pydantic error: `section.key: what is wrong (allowed / got)`."""
     loc = ".".join(str(p) for p in err["loc"])
-    where = f"{section}.{loc}" if loc else section
+    where = ".".join(part for part in (section, loc) if part)
     kind = err["type"]
     got = err.get("input")
     if kind == "extra_forbidden":
@@ -83,7 +83,8 @@ def validate_section(section: str, data: Any, model: type[M]) -> M:
 
 
 # the top-level sections of params.yaml: one per stage that has params, base, and the flows'
-SECTIONS = ("base", "ingest", "clean", "tokenize", "embed", "train", "compress", "evaluate", "report", "flows")
+SECTIONS = ("base", "ingest", "clean", "tokenize", "embed", "train", "compare", "compress", "evaluate", "report",
+            "flows")
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -135,10 +136,15 @@ def read_params_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_params(path: Path, section: str, model: type[M]) -> tuple[BaseParams, M]:
-    """Load `base` and one stage's section from a params file, both validated."""
+def load_params(path: Path, section: str | tuple[str, ...], model: type[M]) -> tuple[BaseParams, M]:
+    """Load `base` and one stage's section from a params file, both validated. Given several
+    sections, `model` has one field per section, and errors name `section.key`."""
     data = read_params_file(path)
-    if section not in data:
-        raise StageError(f"params: section '{section}' is missing from {path}")
+    names = (section,) if isinstance(section, str) else section
+    for name in names:
+        if name not in data:
+            raise StageError(f"params: section '{name}' is missing from {path}")
     base = validate_section("base", data.get("base"), BaseParams)
-    return base, validate_section(section, data[section], model)
+    if isinstance(section, str):
+        return base, validate_section(section, data[section], model)
+    return base, validate_section("", {name: data[name] or {} for name in names}, model)

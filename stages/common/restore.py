@@ -37,8 +37,10 @@ log = logging.getLogger("lmmem")
 
 
 def under_dvc(name: str) -> bool:
-    """This process is the command of stage `name` run by DVC (not a worker it launched)."""
-    return os.environ.get("DVC_STAGE") == name and "RANK" not in os.environ
+    """This process is the command of stage `name` run by DVC (not a worker it launched); for
+    a foreach stage, of one of its items (DVC_STAGE compare@bf16 for compare)."""
+    stage = os.environ.get("DVC_STAGE", "")
+    return (stage == name or stage.startswith(f"{name}@")) and "RANK" not in os.environ
 
 
 def _recorded_outs(lock: Path, stage: str) -> list[dict[str, Any]]:

@@ -70,10 +70,12 @@ def _build_parser(name: str, paths_cls: type, doc: str | None, estimate: bool) -
                             help="print the predicted memory as JSON and exit, without running the stage")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     for field in dataclasses.fields(paths_cls):
+        if not field.metadata.get("cli", True):  # set by the code that builds the Paths, not a user
+            continue
         parser.add_argument(
             f"--{field.name.replace('_', '-')}",
             dest=field.name,
-            type=Path,
+            type=str if field.type in ("str", str) else Path,  # a name (compare's --config), else a path
             default=field.default,
             help=f"(default: {field.default})",
         )
@@ -117,11 +119,12 @@ def stage_main(
     argv: Sequence[str] | None = None,
     doc: str | None = None,
     estimate: Callable[[P, Any, BaseParams], dict[str, Any]] | None = None,
-    section: str | None = None,
+    section: str | tuple[str, ...] | None = None,
 ) -> int:
     """Run one stage from the command line; returns the process exit code. A stage that can
     predict its memory passes `estimate`, which `--estimate` runs instead of the stage. A
-    stage that reads another stage's section of params.yaml names it as `section`."""
+    stage that reads another stage's section of params.yaml names it as `section`; one that
+    reads several names them all, and its Params has one field per section."""
     code = 1  # an exception escaping the stage leaves it at 1
     watcher = WATCHER if under_dvc(name) else None  # started by stages/__init__.py, told here how it ended
     try:
@@ -132,7 +135,7 @@ def stage_main(
         raise
     finally:
         if code != 0 and under_dvc(name):
-            put_back(name)
+            put_back(os.environ["DVC_STAGE"])  # DVC's name: compare@bf16 for an item of compare's foreach
         if watcher is not None:
             watcher.ended()
 
@@ -145,7 +148,7 @@ def _stage_main(
     argv: Sequence[str] | None,
     doc: str | None,
     estimate: Callable[[P, Any, BaseParams], dict[str, Any]] | None,
-    section: str | None,
+    section: str | tuple[str, ...] | None,
 ) -> int:
     args = _build_parser(name, paths_cls, doc, estimate is not None).parse_args(argv)
     setup_logging(args.log_level)
@@ -153,7 +156,8 @@ def _stage_main(
     started = time.perf_counter()
     try:
         base, params = load_params(args.params, section or name, params_cls)
-        paths = paths_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(paths_cls)})
+        paths = paths_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(paths_cls)
+                             if f.metadata.get("cli", True)})
         seed_everything(base.seed)
         if getattr(args, "estimate", False):  # writes nothing
             print(json.dumps(round_metrics(estimate(params, paths, base)), indent=2, sort_keys=True))  # type: ignore[misc]

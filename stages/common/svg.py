@@ -39,7 +39,8 @@ class _Frame:
     """Axes from data ranges to pixels, with gridlines, ticks and axis titles."""
 
     def __init__(self, title: str, xlabel: str, ylabel: str, xs: list[float], ys: list[float],
-                 y_from_zero: bool = False, x_ticks: bool = True) -> None:
+                 y_from_zero: bool = False, x_ticks: bool = True, width: int = W, bottom: int = BOTTOM) -> None:
+        self.w, self.h, self.bottom = width, H + bottom - BOTTOM, bottom
         self.x0, self.x1 = (min(xs), max(xs)) if xs else (0.0, 1.0)
         self.y0, self.y1 = (min(ys), max(ys)) if ys else (0.0, 1.0)
         if y_from_zero:
@@ -49,36 +50,37 @@ class _Frame:
         self.x0, self.x1, self.y1 = self.x0 - pad_x, self.x1 + pad_x, self.y1 + pad_y
         if not y_from_zero:
             self.y0 -= pad_y
-        self.parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+        w, h = self.w, self.h
+        self.parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
                       f'font-family="sans-serif" font-size="11">',
                       f'<text x="{LEFT}" y="16" font-size="13" font-weight="bold">{escape(title)}</text>']
         xt = _ticks(self.x0, self.x1) if x_ticks else []
         for t in xt:
             x = self.px(t)
-            self.parts.append(f'<line x1="{_n(x)}" y1="{TOP}" x2="{_n(x)}" y2="{H - BOTTOM}" stroke="#eee"/>'
-                              f'<text x="{_n(x)}" y="{H - BOTTOM + 14}" text-anchor="middle">{_label(t, xt)}</text>')
+            self.parts.append(f'<line x1="{_n(x)}" y1="{TOP}" x2="{_n(x)}" y2="{h - bottom}" stroke="#eee"/>'
+                              f'<text x="{_n(x)}" y="{h - bottom + 14}" text-anchor="middle">{_label(t, xt)}</text>')
         yt = _ticks(self.y0, self.y1)
         for t in yt:
             y = self.py(t)
-            self.parts.append(f'<line x1="{LEFT}" y1="{_n(y)}" x2="{W - RIGHT}" y2="{_n(y)}" stroke="#eee"/>'
+            self.parts.append(f'<line x1="{LEFT}" y1="{_n(y)}" x2="{w - RIGHT}" y2="{_n(y)}" stroke="#eee"/>'
                               f'<text x="{LEFT - 6}" y="{_n(y + 4)}" text-anchor="end">{_label(t, yt)}</text>')
-        self.parts.append(f'<rect x="{LEFT}" y="{TOP}" width="{W - LEFT - RIGHT}" height="{H - TOP - BOTTOM}" '
+        self.parts.append(f'<rect x="{LEFT}" y="{TOP}" width="{w - LEFT - RIGHT}" height="{h - TOP - bottom}" '
                           f'fill="none" stroke="#888"/>'
-                          f'<text x="{(LEFT + W - RIGHT) / 2:.0f}" y="{H - 8}" text-anchor="middle">{escape(xlabel)}</text>'
-                          f'<text x="14" y="{(TOP + H - BOTTOM) / 2:.0f}" text-anchor="middle" '
-                          f'transform="rotate(-90 14 {(TOP + H - BOTTOM) / 2:.0f})">{escape(ylabel)}</text>')
+                          f'<text x="{(LEFT + w - RIGHT) / 2:.0f}" y="{h - 8}" text-anchor="middle">{escape(xlabel)}</text>'
+                          f'<text x="14" y="{(TOP + h - bottom) / 2:.0f}" text-anchor="middle" '
+                          f'transform="rotate(-90 14 {(TOP + h - bottom) / 2:.0f})">{escape(ylabel)}</text>')
 
     def px(self, x: float) -> float:
-        return LEFT + (x - self.x0) / (self.x1 - self.x0) * (W - LEFT - RIGHT)
+        return LEFT + (x - self.x0) / (self.x1 - self.x0) * (self.w - LEFT - RIGHT)
 
     def py(self, y: float) -> float:
-        return H - BOTTOM - (y - self.y0) / (self.y1 - self.y0) * (H - TOP - BOTTOM)
+        return self.h - self.bottom - (y - self.y0) / (self.y1 - self.y0) * (self.h - TOP - self.bottom)
 
     def legend(self, entries: list[tuple[str, str]]) -> None:
         for i, (name, color) in enumerate(entries[:16]):
             y = TOP + 8 + i * 16
-            self.parts.append(f'<rect x="{W - RIGHT + 10}" y="{y - 8}" width="10" height="10" fill="{color}"/>'
-                              f'<text x="{W - RIGHT + 24}" y="{y + 1}">{escape(name[:22])}</text>')
+            self.parts.append(f'<rect x="{self.w - RIGHT + 10}" y="{y - 8}" width="10" height="10" fill="{color}"/>'
+                              f'<text x="{self.w - RIGHT + 24}" y="{y + 1}">{escape(name[:22])}</text>')
 
     def done(self) -> str:
         return "".join(self.parts) + "</svg>"
@@ -120,28 +122,48 @@ def scatter(title: str, xlabel: str, ylabel: str, points: list[tuple[str, float,
 
 
 def stacked_bars(title: str, ylabel: str, bars: list[tuple[str, dict[str, float]]], categories: list[str],
-                 markers: dict[str, float] | None = None) -> str:
-    """One bar per label, stacked by category; a marker (e.g. the estimate) as a black tick."""
-    totals = [sum(v.get(c, 0.0) for c in categories) for _, v in bars]
-    tops = totals + list((markers or {}).values())
+                 markers: dict[str, float] | None = None, beside: dict[str, dict[str, float]] | None = None) -> str:
+    """One bar per label, stacked by category; a marker (e.g. the estimate's total) as a black
+    tick; `beside` (e.g. the estimate by category) as a paler stacked bar right of the label's.
+    Many bars widen the chart and turn their labels."""
+    def total(values: dict[str, float]) -> float:
+        return sum(values.get(c, 0.0) for c in categories)
+
+    tops = [total(v) for _, v in bars] + list((markers or {}).values()) + [total(v) for v in (beside or {}).values()]
+    slot_px = 44 if beside else 30
+    width = max(W, LEFT + RIGHT + slot_px * len(bars))
+    turned = len(bars) > 8  # labels at an angle, the plot's bottom margin made room for them
     frame = _Frame(title, "", ylabel, [0.0, float(max(1, len(bars)))], [0.0, *tops], y_from_zero=True,
-                   x_ticks=False)
-    slot = (W - LEFT - RIGHT) / max(1, len(bars))
-    for i, (label, values) in enumerate(bars):
-        x = LEFT + i * slot + slot * 0.2
+                   x_ticks=False, width=width, bottom=120 if turned else BOTTOM)
+    slot = (width - LEFT - RIGHT) / max(1, len(bars))
+    bar_w = slot * (0.38 if beside else 0.6)
+
+    def stack(x: float, values: dict[str, float], opacity: str) -> None:
         base = 0.0
         for j, category in enumerate(categories):
             v = values.get(category, 0.0)
             y_top, y_bottom = frame.py(base + v), frame.py(base)
-            frame.parts.append(f'<rect x="{_n(x)}" y="{_n(y_top)}" width="{_n(slot * 0.6)}" '
-                               f'height="{_n(y_bottom - y_top)}" fill="{COLORS[j % len(COLORS)]}"/>')
+            frame.parts.append(f'<rect x="{_n(x)}" y="{_n(y_top)}" width="{_n(bar_w)}" height="{_n(y_bottom - y_top)}" '
+                               f'fill="{COLORS[j % len(COLORS)]}"{opacity}/>')
             base += v
+
+    for i, (label, values) in enumerate(bars):
+        x = LEFT + i * slot + slot * 0.2 * (0.5 if beside else 1)
+        stack(x, values, "")
+        if beside and label in beside:
+            stack(x + bar_w + slot * 0.04, beside[label], ' fill-opacity="0.45"')
         if markers and label in markers:
             y = frame.py(markers[label])
-            frame.parts.append(f'<line x1="{_n(x - 3)}" y1="{_n(y)}" x2="{_n(x + slot * 0.6 + 3)}" y2="{_n(y)}" '
+            frame.parts.append(f'<line x1="{_n(x - 3)}" y1="{_n(y)}" x2="{_n(x + bar_w + 3)}" y2="{_n(y)}" '
                                f'stroke="#000" stroke-width="2"/>')
-        frame.parts.append(f'<text x="{_n(x + slot * 0.3)}" y="{H - BOTTOM + 26}" text-anchor="middle" '
-                           f'font-size="9">{escape(label[:18])}</text>')
+        middle, below = x + (slot * 0.4 if beside else bar_w / 2), frame.h - frame.bottom + 14
+        if turned:
+            frame.parts.append(f'<text x="{_n(middle)}" y="{below}" text-anchor="end" font-size="9" '
+                               f'transform="rotate(-45 {_n(middle)} {below})">{escape(label[:28])}</text>')
+        else:
+            frame.parts.append(f'<text x="{_n(middle)}" y="{below + 12}" text-anchor="middle" '
+                               f'font-size="9">{escape(label[:18])}</text>')
     frame.legend([(c, COLORS[j % len(COLORS)]) for j, c in enumerate(categories)]
-                 + ([("estimate (tick)", "#000")] if markers else []))
+                 + ([("estimate (tick)", "#000")] if markers else [])
+                 + ([("pale: estimated", "#bbb")] if beside else []))
     return frame.done()

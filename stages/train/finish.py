@@ -50,12 +50,13 @@ def finish(parts: Parts, progress: Progress, p: Any, paths: Paths, base: BasePar
     metrics.update(estimate_errors(metrics, predicted))
     if hasattr(final, "generation_config"):  # trained without a KV cache; generation wants one
         final.config.use_cache = final.generation_config.use_cache = True
-    with atomic_dir(paths.out, "train") as tmp:
-        final.save_pretrained(str(tmp))
-        for name in TOKENIZER_FILES:
-            shutil.copy(paths.tokens / name, tmp / name)
-        write_params(tmp, base=base, train=p)
-        metrics["size_on_disk_mib"] = size_on_disk(tmp) / 2**20
+    if paths.out is not None:
+        with atomic_dir(paths.out, paths.writer) as tmp:
+            final.save_pretrained(str(tmp))
+            for name in TOKENIZER_FILES:
+                shutil.copy(paths.tokens / name, tmp / name)
+            write_params(tmp, base=base, train=p)
+            metrics["size_on_disk_mib"] = size_on_disk(tmp) / 2**20
     write_steps(paths, progress.records, device)
     log.info("trained %d steps: val loss %.4f (ppl %.1f), %s tokens/s", p.steps, metrics["val_loss"],
              metrics["val_ppl"], f"{metrics.get('tokens_per_sec', 0):.0f}")
@@ -126,7 +127,7 @@ def rank_figures(ranks: list[dict[str, Any]], predicted: dict[str, Any]) -> dict
 
 
 def write_steps(paths: Paths, records: list[dict[str, Any]], device: torch.device) -> None:
-    with atomic_dir(paths.plots, "train") as tmp, (tmp / "steps.csv").open("w", newline="") as f:
+    with atomic_dir(paths.plots, paths.writer) as tmp, (tmp / "steps.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS + (["cuda_peak_mib"] if device.type == "cuda" else []))
         writer.writeheader()
         for r in records:

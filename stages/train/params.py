@@ -4,7 +4,7 @@ registry (stages.train.techniques), joined into one flat section."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +78,7 @@ def with_changes(p: Any, changes: dict[str, Any]) -> Any:
 class Paths:
     tokens: Path = Path("data/tokens")
     embed: Path = Path("data/embed")  # aligned.npy, read when init_from_word2vec (dvc.yaml: data/warmstart)
-    out: Path = Path("data/model")
+    out: Path | None = Path("data/model")  # None: the trained model is not saved (the compare stage)
     plots: Path = Path("data/plots/train")
     checkpoints: Path = Path("data/checkpoints/train")
+    writer: str = field(default="train", metadata={"cli": False})  # the stage that owns out and plots
