@@ -161,6 +161,8 @@ def test_pipeline_runs_every_stage_then_skips_every_stage(server: str, repo: Pat
     compared = {row["metric"]: row["value"] for row in json.loads(artifact("compare-chunked-loss-metrics").data)}
     assert compared["mem_total_peak_mib"] == json.loads(
         (repo / "data" / "metrics" / "compare" / "chunked-loss.json").read_text())["mem_total_peak_mib"]
+    from flows.common import PROGRESS_EVERY
+
     for stage in ("tokenize", "train"):  # a progress bar: one line when it ends, not one per redraw
         for _ in range(30):  # the log handler sends its lines on its own schedule
             bars = [ln for ln in task_logs(runs[stage].id).splitlines() if BAR.match(ln)]
@@ -168,7 +170,10 @@ def test_pipeline_runs_every_stage_then_skips_every_stage(server: str, repo: Pat
                 break
             time.sleep(1)
         names = [BAR.match(ln).group(1) for ln in bars]  # type: ignore[union-attr]
-        assert bars and len(names) == len(set(names)), bars
+        # besides its last state, a bar still running is logged once every PROGRESS_EVERY seconds
+        # at most (a slow machine's task runs past it)
+        allowed = 1 + int(runs[stage].total_run_time.total_seconds() // PROGRESS_EVERY)
+        assert bars and all(names.count(name) <= allowed for name in names), (allowed, bars)
     assert [ln for ln in bars if "100%|" in ln], bars  # train's bar has a total: drawn to its end
     summary = artifact("pipeline-summary")
     assert "| evaluate | ran |" in summary.data and "size_ratio" in summary.data
