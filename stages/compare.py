@@ -54,6 +54,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sgd": {"optimizer": "sgd"},
     "adamw-8bit": {"optimizer": "adamw8bit"},
     "adafactor": {"optimizer": "adafactor"},
+    "galore": {"optimizer": "galore_adamw"},
+    "adam-mini": {"optimizer": "adam_mini"},
     "step-in-backward": {"optimizer_in_backward": True, "grad_clip": 0.0},
     "lean": {"loss_chunk_tokens": 256, "activation_checkpointing": True, "optimizer": "adamw8bit",
              "optimizer_in_backward": True, "grad_clip": 0.0},

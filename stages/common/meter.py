@@ -166,15 +166,23 @@ class TensorMeter(TorchDispatchMode):
         if self._optimizer is None:
             return
         for state in self._optimizer.state.values():
-            for t in (state.values() if isinstance(state, dict) else _tensors_of(state)):
-                if not isinstance(t, torch.Tensor):
-                    continue
+            for t in (self._held(state.values()) if isinstance(state, dict) else _tensors_of(state)):
                 seen = self._state_seen.get(id(t))
                 if seen is not None and seen() is t:
                     continue
                 for part in _tensors_of(t):
                     self._move(_storage(part), "optimizer")
                 self._state_seen[id(t)] = weakref.ref(t)
+
+    @staticmethod
+    def _held(values: Iterable[Any]) -> Iterable[torch.Tensor]:
+        """The tensors among a parameter's state values, and those an object there holds in its
+        attributes (GaLore's projector keeps its projection matrix so)."""
+        for value in values:
+            if isinstance(value, torch.Tensor):
+                yield value
+            elif hasattr(value, "__dict__") and not isinstance(value, type):
+                yield from _tensors_of(list(vars(value).values()))
 
     def track(self, obj: Any, category: str) -> None:
         """Count tensors made before the meter started (a batch, say) in `category`."""

@@ -23,7 +23,8 @@ class Core(Section):
     batch_size: int = Field(16, ge=1, description="sequences per optimizer step (the effective batch)")
     optimizer: Optimizer = Field("adamw", description=(
         "sgd (momentum: 1 state/param) | adam, adamw (2) | adagrad, rmsprop (1-2) | adafactor (factored: ~0) | "
-        "adamw8bit (bitsandbytes: 2 bytes/param) | sparse_adam (untied only: sparse embedding gradient)"))
+        "adamw8bit (bitsandbytes: 2 bytes/param) | galore_adamw (low-rank projected moments) | adam_mini (one "
+        "second moment per block: ~4 bytes/param) | sparse_adam (untied only: sparse embedding gradient)"))
     lr: float = Field(3e-3, gt=0.0, le=10.0, description="peak learning rate after warm-up")
     weight_decay: float = Field(0.1, ge=0.0, le=1.0, description="decoupled decay on matrices (not norms or biases)")
     warmup_steps: int = Field(20, ge=0, description="linear warm-up from 0 to lr")
