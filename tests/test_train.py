@@ -154,7 +154,7 @@ def test_gpt2_and_lstm(train: Callable[..., Any]) -> None:
     ({"prune": {"final_sparsity": 0.3, "initial_sparsity": 0.5}}, "initial_sparsity (0.5) is above final_sparsity"),
     ({"cuda_alloc_conf": "expandable_segment:True"}, "cuda_alloc_conf: 'expandable_segment:True' is not key:value"),
     ({"optimizer": "lion"}, "train.optimizer: must be one of 'sgd', 'adam', 'adamw', 'adagrad', 'rmsprop', "
-                               "'adamw8bit', 'adafactor' or 'sparse_adam' (got 'lion')"),
+                               "'adamw8bit', 'adafactor', 'galore_adamw', 'adam_mini' or 'sparse_adam' (got 'lion')"),
 ])
 def test_impossible_combinations_fail_before_training(tokens: Path, tmp_path: Path, train_params: dict,
                                                       message: str, capsys: pytest.CaptureFixture[str]) -> None:
