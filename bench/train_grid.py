@@ -35,6 +35,9 @@ STACKS: dict[str, dict[str, Any]] = {
     "chunked loss + checkpointing + 8-bit adamw + step in backward": {
         "loss_chunk_tokens": 256, "activation_checkpointing": True, "optimizer": "adamw8bit",
         "optimizer_in_backward": True, "grad_clip": 0.0},
+    "chunked loss + checkpointing + mlp in 4 tiles + 8-bit adamw + step in backward": {
+        "loss_chunk_tokens": 256, "activation_checkpointing": True, "mlp_tiles": 4, "optimizer": "adamw8bit",
+        "optimizer_in_backward": True, "grad_clip": 0.0},
     "chunked loss + checkpointing + micro-batch 4 + 8-bit adamw": {
         "loss_chunk_tokens": 256, "activation_checkpointing": True, "micro_batch_size": 4, "optimizer": "adamw8bit"},
 }

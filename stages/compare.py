@@ -49,6 +49,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "checkpointing-keep-matmuls": {"activation_checkpointing": True,
                                    "activation_checkpointing_policy": "save_matmuls"},
     "chunked-loss": {"loss_chunk_tokens": 256},
+    "mlp-tiles-4": {"mlp_tiles": 4},
     "saved-bf16": {"saved_activations": "bf16"},
     "saved-int8": {"saved_activations": "int8"},
     "sgd": {"optimizer": "sgd"},
@@ -61,8 +62,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
              "optimizer_in_backward": True, "grad_clip": 0.0},
     "lean-micro-batch-4": {"loss_chunk_tokens": 256, "activation_checkpointing": True, "micro_batch_size": 4,
                            "optimizer": "adamw8bit"},
-    "lean-saved-int8": {"loss_chunk_tokens": 256, "activation_checkpointing": True, "saved_activations": "int8",
-                        "optimizer": "adamw8bit", "optimizer_in_backward": True, "grad_clip": 0.0},
+    "lean-tiled": {"loss_chunk_tokens": 256, "activation_checkpointing": True, "mlp_tiles": 4, "optimizer": "adamw8bit",
+                   "optimizer_in_backward": True, "grad_clip": 0.0},
 }
 NAME = r"^[a-z0-9][a-z0-9-]*$"  # a DVC stage name (compare@<name>) and a folder name
 

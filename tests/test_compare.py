@@ -82,7 +82,7 @@ def compared(tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("compare")
     params = work / "params.yaml"
     shutil.copy(ROOT / "tests" / "params.tiny.yaml", params)
-    for name in ("baseline", "lean-saved-int8"):
+    for name in ("baseline", "lean-tiled"):
         result = run_cli("compare", compare_args(params, tokens, work, name))
         assert result.returncode == 0, result.stderr
     return work
@@ -90,21 +90,21 @@ def compared(tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_each_configuration_trains_and_is_measured_beside_its_estimate(compared: Path) -> None:
     base = read_metrics(compared / "metrics" / "compare" / "baseline.json")
-    lean = read_metrics(compared / "metrics" / "compare" / "lean-saved-int8.json")
-    assert (lean["config"], lean["baseline"], lean["steps"]) == ("lean-saved-int8", "baseline", 4)
-    assert json.loads(lean["config_keys"])["saved_activations"] == "int8"
+    lean = read_metrics(compared / "metrics" / "compare" / "lean-tiled.json")
+    assert (lean["config"], lean["baseline"], lean["steps"]) == ("lean-tiled", "baseline", 4)
+    assert json.loads(lean["config_keys"])["mlp_tiles"] == 4
     for m in (base, lean):
         assert math.isfinite(m["val_ppl"]) and m["val_ppl"] > 1 and m["tokens_per_sec"] > 0
         for category in [*CATEGORIES, "total"]:  # the dry run within 2 % of the meter in every category
             measured, estimated = m[f"mem_{category}_peak_mib"], m[f"est_{category}_peak_mib"]
             assert estimated == pytest.approx(measured, rel=0.02, abs=1e-3), category
     # the lean stack holds less than the baseline where it acts: optimizer state (8-bit), gradients
-    # (stepped in backward: at most the largest parameter's) and the logits (chunked)
+    # (stepped in backward: at most the largest parameter's), the logits (chunked), the activations
     assert lean["mem_optimizer_peak_mib"] < 0.5 * base["mem_optimizer_peak_mib"]
     assert lean["mem_gradients_peak_mib"] < base["mem_gradients_peak_mib"]
     assert lean["mem_total_peak_mib"] < base["mem_total_peak_mib"]
     # the per-step CSV: one row a step; the trained weights are not kept
-    out = compared / "compare" / "lean-saved-int8"
+    out = compared / "compare" / "lean-tiled"
     rows = (out / "steps.csv").read_text().splitlines()
     assert rows[0].startswith("step,train_loss") and len(rows) == 1 + 4
     assert sorted(p.name for p in out.iterdir()) == [".lmmem-out", "steps.csv"]
@@ -151,18 +151,18 @@ def test_the_report_draws_every_configuration_against_the_baseline(compared: Pat
                                 "--params", str(tmp_path / "params.yaml")]) == 0
     md = (out / "report.md").read_text(encoding="utf-8")
     base = read_metrics(metrics / "compare" / "baseline.json")
-    lean = read_metrics(metrics / "compare" / "lean-saved-int8.json")
+    lean = read_metrics(metrics / "compare" / "lean-tiled.json")
     section = md.split("## Techniques compared", 1)[1]
     lines = {line.split(" | ")[0].lstrip("| "): line for line in section.splitlines() if line.startswith("| ")}
     assert "never-trained" not in lines and "| never-trained" not in md
     assert " | 1.000 | " in lines["baseline"] and "– (the train section)" in lines["baseline"]
-    assert f" | {lean['mem_total_peak_mib'] / base['mem_total_peak_mib']:.3f} | " in lines["lean-saved-int8"]
-    assert 'saved_activations="int8"' in lines["lean-saved-int8"]
-    assert f" | {lean['val_ppl'] / base['val_ppl']:.3f}" in lines["lean-saved-int8"]
+    assert f" | {lean['mem_total_peak_mib'] / base['mem_total_peak_mib']:.3f} | " in lines["lean-tiled"]
+    assert "mlp_tiles=4" in lines["lean-tiled"]
+    assert f" | {lean['val_ppl'] / base['val_ppl']:.3f}" in lines["lean-tiled"]
     assert read_metrics(tmp_path / "report.json")["configurations_compared"] == 2
     # the bars: each configuration's categories measured (solid) and estimated (pale) beside
     bars = (out / "compare_memory.svg").read_text(encoding="utf-8")
     assert len(re.findall(r'<rect [^>]*fill-opacity="0.45"', bars)) == 2 * len(CATEGORIES)
     for name in ("compare_pareto.svg", "compare_speed.svg"):
-        assert "lean-saved-int8" in (out / name).read_text(encoding="utf-8")
+        assert "lean-tiled" in (out / name).read_text(encoding="utf-8")
     assert "Techniques compared: of 2 configurations trained 4 steps each" in md
