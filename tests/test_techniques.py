@@ -39,7 +39,8 @@ def test_auto_fit_moves_come_cheapest_first_and_each_costs_at_least_one() -> Non
     costs = [m.cost for m in moves]
     assert costs == sorted(costs) and min(costs) >= 1.0
     assert [m.changes for m in moves] == [
-        {"loss_chunk_tokens": 256}, {"precision": "bf16"}, {"micro_batch_size": 4}, {"optimizer": "adamw8bit"},
+        {"loss_chunk_tokens": 256}, {"precision": "bf16"}, {"mlp_tiles": 4}, {"micro_batch_size": 4},
+        {"optimizer": "adamw8bit"},
         {"activation_checkpointing": True}, {"micro_batch_size": 2}, {"micro_batch_size": 1},
         {"optimizer": "adafactor"}]
     distributed = params.model_copy(update={"distributed": params.distributed.model_copy(update={"nproc": 2})})

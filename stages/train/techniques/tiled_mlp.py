@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from stages.common.params import Section
-from stages.train.techniques.base import State, Technique
+from stages.train.techniques.base import Move, State, Technique
 
 
 class Fields(Section):
@@ -62,6 +62,11 @@ class TiledMLP(Technique):
                 if blocks and isinstance(module, blocks):
                     tile(module.mlp, p.mlp_tiles)
         return None
+
+    def moves(self, p: Any) -> list[Move]:
+        # bench/step_speed: 0.926 x the baseline's throughput (the MLP's forward run twice), the
+        # same perplexity (the same products): cost 1.08
+        return [Move({"mlp_tiles": 4}, 1.08)] if p.mlp_tiles == 1 and p.model.family != "lstm" else []
 
 
 TECHNIQUE = TiledMLP()
