@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -62,12 +63,23 @@ def run_stage(stage: str, params: Path, work: Path, **paths: Path) -> dict[str, 
     return json.loads(metrics.read_text(encoding="utf-8"))
 
 
-def training_parser(doc: str | None, steps: int) -> argparse.ArgumentParser:
-    """The command line every training benchmark shares: --steps and --tokens (add the rest)."""
+def training_parser(doc: str | None, steps: int, only: bool = False) -> argparse.ArgumentParser:
+    """The command line every training benchmark shares: --steps and --tokens, and --only for
+    one that runs named configurations beside its baseline (add the rest)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--tokens", type=Path, default=ROOT / "data" / "tokens")
+    if only:
+        parser.add_argument("--only", nargs="*", default=None, help="configuration names (the baseline always runs)")
     return parser
+
+
+def parse_training(parser: argparse.ArgumentParser, level: int = logging.INFO) -> argparse.Namespace:
+    """Parse a training benchmark's command line, set up its logging, check its tokens folder."""
+    args = parser.parse_args()
+    logging.basicConfig(level=level, format="%(message)s")
+    require_tokens(args.tokens)
+    return args
 
 
 def require_tokens(tokens: Path) -> Path:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, params_file, require_tokens, run_stage, training_parser
+from bench.common import machine, params_file, parse_training, run_stage, training_parser
 from stages.common.params import load_params
 from stages.common.schema import CATEGORIES
 from stages.compare import Params
@@ -28,11 +28,7 @@ log = logging.getLogger("bench.compare")
 
 
 def main() -> int:
-    parser = training_parser(__doc__, steps=0)
-    parser.add_argument("--only", nargs="*", default=None, help="configuration names (the baseline always runs)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    require_tokens(args.tokens)
+    args = parse_training(training_parser(__doc__, steps=0, only=True))  # --steps 0: compare.steps
     with tempfile.TemporaryDirectory() as tmp:
         params = params_file(Path(tmp), compare={"steps": args.steps} if args.steps else {})
         _, p = load_params(params, ("train", "compare"), Params)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import ROOT, machine, require_tokens, training_parser
+from bench.common import ROOT, machine, parse_training, training_parser
 from bench.train_grid import BASELINE, GRID
 from stages import train as stage
 from stages.common.params import load_params
@@ -56,12 +56,10 @@ def alternate(configs: dict[Any, Any], meta: TokensMeta, windows: Windows, seed:
 
 
 def main() -> int:
-    parser = training_parser(__doc__, steps=6)
+    parser = training_parser(__doc__, steps=6, only=True)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", nargs="*", default=None, help="configuration names (the baseline always runs)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    tokens = require_tokens(args.tokens)
+    args = parse_training(parser, logging.WARNING)
+    tokens = args.tokens
     unknown = set(args.only or []) - set(GRID)
     if unknown:
         raise SystemExit(f"unknown configurations: {', '.join(sorted(unknown))}; known: {', '.join(GRID)}")

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, params_file, require_tokens, run_stage, training_parser
+from bench.common import machine, params_file, parse_training, run_stage, training_parser
 from stages.common.schema import CATEGORIES
 from stages.train.techniques import REGISTRY
 
@@ -47,11 +47,7 @@ GRID: dict[str, dict[str, Any]] = {BASELINE: {}, **{name: overrides for t in REG
 
 
 def main() -> int:
-    parser = training_parser(__doc__, steps=200)
-    parser.add_argument("--only", nargs="*", default=None, help="configuration names (the baseline always runs)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    require_tokens(args.tokens)
+    args = parse_training(training_parser(__doc__, steps=200, only=True))
     chosen = {name: o for name, o in GRID.items() if args.only is None or name == BASELINE or name in args.only}
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
