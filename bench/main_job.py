@@ -1,7 +1,8 @@
 """The main job's time: a fresh clone of this repository (its committed HEAD), `dvc repro` of
 the whole pipeline in it, and per stage its wall time (from DVC's "Running stage" line to the
 next: Python start-up, imports and DVC's hashing included) and its own seconds (from its
-metrics file), with the total wall time.
+metrics file), with the total wall time. The compare stage's items (compare@<name>, one per
+configuration) are summed as one row.
 
     python -m bench.main_job                                  # the default pipeline (make repro)
     python -m bench.main_job --params tests/params.tiny.yaml  # the tiny profile
@@ -30,8 +31,8 @@ from pathlib import Path
 
 from bench.common import ROOT, machine
 
-STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compress", "evaluate", "report"]
-STARTED = re.compile(r"Running stage '([\w-]+)'")
+STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compare", "compress", "evaluate", "report"]
+STARTED = re.compile(r"Running stage '([\w@-]+)'")  # compare@<name>: one per configuration, summed as compare
 
 
 @dataclass
@@ -66,11 +67,15 @@ def run_pipeline(work: Path, ref: str, params: Path | None) -> Run:
         print("".join(tail), file=sys.stderr)
         raise SystemExit(f"dvc repro of {ref} failed")
     ends = [t for _, t in marks[1:]] + [started + run.wall]
-    run.stage_wall = {name: end - begin for (name, begin), end in zip(marks, ends)}
+    for (name, begin), end in zip(marks, ends):
+        stage = name.split("@")[0]
+        run.stage_wall[stage] = run.stage_wall.get(stage, 0.0) + end - begin
     for stage in STAGES:
-        metrics = clone / "data" / "metrics" / f"{stage}.json"
-        if metrics.exists():
-            run.stage_seconds[stage] = json.loads(metrics.read_text())["seconds"]
+        folder = clone / "data" / "metrics"
+        files = sorted((folder / "compare").glob("*.json")) if stage == "compare" else [folder / f"{stage}.json"]
+        found = [json.loads(f.read_text())["seconds"] for f in files if f.exists()]
+        if found:
+            run.stage_seconds[stage] = sum(found)
     return run
 
 
