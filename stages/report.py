@@ -142,9 +142,10 @@ def summary(inputs: Inputs, runs: list[dict[str, Any]]) -> list[str]:
                      f"workspace run) at perplexity {num(lean['train'].get('val_ppl'))}, "
                      f"{num(lean['train'].get('tokens_per_sec'), 0)} tokens/s.")
     elif base is not None:
+        more = ("the techniques side by side at equal steps: below" if inputs.compared else
+                "run a sweep (python -m flows.sweep) or add compare.configs to compare techniques")
         lines.append(f"Training: one run (the workspace's), {num(base['train']['mem_total_peak_mib'])} MiB tensor "
-                     f"peak, perplexity {num(base['train'].get('val_ppl'))}; run a sweep (python -m flows.sweep) "
-                     "to compare techniques.")
+                     f"peak, perplexity {num(base['train'].get('val_ppl'))}; {more}.")
     if (line := comparison.summary_line(inputs.compared, inputs.params)) is not None:
         lines.append(line)
     ok = {r["name"]: r for r in inputs.results if r.get("status") == "ok" and "val_ppl" in r}

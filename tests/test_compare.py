@@ -166,3 +166,4 @@ def test_the_report_draws_every_configuration_against_the_baseline(compared: Pat
     for name in ("compare_pareto.svg", "compare_speed.svg"):
         assert "lean-tiled" in (out / name).read_text(encoding="utf-8")
     assert "Techniques compared: of 2 configurations trained 4 steps each" in md
+    assert "the techniques side by side at equal steps: below." in md  # the one-run summary points there

@@ -213,7 +213,11 @@ def test_failing_stage_fails_its_task_with_dvcs_message_after_retries(server: st
     assert yaml.safe_load(before)["flows"]["retries"] >= 1
     assert runs[0].run_count == 1  # a refused param fails the same way again: not retried
     assert "train.steps" in runs[0].state.message and "greater than or equal to 1" in runs[0].state.message
-    errors = [e for e in task_log_entries(runs[0].id) if e.message.startswith("lmmem train: error: ")]
+    for _ in range(30):  # the log handler sends its lines on its own schedule
+        errors = [e for e in task_log_entries(runs[0].id) if e.message.startswith("lmmem train: error: ")]
+        if errors:
+            break
+        time.sleep(1)
     assert errors and all(e.level == logging.ERROR for e in errors)
     assert (repo / "params.yaml").read_bytes() == before and git_clean(repo) == ""
 
