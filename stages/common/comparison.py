@@ -55,7 +55,9 @@ def summary_line(rows: list[dict[str, Any]], params: dict[str, Any], tolerance: 
     base = baseline_of(rows, params)
     if base is None or len(rows) < 2:
         return None
-    fair = [r for r in rows if r.get("val_ppl", math.inf) <= base["val_ppl"] * tolerance]
+    fair = [r for r in rows if r.get("val_ppl", math.inf) <= base.get("val_ppl", math.nan) * tolerance]
+    if not fair:  # a baseline without a finite perplexity: nothing to measure against
+        return None
     lean = min(fair, key=lambda r: (r["mem_total_peak_mib"], r["name"]))
     return (f"Techniques compared: of {len(rows)} configurations trained {num(base.get('steps'), 0)} steps each, "
             f"{lean['name']} held the least tensor memory within {tolerance:.2f} × the baseline's perplexity: "

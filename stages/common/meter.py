@@ -177,12 +177,14 @@ class TensorMeter(TorchDispatchMode):
     @staticmethod
     def _held(values: Iterable[Any]) -> Iterable[torch.Tensor]:
         """The tensors among a parameter's state values, and those an object there holds in its
-        attributes (GaLore's projector keeps its projection matrix so)."""
+        attributes (GaLore's projector keeps its projection matrix so; a parameter such an
+        object refers to stays a parameter)."""
         for value in values:
             if isinstance(value, torch.Tensor):
                 yield value
             elif hasattr(value, "__dict__") and not isinstance(value, type):
-                yield from _tensors_of(list(vars(value).values()))
+                yield from (t for t in _tensors_of(list(vars(value).values()))
+                            if not isinstance(t, torch.nn.Parameter))
 
     def track(self, obj: Any, category: str) -> None:
         """Count tensors made before the meter started (a batch, say) in `category`."""
