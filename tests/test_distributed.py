@@ -74,6 +74,21 @@ def test_two_ranks_follow_the_one_process_loss_curve(runs: dict[str, Any], strat
     assert metrics["params_total"] == single["params_total"]
 
 
+def test_the_chunked_loss_on_two_ranks_follows_the_one_process_curve(runs: dict[str, Any], tokens: Path,
+                                                                      tmp_path: Path) -> None:
+    """DDP with the chunked loss (its gradients handed over in backward, the tied head's into
+    the embedding's) steps as one process with the whole logits does."""
+    single, single_dir = runs["single"]
+    work = tmp_path / "ddp-chunked"
+    write_params(work, loss_chunk_tokens=48, distributed={"nproc": 2, "strategy": "ddp"})
+    result = run_cli("train", train_args(work, tokens))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = losses(single_dir), losses(work)
+    assert len(one) == len(two) == 30
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < LOSS_TOLERANCE
+    assert abs(read_metrics(work / "train.json")["val_loss"] - single["val_loss"]) < LOSS_TOLERANCE
+
+
 def test_zero1_shards_the_optimizer_state_as_predicted(runs: dict[str, Any]) -> None:
     ddp, zero1 = runs["ddp"][0], runs["zero1"][0]
     full = ddp["rank0_mem_optimizer_peak_mib"]
