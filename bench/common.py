@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from stages.common.params import merged
 from stages.common.text import package_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,16 +35,7 @@ def replicated_corpus(folder: Path, times: int) -> Path:
 
 def params_file(folder: Path, **sections: dict[str, Any]) -> Path:
     """params.yaml of the repository with some keys overridden."""
-    def merge(into: dict[str, Any], values: dict[str, Any]) -> None:
-        for key, value in values.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
-
-    data = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    for section, values in sections.items():
-        merge(data[section], values)
+    data = merged(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8")), sections)
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     return path

@@ -7,8 +7,8 @@ stage's wall time (the comparison's share of the main job).
 
 Prints per configuration: the tensor peak by category and in total, × the baseline's, the
 dry run's largest error over the categories, tokens/s and the validation perplexity, each
-beside the baseline's; then the total wall time and the leanest configuration within 1.03 ×
-the baseline's perplexity.
+beside the baseline's; then the total wall time and the report's summary line (the leanest configuration within
+1.03 × the baseline's perplexity).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, params_file, parse_training, run_stage, training_parser
+from stages.common import comparison
 from stages.common.params import load_params
 from stages.common.schema import CATEGORIES
 from stages.compare import Params
@@ -57,13 +58,10 @@ def main() -> int:
               f"{m['mem_total_peak_mib'] / base['mem_total_peak_mib']:.3f} | {max(errors):.2%} | "
               f"{m['tokens_per_sec']:.0f} | {m['tokens_per_sec'] / base['tokens_per_sec']:.3f} | {m['val_ppl']:.1f} | "
               f"{m['val_ppl'] / base['val_ppl']:.3f} | {seconds[name]:.1f} |")
-    fair = [n for n, m in results.items() if m["val_ppl"] <= 1.03 * base["val_ppl"]]
-    lean = min(fair, key=lambda n: results[n]["mem_total_peak_mib"])
     print(f"\nlargest estimate error over every configuration and category: {worst:.2%}")
     print(f"all {len(results)} stages: {sum(seconds.values()):.0f} s wall")
-    print(f"leanest within 1.03 x the baseline's perplexity: {lean}, "
-          f"{results[lean]['mem_total_peak_mib'] / base['mem_total_peak_mib']:.3f} x its tensor peak at "
-          f"{results[lean]['val_ppl'] / base['val_ppl']:.3f} x its perplexity")
+    rows = [{"name": name, **m} for name, m in results.items()]  # the report's summary line, as it says it
+    print(comparison.summary_line(rows, {"compare": p.compare.model_dump()}))
     return 0
 
 

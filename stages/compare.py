@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from stages.common.errors import StageError
-from stages.common.params import BaseParams, Section, validate_section
+from stages.common.params import BaseParams, Section, merged, validate_section
 from stages.common.stage import stage_main
 from stages.train.params import Params as TrainParams
 from stages.train.params import Paths as TrainPaths
@@ -122,13 +122,6 @@ class Paths:
     out: Path = Path("data/compare/baseline")
 
 
-def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def configured(p: Params, name: str) -> Any:
     """The train params of configuration `name`: the train section, the configuration's keys
     over it, the comparison's run length over both; validated (errors name the configuration)."""
@@ -138,7 +131,7 @@ def configured(p: Params, name: str) -> Any:
     c = p.compare
     fixed = {"steps": c.steps, "warmup_steps": c.warmup_steps, "meter_steps": c.meter_steps,
              "eval_every": c.steps, "eval_batches": c.eval_batches, "checkpoint_every": 0}
-    data = deep_merge(deep_merge(p.train.model_dump(), c.configs[name] or {}), fixed)
+    data = merged(merged(p.train.model_dump(), c.configs[name] or {}), fixed)
     return validate_section(f"compare.configs.{name}", data, TrainParams)
 
 

@@ -82,6 +82,14 @@ def validate_section(section: str, data: Any, model: type[M]) -> M:
         raise StageError("params: " + "; ".join(lines)) from None
 
 
+def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` laid over it, nested mappings key by key (neither is changed)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 # the top-level sections of params.yaml: one per stage that has params, base, and the flows'
 SECTIONS = ("base", "ingest", "clean", "tokenize", "embed", "train", "compare", "compress", "evaluate", "report",
             "flows")
