@@ -15,7 +15,9 @@ applies the method to that variant instead of the trained model, so combinations
   removed, the same number in every block, the layers rebuilt smaller (llama);
 - distill (stages.common.distill): a smaller llama student trained on the teacher's softened
   next-token distribution plus the data's next token, with training's schedule, optimizer
-  groups and clipping (stages.common.optim) and its token windows (stages.common.windows).
+  groups and clipping (stages.common.optim) and its token windows (stages.common.windows);
+  its loss over `loss_chunk_tokens` positions at a time (stages.common.loss), about 1.5 x
+  faster a step here than over the full logits.
 
 A variant that cannot run here (a scheme the CPU lacks, a method the architecture does not
 have) gets `unsupported.json` with the reason, status "unsupported" in the metrics, and the
@@ -105,7 +107,8 @@ def shipped_variants() -> dict[str, Any]:
         "prune40-all-int8": {**int8, "base": "prune40-all"},
         "structured25": {"method": "prune_structured", "heads": 0.5, "neurons": 0.125},
         "distill-half": {"method": "distill", "layers": 0, "steps": 200, "batch_size": 16, "lr": 0.003,
-                         "warmup_steps": 20, "temperature": 2.0, "alpha": 0.5, "init_from_teacher": True},
+                         "warmup_steps": 20, "temperature": 2.0, "alpha": 0.5, "init_from_teacher": True,
+                         "loss_chunk_tokens": 256},
     })
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.common.loss import chunked, chunked_cross_entropy
+from stages.common.loss import chunked, chunked_cross_entropy, chunked_distillation
 from stages.common.meter import TensorMeter
 from stages.common.models import ModelParams, build_model
 from stages.common.windows import next_token_loss
@@ -107,3 +107,31 @@ def test_the_loss_side_holds_a_chunk_of_logits_not_all_of_them() -> None:
     # log-softmax's gradient and the logits' on top of the saved log-softmax (3 x n x vocab)
     assert standard >= 3 * n * vocab * 4
     assert chunked_peak < 0.1 * standard
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_the_chunked_distillation_loss_is_kl_div_and_cross_entropy_on_the_whole_logits(alpha: float) -> None:
+    """Against torch's own losses over the full logits: batchmean KL at temperature T (times T²)
+    and the mean cross-entropy, weighted by alpha; the student's gradients the same."""
+    torch.manual_seed(0)
+    n, width, vocab, t = 37, 8, 50, 2.0
+    hidden = torch.randn(n, width, requires_grad=True)
+    weight = torch.randn(vocab, width, requires_grad=True)
+    teacher_hidden = torch.randn(n, width)
+    teacher_head = torch.nn.Linear(width, vocab)
+    targets = torch.randint(0, vocab, (n,))
+    logits = hidden @ weight.T
+    with torch.no_grad():
+        target = teacher_head(teacher_hidden)
+    soft = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1), log_target=True,
+                    reduction="batchmean") * t * t
+    standard = alpha * soft + (1 - alpha) * F.cross_entropy(logits, targets)
+    standard.backward()
+    expected = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    loss = chunked_distillation(hidden, weight, None, targets, teacher_hidden, teacher_head, t, alpha, 5)  # 7 x 5 + 2
+    loss.backward()
+    assert loss.item() == pytest.approx(standard.item(), rel=1e-5)
+    assert torch.allclose(hidden.grad, expected[0], rtol=1e-4, atol=1e-7)
+    assert torch.allclose(weight.grad, expected[1], rtol=1e-4, atol=1e-7)
+    assert teacher_head.weight.grad is None  # the teacher is not trained

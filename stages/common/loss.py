@@ -31,7 +31,7 @@ technique `loss_chunk_tokens` enters it around each forward pass and loss).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -64,13 +64,19 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """mean over rows of cross_entropy(hidden @ weight.T + bias, targets), chunk rows at a time,
-    with the gradients computed in the forward pass."""
+# d(a chunk's summed loss) / d(its logits), written over the fp32 logits in place; returns the
+# chunk's summed loss. Arguments: the logits, the rows' start and stop.
+LossGrad = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+class _ChunkedLinearLoss(torch.autograd.Function):
+    """mean over rows of a loss of the logits hidden @ weight.T + bias, chunk rows at a time,
+    with the gradients computed in the forward pass. `loss_grad` gives each chunk's summed loss
+    and turns its logits into their gradient."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk: int) -> torch.Tensor:
+                loss_grad: LossGrad, chunk: int) -> torch.Tensor:
         dtype = compute_dtype(weight)
         n = hidden.size(0)
         with torch.autocast(weight.device.type, enabled=False):
@@ -81,14 +87,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, n, chunk):
                 h = hidden[start:start + chunk].to(dtype)
-                t = targets[start:start + chunk]
                 logits = (h @ w.T).float()
                 if bias is not None:
                     logits += bias.float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-                logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                logits[torch.arange(t.numel(), device=t.device), t] -= 1.0
+                total += loss_grad(logits, start, start + h.size(0))
                 logits.div_(n)  # d(mean loss) / d(logits)
                 g = logits.to(dtype)  # the same tensor when fp32
                 del logits
@@ -119,6 +121,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
+def _cross_entropy_grad(targets: torch.Tensor) -> LossGrad:
+    def loss_grad(logits: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        t = targets[start:stop]
+        lse = torch.logsumexp(logits, dim=-1)
+        loss = (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+        logits.sub_(lse[:, None]).exp_()  # softmax, in place
+        logits[torch.arange(t.numel(), device=t.device), t] -= 1.0
+        return loss
+    return loss_grad
+
+
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           targets: torch.Tensor, chunk: int) -> torch.Tensor:
     """Mean cross-entropy of (rows, width) hidden states through a linear head (weight:
@@ -126,7 +139,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1 row, got {chunk}")
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+        return _ChunkedLinearLoss.apply(hidden, weight, bias, _cross_entropy_grad(targets), chunk)
     dtype = compute_dtype(weight)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.size(0), chunk):
@@ -134,6 +147,42 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
                           None if bias is None else bias.to(dtype)).float()
         total += F.cross_entropy(logits, targets[start:start + chunk], reduction="sum")
     return total / hidden.size(0)
+
+
+def _distillation_grad(targets: torch.Tensor, teacher_hidden: torch.Tensor, teacher_head: nn.Module,
+                       temperature: float, alpha: float) -> LossGrad:
+    t = temperature
+
+    def loss_grad(logits: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        with torch.no_grad():
+            teacher = teacher_head(teacher_hidden[start:stop]).float()
+        log_pt = torch.log_softmax(teacher.div_(t), dim=-1)
+        del teacher
+        log_ps = torch.log_softmax(logits / t, dim=-1)
+        soft = (log_pt.exp() * (log_pt - log_ps)).sum() * (t * t)  # T² · KL(teacher_T ‖ student_T)
+        # its gradient in the logits: T · (softmax(logits / T) − softmax(teacher / T))
+        soft_grad = log_ps.exp_().sub_(log_pt.exp_()).mul_(alpha * t)
+        del log_pt
+        rows = targets[start:stop]
+        hard = _cross_entropy_grad(rows)(logits, 0, stop - start)  # logits → softmax − one-hot
+        logits.mul_(1 - alpha).add_(soft_grad)
+        return alpha * soft + (1 - alpha) * hard
+    return loss_grad
+
+
+def chunked_distillation(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                         teacher_hidden: torch.Tensor, teacher_head: nn.Module, temperature: float, alpha: float,
+                         chunk: int) -> torch.Tensor:
+    """alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · cross-entropy, averaged over rows,
+    `chunk` rows at a time: the student's (rows, width) hidden states through its linear head
+    (weight: vocabulary × width), the teacher's hidden states through `teacher_head` (no
+    gradient), T the temperature. Neither model's logits exist whole; differentiable in the
+    student's hidden states and head (the same loss as `F.kl_div(..., reduction="batchmean")`
+    over the full logits)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1 row, got {chunk}")
+    grad = _distillation_grad(targets, teacher_hidden.detach(), teacher_head, temperature, alpha)
+    return _ChunkedLinearLoss.apply(hidden, weight, bias, grad, chunk)
 
 
 @contextlib.contextmanager
