@@ -55,9 +55,10 @@ def run_pipeline(work: Path, ref: str, params: Path | None) -> Run:
     run, marks, tail = Run(), [], []
     started = time.perf_counter()
     with subprocess.Popen([f"{env_bin}/dvc", "repro"], cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=env) as proc:
+                          text=True, env=env) as proc, (work / f"dvc-repro-{ref}.log").open("w") as log:
         assert proc.stdout is not None
         for line in proc.stdout:
+            log.write(line)
             tail = (tail + [line])[-60:]
             if (found := STARTED.search(line)):
                 marks.append((found.group(1), time.perf_counter()))
@@ -94,7 +95,7 @@ def main() -> int:
     parser.add_argument("--params", type=Path, help="a params file copied over params.yaml (e.g. tests/params.tiny.yaml)")
     parser.add_argument("--before", default="6503b04", help="commit whose committed metrics are the before column")
     parser.add_argument("--run-before", metavar="REF", help="also clone and run REF, after this commit's run")
-    parser.add_argument("--keep", action="store_true", help="keep the clones (their folder is printed)")
+    parser.add_argument("--keep", action="store_true", help="keep the clones and dvc repro's log (their folder is printed)")
     args = parser.parse_args()
     params = args.params.resolve() if args.params else None
     work = Path(tempfile.mkdtemp(prefix="lmmem-main-job-"))
