@@ -5,8 +5,9 @@ Per model: validation and test perplexity and next-token top-1/top-5 accuracy on
 fixed windows; load time; inference tensor peak (the tensor meter over one forward pass of
 a batch) and process peak RSS (reset after imports); latency in ms per generated token at
 batch 1 and at `latency_batch` (greedy, KV cache where the model has one; median of
-`latency_repeats` after a warm-up); seeded sampled generations of the same prompts; and,
-on a labelled corpus, a sentiment probe: a logistic-regression head trained on the model's
+`latency_repeats` after a warm-up); seeded sampled and greedy generations of the same
+prompts, with the greedy ones' repetition (1 − distinct tokens / tokens); and, on a labelled
+corpus, a sentiment probe: a logistic-regression head trained on the model's
 mean-pooled last hidden states (train split, body frozen) and scored on the test split,
 beside a bag-of-Word2Vec baseline with the same classifier.
 
@@ -52,7 +53,7 @@ TRAINED = "model"  # the row of data/model, the reference of every ratio
 LATENCY_PROMPT = 8  # tokens of validation text the latency's greedy generation starts from
 TABLE = ("name", "status", "bytes_on_disk", "size_ratio", "params", "nonzero_params", "val_ppl", "test_ppl",
          "top1", "top5", "tensor_peak_mib", "rss_peak_mib", "load_seconds", "ms_per_token_b1",
-         "ms_per_token_batch", "cls_accuracy", "cls_f1_macro")
+         "ms_per_token_batch", "greedy_repetition", "cls_accuracy", "cls_f1_macro")
 
 
 class Params(Section):
@@ -225,7 +226,7 @@ def measure(name: str, folder: Path, params: Params, paths: Paths, context: int,
     summary = meter.summary(prefix="")
     result["tensor_peak_mib"] = summary["total_peak_mib"]
     result["tensor_weights_mib"] = summary["parameters_peak_mib"]
-    result["generations"] = generations(model, folder, params, seed)
+    result.update(generations(model, folder, params, seed))
     phases["inference peak and generation"], clock = time.perf_counter() - clock, time.perf_counter()
     if params.classify and meta.labels:
         result.update(probe(model, paths, params, meta, seed))
@@ -250,18 +251,30 @@ def latency(folder: Path, params: Params, paths: Paths, context: int, threads: i
             "latency_seconds": time.perf_counter() - started}
 
 
-def generations(model: torch.nn.Module, folder: Path, params: Params, seed: int) -> list[str]:
+def repetition(ids: list[int]) -> float:
+    """1 − distinct tokens / tokens of a continuation: 0 when no token comes twice, (n − 1) / n
+    when one token fills all n."""
+    return 1 - len(set(ids)) / len(ids) if ids else 0.0
+
+
+def generations(model: torch.nn.Module, folder: Path, params: Params, seed: int) -> dict[str, Any]:
+    """Per prompt a sampled continuation (seeded) and the greedy one; the greedy ones'
+    mean repetition."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    texts = []
+    sampled, greedy, repeats = [], [], []
     for prompt in params.prompts:
         ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids])
         torch.manual_seed(seed)
         new = generate(model, ids, params.generate_tokens, sample=True, temperature=params.temperature,
                        top_k=params.top_k)
-        texts.append(prompt + " | " + tokenizer.decode(new[0].tolist(), skip_special_tokens=False))
-    return texts
+        sampled.append(prompt + " | " + tokenizer.decode(new[0].tolist(), skip_special_tokens=False))
+        best = generate(model, ids, params.generate_tokens, sample=False)[0].tolist()
+        greedy.append(prompt + " | " + tokenizer.decode(best, skip_special_tokens=False))
+        repeats.append(repetition(best))
+    return {"generations": sampled, "greedy": greedy,
+            "greedy_repetition": sum(repeats) / len(repeats) if repeats else None}
 
 
 def probe_docs(paths: Paths, params: Params, meta: TokensMeta, seed: int
@@ -369,7 +382,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     metrics: dict[str, Any] = {"models": len(rows)}
     for row in rows:
         for key, value in row.items():
-            if key not in ("name", "generations", "reason", "cls_confusion") and value is not None:
+            if key not in ("name", "generations", "greedy", "reason", "cls_confusion") and value is not None:
                 metrics[f"{row['name']}_{key}"] = value
     with atomic_dir(paths.out, "evaluate") as tmp:
         write_json(tmp / "results.json", [EvalRow.model_validate(row) for row in rows])
@@ -379,10 +392,13 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
             for row in rows:
                 writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         lines = ["# Generations", "", f"Sampled (seed {base.seed}, temperature {params.temperature}, "
-                 f"top-k {params.top_k}); prompt | continuation.", ""]
+                 f"top-k {params.top_k}), then greedy with its repetition (1 − distinct tokens / tokens); "
+                 "prompt | continuation.", ""]
         for i, prompt in enumerate(params.prompts):
-            lines += [f"## {prompt}", ""]
+            lines += [f"## {prompt}", "", "Sampled:", ""]
             lines += [f"- **{row['name']}**: {row['generations'][i]}" for row in rows if "generations" in row]
+            lines += ["", "Greedy:", ""]
+            lines += [f"- **{row['name']}**: {row['greedy'][i]}" for row in rows if "greedy" in row]
             lines.append("")
         (tmp / "generations.md").write_text("\n".join(lines), encoding="utf-8")
         write_params(tmp, base=base, evaluate=params)

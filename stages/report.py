@@ -319,15 +319,17 @@ def compression_section(doc: Doc, inputs: Inputs, params: Params) -> None:
     for r in inputs.results:
         if r.get("status") != "ok" or "val_ppl" not in r:
             reason = r.get("reason", "")
-            rows.append([r["name"], r.get("status", "–") + (f": {reason}" if reason else "")] + ["–"] * 9
+            rows.append([r["name"], r.get("status", "–") + (f": {reason}" if reason else "")] + ["–"] * 10
                         + [num(r.get("cls_f1_macro"), 3)])
             continue
         rows.append([r["name"], "ok", num(r["bytes_on_disk"] / 2**20, 2), f"{r['size_ratio']:.3f}",
                      num(r["bytes_on_disk"] / r["params"], 2), num(r["val_ppl"]), ratio(r["val_ppl"], model.get("val_ppl")),
                      num(r["top1"], 3), num(r["ms_per_token_b1"], 2), num(r["ms_per_token_batch"], 2),
-                     num(r["tensor_peak_mib"]), num(r.get("cls_f1_macro"), 3)])
+                     num(r["tensor_peak_mib"]), num(r.get("greedy_repetition"), 2), num(r.get("cls_f1_macro"), 3)])
     doc.table(["model", "status", "MiB on disk", "× bytes", "bytes/param", "val ppl", "× ppl", "top-1",
-               "ms/token b1", "ms/token batch", "inference peak MiB", "probe F1"], rows)
+               "ms/token b1", "ms/token batch", "inference peak MiB", "greedy repetition", "probe F1"], rows)
+    doc.para("Greedy repetition: 1 − distinct tokens / tokens of each prompt's greedy continuation, "
+             "averaged; near 1 when one token repeats, 0 when none does.")
     ok = [r for r in inputs.results if r.get("status") == "ok" and "val_ppl" in r]
     doc.figure("size_vs_perplexity", scatter("Size against perplexity", "MiB on disk", "validation perplexity",
                                              [(r["name"], r["bytes_on_disk"] / 2**20, r["val_ppl"]) for r in ok]),
@@ -338,6 +340,11 @@ def compression_section(doc: Doc, inputs: Inputs, params: Params) -> None:
         doc.heading(2, "Generations (the same prompts, seeded)")
         doc.table(["model", *prompts], [[r["name"], *[g[:params.generation_chars] for g in r["generations"]]]
                                         for r in generated])
+    greedy = [r for r in inputs.results if r.get("greedy")]
+    if prompts and greedy:
+        doc.heading(2, "Greedy generations")
+        doc.table(["model", *prompts], [[r["name"], *[g[:params.generation_chars] for g in r["greedy"]]]
+                                        for r in greedy])
 
 
 def write_curves(folder: Path, steps: list[dict[str, str]]) -> None:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from stages.common.classify import scores
+from stages.evaluate import repetition
 from tests.conftest import deep_update, one_error_line, read_metrics, run_stage, tiny_params
 from tests.test_compress import trained_model
 
@@ -85,7 +86,18 @@ def test_every_model_gets_a_row_measured_the_same_way(evaluated: tuple[dict[str,
     generations = (out / "generations.md").read_text()
     for prompt in tiny_params()["evaluate"]["prompts"]:
         assert f"## {prompt}" in generations
-    assert generations.count("- **int8**: ") == len(tiny_params()["evaluate"]["prompts"])
+    assert generations.count("- **int8**: ") == 2 * len(tiny_params()["evaluate"]["prompts"])  # sampled, greedy
+    for name in ("model", "fp16", "int8", "prune50"):  # greedy continuations and their repetition
+        assert len(rows[name]["greedy"]) == len(tiny_params()["evaluate"]["prompts"])
+        assert 0 <= rows[name]["greedy_repetition"] < 1
+        assert m[f"{name}_greedy_repetition"] == pytest.approx(rows[name]["greedy_repetition"])
+
+
+def test_repetition_counts_the_tokens_that_came_before() -> None:
+    assert repetition([5, 6, 7, 8]) == 0.0
+    assert repetition([9, 9, 9, 9, 9]) == pytest.approx(4 / 5)  # one token, five times
+    assert repetition([1, 2, 1, 3, 1, 2]) == pytest.approx(1 - 3 / 6)
+    assert repetition([]) == 0.0
 
 
 def test_sentiment_probe_and_its_baseline(evaluated: tuple[dict[str, Any], Path]) -> None:

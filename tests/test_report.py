@@ -24,7 +24,8 @@ def row(name: str, size: float, ppl: float, ms: float, f1: float) -> dict[str, A
             "params": 1_000_000, "nonzero_params": 1_000_000, "val_ppl": ppl, "test_ppl": ppl + 1, "top1": 0.2,
             "top5": 0.4, "ms_per_token_b1": ms, "ms_per_token_batch": ms / 5, "tensor_peak_mib": 50.0,
             "rss_peak_mib": 300.0, "load_seconds": 1.0, "cls_f1_macro": f1, "cls_accuracy": f1,
-            "generations": [f"{HOSTILE} | <b>{name}</b>", "质量 | 不错"]}
+            "generations": [f"{HOSTILE} | <b>{name}</b>", "质量 | 不错"],
+            "greedy": [f"{HOSTILE} | <i>{name}</i>", "质量 | 好 好 好 好"], "greedy_repetition": 0.4}
 
 
 @pytest.fixture
@@ -72,6 +73,7 @@ def test_hostile_text_shows_as_text(inputs: dict[str, Path], tmp_path: Path) -> 
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "<script" not in page and "<img" not in page and "<b>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;b&gt;a&lt;/b&gt;" in page
+    assert "<i>" not in page and "&lt;i&gt;a&lt;/i&gt;" in page  # the greedy generations' table
     markdown = (out / "report.md").read_text(encoding="utf-8")
     assert "<script" not in markdown and "<img" not in markdown
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in markdown
@@ -102,6 +104,7 @@ def test_summary_picks_from_the_figures(inputs: dict[str, Path], tmp_path: Path)
     assert "The fastest at batch 1 is b (8.00 ms per token, 0.800 × the trained model)" in markdown
     assert "best language model's macro F1 is 0.650 (a); the bag-of-Word2Vec baseline 0.700" in markdown
     assert "| bad | failed: <img" not in markdown and "| bad | failed: &lt;img" in markdown
+    assert "| 50.0 | 0.40 | 0.650 |" in markdown  # a's inference peak, greedy repetition, probe F1
 
 
 def test_curves_for_dvc_plots_keep_only_filled_cells(inputs: dict[str, Path], tmp_path: Path) -> None:

@@ -81,7 +81,9 @@ class EvalRow(Handoff):
     ms_per_token_b1: float | None = None
     ms_per_token_batch: float | None = None
     latency_seconds: float | None = None
-    generations: list[str] | None = None
+    generations: list[str] | None = None  # sampled, one per prompt: "prompt | continuation"
+    greedy: list[str] | None = None  # greedy, one per prompt
+    greedy_repetition: float | None = None  # the greedy ones' mean 1 − distinct tokens / tokens
     cls_accuracy: float | None = None
     cls_precision_macro: float | None = None
     cls_recall_macro: float | None = None
