@@ -6,7 +6,7 @@ the dry-run estimate, in one run.
 
 Each configuration trains `steps` optimizer steps (the first two metered) in a fresh process
 from the same params.yaml with a few keys changed, so validation perplexities compare (the
-default 200 steps is params.yaml's run; give fewer steps to look at memory only). tokens/s
+default 500 steps is params.yaml's run; give fewer steps to look at memory only). tokens/s
 is timed on the unmetered steps. Reported per configuration: the meter's tensor peak by
 category against the estimate's, the total and its error, peak RSS, tokens/s and the
 validation perplexity, each beside the fp32 AdamW baseline.
@@ -47,7 +47,7 @@ GRID: dict[str, dict[str, Any]] = {BASELINE: {}, **{name: overrides for t in REG
 
 
 def main() -> int:
-    args = parse_training(training_parser(__doc__, steps=200, only=True))
+    args = parse_training(training_parser(__doc__, steps=500, only=True))
     chosen = {name: o for name, o in GRID.items() if args.only is None or name == BASELINE or name in args.only}
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +63,7 @@ def main() -> int:
             results[name] = run_stage("train", params, work, tokens=args.tokens, embed=args.tokens.parent / "embed",
                                       out=work / "model", plots=work / "plots", checkpoints=work / "ckpt")
     base = results[BASELINE]
-    print(f"\nmachine: {machine()}; {args.steps} optimizer steps of 16 sequences per configuration")
+    print(f"\nmachine: {machine()}; {args.steps} optimizer steps of params.yaml's batch per configuration")
     print("\nTensor peak and what came with it:\n")
     print("| configuration | tensor peak MiB | × baseline | estimate MiB | estimate error | peak RSS MiB | "
           "tokens/s | val ppl | × baseline |")

@@ -77,7 +77,7 @@ class Settings(Section):
     warmup_steps: int = Field(2, ge=0, description="linear warm-up of each configuration's run (its schedule's shape)")
     meter_steps: int = Field(2, ge=1, description=(
         "the first N steps of each run under the tensor meter (slower, not timed); the rest give tokens/s"))
-    eval_batches: int = Field(4, ge=1, description=(
+    eval_batches: int = Field(8, ge=1, description=(
         "validation batches after the last step: the same windows for every configuration"))
     baseline: str = Field("baseline", description="the configuration the report measures the others against")
     configs: dict[str, dict[str, Any]] = Field(default_factory=lambda: json.loads(json.dumps(CONFIGS)), description=(

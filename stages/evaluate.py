@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from stages.common.artifacts import atomic_dir, read_json, size_on_disk, write_json, write_params
-from stages.common.classify import fit_logistic, predict, probe_problem, scores
+from stages.common.classify import Docs, fit_logistic, pooled_features, predict, probe_problem, scores
 from stages.common.errors import StageError
 from stages.common.memory import peak_rss_mib, reset_peak_rss
 from stages.common.meter import TensorMeter
@@ -99,24 +99,6 @@ class Paths:
 # ----------------------------------------------------------------------------- data
 
 
-class Docs:
-    """A split's documents as id arrays (each ends with eos) with their label index (-1: none)."""
-
-    def __init__(self, tokens: Path, split: str, dtype: str) -> None:
-        self.ids = np.memmap(tokens / f"{split}.bin", dtype=dtype, mode="r")
-        self.offsets = np.fromfile(tokens / f"{split}.offsets.bin", dtype=np.uint64).astype(np.int64)
-        self.labels = np.fromfile(tokens / f"{split}.labels.bin", dtype=np.int32)
-
-    def labelled(self, limit: int, max_tokens: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
-        """Up to `limit` labelled documents drawn at random (seeded: the files keep the source's
-        order, which may be all of one class first), each cut to `max_tokens` ids."""
-        candidates = np.flatnonzero(self.labels >= 0)
-        picked = np.sort(np.random.default_rng(seed).permutation(candidates)[:limit])
-        docs = [np.asarray(self.ids[self.offsets[i]:min(self.offsets[i + 1], self.offsets[i] + max_tokens)],
-                           dtype=np.int64) for i in picked]
-        return docs, [int(self.labels[i]) for i in picked]
-
-
 def windows(tokens: Path, split: str, dtype: str, context: int, batches: int, batch: int) -> list[torch.Tensor]:
     """The same consecutive non-overlapping windows of context + 1 ids for every model."""
     return list(Windows(tokens / f"{split}.bin", dtype, context).fixed_batches(batches, batch))
@@ -171,27 +153,6 @@ def ms_per_token(model: torch.nn.Module, prompt: torch.Tensor, batch: int, new_t
         generate(model, ids, new_tokens, sample=False)
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000 / (batch * new_tokens)
-
-
-@torch.no_grad()
-def pooled_features(model: torch.nn.Module, docs: list[np.ndarray], batch: int = 32) -> torch.Tensor:
-    """Mean of each document's last hidden states (the model's body, no head), documents
-    batched with right padding and averaged over their own positions only."""
-    out = []
-    for i in range(0, len(docs), batch):
-        chunk = docs[i:i + batch]
-        length = max(len(d) for d in chunk)
-        ids = torch.zeros(len(chunk), length, dtype=torch.long)
-        mask = torch.zeros(len(chunk), length)
-        for row, doc in enumerate(chunk):
-            ids[row, :len(doc)] = torch.from_numpy(doc)
-            mask[row, :len(doc)] = 1
-        if isinstance(model, LSTMLanguageModel):  # causal: padding after a document cannot touch it
-            hidden = model.lstm(model.embed(ids))[0]
-        else:  # the body alone: the vocabulary head's logits are not needed here
-            hidden = model.base_model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        out.append((hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
-    return torch.cat(out)
 
 
 def measure(name: str, folder: Path, params: Params, paths: Paths, context: int, seed: int,

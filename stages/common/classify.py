@@ -1,17 +1,60 @@
-"""Sentence classification on fixed features: a multinomial logistic regression trained with
-full-batch L-BFGS (deterministic on CPU), and the scores a report needs. Used for the
-sentiment probe of every model variant and for the bag-of-Word2Vec baseline."""
+"""Sentence classification on fixed features: a split's labelled documents, a model's pooled
+features of them, a multinomial logistic regression trained with full-batch L-BFGS
+(deterministic on CPU), and the scores a report needs. Used for the sentiment probe of every
+model variant and for the bag-of-Word2Vec baseline."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stages.common.models import LSTMLanguageModel
+
 MAX_CONFUSION = 50  # labels; beyond, results.json keeps no confusion matrix (it grows with their square)
 MIN_DOCS_PER_LABEL = 5  # fewer labelled training documents a label: no probe, its accuracy would say nothing
+
+
+class Docs:
+    """A split's documents as id arrays (each ends with eos) with their label index (-1: none)."""
+
+    def __init__(self, tokens: Path, split: str, dtype: str) -> None:
+        self.ids = np.memmap(tokens / f"{split}.bin", dtype=dtype, mode="r")
+        self.offsets = np.fromfile(tokens / f"{split}.offsets.bin", dtype=np.uint64).astype(np.int64)
+        self.labels = np.fromfile(tokens / f"{split}.labels.bin", dtype=np.int32)
+
+    def labelled(self, limit: int, max_tokens: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
+        """Up to `limit` labelled documents drawn at random (seeded: the files keep the source's
+        order, which may be all of one class first), each cut to `max_tokens` ids."""
+        candidates = np.flatnonzero(self.labels >= 0)
+        picked = np.sort(np.random.default_rng(seed).permutation(candidates)[:limit])
+        docs = [np.asarray(self.ids[self.offsets[i]:min(self.offsets[i + 1], self.offsets[i] + max_tokens)],
+                           dtype=np.int64) for i in picked]
+        return docs, [int(self.labels[i]) for i in picked]
+
+
+@torch.no_grad()
+def pooled_features(model: torch.nn.Module, docs: list[np.ndarray], batch: int = 32) -> torch.Tensor:
+    """Mean of each document's last hidden states (the model's body, no head), documents
+    batched with right padding and averaged over their own positions only."""
+    out = []
+    for i in range(0, len(docs), batch):
+        chunk = docs[i:i + batch]
+        length = max(len(d) for d in chunk)
+        ids = torch.zeros(len(chunk), length, dtype=torch.long)
+        mask = torch.zeros(len(chunk), length)
+        for row, doc in enumerate(chunk):
+            ids[row, :len(doc)] = torch.from_numpy(doc)
+            mask[row, :len(doc)] = 1
+        if isinstance(model, LSTMLanguageModel):  # causal: padding after a document cannot touch it
+            hidden = model.lstm(model.embed(ids))[0]
+        else:  # the body alone: the vocabulary head's logits are not needed here
+            hidden = model.base_model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        out.append((hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+    return torch.cat(out)
 
 
 def probe_problem(labels: np.ndarray, n_classes: int, limit: int) -> str | None:

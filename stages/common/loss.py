@@ -3,7 +3,7 @@
 A language model's loss side is its largest memory sink at a small width: the output head
 turns (batch × context) hidden states into (batch × context × vocabulary) logits, and the
 standard cross-entropy keeps them (its log-softmax), then allocates their gradient twice in
-backward. At 16 × 128 tokens and 19,590 words that is 153 MiB each, fp32.
+backward. At 8 × 128 tokens and 19,590 words (the default run) that is 77 MiB each, fp32.
 
 `chunked_cross_entropy` computes the same mean loss over `chunk` tokens at a time. When a
 gradient is wanted it computes it in the same pass, chunk by chunk (the way Liger-Kernel's

@@ -32,9 +32,9 @@ class ModelParams(Section):
     layers: int = Field(
         4, ge=1, le=128, description="transformer blocks (or LSTM layers): parameters and activations grow linearly")
     width: int = Field(
-        256, ge=8, le=16384, description="hidden size: parameters grow with its square, activations linearly")
+        128, ge=8, le=16384, description="hidden size: parameters grow with its square, activations linearly")
     heads: int = Field(
-        4, ge=1, le=256, description="attention heads (width must be a multiple); attention scores grow with heads x context^2")
+        2, ge=1, le=256, description="attention heads (width must be a multiple); attention scores grow with heads x context^2")
     ffn_width: int = Field(
         0, ge=0, description="MLP hidden size; 0 = llama 8/3 x width rounded up to 64, gpt2 4 x width")
     context: int = Field(

@@ -22,7 +22,7 @@ HALVING_COST = 1.095
 
 class Fields(Section):
     micro_batch_size: int = Field(
-        16, ge=1,
+        8, ge=1,
         description="sequences per forward/backward; smaller = less activation memory, more steps of accumulation")
 
 
