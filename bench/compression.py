@@ -31,7 +31,9 @@ def main() -> int:
     results = args.eval / "results.json"
     if not results.is_file():
         raise SystemExit(f"{results} is missing: run `dvc repro evaluate` first")
-    rows: dict[str, dict[str, Any]] = {r["name"]: r for r in json.loads(results.read_text())}
+    # results.json writes every field of a row, null where it has none (the baseline has no model figures)
+    rows: dict[str, dict[str, Any]] = {r["name"]: {k: v for k, v in r.items() if v is not None}
+                                       for r in json.loads(results.read_text())}
     base = rows["model"]
     print(f"machine: {machine()}\n")
     print("| model | status | MiB on disk | × fp32 | weights (non-zero) | val ppl | × fp32 | test ppl | top-1 | "
