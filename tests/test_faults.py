@@ -537,13 +537,35 @@ def test_a_run_expected_to_take_hours_says_so_in_its_first_log_line(
     refuses it, so that nothing runs for hours here)."""
     from tests.conftest import train_args
 
-    params_file(train={"steps": 10_000_000, "memory_budget_mib": 0.5})
+    params_file(train={"steps": 10_000_000, "memory_budget_mib": 0.5, "max_hours": 0})
     result = run_cli("train", train_args(tmp_path, tokens))
     assert result.returncode == 2
     logged = [line for line in result.stderr.splitlines() if re.match(r"^\d{4}-\d\d-\d\d \S+ [A-Z]+ ", line)]
     assert re.search(r" WARNING lmmem\.train: train: 10,000,000 steps of \d+ x \d+ tokens: expected to take about "
                      r"[\d.]+ hours here \(", logged[0]), logged[:3]
     assert "more than train.memory_budget_mib=0.5" in one_error_line(result.stderr, "train")
+
+
+@pytest.mark.parametrize("micro_batch_size, message", [
+    (1_000_000_000, "train.micro_batch_size: 1,000,000,000 sequences of 32 tokens need at least "),
+    (8, "train.max_hours: the run is expected to take about "),
+])
+def test_a_batch_of_a_billion_sequences_is_refused_before_the_dry_run(
+        tokens: Path, tmp_path: Path, params_file: Callable[..., Path], micro_batch_size: int, message: str) -> None:
+    """`batch_size: 1e9` once crashed with a traceback, then sat in the dry run for hours: in
+    one micro-batch its token ids alone cannot fit; in micro-batches of 8 the run would take
+    millions of hours (train.max_hours refuses it, and the dry run would walk at most 64 of its
+    125 million micro-batches a step)."""
+    from tests.conftest import train_args
+
+    params_file(train={"batch_size": 1_000_000_000, "micro_batch_size": micro_batch_size})
+    before = previous_train_output(tmp_path)
+    result = run_cli("train", train_args(tmp_path, tokens))
+    assert result.returncode == 2
+    line = one_error_line(result.stderr, "train")
+    assert message in line, line
+    assert "dry run:" not in result.stderr  # refused before it
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
 
 
 def test_a_file_size_limit_reached_while_writing_is_one_line_naming_the_output(

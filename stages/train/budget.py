@@ -1,7 +1,8 @@
 """The memory budget: the dry run's estimate against the smaller of train.memory_budget_mib
 and the memory this machine (or its GPU) has available, and auto-fit's search through the
 techniques' moves (stages.train.techniques.all_moves), cheapest first. A model whose
-parameters alone cannot fit is refused before the dry run, which would take minutes for it."""
+parameters alone, or a micro-batch whose token ids and block inputs alone, cannot fit is
+refused before the dry run, which would take minutes or hours for it."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from stages.train.techniques import all_moves
 log = logging.getLogger("lmmem.train")
 
 PARAM_BYTES_FLOOR = 2  # no technique here trains weights in fewer than 16 bits
+SAVED_BYTES_FLOOR = 1  # nor keeps a block's input for backward in fewer than 8 bits (saved_activations: int8)
 
 
 def describe(changes: dict[str, Any]) -> str:
@@ -57,9 +59,11 @@ def meta_model(p: Any, meta: TokensMeta) -> torch.nn.Module:
 
 
 def check_parameters_fit(p: Any, model: torch.nn.Module, device: torch.device) -> None:
-    """Refuse at once a model (on the meta device) whose parameters alone, at 2 bytes each per
-    rank, exceed what the machine can hold: no memory and no dry run spent on it. (Against
-    train.memory_budget_mib the dry run decides, and names the moves it tried.)"""
+    """Refuse at once a run that cannot fit whatever its techniques: a model (on the meta
+    device) whose parameters alone, at 2 bytes each per rank, exceed what the machine can hold,
+    or a micro-batch whose token ids (8 bytes each) and block inputs (1 byte an element, kept
+    for backward even under full checkpointing) alone do. No memory and no dry run spent on
+    it. (Against train.memory_budget_mib the dry run decides, and names the moves it tried.)"""
     found = machine_limit(p, device)
     if found is None:
         return
@@ -70,6 +74,13 @@ def check_parameters_fit(p: Any, model: torch.nn.Module, device: torch.device) -
         raise StageError(f"train.model: {count / 1e6:,.1f} M parameters need at least {floor_mib:,.0f} MiB "
                          f"per process (2 bytes each) before any gradient or activation, more than {found[1]}: "
                          f"choose fewer layers or a smaller width")
+    m, tokens = p.model, p.micro_batch_size * p.model.context
+    floor_mib = (p.micro_batch_size * (m.context + 1) * 8 + tokens * m.width * m.layers * SAVED_BYTES_FLOOR) / 2**20
+    if floor_mib > found[0]:
+        raise StageError(f"train.micro_batch_size: {p.micro_batch_size:,} sequences of {m.context:,} tokens need at "
+                         f"least {floor_mib:,.0f} MiB for their token ids and each block's input before anything "
+                         f"else, more than {found[1]}: choose a smaller micro_batch_size (batch_size can stay "
+                         f"larger: the micro-batches accumulate)")
 
 
 def fit_budget(p: Any, meta: TokensMeta, device: torch.device, seed: int,

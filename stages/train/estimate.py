@@ -51,6 +51,12 @@ def rows_unpacked() -> Iterator[None]:
         masking_utils.find_packed_sequence_indices = saved
 
 
+# A step of more micro-batches is dry-run on its first this many: each later one repeats the
+# second's allocations (the gradients exist by then), its 4-byte loss aside, and a step of
+# millions of them would keep the dry run busy for hours.
+DRY_RUN_MICRO_BATCHES = 64
+
+
 def dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Context = Context(),
             batch: int = 0) -> dict[str, Any]:
     """The configured model, optimizer and techniques run `max(2, meter_steps)` steps of
@@ -70,7 +76,8 @@ def dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Cont
         meter = TensorMeter()
         parts.track(meter)
         for step in range(max(2, p.meter_steps)):
-            rows = torch.zeros(batch or p.batch_size, p.model.context + 1, dtype=torch.long, device=device)
+            rows = torch.zeros(min(batch or p.batch_size, p.micro_batch_size * DRY_RUN_MICRO_BATCHES),
+                               p.model.context + 1, dtype=torch.long, device=device)
             train_step(parts, rows, p, device, step, meter)
             del rows
         meter.close()

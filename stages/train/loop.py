@@ -90,8 +90,12 @@ def plan(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Context
     if ctx.main:
         try:
             model = meta_model(p, meta)
-            say_duration(p, model, device)  # the first line: minutes or hours
+            seconds = say_duration(p, model, device)  # the first line: minutes or hours
             check_parameters_fit(p, model, device)  # at once, not after minutes of dry run
+            if p.max_hours and seconds > p.max_hours * 3600:
+                raise StageError(f"train.max_hours: the run is expected to take about {seconds / 3600:,.0f} hours "
+                                 f"here, more than max_hours ({p.max_hours:g}): fewer steps, a smaller batch or "
+                                 f"model, or a larger max_hours (0: no limit)")
             log.info("dry run: %d steps of the configured model on fake tensors, to predict its memory",
                      max(2, p.meter_steps))
             predicted = predict_memory(p, meta, device, seed)

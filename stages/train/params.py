@@ -48,6 +48,8 @@ class Core(Section):
     checkpoint_every: int = Field(100, ge=0, description=(
         "save everything to resume from every N steps (and at the end); 0 = never"))
     threads: int = Field(0, ge=0, le=256, description="torch CPU threads; 0 = torch's default")
+    max_hours: float = Field(720.0, ge=0.0, description=(
+        "refuse, before it starts, a run expected to take longer (the duration said in its first log line); 0 = no limit"))
 
     @model_validator(mode="after")
     def _combinations(self) -> Core:
