@@ -5,6 +5,7 @@ stage's logic in it."""
 
 from __future__ import annotations
 
+import re
 import sys
 
 import networkx as nx
@@ -59,3 +60,15 @@ def test_no_module_over_400_lines() -> None:
 def test_the_length_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys.modules[__name__], "MAX_LINES", 300)
     assert {"stages/compress.py", "stages/ingest.py", "stages/report.py"} <= set(long_modules())
+
+
+def test_the_fault_catalog_names_a_test_that_exists_for_every_class() -> None:
+    """docs/FAULTS.md: at least 60 classes of bad input and fault, each row naming the test
+    that holds it; a renamed or deleted test fails here instead of leaving the row stale."""
+    rows = re.findall(r"^\| \d+ \|.*$", (ROOT / "docs" / "FAULTS.md").read_text(encoding="utf-8"), re.M)
+    assert len(rows) >= 60
+    for row in rows:
+        named = re.findall(r"(test_[a-z0-9_]+\.py)::(test_[a-z0-9_]+)", row)
+        assert named, row
+        for file, test in named:
+            assert f"def {test}(" in (ROOT / "tests" / file).read_text(encoding="utf-8"), f"{file}::{test}"
