@@ -55,6 +55,13 @@ def run_stage(stage: str, params: Path, work: Path, **paths: Path) -> dict[str, 
     return json.loads(metrics.read_text(encoding="utf-8"))
 
 
+def run_training(params: Path, work: Path, tokens: Path) -> dict[str, Any]:
+    """The train stage in a fresh process on `tokens` (the Word2Vec start read from beside
+    them), its outputs in `work`; returns its metrics."""
+    return run_stage("train", params, work, tokens=tokens, embed=tokens.parent / "embed", out=work / "model",
+                     plots=work / "plots", checkpoints=work / "ckpt")
+
+
 def training_parser(doc: str | None, steps: int, only: bool = False) -> argparse.ArgumentParser:
     """The command line every training benchmark shares: --steps and --tokens, and --only for
     one that runs named configurations beside its baseline (add the rest)."""

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, params_file, parse_training, run_stage, training_parser
+from bench.common import machine, params_file, parse_training, run_training, training_parser
 from stages.common.params import merged
 
 log = logging.getLogger("bench.profile")
@@ -82,8 +82,7 @@ def train(name: str, overrides: dict[str, Any], steps: int, work: Path, tokens: 
                             "eval_every": max(1, steps // 8), **overrides}
     work.mkdir(parents=True)
     log.info("%s: %d steps ...", name, steps)
-    metrics = run_stage("train", params_file(work, train=keys), work, tokens=tokens, embed=tokens.parent / "embed",
-                        out=work / "model", plots=work / "plots", checkpoints=work / "ckpt")
+    metrics = run_training(params_file(work, train=keys), work, tokens)
     return {"metrics": metrics, "plots": work / "plots"}
 
 

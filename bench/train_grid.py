@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, params_file, parse_training, run_stage, training_parser
+from bench.common import machine, params_file, parse_training, run_training, training_parser
 from stages.common.schema import CATEGORIES
 from stages.train.techniques import REGISTRY
 
@@ -60,8 +60,7 @@ def main() -> int:
                                   "end_step": max(args.steps // 10 + 1, args.steps * 3 // 4)}
             params = params_file(work, train=train)
             log.info("%s ...", name)
-            results[name] = run_stage("train", params, work, tokens=args.tokens, embed=args.tokens.parent / "embed",
-                                      out=work / "model", plots=work / "plots", checkpoints=work / "ckpt")
+            results[name] = run_training(params, work, args.tokens)
     base = results[BASELINE]
     print(f"\nmachine: {machine()}; {args.steps} optimizer steps of params.yaml's batch per configuration")
     print("\nTensor peak and what came with it:\n")

@@ -353,14 +353,12 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
             for row in rows:
                 writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         lines = ["# Generations", "", f"Sampled (seed {base.seed}, temperature {params.temperature}, "
-                 f"top-k {params.top_k}), then greedy with its repetition (1 − distinct tokens / tokens); "
+                 f"top-k {params.top_k}), then greedy (its repetition per model in results.json); "
                  "prompt | continuation.", ""]
         for i, prompt in enumerate(params.prompts):
-            lines += [f"## {prompt}", "", "Sampled:", ""]
-            lines += [f"- **{row['name']}**: {row['generations'][i]}" for row in rows if "generations" in row]
-            lines += ["", "Greedy:", ""]
-            lines += [f"- **{row['name']}**: {row['greedy'][i]}" for row in rows if "greedy" in row]
-            lines.append("")
+            lines += [f"## {prompt}", ""]
+            for key, title in (("generations", "Sampled:"), ("greedy", "Greedy:")):
+                lines += [title, "", *[f"- **{row['name']}**: {row[key][i]}" for row in rows if key in row], ""]
         (tmp / "generations.md").write_text("\n".join(lines), encoding="utf-8")
         write_params(tmp, base=base, evaluate=params)
     failed = [r["name"] for r in rows if r["status"] == "failed"]

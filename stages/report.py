@@ -335,16 +335,12 @@ def compression_section(doc: Doc, inputs: Inputs, params: Params) -> None:
                                              [(r["name"], r["bytes_on_disk"] / 2**20, r["val_ppl"]) for r in ok]),
                "Every evaluated model: bytes on disk against validation perplexity.")
     prompts = inputs.params.get("evaluate", {}).get("prompts", [])
-    generated = [r for r in inputs.results if r.get("generations")]
-    if prompts and generated:
-        doc.heading(2, "Generations (the same prompts, seeded)")
-        doc.table(["model", *prompts], [[r["name"], *[g[:params.generation_chars] for g in r["generations"]]]
-                                        for r in generated])
-    greedy = [r for r in inputs.results if r.get("greedy")]
-    if prompts and greedy:
-        doc.heading(2, "Greedy generations")
-        doc.table(["model", *prompts], [[r["name"], *[g[:params.generation_chars] for g in r["greedy"]]]
-                                        for r in greedy])
+    for key, title in (("generations", "Generations (the same prompts, seeded)"), ("greedy", "Greedy generations")):
+        generated = [r for r in inputs.results if r.get(key)]
+        if prompts and generated:
+            doc.heading(2, title)
+            doc.table(["model", *prompts], [[r["name"], *[g[:params.generation_chars] for g in r[key]]]
+                                            for r in generated])
 
 
 def write_curves(folder: Path, steps: list[dict[str, str]]) -> None:

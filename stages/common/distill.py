@@ -2,7 +2,7 @@
 teacher's width, trained on loss = alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · CE
 (T the temperature), with the optimizer, schedule and clipping code of training. With
 loss_chunk_tokens (the default, 256) the loss runs that many positions at a time and neither
-model's logits exist whole (`loss.chunked_distillation`); 0 computes it over the full logits. With
+model's logits exist whole (`loss.chunked_distillation`); 0 runs it over all positions at once. With
 init_from_teacher the student starts from the teacher's embedding, final norm and evenly
 spaced blocks (DistilBERT's initialisation)."""
 
@@ -14,13 +14,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 from tqdm import tqdm
 
 from stages.common.loss import chunked_distillation, hidden_and_head
-from stages.common.models import ModelParams, build_model, logits_of
+from stages.common.models import ModelParams, build_model
 from stages.common.optim import clip_gradients, lr_at, param_groups, set_lr
 from stages.common.params import Section
 from stages.common.schema import TokensMeta, read_typed
@@ -84,24 +83,12 @@ def train_student(teacher: nn.Module, spec: Distill, tokens: Path, seed: int) ->
     for step in tqdm(range(spec.steps), desc="distill", unit=" steps", mininterval=2):
         set_lr(optimizer, lr_at(step, spec.lr, spec.steps, spec.warmup_steps, spec.decay, spec.min_lr_ratio))
         rows = windows.batch(windows.random_starts(rng, spec.batch_size))
-        if spec.loss_chunk_tokens:
-            with torch.no_grad():
-                target_hidden, target_head = hidden_and_head(teacher, rows[:, :-1])
-            hidden, head = hidden_and_head(student, rows[:, :-1])
-            width = hidden.size(-1)
-            loss = chunked_distillation(hidden.reshape(-1, width), head.weight, head.bias, rows[:, 1:].reshape(-1),
-                                        target_hidden.reshape(-1, target_hidden.size(-1)), target_head,
-                                        t, spec.alpha, spec.loss_chunk_tokens)
-        else:
-            with torch.no_grad():
-                target = logits_of(teacher, rows[:, :-1]).float()
-            logits = logits_of(student, rows[:, :-1])
-            vocab = logits.size(-1)
-            soft = F.kl_div(F.log_softmax(logits.reshape(-1, vocab) / t, -1),
-                            F.log_softmax(target.reshape(-1, vocab) / t, -1),
-                            log_target=True, reduction="batchmean") * t * t
-            hard = F.cross_entropy(logits.reshape(-1, vocab), rows[:, 1:].reshape(-1))
-            loss = spec.alpha * soft + (1 - spec.alpha) * hard
+        with torch.no_grad():
+            target_hidden, target_head = hidden_and_head(teacher, rows[:, :-1])
+        hidden, head = hidden_and_head(student, rows[:, :-1])
+        hidden, target_hidden = hidden.reshape(-1, hidden.size(-1)), target_hidden.reshape(-1, target_hidden.size(-1))
+        loss = chunked_distillation(hidden, head.weight, head.bias, rows[:, 1:].reshape(-1), target_hidden,
+                                    target_head, t, spec.alpha, spec.loss_chunk_tokens or hidden.size(0))
         loss.backward()
         if spec.grad_clip:
             clip_gradients(student, spec.grad_clip)
