@@ -211,9 +211,11 @@ def failing_repro(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
     ("clean", "clean.min_chars", 10**6, "min_chars"),  # more than max_chars
     ("embed", "embed.window", -2, "window"),
     ("train", "train.steps", 0, "steps"),
+    ("train", "train.batch_size", 10**9, "max_hours"),  # refused before the dry run: millions of hours
     # one configuration of the comparison (a foreach item): it alone changes, and fails
     ("compare@chunked-loss", "compare.configs.chunked-loss", {"loss_chunk_tokens": -5},
      "compare.configs.chunked-loss.loss_chunk_tokens"),
+    ("compress", "compress.variants.prune50.sparsity", 1.5, "sparsity"),
     ("evaluate", "evaluate.generate_tokens", 10**9, "generate_tokens"),  # refused against the model's context
 ])
 def test_a_stage_that_fails_under_dvc_repro_leaves_its_previous_outputs_and_metrics(
