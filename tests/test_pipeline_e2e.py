@@ -248,6 +248,19 @@ def test_a_stage_that_fails_under_dvc_repro_leaves_its_previous_outputs_and_metr
     assert "up to date" in sh("dvc", "status", cwd=repo)
 
 
+def warm_stage(repo: Path) -> int | None:
+    """The pid of a stage process forked by the warm server (stages.common.warm) working in `repo`."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            server = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+            if b"stages.common.warm" in server and os.readlink(stat.parent / "cwd") == str(repo):
+                return int(stat.parent.name)
+        except (OSError, IndexError, ValueError):
+            continue
+    return None
+
+
 def stage_process(root: int, module: str) -> int | None:
     """The pid of the process below `root` running `python -m <module>`, if any."""
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
@@ -287,13 +300,15 @@ def test_a_stage_killed_under_dvc_repro_gets_its_outputs_back_from_its_watcher(r
         deadline = time.monotonic() + 300
         stage = watcher = None
         # the stage is running, its watcher has started (a kill before that, in the first instant
-        # of the interpreter, has nobody to see it) and DVC has deleted its outputs
+        # of the interpreter, has nobody to see it) and DVC has deleted its outputs. DVC's command,
+        # `python -m stages train`, starts the watcher and has the stage forked from the warm server
         while stage is None or watcher is None or (repo / "data" / "model").exists():
             assert dvc.poll() is None and time.monotonic() < deadline, "train and its watcher were not seen running"
             time.sleep(0.2)
-            stage = stage_process(dvc.pid, "stages.train")
-            watcher = stage_process(stage, "stages.common.restore") if stage else None
-        os.kill(stage, signal.SIGKILL)
+            client = stage_process(dvc.pid, "stages")
+            watcher = stage_process(client, "stages.common.restore") if client else None
+            stage = warm_stage(repo)
+        os.kill(stage, signal.SIGKILL)  # the stage's own process, as the OOM killer would choose it
         assert dvc.wait(timeout=120) != 0
         deadline = time.monotonic() + 120  # the watcher finishes a moment after DVC reports the failure
         while recorded_outputs_or_none(repo, "train") != before and time.monotonic() < deadline:
