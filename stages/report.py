@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import Field
 
-from stages.common import comparison
+from stages.common import comparison, tuning
 from stages.common.artifacts import atomic_dir, read_json
 from stages.common.doc import Doc, num, ratio
 from stages.common.errors import StageError
@@ -73,6 +73,7 @@ class Inputs:
     results: list[dict[str, Any]]
     experiments: list[dict[str, Any]]
     compared: list[dict[str, Any]]  # the compare stage's configurations
+    tuned: list[dict[str, Any]]  # the finetune stage's runs
 
 
 def read_inputs(paths: Paths, params: Params) -> Inputs:
@@ -87,7 +88,8 @@ def read_inputs(paths: Paths, params: Params) -> Inputs:
         if (paths.eval / "results.json").is_file() else []
     experiments = experiment_records(Path.cwd(), paths.metrics_dir.as_posix()) if params.experiments else []
     given = read_params_file(paths.params_file)
-    return Inputs(given, metrics, steps, results, experiments, comparison.read_compared(paths.metrics_dir, given))
+    return Inputs(given, metrics, steps, results, experiments, comparison.read_compared(paths.metrics_dir, given),
+                  tuning.read_tuned(paths.metrics_dir, given))
 
 
 def flat(data: Any, prefix: str = "", whole: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -111,6 +113,7 @@ def defaults() -> dict[str, Any]:
         model = importlib.import_module(f"stages.{stage}").Params
         out[stage] = model().model_dump()
     out["compare"] = importlib.import_module("stages.compare").Settings().model_dump()
+    out["finetune"] = importlib.import_module("stages.finetune").Settings().model_dump()
     return out
 
 
@@ -365,6 +368,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     data_section(doc, inputs)
     training_section(doc, inputs, runs)
     comparison.section(doc, inputs.compared, inputs.params)
+    tuning.section(doc, inputs.tuned, inputs.params, inputs.results)
     compression_section(doc, inputs, params)
     html, markdown = doc.html(params.title), doc.markdown(params.title)
     with atomic_dir(paths.out, "report") as tmp:
@@ -377,7 +381,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
              len(inputs.results))
     return {"html_bytes": len(html.encode()), "markdown_bytes": len(markdown.encode()),
             "experiments": len(inputs.experiments), "training_runs": len(runs), "models": len(inputs.results),
-            "configurations_compared": len(inputs.compared),
+            "configurations_compared": len(inputs.compared), "finetune_runs": len(inputs.tuned),
             "figures": len(doc.figures)}
 
 

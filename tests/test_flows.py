@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, WIRING_CONFIGS, sh, tiny_repo
+from tests.conftest import ROOT, WIRING_CONFIGS, WIRING_RUNS, sh, tiny_repo
 
 pytestmark = pytest.mark.e2e
 STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", *[f"compare@{c}" for c in WIRING_CONFIGS],
-          "compress", "evaluate", "report"]
+          *[f"finetune@{r}" for r in WIRING_RUNS], "compress", "evaluate", "report"]
 
 
 @pytest.fixture(scope="module")

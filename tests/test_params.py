@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from flows.common import FlowParams
-from stages import clean, compare, compress, embed, evaluate, ingest, report, tokenize, train
+from stages import clean, compare, compress, embed, evaluate, finetune, ingest, report, tokenize, train
 from stages.common.errors import StageError
 from stages.common.params import BaseParams, load_params, validate_section
 from tests.conftest import ROOT, TINY, one_error_line, run_cli, tiny_params
@@ -33,6 +33,8 @@ def test_shipped_params_files_validate(path: Path) -> None:
     assert len(both.compare.configs) >= 16 and both.compare.baseline in both.compare.configs
     for name in both.compare.configs:  # every shipped configuration is one train accepts
         compare.configured(both, name)
+    _, tuning = load_params(path, ("train", "finetune"), finetune.Params)
+    assert {"full", "head", "lora", "qlora"} <= set(tuning.finetune.runs) and tuning.finetune.baseline == "full"
 
 
 def test_every_key_of_params_yaml_has_a_comment() -> None:
@@ -46,7 +48,7 @@ def test_every_key_of_params_yaml_has_a_comment() -> None:
 
 
 SECTIONS: dict[str, type[BaseModel]] = {"base": BaseParams, "flows": FlowParams, "compare": compare.Settings,
-                                        **{name: module.Params for name, module in STAGES.items()}}
+                                        "finetune": finetune.Settings, **{name: module.Params for name, module in STAGES.items()}}
 
 
 def yaml_comments(path: Path) -> dict[str, str]:
@@ -105,7 +107,7 @@ def test_params_yaml_comments_are_the_fields_descriptions() -> None:
     comments = yaml_comments(ROOT / "params.yaml")
     checked = 0
     for path, comment in comments.items():
-        if "." not in path or path.startswith(("compress.variants.", "compare.configs.")):
+        if "." not in path or path.startswith(("compress.variants.", "compare.configs.", "finetune.runs.")):
             continue  # a section's own comment; the shipped variants and configurations are data, each
             # comment says what it trades
         info = field_at(path)

@@ -15,12 +15,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, WIRING_CONFIGS, sh, tiny_repo
+from tests.conftest import ROOT, WIRING_CONFIGS, WIRING_RUNS, sh, tiny_repo
 
 pytestmark = pytest.mark.e2e
 COMPARED = [f"compare@{name}" for name in WIRING_CONFIGS]  # one stage per configuration (foreach)
-STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", *COMPARED, "compress", "evaluate", "report"]
-MODULES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compare", "compress", "evaluate", "report"]
+TUNED = [f"finetune@{name}" for name in WIRING_RUNS]  # one stage per fine-tuning run (foreach)
+STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", *COMPARED, *TUNED, "compress", "evaluate",
+          "report"]
+MODULES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compare", "finetune", "compress", "evaluate",
+           "report"]
+FOREACH = ("compare", "finetune")
 
 
 def ran(output: str) -> list[str]:
@@ -28,7 +32,7 @@ def ran(output: str) -> list[str]:
 
 
 def metrics_of(repo: Path, stage: str) -> dict:
-    """data/metrics/<stage>.json; compare@<name>'s is data/metrics/compare/<name>.json."""
+    """data/metrics/<stage>.json; compare@<name>'s is data/metrics/compare/<name>.json (finetune's alike)."""
     return json.loads((repo / "data" / "metrics" / f"{stage.replace('@', '/')}.json").read_text())
 
 
@@ -122,7 +126,8 @@ def test_a_word2vec_param_does_not_rerun_train_unless_train_starts_from_it(repo:
         params["train"]["init_from_word2vec"] = True  # now train starts from the vectors: it reruns
         (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
         assert ran(sh("dvc", "repro", "warmstart", cwd=repo)) == ["warmstart"]
-        assert dvc_changed(repo) == ["train", *COMPARED, "evaluate", "report"]  # every configuration starts from it
+        # every configuration starts from it, and every fine-tuning run reads the train section
+        assert dvc_changed(repo) == ["train", *COMPARED, *TUNED, "evaluate", "report"]
     finally:
         restore(repo)
     assert "up to date" in sh("dvc", "status", cwd=repo)
@@ -149,10 +154,10 @@ def test_editing_the_training_loop_reruns_train_and_what_its_bytes_change(repo: 
     sh("dvc", "repro", cwd=repo)
     edited(repo, "stages/train/loop.py")
     try:
-        # the comparison runs the train package; the report lists train's params defaults
-        assert dvc_changed(repo) == ["train", *COMPARED, "report"]
+        # the comparison and fine-tuning run the train package; the report lists train's params defaults
+        assert dvc_changed(repo) == ["train", *COMPARED, *TUNED, "report"]
         # the same model bytes come out: compress and evaluate do not rerun
-        assert ran(sh("dvc", "repro", cwd=repo)) == ["train", *COMPARED, "report"]
+        assert sorted(ran(sh("dvc", "repro", cwd=repo))) == sorted(["train", *COMPARED, *TUNED, "report"])
     finally:
         restore(repo)
 
@@ -389,25 +394,27 @@ def test_dvc_yaml_declares_every_common_module_each_stage_imports() -> None:
     for stage in MODULES:
         own = f"stages/{stage}" if (ROOT / "stages" / stage).is_dir() else f"stages/{stage}.py"
         # the comparison runs the train package whole (its registry finds the techniques at run time)
-        runs = [f"stages.{stage}", *(["stages.train"] if stage == "compare" else [])]
+        runs = [f"stages.{stage}", *(["stages.train"] if stage in FOREACH else [])]
         files = {f.relative_to(ROOT).as_posix() for f in closure(*runs)}
         needed = {f for f in files if not f.startswith(own + "/") and not f.startswith("stages/train/")} | {own}
         needed |= {"stages/train"} if any(f.startswith("stages/train/") for f in files) else set()
-        spec = pipeline[stage]["do"] if stage == "compare" else pipeline[stage]  # compare: a foreach
+        spec = pipeline[stage]["do"] if stage in FOREACH else pipeline[stage]  # one stage per item
         deps = set(spec["deps"])
         assert needed <= deps, f"{stage}: {sorted(needed - deps)} missing from dvc.yaml deps"
         extra = {d for d in deps if d.startswith("stages/")} - needed
         if stage != "report":  # the report reads every stage's Params (their defaults) besides
             assert extra == set(), f"{stage}: {sorted(extra)} in dvc.yaml deps but not run by the stage"
         assert "base.seed" in spec["params"]
-        assert stage in spec["params"] or stage in ("warmstart", "compare")
-        metrics = "data/metrics/compare/${key}.json" if stage == "compare" else f"data/metrics/{stage}.json"
+        assert stage in spec["params"] or stage in ("warmstart", *FOREACH)
+        metrics = f"data/metrics/{stage}/${{key}}.json" if stage in FOREACH else f"data/metrics/{stage}.json"
         assert spec["metrics"] == [{metrics: {"cache": False}}]
         outs = [o if isinstance(o, str) else next(iter(o)) for o in spec["outs"]]
         assert outs and all(o.startswith("data/") for o in outs)
     # a configuration reruns when its own keys or what every configuration shares change, no other's
     compare = pipeline["compare"]["do"]["params"]
     assert "compare.configs.${key}" in compare and "compare.configs" not in compare and "compare" not in compare
+    tuned = pipeline["finetune"]["do"]["params"]
+    assert "finetune.runs.${key}" in tuned and "finetune.runs" not in tuned and "finetune" not in tuned
 
 
 def test_training_does_not_run_quantization_storage_or_charts() -> None:

@@ -283,7 +283,7 @@ def test_word2vec_initialisation(train: Callable[..., Any], tokens: Path) -> Non
     import numpy as np
 
     from stages.common.models import ModelParams, build_model
-    from stages.train.build import init_embedding_from_word2vec
+    from stages.train.task import init_embedding_from_word2vec
 
     special = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
     aligned = np.load(tokens.parent / "embed" / "aligned.npy")  # the tiny profile: 32 dimensions

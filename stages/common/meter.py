@@ -15,6 +15,10 @@ Categories
 - temporaries: created in backward (recomputation under checkpointing included, and a
   gradient until autograd accumulates it) or in the optimizer step, and not kept.
 
+A run may split `parameters` further (the finetune stage: frozen and trainable weights,
+adapters): it names its categories when it makes the meter and says each parameter's
+category as it tracks the model.
+
 Metering costs Python work per operation (about 2x step time for a small model): meter a
 few representative steps and time throughput on the others.
 """
@@ -22,7 +26,7 @@ few representative steps and time throughput on the others.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,12 +76,13 @@ class Peak:
 class TensorMeter(TorchDispatchMode):
     """Counts live tensor storage by category. Use `with meter.phase(step, "forward"): ...`."""
 
-    def __init__(self) -> None:
+    def __init__(self, categories: tuple[str, ...] = CATEGORIES) -> None:
         super().__init__()
+        self.categories = categories
         self._live: dict[int, tuple[weakref.ref[Any], int, str]] = {}  # id(storage) -> (ref, bytes, category)
-        self.current: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
-        self.category_peaks: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
-        self.peak = Peak()
+        self.current: dict[str, int] = dict.fromkeys(categories, 0)
+        self.category_peaks: dict[str, int] = dict.fromkeys(categories, 0)
+        self.peak = Peak(by_category=dict.fromkeys(categories, 0))
         self.step_peaks: dict[int, int] = {}  # step -> the largest total during it
         self.step = -1
         self.phase_name = "setup"
@@ -127,11 +132,12 @@ class TensorMeter(TorchDispatchMode):
             self.peak = Peak(total, dict(self.current), self.step, self.phase_name)
 
     # ------------------------------------------------------------------ wiring
-    def track_model(self, model: torch.nn.Module) -> None:
-        """Count the model's parameters and buffers, and move gradients to `gradients` as
-        autograd accumulates them."""
-        for p in model.parameters():
-            self._move(_storage(p), "parameters")
+    def track_model(self, model: torch.nn.Module,
+                    category_of: Callable[[str, torch.Tensor], str] = lambda name, tensor: "parameters") -> None:
+        """Count the model's parameters and buffers (in `category_of(name, tensor)`), and move
+        gradients to `gradients` as autograd accumulates them."""
+        for name, p in model.named_parameters():
+            self._move(_storage(p), category_of(name, p))
             if p.grad is not None:
                 self._move(_storage(p.grad), "gradients")
             if p.requires_grad:
@@ -142,8 +148,8 @@ class TensorMeter(TorchDispatchMode):
                     for key, hook in [(k, hooks.pop(k)) for k in list(hooks) if k != handle.id]:
                         hooks[key] = hook
                 self._hooks.append(handle)
-        for b in model.buffers():
-            self._move(_storage(b), "parameters")
+        for name, b in model.named_buffers():
+            self._move(_storage(b), category_of(name, b))
 
     def _grad_hook(self, p: torch.Tensor) -> None:
         if p.grad is not None:
@@ -219,9 +225,9 @@ class TensorMeter(TorchDispatchMode):
         """Flat metrics in MiB: each category's own peak, the total's peak, and the
         categories at the moment of the total's peak, with its step and phase."""
         mib = 2**20
-        out: dict[str, Any] = {mem_key(c, prefix): self.category_peaks[c] / mib for c in CATEGORIES}
+        out: dict[str, Any] = {mem_key(c, prefix): self.category_peaks[c] / mib for c in self.categories}
         out[mem_key("total", prefix)] = self.peak.total / mib
-        for c in CATEGORIES:
+        for c in self.categories:
             out[mem_key(c, prefix, at_peak=True)] = self.peak.by_category[c] / mib
         out[f"{prefix}peak_step"] = self.peak.step
         out[f"{prefix}peak_phase"] = self.peak.phase

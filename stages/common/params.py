@@ -91,7 +91,7 @@ def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 # the top-level sections of params.yaml: one per stage that has params, base, and the flows'
-SECTIONS = ("base", "ingest", "clean", "tokenize", "embed", "train", "compare", "compress", "evaluate", "report",
+SECTIONS = ("base", "ingest", "clean", "tokenize", "embed", "train", "compare", "finetune", "compress", "evaluate", "report",
             "flows")
 
 

@@ -19,11 +19,12 @@ from stages.common.models import output_head
 
 def prunable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """The matrices pruning acts on: ≥ 2-D parameters that are not an embedding table, an
-    output head (tied or not) or a position table."""
-    skip = {id(model.get_input_embeddings().weight)}
+    output head (tied or not) or a position table. (A table held quantized and frozen has no
+    weight parameter at all.)"""
+    skip = {id(getattr(model.get_input_embeddings(), "weight", None))}
     head = output_head(model)
     if head is not None:
-        skip.add(id(head.weight))
+        skip.add(id(getattr(head, "weight", None)))
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             skip.add(id(module.weight))

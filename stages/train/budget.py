@@ -13,10 +13,10 @@ import torch
 
 from stages.common.errors import StageError
 from stages.common.memory import available_mib
-from stages.common.models import build_model
 from stages.common.schema import TokensMeta
 from stages.train.estimate import predict_memory
 from stages.train.params import with_changes
+from stages.train.task import LanguageModelling, Task
 from stages.train.techniques import all_moves
 
 log = logging.getLogger("lmmem.train")
@@ -52,18 +52,19 @@ def limit(p: Any, device: torch.device) -> tuple[float, str] | None:
     return found
 
 
-def meta_model(p: Any, meta: TokensMeta) -> torch.nn.Module:
-    """The configured model on the meta device: its shapes, no memory."""
+def meta_model(p: Any, meta: TokensMeta, task: Task | None = None) -> torch.nn.Module:
+    """The task's model on the meta device: its shapes, no memory."""
     with torch.device("meta"):
-        return build_model(p.model, meta.vocab_size, meta.special_ids.model_dump())
+        return (task or LanguageModelling(meta)).make_model(p, dry_run=True)
 
 
-def check_parameters_fit(p: Any, model: torch.nn.Module, device: torch.device) -> None:
+def check_parameters_fit(p: Any, model: torch.nn.Module, device: torch.device, sequence: int = 0) -> None:
     """Refuse at once a run that cannot fit whatever its techniques: a model (on the meta
     device) whose parameters alone, at 2 bytes each per rank, exceed what the machine can hold,
     or a micro-batch whose token ids (8 bytes each) and block inputs (1 byte an element, kept
     for backward even under full checkpointing) alone do. No memory and no dry run spent on
-    it. (Against train.memory_budget_mib the dry run decides, and names the moves it tried.)"""
+    it. (Against train.memory_budget_mib the dry run decides, and names the moves it tried.)
+    `sequence`: positions a row holds (default the model's context)."""
     found = machine_limit(p, device)
     if found is None:
         return
@@ -74,17 +75,18 @@ def check_parameters_fit(p: Any, model: torch.nn.Module, device: torch.device) -
         raise StageError(f"train.model: {count / 1e6:,.1f} M parameters need at least {floor_mib:,.0f} MiB "
                          f"per process (2 bytes each) before any gradient or activation, more than {found[1]}: "
                          f"choose fewer layers or a smaller width")
-    m, tokens = p.model, p.micro_batch_size * p.model.context
-    floor_mib = (p.micro_batch_size * (m.context + 1) * 8 + tokens * m.width * m.layers * SAVED_BYTES_FLOOR) / 2**20
+    m, sequence = p.model, sequence or p.model.context
+    tokens = p.micro_batch_size * sequence
+    floor_mib = (p.micro_batch_size * (sequence + 1) * 8 + tokens * m.width * m.layers * SAVED_BYTES_FLOOR) / 2**20
     if floor_mib > found[0]:
-        raise StageError(f"train.micro_batch_size: {p.micro_batch_size:,} sequences of {m.context:,} tokens need at "
+        raise StageError(f"train.micro_batch_size: {p.micro_batch_size:,} sequences of {sequence:,} tokens need at "
                          f"least {floor_mib:,.0f} MiB for their token ids and each block's input before anything "
                          f"else, more than {found[1]}: choose a smaller micro_batch_size (batch_size can stay "
                          f"larger: the micro-batches accumulate)")
 
 
-def fit_budget(p: Any, meta: TokensMeta, device: torch.device, seed: int,
-               predicted: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def fit_budget(p: Any, meta: TokensMeta, device: torch.device, seed: int, predicted: dict[str, Any],
+               task: Task | None = None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """Over budget (the smaller of train.memory_budget_mib and the machine's available
     memory): with auto_fit, apply the moves cumulatively, cheapest first, until the estimate
     fits, and train with that; without, stop with the moves that would fit. Returns
@@ -102,7 +104,7 @@ def fit_budget(p: Any, meta: TokensMeta, device: torch.device, seed: int,
         except ValueError:  # a technique refuses this move with the ones made so far: go on without it
             continue
         changes = {**changes, **move.changes}
-        estimate = predict_memory(candidate, meta, device, seed)
+        estimate = predict_memory(candidate, meta, device, seed, task)
         estimate_mib = estimate["est_total_peak_mib"]
         tried.append(f"{describe(changes)} {estimate_mib:,.1f} MiB")
         if estimate_mib > budget:

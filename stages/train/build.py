@@ -5,7 +5,6 @@ gradient scaler and the techniques' running state."""
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,10 +13,9 @@ import torch
 
 from stages.common import distributed
 from stages.common.distributed import Context
-from stages.common.errors import StageError
 from stages.common.meter import TensorMeter
-from stages.common.models import build_model
 from stages.common.schema import TokensMeta
+from stages.train.task import LanguageModelling, Task
 from stages.train.techniques import REGISTRY, State, optimizer_family
 
 
@@ -33,11 +31,12 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     raw: torch.nn.Module
+    task: Task
     states: dict[str, State] = field(default_factory=dict)
     keep_grads: bool = False
 
     def track(self, meter: TensorMeter) -> None:
-        meter.track_model(self.model)
+        meter.track_model(self.model, self.task.param_category)
         meter.track_optimizer(self.optimizer)
         for state in self.states.values():
             meter.track(state.tensors(), "parameters")  # model state (pruning's masks)
@@ -64,15 +63,14 @@ def forward_context(p: Any, device: torch.device) -> contextlib.ExitStack:
 
 
 def build(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Context = Context(),
-          dry_run: bool = False, word2vec: np.ndarray | None = None) -> Parts:
-    """Model (seeded; its input embedding from `word2vec` when given), each technique's
-    changes, the distributed wrapper (a dry run only reshapes what one rank holds), the
-    optimizer of p.optimizer's family, and the gradient scaler."""
+          dry_run: bool = False, word2vec: np.ndarray | None = None, task: Task | None = None) -> Parts:
+    """The task's model (seeded; by default a language model, its input embedding from
+    `word2vec` when given), each technique's changes, the distributed wrapper (a dry run only
+    reshapes what one rank holds), the optimizer of p.optimizer's family, and the gradient scaler."""
+    task = task or LanguageModelling(meta, word2vec=word2vec, seed=seed)
     torch.manual_seed(seed)
     with device:  # made where it trains: no copy, and fake tensors cannot be moved
-        model = build_model(p.model, meta.vocab_size, meta.special_ids.model_dump())
-    if word2vec is not None:
-        init_embedding_from_word2vec(model, word2vec, seed)
+        model = task.make_model(p, dry_run)
     states = {}
     for technique in REGISTRY:
         if (state := technique.prepare(model, p, device)) is not None:
@@ -88,25 +86,8 @@ def build(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Contex
     scaler = scalers[0] if scalers else torch.amp.GradScaler(device.type, enabled=False)
     # DDP's gradients are views of its buckets: kept between steps (zeroed, not freed), the
     # meter sees them where they live, and a dry run holds them as long
-    return Parts(model, optimizer, scaler, raw, states, keep_grads=ctx.enabled and ctx.strategy in ("ddp", "zero1"))
-
-
-def init_embedding_from_word2vec(model: torch.nn.Module, aligned: np.ndarray, seed: int) -> None:
-    """Copy Word2Vec's vectors (row i = token id i) into the input embedding. A different width
-    goes through a fixed random projection; either way rows are rescaled to the standard
-    deviation of the embedding they replace, so the rest of the initialisation stays in scale."""
-    weight = model.get_input_embeddings().weight
-    if aligned.shape[0] != weight.shape[0]:
-        raise StageError(f"data/embed/aligned.npy has {aligned.shape[0]} rows for a vocabulary of "
-                         f"{weight.shape[0]}: rerun the embed stage on these tokens")
-    vectors = torch.from_numpy(aligned).float()
-    if vectors.shape[1] != weight.shape[1]:
-        g = torch.Generator().manual_seed(seed)
-        projection = torch.randn(vectors.shape[1], weight.shape[1], generator=g) / math.sqrt(vectors.shape[1])
-        vectors = vectors @ projection
-    with torch.no_grad():
-        vectors *= weight.std() / vectors.std().clamp_min(1e-12)
-        weight.copy_(vectors.to(weight.device, weight.dtype))
+    return Parts(model, optimizer, scaler, raw, task, states,
+                 keep_grads=ctx.enabled and ctx.strategy in ("ddp", "zero1"))
 
 
 @dataclass

@@ -46,33 +46,37 @@ def matmul_weights(model: torch.nn.Module) -> int:
     return total
 
 
-def step_flops(p: Any, model: torch.nn.Module) -> float:
-    """FLOPs of one optimizer step (all ranks together)."""
-    m = p.model
+def step_flops(p: Any, model: torch.nn.Module, sequence: int = 0) -> float:
+    """FLOPs of one optimizer step (all ranks together) on rows of `sequence` positions
+    (default the model's context)."""
+    m, sequence = p.model, sequence or p.model.context
     per_token = 6.0 * matmul_weights(model)
     if m.family != "lstm":
-        per_token += 12.0 * m.layers * m.context * m.width  # scores and their weighted sum, forward and back
+        per_token += 12.0 * m.layers * sequence * m.width  # scores and their weighted sum, forward and back
     if getattr(p, "activation_checkpointing", False):
         per_token *= 4 / 3  # the forward once more in the backward
-    return per_token * p.batch_size * m.context
+    return per_token * p.batch_size * sequence
 
 
-def expected_seconds(p: Any, model: torch.nn.Module, device: torch.device) -> tuple[float, float]:
+def expected_seconds(p: Any, model: torch.nn.Module, device: torch.device, sequence: int = 0) -> tuple[float, float]:
     """(seconds, measured matmul FLOP/s) of the whole run: its steps, and its validation
     passes (forward only: a third of a step's work per token)."""
     flops = matmul_flops(device)
     evaluations = p.steps // p.eval_every + 1
-    work = p.steps * step_flops(p, model) + evaluations * p.eval_batches * step_flops(p, model) / 3
+    one = step_flops(p, model, sequence)
+    work = p.steps * one + evaluations * p.eval_batches * one / 3
     ranks = p.distributed.world_size if device.type == "cuda" else 1  # CPU ranks share this machine's cores
     return work / (flops * EFFICIENCY * ranks), flops
 
 
-def say_duration(p: Any, model: torch.nn.Module, device: torch.device) -> float:
+def say_duration(p: Any, model: torch.nn.Module, device: torch.device, sequence: int = 0,
+                 stage: str = "train") -> float:
     """Log the expected duration (a warning when it is hours); returns the seconds."""
-    seconds, flops = expected_seconds(p, model, device)
+    seconds, flops = expected_seconds(p, model, device, sequence)
     text = f"{seconds / HOURS:.1f} hours" if seconds >= HOURS else f"{seconds / 60:.1f} min"
-    line = (f"train: {p.steps:,} steps of {p.batch_size} x {p.model.context} tokens: expected to take about {text} "
-            f"here ({step_flops(p, model) / 1e9:,.1f} GFLOP a step, matmuls measured at {flops / 1e9:,.0f} GFLOP/s)")
+    line = (f"{stage}: {p.steps:,} steps of {p.batch_size} x {sequence or p.model.context} tokens: expected to take "
+            f"about {text} here ({step_flops(p, model, sequence) / 1e9:,.1f} GFLOP a step, matmuls measured at "
+            f"{flops / 1e9:,.0f} GFLOP/s)")
     if seconds >= HOURS:
         log.warning("%s", line)
     else:

@@ -17,6 +17,7 @@ from stages.common.models import build_model
 from stages.common.schema import CATEGORIES, TokensMeta, mem_key
 from stages.train.build import build
 from stages.train.step import train_step
+from stages.train.task import Task
 from stages.train.techniques import REGISTRY
 
 
@@ -58,7 +59,7 @@ DRY_RUN_MICRO_BATCHES = 64
 
 
 def dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Context = Context(),
-            batch: int = 0) -> dict[str, Any]:
+            batch: int = 0, task: Task | None = None) -> dict[str, Any]:
     """The configured model, optimizer and techniques run `max(2, meter_steps)` steps of
     `batch` windows (default batch_size) on fake tensors under the meter. Exact up to kernels
     that allocate differently on fake inputs. `ctx` reshapes it to one rank of a distributed
@@ -72,19 +73,20 @@ def dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Cont
         for technique in REGISTRY:
             for mode in technique.dry_run_modes(p):
                 stack.enter_context(mode)
-        parts = build(p, meta, device, seed, ctx=ctx, dry_run=True)
-        meter = TensorMeter()
+        parts = build(p, meta, device, seed, ctx=ctx, dry_run=True, task=task)
+        meter = TensorMeter(parts.task.categories)
         parts.track(meter)
         for step in range(max(2, p.meter_steps)):
-            rows = torch.zeros(min(batch or p.batch_size, p.micro_batch_size * DRY_RUN_MICRO_BATCHES),
-                               p.model.context + 1, dtype=torch.long, device=device)
+            rows = parts.task.fake_rows(min(batch or p.batch_size, p.micro_batch_size * DRY_RUN_MICRO_BATCHES), p,
+                                        device)
             train_step(parts, rows, p, device, step, meter)
             del rows
         meter.close()
     return meter.summary(prefix="est_")
 
 
-def predict_memory(p: Any, meta: TokensMeta, device: torch.device, seed: int) -> dict[str, Any]:
+def predict_memory(p: Any, meta: TokensMeta, device: torch.device, seed: int,
+                   task: Task | None = None) -> dict[str, Any]:
     """The dry run's prediction; distributed, per rank (the largest rank's figures as est_*,
     every rank's total and optimizer state as rank<r>_est_*). Each rank trains on
     batch_size / ranks windows. ddp: gradients stay allocated between steps (DDP's
@@ -92,15 +94,15 @@ def predict_memory(p: Any, meta: TokensMeta, device: torch.device, seed: int) ->
     only. fsdp: ZeRO stage 3's formula on the one-rank dry run (`fsdp_estimate`)."""
     d = p.distributed
     if d.world_size == 1:
-        return dry_run(p, meta, device, seed)
+        return dry_run(p, meta, device, seed, task=task)
     world, local = d.world_size, p.batch_size // d.world_size
-    ddp = dry_run(p, meta, device, seed, Context(0, world, 0, "ddp"), local)
+    ddp = dry_run(p, meta, device, seed, Context(0, world, 0, "ddp"), local, task)
     if d.strategy == "ddp":
         per_rank = [ddp] * world
     elif d.strategy == "zero1":
-        per_rank = [dry_run(p, meta, device, seed, Context(r, world, r, "zero1"), local) for r in range(world)]
+        per_rank = [dry_run(p, meta, device, seed, Context(r, world, r, "zero1"), local, task) for r in range(world)]
     else:
-        single = dry_run(p, meta, device, seed, Context(), local)
+        single = dry_run(p, meta, device, seed, Context(), local, task)
         per_rank = [fsdp_estimate(single, p, meta, world)] * world
     total = mem_key("total", "est_")
     out = dict(max(per_rank, key=lambda e: e[total]))

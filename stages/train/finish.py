@@ -9,6 +9,7 @@ import logging
 import math
 import shutil
 import statistics
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ def finish(parts: Parts, progress: Progress, p: Any, paths: Paths, base: BasePar
     final = full_model(parts, p, meta, ctx)
     if not ctx.main:
         return None
-    metrics = run_metrics(final, progress, p, ctx, extra)
+    metrics = run_metrics(final, progress, p, ctx, extra, parts.task.sequence_length(p))
     metrics.update(rank_figures(ranks, predicted))
     metrics.update(predicted)
     metrics.update(estimate_errors(metrics, predicted))
@@ -64,10 +65,10 @@ def finish(parts: Parts, progress: Progress, p: Any, paths: Paths, base: BasePar
 
 
 def run_metrics(final: torch.nn.Module, progress: Progress, p: Any, ctx: Context,
-                extra: dict[str, Any]) -> dict[str, Any]:
+                extra: dict[str, Any], sequence: int) -> dict[str, Any]:
     records = progress.records
     final_val = records[-1]["val_loss"]  # the last step always evaluates
-    tokens_per_step = p.batch_size * p.model.context
+    tokens_per_step = p.batch_size * sequence
     metrics: dict[str, Any] = {
         **count_parameters(final), **extra,
         "steps": p.steps, "tokens_seen": p.steps * tokens_per_step,
@@ -127,8 +128,17 @@ def rank_figures(ranks: list[dict[str, Any]], predicted: dict[str, Any]) -> dict
 
 
 def write_steps(paths: Paths, records: list[dict[str, Any]], device: torch.device) -> None:
-    with atomic_dir(paths.plots, paths.writer) as tmp, (tmp / "steps.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS + (["cuda_peak_mib"] if device.type == "cuda" else []))
+    with atomic_dir(paths.plots, paths.writer) as tmp:
+        write_steps_csv(tmp / "steps.csv", records, device)
+
+
+def write_steps_csv(path: Path, records: list[dict[str, Any]], device: torch.device) -> None:
+    """One row a step: the loss, learning rate, time and each technique's columns (and a
+    task's own, such as the validation accuracy)."""
+    with path.open("w", newline="") as f:
+        fields = CSV_FIELDS + (["cuda_peak_mib"] if device.type == "cuda" else [])
+        fields += [k for k in dict.fromkeys(k for r in records for k in r) if k not in fields]  # a task's own
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in records:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -22,35 +22,52 @@ from stages.common.meter import TensorMeter
 from stages.common.optim import lr_at, set_lr
 from stages.common.params import BaseParams
 from stages.common.schema import TokensMeta, read_typed
-from stages.common.windows import Windows
 from stages.train import identity
 from stages.train.budget import check_parameters_fit, describe, fit_budget, meta_model
-from stages.train.build import Parts, Progress, build
+from stages.train.build import Parts, Progress, build, forward_context
 from stages.train.duration import say_duration
 from stages.train.estimate import predict_memory
 from stages.train.finish import finish
 from stages.train.params import Paths
-from stages.train.step import train_step, validation_loss
+from stages.train.step import train_step
+from stages.train.task import LanguageModelling, Task
 from stages.train.techniques import REGISTRY
 from stages.train.techniques.sharding import batch_split_problem
 
 log = logging.getLogger("lmmem.train")
 
 
+@dataclass
+class Trained:
+    """What a finished loop hands to the code that writes its outputs."""
+
+    parts: Parts
+    progress: Progress
+    p: Any  # the params trained with (auto-fit's changes included)
+    predicted: dict[str, Any]
+    extra: dict[str, Any]  # figures for the metrics: the techniques' start-up ones, auto-fit's changes
+
+
 def train(p: Any, paths: Paths, base: BaseParams, ctx: Context, device: torch.device) -> dict[str, Any] | None:
-    """Train on this process; the metrics on rank 0, None on the other ranks."""
+    """Train a language model on this process; the metrics on rank 0, None on the other ranks."""
+    meta = read_typed(paths.tokens / "meta.json", TokensMeta)
+    word2vec = np.load(paths.embed / "aligned.npy") if p.init_from_word2vec else None
+    task = LanguageModelling(meta, paths.tokens, p.model.context, word2vec, base.seed)
+    done = run_loop(p, task, meta, paths, base, ctx, device)
+    return finish(done.parts, done.progress, done.p, paths, base, ctx, device, meta, done.predicted, done.extra)
+
+
+def run_loop(p: Any, task: Task, meta: TokensMeta, paths: Paths, base: BaseParams, ctx: Context,
+             device: torch.device, stage: str = "train") -> Trained:
+    """Plan, build, resume and step through `task`'s run on this process."""
     started = {k: v for t in REGISTRY for k, v in t.start(p, device).items()}
     if p.threads:
         torch.set_num_threads(p.threads)
-    meta = read_typed(paths.tokens / "meta.json", TokensMeta)
-    train_windows = Windows(paths.tokens / "train.bin", meta.dtype, p.model.context, meta.vocab_size)
-    val_windows = Windows(paths.tokens / "validation.bin", meta.dtype, p.model.context, meta.vocab_size)
     if (problem := batch_split_problem(p, ctx.world)) is not None:  # torchrun's world may not be params'
-        raise StageError(f"train: {problem}")
-    p, predicted, fitted = plan(p, meta, device, base.seed, ctx)
+        raise StageError(f"{stage}: {problem}")
+    p, predicted, fitted = plan(p, task, meta, device, base.seed, ctx, stage)
     ctx = replace(ctx, strategy=p.distributed.strategy if ctx.enabled else ctx.strategy)
-    word2vec = np.load(paths.embed / "aligned.npy") if p.init_from_word2vec else None
-    parts = build(p, meta, device, base.seed, ctx=ctx, word2vec=word2vec)
+    parts = build(p, meta, device, base.seed, ctx=ctx, task=task)
     progress = Progress(np.random.default_rng(base.seed), metered=[{} for _ in range(ctx.world)])
     fingerprint = checkpoint.fingerprint(base, p, meta, checkpoint.file_digest(paths.tokens / "train.bin"),
                                          identity.code_identity())
@@ -58,18 +75,18 @@ def train(p: Any, paths: Paths, base: BaseParams, ctx: Context, device: torch.de
     if p.checkpoint_every and not saves:
         log.info("fsdp: no resume checkpoints (the stage saves and resumes ddp, zero1 and one-process runs)")
     start = resume(parts, progress, paths, fingerprint, ctx) if saves else 0
-    meter = TensorMeter()
+    meter = TensorMeter(task.categories)
     parts.track(meter)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if start >= p.meter_steps:
         meter.close()  # nothing left to meter
-    bar = tqdm(range(start, p.steps), desc="train", unit=" steps", mininterval=2, initial=start, total=p.steps,
+    bar = tqdm(range(start, p.steps), desc=stage, unit=" steps", mininterval=2, initial=start, total=p.steps,
                disable=not ctx.main)
     for step in bar:
-        record = one_step(parts, progress, p, train_windows, device, step, ctx, meter)
+        record = one_step(parts, progress, p, device, step, ctx, meter)
         if (step + 1) % p.eval_every == 0 or step + 1 == p.steps:
-            record["val_loss"] = validation_loss(parts.raw, val_windows, p, device)
+            record.update(task.validate(parts.raw, p, device, lambda: forward_context(p, device)))
         progress.records.append(record)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}")
         if step + 1 == p.meter_steps:
@@ -79,27 +96,28 @@ def train(p: Any, paths: Paths, base: BaseParams, ctx: Context, device: torch.de
         if saves and step + 1 >= p.meter_steps and ((step + 1) % p.checkpoint_every == 0 or last):
             save_checkpoint(parts, progress, paths, fingerprint, step, ctx)
     meter.close()
-    return finish(parts, progress, p, paths, base, ctx, device, meta, predicted,
-                  {**started, "auto_fit_changes": fitted})
+    return Trained(parts, progress, p, predicted, {**started, "auto_fit_changes": fitted})
 
 
-def plan(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Context) -> tuple[Any, dict[str, Any], str]:
+def plan(p: Any, task: Task, meta: TokensMeta, device: torch.device, seed: int, ctx: Context,
+         stage: str = "train") -> tuple[Any, dict[str, Any], str]:
     """Rank 0's prediction and what fits the budget, shared with every rank (a refusal too,
     so that no rank waits for rank 0). Returns (params, prediction, auto-fit's changes)."""
     shared: tuple[Any, ...] | str | None = None
     if ctx.main:
         try:
-            model = meta_model(p, meta)
-            seconds = say_duration(p, model, device)  # the first line: minutes or hours
-            check_parameters_fit(p, model, device)  # at once, not after minutes of dry run
+            model = meta_model(p, meta, task)
+            sequence = task.sequence_length(p)
+            seconds = say_duration(p, model, device, sequence, stage)  # the first line: minutes or hours
+            check_parameters_fit(p, model, device, sequence)  # at once, not after minutes of dry run
             if p.max_hours and seconds > p.max_hours * 3600:
-                raise StageError(f"train.max_hours: the run is expected to take about {seconds / 3600:,.0f} hours "
+                raise StageError(f"{stage}.max_hours: the run is expected to take about {seconds / 3600:,.0f} hours "
                                  f"here, more than max_hours ({p.max_hours:g}): fewer steps, a smaller batch or "
                                  f"model, or a larger max_hours (0: no limit)")
             log.info("dry run: %d steps of the configured model on fake tensors, to predict its memory",
                      max(2, p.meter_steps))
-            predicted = predict_memory(p, meta, device, seed)
-            fitted_p, predicted, changes = fit_budget(p, meta, device, seed, predicted)
+            predicted = predict_memory(p, meta, device, seed, task)
+            fitted_p, predicted, changes = fit_budget(p, meta, device, seed, predicted, task)
             shared = (fitted_p, predicted, describe(changes))
         except StageError as exc:
             shared = str(exc)
@@ -109,16 +127,17 @@ def plan(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Context
     return shared  # type: ignore[return-value]
 
 
-def one_step(parts: Parts, progress: Progress, p: Any, windows: Windows, device: torch.device, step: int,
-             ctx: Context, meter: TensorMeter) -> dict[str, Any]:
+def one_step(parts: Parts, progress: Progress, p: Any, device: torch.device, step: int, ctx: Context,
+             meter: TensorMeter) -> dict[str, Any]:
     """One optimizer step on this rank's share of a seeded batch; returns the step's record."""
     metering = step < p.meter_steps
     started = time.perf_counter()
     lr = lr_at(step, p.lr, p.steps, p.warmup_steps, p.decay, p.min_lr_ratio)
     set_lr(parts.optimizer, lr)
-    local = p.batch_size // ctx.world  # this rank's windows of each batch
-    starts = windows.random_starts(progress.rng, p.batch_size)  # the whole batch, the same on every rank
-    rows = windows.batch(starts[ctx.rank * local:(ctx.rank + 1) * local]).to(device)
+    local = p.batch_size // ctx.world  # this rank's rows of each batch
+    batch = parts.task.sample(progress.rng, p.batch_size)  # the whole batch, the same on every rank
+    rows = batch[ctx.rank * local:(ctx.rank + 1) * local].to(device)
+    del batch
     losses = train_step(parts, rows, p, device, step, meter if metering else None)
     step_loss = ctx.mean(sum(loss.item() for loss in losses))
     del rows

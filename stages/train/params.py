@@ -74,7 +74,7 @@ def with_changes(p: Any, changes: dict[str, Any]) -> Any:
     for key, value in changes.items():
         section, _, name = key.rpartition(".")
         (data[section] if section else data)[name] = value
-    return Params.model_validate(data)
+    return type(p).model_validate(data)  # train's Params, or a stage's that extends it
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""One optimizer step and the validation loss: the arithmetic of training, the same for a
-real run and the dry run."""
+"""One optimizer step: the arithmetic of training, the same for a real run and the dry run,
+whatever the task (its loss is the task's)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ from typing import Any
 import torch
 
 from stages.common import distributed
-from stages.common.errors import StageError
 from stages.common.meter import TensorMeter
 from stages.common.optim import clip_gradients
-from stages.common.windows import Windows, next_token_loss
 from stages.train.build import Parts, forward_context
 
 
@@ -35,7 +33,7 @@ def train_step(parts: Parts, rows: torch.Tensor, p: Any, device: torch.device, s
                 if meter is not None:
                     meter.track(micro, "activations")
                 with forward_context(p, device):
-                    loss = next_token_loss(model, micro) / len(micros)
+                    loss = parts.task.loss(model, micro) / len(micros)
             with phase("backward"):
                 scaler.scale(loss).backward()
         losses.append(loss.detach())
@@ -49,21 +47,3 @@ def train_step(parts: Parts, rows: torch.Tensor, p: Any, device: torch.device, s
         optimizer.zero_grad(set_to_none=not parts.keep_grads)
         parts.after_step(step)
     return losses
-
-
-@torch.no_grad()
-def validation_loss(model: torch.nn.Module, windows: Windows, p: Any, device: torch.device) -> float:
-    """Mean next-token loss on fixed validation windows: eval_batches × batch_size of them,
-    the same whatever the micro-batch, run micro_batch_size at a time (its memory bound)."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in windows.fixed_batches(p.eval_batches, p.batch_size):
-        for rows in batch.split(p.micro_batch_size):
-            with forward_context(p, device):
-                loss = next_token_loss(model, rows.to(device))
-            total += loss.item() * rows.size(0)
-            count += rows.size(0)
-    model.train()
-    if count == 0:
-        raise StageError("the validation split is shorter than one window: lower train.model.context")
-    return total / count
