@@ -160,6 +160,7 @@ def tiny_repo(repo: Path, env: dict[str, str] | None = None) -> Path:
     params["compress"]["variants"] = {name: params["compress"]["variants"][name] for name in WIRING_VARIANTS}
     params["compare"]["configs"] = {name: params["compare"]["configs"][name] for name in WIRING_CONFIGS}
     params["finetune"]["runs"] = {name: params["finetune"]["runs"][name] for name in WIRING_RUNS}
+    params["finetune"]["baseline"] = WIRING_RUNS[0]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     sh("git", "init", "-q", "-b", "main", cwd=repo, env=env)
     sh("dvc", "init", "-q", cwd=repo, env=env)

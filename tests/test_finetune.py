@@ -176,3 +176,55 @@ def test_the_train_stage_refuses_fine_tuning_methods(tmp_path: Path) -> None:
 
     with pytest.raises(StageError, match="tune and frozen_weights are fine-tuning methods"):
         validate_section("train", {**tiny_params()["train"], "tune": "lora"}, Params)
+
+
+def budget_only_adapters_meet(tokens: Path, model: Path, params: Path) -> float:
+    """A budget that full fine-tuning cannot meet with every other move of the registry made,
+    and that the same moves with the adapters meet: halfway between the two estimates."""
+    from stages.common.params import load_params
+    from stages.common.schema import TokensMeta, read_typed
+    from stages.finetune import Params, configured
+    from stages.finetune.tasks import Classification
+    from stages.train.estimate import predict_memory
+    from stages.train.params import with_changes
+    from stages.train.techniques import all_moves
+
+    _, both = load_params(params, ("train", "finetune"), Params)
+    p = configured(both, "full", model)
+    meta = read_typed(tokens / "meta.json", TokensMeta)
+    task = Classification(meta, tokens, model, p.max_tokens)
+    changes: dict[str, Any] = {}
+    for move in all_moves(p):
+        if "tune" not in move.changes:
+            try:
+                with_changes(p, {**changes, **move.changes})
+                changes.update(move.changes)
+            except ValueError:
+                continue
+    cpu = torch.device("cpu")
+    floor = predict_memory(with_changes(p, changes), meta, cpu, 0, task)["est_total_peak_mib"]
+    lora = predict_memory(with_changes(p, {**changes, "tune": "lora"}), meta, cpu, 0, task)["est_total_peak_mib"]
+    assert lora < 0.8 * floor  # the adapters save beyond what every other technique saves
+    return round((floor + lora) / 2, 3)
+
+
+@pytest.mark.parametrize("auto_fit", [False, True])
+def test_over_budget_auto_fit_moves_to_adapters(tokens: Path, model: Path, tmp_path: Path, auto_fit: bool) -> None:
+    """Over a budget that only the adapters meet: without auto_fit the run stops and names the
+    moves that fit, the adapters among them; with it, the run trains with them, under budget."""
+    params = write_params(tmp_path / "params.yaml")
+    budget = budget_only_adapters_meet(tokens, model, params)
+    params = write_params(tmp_path / "params.yaml", finetune={"runs": {"full": {
+        "lr": 0.0003, "memory_budget_mib": budget, "auto_fit": auto_fit}}})
+    result = run_cli("finetune", finetune_args(params, tokens, model, tmp_path, "full"))
+    if not auto_fit:
+        assert result.returncode == 2
+        line = one_error_line(result.stderr, "finetune")
+        assert f"more than train.memory_budget_mib={budget:g}" in line and "tune=lora" in line
+        assert not (tmp_path / "finetune" / "full").exists()
+        return
+    assert result.returncode == 0, result.stderr
+    metrics = read_metrics(tmp_path / "metrics" / "full.json")
+    assert metrics["tune"] == "lora" and "tune=lora" in metrics["auto_fit_changes"]
+    assert metrics["mem_total_peak_mib"] <= budget  # the meter's, not the estimate's
+    assert (tmp_path / "finetune" / "full" / "adapter" / "adapter_config.json").is_file()

@@ -220,6 +220,9 @@ def failing_repro(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
     # one configuration of the comparison (a foreach item): it alone changes, and fails
     ("compare@chunked-loss", "compare.configs.chunked-loss", {"loss_chunk_tokens": -5},
      "compare.configs.chunked-loss.loss_chunk_tokens"),
+    # one fine-tuning run: LoRA on a layer the model has not, refused once the model is read
+    ("finetune@qlora", "finetune.runs.qlora", {"tune": "lora", "frozen_weights": "nf4", "lora_targets": ["w_proj"]},
+     "lora_targets: w_proj is not a Linear layer of this model"),
     ("compress", "compress.variants.prune50.sparsity", 1.5, "sparsity"),
     ("evaluate", "evaluate.generate_tokens", 10**9, "generate_tokens"),  # refused against the model's context
 ])

@@ -46,6 +46,7 @@ class Trained:
     p: Any  # the params trained with (auto-fit's changes included)
     predicted: dict[str, Any]
     extra: dict[str, Any]  # figures for the metrics: the techniques' start-up ones, auto-fit's changes
+    ctx: Context  # the process's place in the run, with the strategy trained with (auto-fit may change it)
 
 
 def train(p: Any, paths: Paths, base: BaseParams, ctx: Context, device: torch.device) -> dict[str, Any] | None:
@@ -54,7 +55,7 @@ def train(p: Any, paths: Paths, base: BaseParams, ctx: Context, device: torch.de
     word2vec = np.load(paths.embed / "aligned.npy") if p.init_from_word2vec else None
     task = LanguageModelling(meta, paths.tokens, p.model.context, word2vec, base.seed)
     done = run_loop(p, task, meta, paths, base, ctx, device)
-    return finish(done.parts, done.progress, done.p, paths, base, ctx, device, meta, done.predicted, done.extra)
+    return finish(done.parts, done.progress, done.p, paths, base, done.ctx, device, meta, done.predicted, done.extra)
 
 
 def run_loop(p: Any, task: Task, meta: TokensMeta, paths: Paths, base: BaseParams, ctx: Context,
@@ -96,7 +97,7 @@ def run_loop(p: Any, task: Task, meta: TokensMeta, paths: Paths, base: BaseParam
         if saves and step + 1 >= p.meter_steps and ((step + 1) % p.checkpoint_every == 0 or last):
             save_checkpoint(parts, progress, paths, fingerprint, step, ctx)
     meter.close()
-    return Trained(parts, progress, p, predicted, {**started, "auto_fit_changes": fitted})
+    return Trained(parts, progress, p, predicted, {**started, "auto_fit_changes": fitted}, ctx)
 
 
 def plan(p: Any, task: Task, meta: TokensMeta, device: torch.device, seed: int, ctx: Context,

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from stages.common.errors import StageError
 from stages.common.params import Section
-from stages.train.techniques.base import Technique
+from stages.train.techniques.base import Move, Technique
 
 HEADS = ("score",)  # the task heads a fine-tuning model adds (transformers' *ForSequenceClassification)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -86,6 +86,18 @@ class Finetuning(Technique):
 
             freeze_quantized(model, p.frozen_weights, keep=tuple(heads))
         return None
+
+    def moves(self, p: Any) -> list[Move]:
+        """bench/finetune on the default model (docs/BENCHMARKS.md), each against the run it
+        changes: lora ran at 0.70 x full fine-tuning's docs/s with 1.04 x its test error (cost
+        1.48); nf4 under lora at 0.82 x lora's docs/s with 0.96 x its error (cost 1.17)."""
+        if getattr(p, "task", None) is None:  # training from scratch: nothing to freeze
+            return []
+        if p.tune == "all":
+            return [Move({"tune": "lora"}, 1.48)]
+        if p.tune == "lora" and p.frozen_weights == "keep":
+            return [Move({"frozen_weights": "nf4"}, 1.17)]
+        return []
 
     def metrics(self, p: Any, model: torch.nn.Module, ctx: Any) -> dict[str, Any]:
         if p.tune == "all":
