@@ -50,7 +50,8 @@ from pathlib import Path
 from stages.common.lifetime import die_with
 
 PRELOAD = ["numpy", "yaml", "pydantic", "torch", "torch._subclasses.fake_tensor", "safetensors.torch",
-           "transformers", "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2"]
+           "transformers", "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2",
+           "peft"]
 IDLE = 60.0  # seconds the server waits for the next stage before it exits
 START_TIMEOUT = 600.0  # seconds a client waits for a new server to import PRELOAD (a slow hour: tens)
 # variables the preloaded libraries read as they import: a server is only shared under equal values

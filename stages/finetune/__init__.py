@@ -103,7 +103,7 @@ class Settings(Section):
 
     @model_validator(mode="after")
     def _checks(self) -> Settings:
-        if self.baseline not in self.runs:
+        if self.runs and self.baseline not in self.runs:  # no runs: fine-tuning off (a corpus without labels)
             raise ValueError(f"baseline {self.baseline!r} is not one of the runs ({', '.join(self.runs) or 'none'})")
         if self.meter_steps >= self.steps:
             raise ValueError(f"meter_steps ({self.meter_steps}) leaves no timed step of {self.steps}")

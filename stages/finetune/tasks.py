@@ -63,7 +63,8 @@ class Classification(Task):
         labelled = self.train.labels[self.train.labels >= 0]
         if not self.labels or labelled.size == 0:
             raise StageError(f"finetune task classify: {tokens} has no labelled training documents (ingest's "
-                             f"label_field names the labels): use task lm, or a corpus with labels")
+                             f"label_field names the labels): use a corpus with labels, or no fine-tuning runs "
+                             f"(finetune.runs: {{}})")
         present = np.unique(labelled)
         if present.size < 2:
             raise StageError(f"finetune task classify: every labelled training document has the label "
