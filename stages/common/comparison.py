@@ -90,11 +90,9 @@ def section(doc: Doc, rows: list[dict[str, Any]], params: dict[str, Any]) -> Non
                 times(r.get("mem_total_peak_mib"), base.get("mem_total_peak_mib")),
                 num(r.get("tokens_per_sec"), 0), times(r.get("tokens_per_sec"), base.get("tokens_per_sec")),
                 num(r.get("val_ppl")), times(r.get("val_ppl"), base.get("val_ppl"))] for r in rows])
-    doc.figure("compare_memory", stacked_bars(
-        "Tensor peak by category: measured, estimated", "MiB",
-        [(r["name"], {c: r.get(f"mem_at_peak_{c}_mib", 0.0) for c in CATEGORIES}) for r in rows], CATEGORIES,
-        beside={r["name"]: {c: r.get(f"est_at_peak_{c}_mib", 0.0) for c in CATEGORIES} for r in rows}),
-        "Each configuration's tensor peak by category: the meter's (solid) and the dry run's (pale).")
+    doc.figure("compare_memory", measured_beside_estimated("Tensor peak by category: measured, estimated", rows,
+                                                           list(CATEGORIES)),
+               "Each configuration's tensor peak by category: the meter's (solid) and the dry run's (pale).")
     memory = [(r["name"], r["mem_total_peak_mib"], r["val_ppl"]) for r in rows
               if "mem_total_peak_mib" in r and "val_ppl" in r]
     lean = front(memory)
@@ -109,6 +107,14 @@ def section(doc: Doc, rows: list[dict[str, Any]], params: dict[str, Any]) -> Non
     doc.figure("compare_speed", scatter("Memory against throughput", "tensor peak MiB", "tokens/s", speed, fast),
                "Every configuration; the dashed line joins the front (no other has less memory and more tokens/s).")
     doc.para("Front, memory against throughput: " + ", ".join(fast) + ".")
+
+
+def measured_beside_estimated(title: str, rows: list[dict[str, Any]], categories: list[str]) -> str:
+    """One stacked bar per row: the meter's peak by category at the total's peak, the dry
+    run's beside it."""
+    return stacked_bars(title, "MiB", [(r["name"], {c: r.get(f"mem_at_peak_{c}_mib", 0.0) for c in categories})
+                                       for r in rows], categories,
+                        beside={r["name"]: {c: r.get(f"est_at_peak_{c}_mib", 0.0) for c in categories} for r in rows})
 
 
 def keys_text(config_keys: str) -> str:

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.artifacts import read_json
-from stages.common.comparison import front, times
+from stages.common.comparison import front, measured_beside_estimated, times
 from stages.common.doc import Doc, num
-from stages.common.svg import scatter, stacked_bars
+from stages.common.svg import scatter
 
 CATEGORIES = ["frozen", "trainable", "adapters", "gradients", "optimizer", "activations", "temporaries"]
 
@@ -57,10 +57,8 @@ def section(doc: Doc, rows: list[dict[str, Any]], params: dict[str, Any], result
         doc.para("Beside them, evaluate's classifiers on the same test split (a logistic head on fixed features): "
                  + "; ".join(f"{'the frozen probe of the trained model' if n == 'model' else 'bag of Word2Vec'} "
                              f"accuracy {a:.3f}, macro F1 {f:.3f}" for n, a, f in others) + ".")
-    doc.figure("finetune_memory", stacked_bars(
-        "Fine-tuning: tensor peak by category, measured and estimated", "MiB",
-        [(r["name"], {c: r.get(f"mem_at_peak_{c}_mib", 0.0) for c in CATEGORIES}) for r in rows], CATEGORIES,
-        beside={r["name"]: {c: r.get(f"est_at_peak_{c}_mib", 0.0) for c in CATEGORIES} for r in rows}),
+    doc.figure("finetune_memory", measured_beside_estimated(
+        "Fine-tuning: tensor peak by category, measured and estimated", rows, CATEGORIES),
         "Each run's tensor peak by category: the meter's (solid) and the dry run's (pale).")
     points = [(r["name"], r["mem_total_peak_mib"], r["accuracy"]) for r in rows
               if "mem_total_peak_mib" in r and "accuracy" in r]
