@@ -1,8 +1,8 @@
 """The main job's time: a fresh clone of this repository (its committed HEAD), `dvc repro` of
 the whole pipeline in it, and per stage its wall time (from DVC's "Running stage" line to the
 next: Python start-up, imports and DVC's hashing included) and its own seconds (from its
-metrics file), with the total wall time. The compare stage's items (compare@<name>, one per
-configuration) are summed as one row.
+metrics file), with the total wall time. The foreach stages' items (compare@<name>, one per
+configuration; finetune@<name> and adapt@<name>, one per method) are summed as one row each.
 
     python -m bench.main_job                                  # the default pipeline (make repro)
     python -m bench.main_job --params tests/params.tiny.yaml  # the tiny profile
@@ -31,7 +31,9 @@ from pathlib import Path
 
 from bench.common import ROOT, machine
 
-STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compare", "compress", "evaluate", "report"]
+STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compare", "finetune", "domain", "adapt",
+          "compress", "evaluate", "report"]
+PER_ITEM = ("compare", "finetune", "adapt")  # foreach stages: one metrics file per item, summed as one row
 STARTED = re.compile(r"Running stage '([\w@-]+)'")  # compare@<name>: one per configuration, summed as compare
 
 
@@ -73,7 +75,7 @@ def run_pipeline(work: Path, ref: str, params: Path | None) -> Run:
         run.stage_wall[stage] = run.stage_wall.get(stage, 0.0) + end - begin
     for stage in STAGES:
         folder = clone / "data" / "metrics"
-        files = sorted((folder / "compare").glob("*.json")) if stage == "compare" else [folder / f"{stage}.json"]
+        files = sorted((folder / stage).glob("*.json")) if stage in PER_ITEM else [folder / f"{stage}.json"]
         found = [json.loads(f.read_text())["seconds"] for f in files if f.exists()]
         if found:
             run.stage_seconds[stage] = sum(found)

@@ -37,7 +37,8 @@ from stages.common.errors import StageError
 from stages.common.experiments import experiment_records
 
 RAN_EXPERIMENT = re.compile(r"Ran experiment\(s\): ([\w.-]+)")
-OVERRIDE = re.compile(r"^([A-Za-z_][\w-]*:)?[A-Za-z_][\w.-]*=.*$")  # [file:]key.path=value, as `dvc exp run -S`
+# [file:]key.path=value as `dvc exp run -S` takes it; Hydra's + (add) and ++ (add or override) too
+OVERRIDE = re.compile(r"^(\+{1,2})?([A-Za-z_][\w.-]*:)?[A-Za-z_][\w.-]*=.*$")
 
 
 def check_overrides(overrides: list[str]) -> None:

@@ -2,6 +2,7 @@
 
     python -m flows.sweep --grid train.precision=fp32,bf16 train.activation_checkpointing=false,true
     python -m flows.sweep --file sweep.yaml       # {grid: {key: [values]}} or {points: [[k=v, ...], ...]}
+    python -m flows.sweep --grid finetune.runs.lora.lora_rank=4,16 --targets finetune@lora
 
 Each point runs in its own temporary workspace (points never fight over the workspace; the
 DVC cache and run-cache are shared, so unchanged upstream stages are restored, not rerun), at
@@ -59,6 +60,24 @@ COLUMNS = [
     ("val ppl", "data/metrics/train.json", "val_ppl"),
     ("model MiB on disk", "data/metrics/train.json", "size_on_disk_mib"),
 ]
+# ... and per run of params.yaml's finetune.runs and adapt.runs (stage, title, key): "finetune lora MiB"
+RUN_COLUMNS = [
+    ("finetune", "MiB", "mem_total_peak_mib"),
+    ("finetune", "adapters MiB", "mem_adapters_peak_mib"),
+    ("finetune", "accuracy", "accuracy"),
+    ("adapt", "MiB", "mem_total_peak_mib"),
+    ("adapt", "new-domain ppl", "domain_ppl"),
+    ("adapt", "original ppl", "original_ppl"),
+]
+
+
+def columns(params: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """COLUMNS, then RUN_COLUMNS for each fine-tuning and adaptation run `params` names."""
+    out = list(COLUMNS)
+    for stage, title, key in RUN_COLUMNS:
+        for name in (params.get(stage) or {}).get("runs") or {}:
+            out.append((f"{stage} {name} {title}", f"data/metrics/{stage}/{name}.json", key))
+    return out
 
 
 # ----------------------------------------------------------------------------- points
@@ -95,12 +114,28 @@ def expected_params(root: Path, overrides: list[str]) -> dict[str, Any]:
     params = yaml_load((root / "params.yaml").read_text(encoding="utf-8"))
     for override in overrides:
         key, _, value = override.partition("=")
-        *path, leaf = key.split(":")[-1].split(".")
+        *path, leaf = key.split(":")[-1].lstrip("+").split(".")
         node = params
         for part in path:
             node = node.setdefault(part, {})
         node[leaf] = parse_value(value)
     return params
+
+
+def as_dvc_sets(root: Path, overrides: list[str]) -> list[str]:
+    """The overrides as `dvc exp run -S` takes them: a key params.yaml does not hold yet (a
+    LoRA rank a run leaves at its default, say) gets Hydra's `++` (add or override); DVC
+    refuses to override a key that is not there."""
+    params = yaml_load((root / "params.yaml").read_text(encoding="utf-8"))
+    out = []
+    for override in overrides:
+        key = override.partition("=")[0]
+        node: Any = params
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        plain = not key.startswith("+") and ":" not in key
+        out.append(f"++{override}" if plain and node is None else override)
+    return out
 
 
 def stages_part(params: dict[str, Any] | None) -> dict[str, Any]:
@@ -142,7 +177,8 @@ def point_task(root: str, overrides: list[str], name: str, targets: list[str]) -
     """One sweep point: one DVC experiment in a temporary workspace."""
     log = get_run_logger()
     log.info("point %s on %s: %s", name, where(), " ".join(overrides) or "(no overrides)")
-    args = ["exp", "run", "--temp", *[a for o in overrides for a in ("-S", o)], "--name", name, *targets]
+    args = ["exp", "run", "--temp", *[a for o in as_dvc_sets(Path(root), overrides) for a in ("-S", o)],
+            "--name", name, *targets]
     run = run_dvc(args, Path(root), log)
     if run.returncode != 0:
         raise run.fail()
@@ -199,14 +235,16 @@ def overrides_from(base: dict[str, Any], params: dict[str, Any]) -> list[str]:
 
 def comparison(root: Path, wanted: dict[str, list[str]], failed: dict[str, str]) -> list[dict[str, Any]]:
     """One row per point: this sweep's points first (a failed one with its error), then every
-    other sweep point of this commit, each with its overrides and the COLUMNS figures."""
+    other sweep point of this commit, each with its overrides and the figures of `columns`."""
     records = experiment_records(root)
     existing = {e["name"]: e for e in records}
     rows = []
+    base = yaml_load((root / "params.yaml").read_text(encoding="utf-8"))
+    shown_columns = columns(base)
 
     def row(point: str, exp: dict[str, Any] | None, said: str) -> dict[str, Any]:
         found: dict[str, Any] = {"point": point or "(workspace params)", "experiment": exp["name"] if exp else said}
-        for title, file, key in COLUMNS:
+        for title, file, key in shown_columns:
             value = exp.get("metrics", {}).get(file, {}).get(key) if exp else None
             found[title] = round(value, 4) if isinstance(value, float) and math.isfinite(value) else value
         return found
@@ -218,7 +256,6 @@ def comparison(root: Path, wanted: dict[str, list[str]], failed: dict[str, str])
         said = f"failed: {failed[name].splitlines()[0][:300]}" if name in failed else "missing"
         rows.append(row(" ".join(overrides), exp, said))
         shown |= {name, exp["name"] if exp else name}
-    base = yaml_load((root / "params.yaml").read_text(encoding="utf-8"))
     for exp in records:
         if exp["name"].startswith("sweep-") and exp["name"] not in shown:
             rows.append(row(" ".join(overrides_from(base, exp["params"])), exp, "missing"))

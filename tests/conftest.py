@@ -145,12 +145,14 @@ WIRING_VARIANTS = ("fp16", "int8", "prune50")
 WIRING_CONFIGS = ("baseline", "chunked-loss")
 # ... and the fine-tuning runs: the quickest and the one that makes the most (test_finetune runs all).
 WIRING_RUNS = ("head", "qlora")
+# ... and the domain-adaptation run: the one that quantizes the tied embedding (test_adapt runs three).
+WIRING_ADAPT = ("qlora",)
 
 
 def tiny_repo(repo: Path, env: dict[str, str] | None = None) -> Path:
     """A git + DVC repository in `repo` with the stages, the built-in corpus, dvc.yaml, the
     tiny profile as params.yaml (its variants: WIRING_VARIANTS only, its configurations
-    WIRING_CONFIGS, its fine-tuning runs WIRING_RUNS) and lmmem's
+    WIRING_CONFIGS, its fine-tuning runs WIRING_RUNS, its adaptation runs WIRING_ADAPT) and lmmem's
     DVC config (its default remote: a folder beside `repo`), all committed."""
     shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data" / "corpus", repo / "data" / "corpus")
@@ -161,6 +163,8 @@ def tiny_repo(repo: Path, env: dict[str, str] | None = None) -> Path:
     params["compare"]["configs"] = {name: params["compare"]["configs"][name] for name in WIRING_CONFIGS}
     params["finetune"]["runs"] = {name: params["finetune"]["runs"][name] for name in WIRING_RUNS}
     params["finetune"]["baseline"] = WIRING_RUNS[0]
+    params["adapt"]["runs"] = {name: params["adapt"]["runs"][name] for name in WIRING_ADAPT}
+    params["adapt"]["baseline"] = WIRING_ADAPT[0]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     sh("git", "init", "-q", "-b", "main", cwd=repo, env=env)
     sh("dvc", "init", "-q", cwd=repo, env=env)

@@ -133,7 +133,7 @@ def test_nf4_holds_a_weight_within_its_levels_and_the_gradient_reaches_the_input
      "lora_rank 512 is larger than model.layers.0.self_attn.q_proj (64 x 64): at most 64"),
     ({"finetune": {"runs": {"bad": {"tune": "all", "frozen_weights": "nf4"}}}}, "bad",
      "frozen_weights nf4 holds frozen weights, and tune all freezes none"),
-    ({"finetune": {"runs": {"bad": {"steps": 3}}}}, "bad", "run 'bad' sets steps: the finetune section sets them"),
+    ({"finetune": {"runs": {"bad": {"steps": 3}}}}, "bad", "run 'bad' sets steps: the section sets them"),
     ({}, "nope", "finetune: no run 'nope' in finetune.runs (full, head, lora, qlora)"),
 ])
 def test_a_run_that_cannot_be_made_is_one_line_and_leaves_the_previous_outputs(
@@ -183,14 +183,14 @@ def budget_only_adapters_meet(tokens: Path, model: Path, params: Path) -> float:
     and that the same moves with the adapters meet: halfway between the two estimates."""
     from stages.common.params import load_params
     from stages.common.schema import TokensMeta, read_typed
-    from stages.finetune import Params, configured
+    from stages.finetune import Params, run_params
     from stages.finetune.tasks import Classification
     from stages.train.estimate import predict_memory
     from stages.train.params import with_changes
     from stages.train.techniques import all_moves
 
     _, both = load_params(params, ("train", "finetune"), Params)
-    p = configured(both, "full", model)
+    p = run_params(both, "full", model)
     meta = read_typed(tokens / "meta.json", TokensMeta)
     task = Classification(meta, tokens, model, p.max_tokens)
     changes: dict[str, Any] = {}

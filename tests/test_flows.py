@@ -20,11 +20,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, WIRING_CONFIGS, WIRING_RUNS, sh, tiny_repo
+from tests.conftest import ROOT, WIRING_ADAPT, WIRING_CONFIGS, WIRING_RUNS, sh, tiny_repo
 
 pytestmark = pytest.mark.e2e
 STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", *[f"compare@{c}" for c in WIRING_CONFIGS],
-          *[f"finetune@{r}" for r in WIRING_RUNS], "compress", "evaluate", "report"]
+          *[f"finetune@{r}" for r in WIRING_RUNS], "domain", *[f"adapt@{r}" for r in WIRING_ADAPT], "compress",
+          "evaluate", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +272,22 @@ def test_sweep_two_points_compared_and_not_run_twice(server: str, repo: Path) ->
     assert state.is_completed()
     assert [r["val ppl"] for r in state.result()] == [r["val ppl"] for r in rows]
     assert len(point_runs()) == 2  # both experiments exist with these params: nothing ran again
+
+
+def test_sweep_of_a_fine_tuning_param_compares_the_run(server: str, repo: Path) -> None:
+    """A finetune run's keys are swept like any param: the comparison has each run's memory and
+    accuracy, and a larger LoRA rank holds more adapter memory."""
+    from flows.sweep import sweep
+
+    run = WIRING_RUNS[-1]  # qlora
+    points = [[f"finetune.runs.{run}.lora_rank=2"], [f"finetune.runs.{run}.lora_rank=16"]]
+    rows = sweep(points=points, targets=[f"finetune@{run}"], root=str(repo))
+    assert [r["point"] for r in rows[:2]] == [p[0] for p in points]  # then the earlier sweeps' points
+    small, large = rows[:2]
+    assert 0 < small[f"finetune {run} adapters MiB"] < large[f"finetune {run} adapters MiB"]
+    assert small[f"finetune {run} MiB"] < large[f"finetune {run} MiB"]
+    assert 0 <= small[f"finetune {run} accuracy"] <= 1 and 0 <= large[f"finetune {run} accuracy"] <= 1
+    assert git_clean(repo) == ""
 
 
 def test_sweep_on_a_dask_local_cluster(server: str, repo: Path) -> None:

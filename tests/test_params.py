@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from flows.common import FlowParams
-from stages import clean, compare, compress, embed, evaluate, finetune, ingest, report, tokenize, train
+from stages import adapt, clean, compare, compress, domain, embed, evaluate, finetune, ingest, report, tokenize, train
 from stages.common.errors import StageError
 from stages.common.params import BaseParams, load_params, validate_section
 from tests.conftest import ROOT, TINY, one_error_line, run_cli, tiny_params
@@ -35,6 +35,8 @@ def test_shipped_params_files_validate(path: Path) -> None:
         compare.configured(both, name)
     _, tuning = load_params(path, ("train", "finetune"), finetune.Params)
     assert {"full", "head", "lora", "qlora"} <= set(tuning.finetune.runs) and tuning.finetune.baseline == "full"
+    _, adapting = load_params(path, ("train", "adapt"), adapt.Params)
+    assert {"full", "lora", "qlora"} <= set(adapting.adapt.runs) and adapting.adapt.baseline == "full"
 
 
 def test_every_key_of_params_yaml_has_a_comment() -> None:
@@ -48,7 +50,8 @@ def test_every_key_of_params_yaml_has_a_comment() -> None:
 
 
 SECTIONS: dict[str, type[BaseModel]] = {"base": BaseParams, "flows": FlowParams, "compare": compare.Settings,
-                                        "finetune": finetune.Settings, **{name: module.Params for name, module in STAGES.items()}}
+                                        "finetune": finetune.Settings, "domain": domain.Settings,
+                                        "adapt": adapt.Settings, **{name: module.Params for name, module in STAGES.items()}}
 
 
 def yaml_comments(path: Path) -> dict[str, str]:
@@ -107,7 +110,8 @@ def test_params_yaml_comments_are_the_fields_descriptions() -> None:
     comments = yaml_comments(ROOT / "params.yaml")
     checked = 0
     for path, comment in comments.items():
-        if "." not in path or path.startswith(("compress.variants.", "compare.configs.", "finetune.runs.")):
+        if "." not in path or path.startswith(("compress.variants.", "compare.configs.", "finetune.runs.",
+                                                                   "adapt.runs.")):
             continue  # a section's own comment; the shipped variants and configurations are data, each
             # comment says what it trades
         info = field_at(path)

@@ -15,16 +15,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, WIRING_CONFIGS, WIRING_RUNS, sh, tiny_repo
+from tests.conftest import ROOT, WIRING_ADAPT, WIRING_CONFIGS, WIRING_RUNS, sh, tiny_repo
 
 pytestmark = pytest.mark.e2e
 COMPARED = [f"compare@{name}" for name in WIRING_CONFIGS]  # one stage per configuration (foreach)
 TUNED = [f"finetune@{name}" for name in WIRING_RUNS]  # one stage per fine-tuning run (foreach)
-STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", *COMPARED, *TUNED, "compress", "evaluate",
-          "report"]
-MODULES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compare", "finetune", "compress", "evaluate",
-           "report"]
-FOREACH = ("compare", "finetune")
+ADAPTED = [f"adapt@{name}" for name in WIRING_ADAPT]  # one stage per domain-adaptation run (foreach)
+STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", *COMPARED, *TUNED, "domain", *ADAPTED,
+          "compress", "evaluate", "report"]
+MODULES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compare", "finetune", "domain", "adapt",
+           "compress", "evaluate", "report"]
+FOREACH = ("compare", "finetune", "adapt")
+PACKAGES = ("stages/train", "stages/finetune")  # a dependency as a whole folder
 
 
 def ran(output: str) -> list[str]:
@@ -54,6 +56,14 @@ def test_repro_runs_every_stage_then_nothing(repo: Path) -> None:
         metrics = metrics_of(repo, stage)
         assert metrics["seconds"] > 0 and metrics["peak_rss_mib"] > 0
     assert (repo / "data" / "embed" / "vectors.bin").is_file()
+    # the report's fine-tuning sections: a row per run, with the run's own figures
+    report = (repo / "data" / "report" / "report.md").read_text(encoding="utf-8")
+    assert "## Fine-tuning" in report and "## Adapting to a new domain" in report
+    for name in WIRING_ADAPT:
+        adapted = metrics_of(repo, f"adapt@{name}")
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} |") and "→" in line)
+        assert f"{adapted['base_domain_ppl']:,.1f} → {adapted['domain_ppl']:,.1f}" in row
+        assert f"{adapted['base_original_ppl']:,.1f} → {adapted['original_ppl']:,.1f}" in row
     second = sh("dvc", "repro", cwd=repo)
     assert ran(second) == [] and "Data and pipelines are up to date" in second
 
@@ -126,8 +136,8 @@ def test_a_word2vec_param_does_not_rerun_train_unless_train_starts_from_it(repo:
         params["train"]["init_from_word2vec"] = True  # now train starts from the vectors: it reruns
         (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
         assert ran(sh("dvc", "repro", "warmstart", cwd=repo)) == ["warmstart"]
-        # every configuration starts from it, and every fine-tuning run reads the train section
-        assert dvc_changed(repo) == ["train", *COMPARED, *TUNED, "evaluate", "report"]
+        # every configuration starts from it, and every fine-tuning and adaptation run reads the train section
+        assert dvc_changed(repo) == ["train", *COMPARED, *TUNED, *ADAPTED, "evaluate", "report"]
     finally:
         restore(repo)
     assert "up to date" in sh("dvc", "status", cwd=repo)
@@ -154,10 +164,10 @@ def test_editing_the_training_loop_reruns_train_and_what_its_bytes_change(repo: 
     sh("dvc", "repro", cwd=repo)
     edited(repo, "stages/train/loop.py")
     try:
-        # the comparison and fine-tuning run the train package; the report lists train's params defaults
-        assert dvc_changed(repo) == ["train", *COMPARED, *TUNED, "report"]
+        # the comparison, fine-tuning and adaptation run the train package; the report lists train's params defaults
+        assert dvc_changed(repo) == ["train", *COMPARED, *TUNED, *ADAPTED, "report"]
         # the same model bytes come out: compress and evaluate do not rerun
-        assert sorted(ran(sh("dvc", "repro", cwd=repo))) == sorted(["train", *COMPARED, *TUNED, "report"])
+        assert sorted(ran(sh("dvc", "repro", cwd=repo))) == sorted(["train", *COMPARED, *TUNED, *ADAPTED, "report"])
     finally:
         restore(repo)
 
@@ -177,13 +187,13 @@ def test_changing_a_compress_param_reruns_compress_and_what_reads_it(repo: Path)
 
 
 def test_a_file_added_to_data_corpus_reruns_its_readers_only(repo: Path) -> None:
-    """ingest and tokenize depend on data/corpus; their outputs come out the same (the source
-    is still the built-in corpus), so DVC skips clean and embed; their metrics (timings) feed
-    the report."""
+    """ingest, tokenize and domain depend on data/corpus; their outputs come out the same (the
+    sources are still the built-in corpora), so DVC skips clean, embed and the adaptation runs;
+    their metrics (timings) feed the report."""
     extra = repo / "data" / "corpus" / "mine.txt"
     extra.write_text("a corpus of my own\n", encoding="utf-8")
     try:
-        assert ran(sh("dvc", "repro", cwd=repo)) == ["ingest", "tokenize", "report"]
+        assert sorted(ran(sh("dvc", "repro", cwd=repo))) == ["domain", "ingest", "report", "tokenize"]
     finally:
         extra.unlink()
     # back to the committed inputs: DVC's run cache restores those outputs without running
@@ -223,6 +233,9 @@ def failing_repro(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
     # one fine-tuning run: LoRA on a layer the model has not, refused once the model is read
     ("finetune@qlora", "finetune.runs.qlora", {"tune": "lora", "frozen_weights": "nf4", "lora_targets": ["w_proj"]},
      "lora_targets: w_proj is not a Linear layer of this model"),
+    # a domain-adaptation run: a language model has no head of its own to train alone
+    ("adapt@qlora", "adapt.runs.qlora", {"tune": "head"}, "tune head: this task's model has no head of its own"),
+    ("domain", "domain.max_docs", -1, "max_docs"),
     ("compress", "compress.variants.prune50.sparsity", 1.5, "sparsity"),
     ("evaluate", "evaluate.generate_tokens", 10**9, "generate_tokens"),  # refused against the model's context
 ])
@@ -359,11 +372,12 @@ def test_experiment_on_english_news_lists_its_metrics(repo: Path) -> None:
     sh("git", "commit", "-q", "--allow-empty", "-m", "tiny baseline", cwd=repo)  # clean when the others restored it
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["finetune"]["runs"] = {}  # news has no labels to learn: no fine-tuning (-S would merge, not empty)
+    params["adapt"]["runs"] = {}  # nor a second domain in its language
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
     out = sh("dvc", "exp", "run", "-n", "news", "-S", "ingest.source=builtin:en-news",
              "-S", "ingest.sample=1.0", "-S", "train.precision=bf16", "-S", "train.activation_checkpointing=true",
              "-S", "evaluate.variants=[int8]", cwd=repo)
-    assert sorted(ran(out)) == sorted(stage for stage in STAGES if stage not in TUNED)  # no fine-tuning stage
+    assert sorted(ran(out)) == sorted(stage for stage in STAGES if stage not in TUNED + ADAPTED)  # no fine-tuning
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo))
     exps = [e for row in shown for e in (row.get("experiments") or [])]
     news = [e for e in exps if e.get("name") == "news"]
@@ -399,11 +413,11 @@ def test_dvc_yaml_declares_every_common_module_each_stage_imports() -> None:
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage in MODULES:
         own = f"stages/{stage}" if (ROOT / "stages" / stage).is_dir() else f"stages/{stage}.py"
-        # the comparison runs the train package whole (its registry finds the techniques at run time)
+        # the training runs use the train package whole (its registry finds the techniques at run time)
         runs = [f"stages.{stage}", *(["stages.train"] if stage in FOREACH else [])]
         files = {f.relative_to(ROOT).as_posix() for f in closure(*runs)}
-        needed = {f for f in files if not f.startswith(own + "/") and not f.startswith("stages/train/")} | {own}
-        needed |= {"stages/train"} if any(f.startswith("stages/train/") for f in files) else set()
+        needed = {f for f in files if not f.startswith(own + "/") and not f.startswith(PACKAGES)} | {own}
+        needed |= {package for package in PACKAGES if any(f.startswith(package + "/") for f in files)}
         spec = pipeline[stage]["do"] if stage in FOREACH else pipeline[stage]  # one stage per item
         deps = set(spec["deps"])
         assert needed <= deps, f"{stage}: {sorted(needed - deps)} missing from dvc.yaml deps"
@@ -419,8 +433,9 @@ def test_dvc_yaml_declares_every_common_module_each_stage_imports() -> None:
     # a configuration reruns when its own keys or what every configuration shares change, no other's
     compare = pipeline["compare"]["do"]["params"]
     assert "compare.configs.${key}" in compare and "compare.configs" not in compare and "compare" not in compare
-    tuned = pipeline["finetune"]["do"]["params"]
-    assert "finetune.runs.${key}" in tuned and "finetune.runs" not in tuned and "finetune" not in tuned
+    for section, runs in (("finetune", "runs"), ("adapt", "runs")):
+        tuned = pipeline[section]["do"]["params"]
+        assert f"{section}.{runs}.${{key}}" in tuned and f"{section}.{runs}" not in tuned and section not in tuned
 
 
 def test_training_does_not_run_quantization_storage_or_charts() -> None:

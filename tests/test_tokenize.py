@@ -197,7 +197,7 @@ def test_train_with_no_words_is_refused(params_file: Callable[..., Path], tmp_pa
 
 
 def test_ids_written_in_chunks_equal_ids_written_at_once(tmp_path: Path) -> None:
-    from stages.tokenize import _write_ids
+    from stages.tokenize import write_ids
 
     txt = tmp_path / "train.txt"
     txt.write_text("a b c\n\nb x\nc c c c\n", encoding="utf-8")
@@ -206,7 +206,7 @@ def test_ids_written_in_chunks_equal_ids_written_at_once(tmp_path: Path) -> None
     for flush in (1, 3, 1 << 20):
         out = tmp_path / f"f{flush}"
         out.mkdir()
-        assert _write_ids(txt, out, "train", index, np.uint16, 1, 3, flush) == (13, 1)
+        assert write_ids(txt, out, "train", index, np.uint16, 1, 3, flush) == (13, 1)
         results.append(((out / "train.bin").read_bytes(), (out / "train.offsets.bin").read_bytes()))
     assert results[0] == results[1] == results[2]
     assert np.frombuffer(results[0][0], dtype=np.uint16).tolist() == [4, 5, 6, 3, 3, 5, 1, 3, 6, 6, 6, 6, 3]

@@ -30,7 +30,8 @@ def head_revision(root: Path) -> str | None:
 
 def experiment_records(root: Path, metrics_dir: str = "data/metrics") -> list[dict[str, Any]]:
     """This commit's experiments, sorted by name: {name, rev, params (params.yaml), metrics
-    {path: figures} for every .json under metrics_dir (a path relative to root)}."""
+    {path: figures} for every .json under metrics_dir, its folders included (a path relative
+    to root)}."""
     head = head_revision(root)
     refs = _git(root, "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps/") if head else None
     records = []
@@ -40,7 +41,8 @@ def experiment_records(root: Path, metrics_dir: str = "data/metrics") -> list[di
         if len(parts) != 5 or parts[2] + parts[3] != head:
             continue
         text = _git(root, "show", f"{rev}:params.yaml")
-        listed = _git(root, "ls-tree", "--name-only", f"{rev}", f"{metrics_dir.rstrip('/')}/") or ""
+        # -r: the foreach stages' metrics are in folders (data/metrics/finetune/<name>.json)
+        listed = _git(root, "ls-tree", "-r", "--name-only", f"{rev}", f"{metrics_dir.rstrip('/')}/") or ""
         metrics = {}
         for file in sorted(f for f in listed.splitlines() if f.endswith(".json")):
             shown = _git(root, "show", f"{rev}:{file}")

@@ -46,7 +46,7 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size
     """The float weight of `nf4_quantize`'s output, through a 256-entry table of byte pairs."""
     levels = torch.tensor(NF4, device=packed.device)
     pairs = torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1)  # byte -> (high, low)
-    values = pairs[packed.long()].reshape(-1, BLOCK) * absmax[:, None]
+    values = pairs[packed.long()].reshape(-1, BLOCK) * absmax.reshape(-1, 1)
     return values.reshape(shape)
 
 
@@ -66,11 +66,14 @@ class _FrozenMatmul(torch.autograd.Function):
 class FrozenLinear(nn.Module):
     """A Linear layer's frozen weight, quantized (`scheme`), with its bias (frozen, float)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scheme: Scheme) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scheme: Scheme,
+                 tied: FrozenEmbedding | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.scheme = scheme
-        if scheme == "nf4":
+        if tied is not None:  # the weight is an embedding's (tied): its quantized bytes, not a second copy
+            packed, scale = tied.qweight, tied.scale
+        elif scheme == "nf4":
             packed, scale = nf4_quantize(weight)
         else:
             scale = weight.detach().float().abs().amax(1).clamp_min(1e-12) / 127
@@ -123,8 +126,10 @@ def quantizable(weight: torch.Tensor, scheme: Scheme) -> bool:
 def freeze_quantized(model: nn.Module, scheme: Scheme, keep: tuple[str, ...]) -> dict[str, str]:
     """Swap every frozen nn.Linear and nn.Embedding of `model` (requires_grad off, its name not
     under a `keep` prefix) for its quantized form, in place. Returns {module name: what it
-    became}; a layer NF4 cannot hold (rows not in blocks of 64) becomes int8, said there."""
+    became}; a layer NF4 cannot hold (rows not in blocks of 64) becomes int8, said there. An
+    output layer tied to the input embedding keeps the tie: both read one quantized copy."""
     swapped: dict[str, str] = {}
+    embeddings: dict[int, FrozenEmbedding] = {}  # id of the float weight -> its quantized embedding
     for name, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, nn.Embedding)) or any(name.startswith(k) for k in keep):
             continue
@@ -132,9 +137,10 @@ def freeze_quantized(model: nn.Module, scheme: Scheme, keep: tuple[str, ...]) ->
             continue
         used: Scheme = scheme if quantizable(module.weight, scheme) else "int8"
         if isinstance(module, nn.Linear):
-            new: nn.Module = FrozenLinear(module.weight, module.bias, used)
+            tied = embeddings.get(id(module.weight))
+            new: nn.Module = FrozenLinear(module.weight, module.bias, tied.scheme if tied else used, tied)
         else:
-            new = FrozenEmbedding(module.weight, used, module.padding_idx)
+            new = embeddings[id(module.weight)] = FrozenEmbedding(module.weight, used, module.padding_idx)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         swapped[name] = used if used == scheme else f"int8 (its rows are not whole blocks of {BLOCK} for nf4)"

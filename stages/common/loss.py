@@ -213,9 +213,13 @@ def hidden_and_head(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Te
 def next_token_loss_chunked(model: nn.Module, rows: torch.Tensor, chunk: int) -> torch.Tensor:
     """`windows.next_token_loss`, `chunk` tokens of logits at a time."""
     hidden, head = hidden_and_head(model, rows[:, :-1])
-    if not isinstance(head, nn.Linear):
+    if isinstance(head, nn.Linear):
+        weight = head.weight
+    elif hasattr(head, "dequantized"):  # a frozen quantized head (stages.common.frozen): rebuilt, no gradient
+        weight = head.dequantized()
+    else:
         raise StageError(f"the chunked loss needs a linear output head, not {type(head).__name__}")
-    return chunked_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head.weight, head.bias,
+    return chunked_cross_entropy(hidden.reshape(-1, hidden.size(-1)), weight, head.bias,
                                  rows[:, 1:].reshape(-1), chunk)
 
 

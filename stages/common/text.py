@@ -71,3 +71,16 @@ def split_of(text: str, train: float, validation: float) -> str:
     if h < train + validation:
         return "validation"
     return "test"
+
+
+def tagged_words(line: str) -> list[str]:
+    """The words of a word/tag line (the People's Daily 1998 corpus: `迈向/v  [中央/n 电台/n]nt`),
+    tags and compound brackets dropped."""
+    words = []
+    for item in line.split():
+        word = item.rpartition("/")[0] if "/" in item[1:] else item
+        if word.startswith("[") and len(word) > 1:
+            word = word[1:]
+        if word:
+            words.append(word)
+    return words

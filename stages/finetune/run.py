@@ -1,5 +1,6 @@
 """One fine-tuning run: the train package's loop on the task, then the test split's scores
-and the outputs (the classifier, or peft's adapter and the merged classifier)."""
+and the outputs (the whole model as its stock class loads it, or peft's adapter and the
+model with it merged)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ from stages.common.artifacts import atomic_dir, size_on_disk, write_params
 from stages.common.distributed import Context
 from stages.common.models import TOKENIZER_FILES
 from stages.common.params import BaseParams
-from stages.common.schema import TokensMeta, read_typed
-from stages.finetune.tasks import Classification, classifier_config
 from stages.train.build import forward_context
 from stages.train.finish import estimate_errors, write_steps_csv
 from stages.train.launch import resolve_device
@@ -29,39 +28,39 @@ from stages.train.techniques.finetuning import HEADS
 log = logging.getLogger("lmmem.finetune")
 
 
-def finetune(p: Any, paths: Any, base: BaseParams) -> dict[str, Any]:
+def finetune(p: Any, paths: Any, base: BaseParams, task: Any) -> dict[str, Any]:
+    """Run `p` on `task` (stages.finetune.tasks), score it, write its outputs to paths.out."""
     device = resolve_device(base)
-    meta = read_typed(paths.tokens / "meta.json", TokensMeta)
-    task = Classification(meta, paths.tokens, paths.model, p.max_tokens)
+    meta = task.meta
     train_paths = TrainPaths(tokens=paths.tokens, embed=paths.tokens, out=None, plots=paths.out,
-                             checkpoints=paths.out / "checkpoints", writer="finetune")
-    done = run_loop(p, task, meta, train_paths, base, Context(), device, stage="finetune")
+                             checkpoints=paths.out / "checkpoints", writer=paths.stage)
+    done = run_loop(p, task, meta, train_paths, base, Context(), device, stage=paths.stage)
     p = done.p
     model = done.parts.raw
-    test = task.test_scores(model, p, device, lambda: forward_context(p, device))
-    metrics = run_metrics(done, task, test)
-    with atomic_dir(paths.out, "finetune") as tmp:
+    forward = lambda: forward_context(p, device)  # noqa: E731
+    test = {**task.test_scores(model, p, device, forward), **task.reference_scores(p, device, forward)}
+    metrics = run_metrics(done, test)
+    with atomic_dir(paths.out, paths.stage) as tmp:
         if p.tune == "lora":
-            metrics.update(save_adapter(model, p, task, paths.model, paths.tokens, tmp))
+            metrics.update(save_adapter(model, p, task, paths.tokens, tmp))
         else:
-            folder = tmp / "classifier"
+            folder = tmp / task.folder
             model.save_pretrained(str(folder))
             copy_tokenizer(paths.tokens, folder)
             metrics["size_on_disk_mib"] = size_on_disk(folder) / 2**20
-        write_params(tmp, base=base, finetune=p)
+        write_params(tmp, base=base, **{paths.stage: p})
         write_steps_csv(tmp / "steps.csv", done.progress.records, device)
-    log.info("fine-tuned %d steps (%s): test accuracy %.4f, macro F1 %.4f", p.steps, p.tune, metrics["accuracy"],
-             metrics["f1_macro"])
+    log.info("%s %d steps (%s): %s", paths.stage, p.steps, p.tune, task.summary(metrics))
     return metrics
 
 
-def run_metrics(done: Trained, task: Classification, test: dict[str, Any]) -> dict[str, Any]:
+def run_metrics(done: Trained, test: dict[str, Any]) -> dict[str, Any]:
     p, progress = done.p, done.progress
     records = progress.records
     metrics: dict[str, Any] = {**weight_counts(done.parts.raw), **done.extra, "steps": p.steps,
                                "tune": p.tune, "frozen_weights": p.frozen_weights,
                                "train_loss": statistics.fmean(r["train_loss"] for r in records[-10:]),
-                               "val_loss": records[-1]["val_loss"], "val_accuracy": records[-1]["val_accuracy"]}
+                               **{k: v for k, v in records[-1].items() if k.startswith("val_")}}
     for technique in REGISTRY:
         metrics.update(technique.metrics(p, done.parts.raw, Context()))
     timed = progress.step_seconds[1:] or progress.step_seconds
@@ -71,9 +70,7 @@ def run_metrics(done: Trained, task: Classification, test: dict[str, Any]) -> di
     metrics.update(progress.metered[0])
     metrics.update(done.predicted)
     metrics.update(estimate_errors(metrics, done.predicted))
-    metrics.update({k: v for k, v in test.items() if k != "confusion"})
-    metrics["confusion"] = test["confusion"]
-    metrics["labels"] = list(task.labels)
+    metrics.update(test)
     assert math.isfinite(metrics["val_loss"])
     return metrics
 
@@ -93,24 +90,18 @@ def copy_tokenizer(tokens: Path, folder: Path) -> None:
         shutil.copy(tokens / name, folder / name)
 
 
-def fresh_classifier(model_folder: Path, task: Classification) -> torch.nn.Module:
-    """The classifier made from data/model as a user would (the head as transformers initialises it)."""
-    from transformers import AutoModelForSequenceClassification
-
-    config = classifier_config(model_folder, task.labels, task.pad)
-    return AutoModelForSequenceClassification.from_pretrained(str(model_folder), config=config)
-
-
-def save_adapter(model: torch.nn.Module, p: Any, task: Classification, model_folder: Path, tokens: Path,
-                 out: Path) -> dict[str, Any]:
-    """The trained adapters and head in peft's format (`adapter/`, over the classifier made from
-    data/model), and that classifier with them merged in (`merged/`, peft's merge_and_unload)."""
+def save_adapter(model: torch.nn.Module, p: Any, task: Any, tokens: Path, out: Path) -> dict[str, Any]:
+    """The trained adapters (and head, if the task has one) in peft's format (`adapter/`, over
+    the task's stock model made from data/model), and that model with them merged in
+    (`merged/`, peft's merge_and_unload)."""
     from peft import LoraConfig, get_peft_model
 
+    stock = task.stock_model()
+    heads = [name for name, _ in stock.named_children() if name in HEADS]
     config = LoraConfig(r=p.lora_rank, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
-                        target_modules=list(p.lora_targets), bias="none", task_type="SEQ_CLS",
-                        modules_to_save=list(HEADS))
-    peft_model = get_peft_model(fresh_classifier(model_folder, task), config)
+                        target_modules=list(p.lora_targets), bias="none", task_type=task.peft_task,
+                        modules_to_save=heads or None)
+    peft_model = get_peft_model(stock, config)
     def plain(name: str) -> str:  # a parameter's name without peft's adapter and wrapper parts
         return name.removeprefix("base_model.model.").replace(".default", "").replace(".modules_to_save", "")
 
@@ -126,7 +117,7 @@ def save_adapter(model: torch.nn.Module, p: Any, task: Classification, model_fol
             q.copy_(trained[key])
             copied += 1
     adapter = out / "adapter"
-    peft_model.peft_config["default"].base_model_name_or_path = str(model_folder)
+    peft_model.peft_config["default"].base_model_name_or_path = str(task.model_folder)
     peft_model.save_pretrained(str(adapter))
     (adapter / "README.md").unlink(missing_ok=True)  # peft's model-card template: nothing of this run
     merged = peft_model.merge_and_unload()

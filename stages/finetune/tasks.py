@@ -1,11 +1,14 @@
 """The fine-tuning tasks: what a finetune run learns, starting from the trained model in
 data/model (see stages.train.task for what a task provides).
 
-- `Classification`: sequence classification on the corpus labels. The model is the trained
-  language model's body under transformers' `*ForSequenceClassification` head (`score`: one
-  logit per label, read at the last real token of each document), exactly what
-  `AutoModelForSequenceClassification.from_pretrained(data/model, num_labels=...)` loads. A
-  row is a document's first `max_tokens` ids, padded, then its label.
+- `Classification` (the finetune stage): sequence classification on the corpus labels. The
+  model is the trained language model's body under transformers' `*ForSequenceClassification`
+  head (`score`: one logit per label, read at the last real token of each document), exactly
+  what `AutoModelForSequenceClassification.from_pretrained(data/model, num_labels=...)` loads.
+  A row is a document's first `max_tokens` ids, padded, then its label.
+The adapt stage's task (continued language modelling on another corpus) is in stages/adapt.py.
+
+Each names what a stock library loads its outputs with (`auto_class`, peft's `peft_task`).
 """
 
 from __future__ import annotations
@@ -42,11 +45,19 @@ def classifier_config(model_folder: Path, labels: list[str], pad_id: int) -> Any
     return config
 
 
+def param_category(name: str, param: torch.Tensor) -> str:
+    """A fine-tuned model's memory categories: adapters, trainable and frozen weights."""
+    if "lora_" in name:
+        return "adapters"
+    return "trainable" if param.requires_grad else "frozen"
+
+
 class Classification(Task):
     """Sequence classification of data/tokens' labelled documents (see the module docstring)."""
 
     name = "classify"
     categories = FINETUNE_CATEGORIES
+    auto_class, peft_task, folder = "AutoModelForSequenceClassification", "SEQ_CLS", "classifier"
 
     def __init__(self, meta: TokensMeta, tokens: Path, model_folder: Path, max_tokens: int) -> None:
         self.meta, self.model_folder, self.max_tokens = meta, model_folder, max_tokens
@@ -86,9 +97,21 @@ class Classification(Task):
         return model
 
     def param_category(self, name: str, param: torch.Tensor) -> str:
-        if "lora_" in name:
-            return "adapters"
-        return "trainable" if param.requires_grad else "frozen"
+        return param_category(name, param)
+
+    def stock_model(self) -> torch.nn.Module:
+        """The classifier made from data/model as a user would (the head as transformers
+        initialises it): the base that peft's adapters go on."""
+        from transformers import AutoModelForSequenceClassification
+
+        config = classifier_config(self.model_folder, self.labels, self.pad)
+        return AutoModelForSequenceClassification.from_pretrained(str(self.model_folder), config=config)
+
+    def reference_scores(self, p: Any, device: torch.device, forward: Any) -> dict[str, Any]:
+        return {}  # the frozen probe and Word2Vec's baseline are evaluate's
+
+    def summary(self, metrics: dict[str, Any]) -> str:
+        return f"test accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1_macro']:.4f}"
 
     # ---------------------------------------------------------------- the data
     def row_length(self, p: Any) -> int:
@@ -142,7 +165,8 @@ class Classification(Task):
         test document."""
         loss, truth, predicted = self.predict(model, self.test, len(self.test.labels), p.micro_batch_size, device,
                                               forward)
-        return {"test_loss": loss, "test_docs": len(truth), **scores(truth, predicted, len(self.labels))}
+        return {"test_loss": loss, "test_docs": len(truth), **scores(truth, predicted, len(self.labels)),
+                "labels": list(self.labels)}
 
 
 def load_body(model: torch.nn.Module, folder: Path) -> None:

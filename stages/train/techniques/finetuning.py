@@ -4,9 +4,10 @@ train, and how the frozen ones are held.
 - `tune: all`: every weight trains (full fine-tuning): weights, gradients and optimizer
   state for all of them.
 - `tune: head`: the task's head alone (the classifier's `score` layer); the body is frozen,
-  so it has no gradients and no optimizer state, and backward stops at the head.
+  so it has no gradients and no optimizer state, and backward stops at the head. A language
+  model has no head of its own (its output layer is its vocabulary): refused there.
 - `tune: lora`: low-rank adapters (peft's LoRA: W + B·A·alpha/rank, B zero at first) on the
-  `lora_targets` layers, and the head; the body is frozen. Gradients and optimizer state
+  `lora_targets` layers, and the head if the task has one; the rest is frozen. Gradients and optimizer state
   exist for the adapters and the head only; activations are still kept through the body,
   for the gradient to reach the adapters of the first blocks.
 - `frozen_weights: int8 | nf4` holds the frozen body quantized (stages.common.frozen): QLoRA
@@ -72,8 +73,8 @@ class Finetuning(Technique):
         if p.tune == "all":
             return None
         heads = [name for name, _ in model.named_children() if name in HEADS]
-        if not heads:
-            raise StageError(f"tune {p.tune}: this task's model has no head of its own to train (use tune all)")
+        if not heads and p.tune == "head":  # a language model's output head is its vocabulary, often tied
+            raise StageError("tune head: this task's model has no head of its own to train (use tune all or lora)")
         for param in model.parameters():
             param.requires_grad_(False)
         if p.tune == "lora":
