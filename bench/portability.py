@@ -1,0 +1,143 @@
+"""Do two machines (or two CPU capabilities on one) give the same bytes? `run` clones this
+repository (its committed HEAD) fresh, runs `dvc repro` of the tiny profile there and writes
+the md5 of every file of every DVC output, stage by stage in the order DVC ran them, with
+the machine and the environment it ran under; `compare` reads two such files and names the
+first stage whose outputs differ (and every file that does).
+
+    python -m bench.portability run --out here.json
+    python -m bench.portability run --out avx2.json --env ATEN_CPU_CAPABILITY=avx2
+    python -m bench.portability compare here.json avx2.json
+
+Metrics files (timings and peak memory) are not outputs here. A file whose bytes hold a
+timing differs between any two runs, on one machine too: compare two runs here first to
+know them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.common import ROOT, machine
+
+RAN = re.compile(r"Running stage '([\w@-]+)'")
+
+
+def md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def outputs(clone: Path) -> dict[str, list[str]]:
+    """{stage: its output paths} from dvc.lock (metrics, declared `cache: false`, left out)."""
+    lock = yaml.safe_load((clone / "dvc.lock").read_text(encoding="utf-8"))["stages"]
+    return {stage: [o["path"] for o in spec.get("outs", []) if not o["path"].startswith("data/metrics/")]
+            for stage, spec in lock.items()}
+
+
+def file_digests(clone: Path, paths: list[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for relative in paths:
+        path = clone / relative
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        found.update({f.relative_to(clone).as_posix(): md5(f) for f in files})
+    return found
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run(params: Path, env_extra: dict[str, str], work: Path) -> dict[str, Any]:
+    clone = work / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    (clone / ".venv").symlink_to(ROOT / ".venv")
+    shutil.copyfile(params, clone / "params.yaml")
+    env_bin = str(ROOT / ".venv" / "bin")
+    env = {"PATH": f"{env_bin}:/usr/bin:/bin", "DVC_NO_ANALYTICS": "1", "HOME": str(work), **env_extra,
+           "LMMEM_WARM_DIR": str(work / "warm")}  # a server of its own: the environment is the experiment
+    done = subprocess.run([f"{env_bin}/dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
+        raise SystemExit("dvc repro failed")
+    order = RAN.findall(done.stdout + done.stderr)
+    outs = outputs(clone)
+    capability = subprocess.run([f"{env_bin}/python", "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                                env=env, capture_output=True, text=True, check=False).stdout.strip()
+    return {"machine": machine(), "cpu": cpu_model(), "cpu_capability": capability, "env": env_extra,
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True,
+                                     text=True, check=True).stdout.strip(),
+            "stages": {stage: file_digests(clone, outs[stage]) for stage in order if stage in outs}}
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[str | None, dict[str, list[str]]]:
+    """(the first stage, in a's order, whose output files differ; {stage: the files that differ})."""
+    differ: dict[str, list[str]] = {}
+    for stage, files in a["stages"].items():
+        other = b["stages"].get(stage, {})
+        changed = sorted(f for f in set(files) | set(other) if files.get(f) != other.get(f))
+        if changed:
+            differ[stage] = changed
+    return next(iter(differ), None), differ
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the tiny pipeline in a fresh clone and write the md5 of its outputs")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--params", type=Path, default=ROOT / "tests" / "params.tiny.yaml")
+    r.add_argument("--env", nargs="*", default=[], help="KEY=VALUE set for dvc repro (and so every stage)")
+    c = sub.add_parser("compare", help="name the first stage whose outputs differ between two runs")
+    c.add_argument("first", type=Path)
+    c.add_argument("second", type=Path)
+    args = parser.parse_args()
+    if args.command == "run":
+        env_extra = dict(item.split("=", 1) for item in args.env)
+        work = Path(tempfile.mkdtemp(prefix="lmmem-portability-"))
+        try:
+            result = run(args.params.resolve(), env_extra, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        args.out.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+        files = sum(len(f) for f in result["stages"].values())
+        print(f"{len(result['stages'])} stages, {files} files: {args.out} "
+              f"({result['cpu']}, capability {result['cpu_capability']}, env {env_extra or 'as is'})")
+        return 0
+    a, b = (json.loads(p.read_text(encoding="utf-8")) for p in (args.first, args.second))
+    first, differ = compare(a, b)
+    for side, data in (("first", a), ("second", b)):
+        print(f"{side}: {data['cpu']}, capability {data['cpu_capability']}, env {data['env'] or 'as is'}, "
+              f"commit {data['commit']}")
+    if first is None:
+        print(f"the same bytes: every file of {len(a['stages'])} stages")
+        return 0
+    print(f"first stage whose outputs differ: {first}")
+    for stage, files in differ.items():
+        print(f"  {stage}: {', '.join(files[:6])}{' ...' if len(files) > 6 else ''}")
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
