@@ -121,6 +121,20 @@ def clean_text(text: str, p: Params, counts: Counter[str]) -> str:
     return text.strip()
 
 
+def kept(text: str, p: Params, seen: set[bytes], dropped: Counter[str]) -> bool:
+    """Whether a cleaned document stays: not empty, within the length limits, and (dedupe) not
+    one already in `seen` (8-byte digests, added to); counts in `dropped` why not."""
+    reason = ("empty" if not text else "too_short" if len(text) < p.min_chars
+              else "too_long" if len(text) > p.max_chars else None)
+    if reason is None and p.dedupe:
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+        reason = "duplicate" if digest in seen else None
+        seen.add(digest)
+    if reason is not None:
+        dropped[reason] += 1
+    return reason is None
+
+
 def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     seen: set[bytes] = set()
     dropped: Counter[str] = Counter()
@@ -135,21 +149,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                     docs_in += 1
                     chars_before += len(rec["text"])
                     text = clean_text(rec["text"], params, changes)
-                    if not text:
-                        dropped["empty"] += 1
+                    if not kept(text, params, seen, dropped):
                         continue
-                    if len(text) < params.min_chars:
-                        dropped["too_short"] += 1
-                        continue
-                    if len(text) > params.max_chars:
-                        dropped["too_long"] += 1
-                        continue
-                    if params.dedupe:
-                        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-                        if digest in seen:
-                            dropped["duplicate"] += 1
-                            continue
-                        seen.add(digest)
                     out.write({**rec, "text": text})
                     docs_out += 1
                     per_split[split] += 1

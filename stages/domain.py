@@ -17,7 +17,6 @@ words the model's vocabulary does not hold (unk_rate_<split>).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -31,7 +30,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from stages.clean import Params as CleanParams
-from stages.clean import clean_text
+from stages.clean import clean_text, kept
 from stages.common.artifacts import SPLITS, atomic_dir, write_json, write_params
 from stages.common.errors import StageError
 from stages.common.params import BaseParams, Section
@@ -72,20 +71,15 @@ class Paths:
 
 
 def cleaned(p: Params, counts: Counts, dropped: Counter[str]) -> Iterator[tuple[str, str]]:
-    """(split, text) of each document of the source, normalised and cleaned as the main corpus."""
+    """(split, text) of each document of the source, normalised, cleaned and kept or dropped
+    as the main corpus's were (clean's `kept`: length limits, duplicates)."""
     reading = p.ingest.model_copy(update={"source": p.domain.source, "label_field": ""})
     seen: set[bytes] = set()
     taken = 0
     for rec in Reader(reading, counts).records():
         text = clean_text(normalize(rec.text), p.clean, Counter())
-        if not text or len(text) < p.clean.min_chars or len(text) > p.clean.max_chars:
-            dropped["empty_or_out_of_length"] += 1
+        if not kept(text, p.clean, seen, dropped):
             continue
-        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-        if digest in seen:
-            dropped["duplicate"] += 1
-            continue
-        seen.add(digest)
         if p.domain.max_docs and taken >= p.domain.max_docs:
             dropped["over_max_docs"] += 1
             continue
