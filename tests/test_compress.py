@@ -218,6 +218,21 @@ def test_quantized_layers_compute_what_their_int8_weights_say() -> None:
     assert (q4(x) - linear(x)).abs().max() < 0.25
 
 
+def test_int8_product_equals_torch_int_mm_bit_for_bit() -> None:
+    """The dynamic layer's CPU product against torch's int8 kernel (int32 accumulation), with
+    sums past 2^24 where one fp32 product over all features would round."""
+    torch.manual_seed(0)
+    for k in (128, 2100):
+        a = torch.randint(-127, 128, (16, k), dtype=torch.int8)
+        b = torch.randint(-127, 128, (24, k), dtype=torch.int8)
+        a[:8] = 127  # large same-sign sums in half the rows
+        b[:12] = torch.randint(124, 128, (12, k), dtype=torch.int8)
+        expected = torch._int_mm(a, b.t()).float()
+        assert torch.equal(quant.int8_product(a, b), expected)
+    plain = a.float() @ b.float().t()  # the product in one piece: not exact at k = 2100
+    assert not torch.equal(plain, expected)
+
+
 @pytest.mark.parametrize("density, dtype, expected", [
     (1.0, torch.float32, "dense"), (0.5, torch.float32, "bitmask"), (0.01, torch.float32, "csr"),
     (0.5, torch.int8, "bitmask"), (0.9, torch.int8, "dense"),

@@ -3,8 +3,8 @@ two per byte, fp32 scales) that safetensors stores and loads without pickles.
 
 - Int8Linear: symmetric per-output-channel int8 weights (1 byte per weight + one fp32 scale
   per row). Weight-only: the layer holds int8 and dequantizes one layer's weight at a time
-  to multiply in float. Dynamic: activations are quantized per token at run time and
-  multiplied in int8 by `torch._int_mm` (int32 accumulation), then rescaled.
+  to multiply in float. Dynamic: activations are quantized per token at run time,
+  multiplied by the int8 weights with an exact integer product (`int8_product`), then rescaled.
 - Int4Linear: asymmetric int4 in groups of `group_size` input features (w = q × scale + min,
   q in 0..15), two values per byte; weight-only, dequantized per layer like int8.
 Why dequantize rather than call ATen's weight-only kernels (`_weight_int8pack_mm`,
@@ -57,6 +57,29 @@ def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q, scale
 
 
+EXACT_TERMS = 1040  # 127 × 127 × 1040 < 2^24: a sum of this many int8 × int8 products is exact in fp32
+
+
+def int8_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M × K int8) @ b.T (b: N × K int8) as float, exactly what `torch._int_mm(a, b.t()).float()`
+    gives. On CUDA it is that call. On CPU the same integers are multiplied in fp32, at most
+    EXACT_TERMS of K at a time (every product and partial sum of values in [-127, 127] is an
+    integer below 2^24, so exact in any order) and the pieces added in int32: bit for bit the
+    same result, where `torch._int_mm` ran 20 to 35 × slower than the fp32 product on a CPU
+    without AVX-512 VNNI (docs/BENCHMARKS.md). The transient float copy of b is the one a
+    weight-only layer makes too."""
+    if a.is_cuda:
+        return torch._int_mm(a, b.t()).float()
+    total: torch.Tensor | None = None
+    for start in range(0, a.shape[1], EXACT_TERMS):
+        part = a[:, start:start + EXACT_TERMS].float() @ b[:, start:start + EXACT_TERMS].float().t()
+        if start == 0 and a.shape[1] <= EXACT_TERMS:
+            return part
+        total = part.to(torch.int32) if total is None else total + part.to(torch.int32)
+    assert total is not None, "an int8 product over zero features"
+    return total.float()
+
+
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dynamic: bool = False) -> None:
         super().__init__()
@@ -76,10 +99,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, x2 = x.shape[:-1], x.reshape(-1, self.in_features).float()
-        if self.dynamic:  # per-token int8 activations, int8 x int8 -> int32
+        if self.dynamic:  # per-token int8 activations, the exact int8 x int8 product
             x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
             xq = torch.round(x2 / x_scale).clamp(-127, 127).to(torch.int8)
-            y = torch._int_mm(xq, self.qweight.t()).float() * x_scale * self.scale
+            y = int8_product(xq, self.qweight) * x_scale * self.scale
         else:  # this layer's weight in float for the product only: a transient, not a resident copy
             y = x2 @ (self.qweight.float() * self.scale[:, None]).t()
         if self.bias is not None:
