@@ -5,8 +5,12 @@ the machine and the environment it ran under; `compare` reads two such files and
 first stage whose outputs differ (and every file that does).
 
     python -m bench.portability run --out here.json
-    python -m bench.portability run --out avx2.json --env ATEN_CPU_CAPABILITY=avx2
-    python -m bench.portability compare here.json avx2.json
+    python -m bench.portability run --out other.json --env ATEN_CPU_CAPABILITY=default OPENBLAS_CORETYPE=Prescott
+    python -m bench.portability compare here.json other.json
+
+`--portable off` runs with base.portable false (each library picks its kernels by the CPU,
+and the variables of `--env` emulate another CPU's choice); on (the default) the stages pin
+them, `--env` or not.
 
 Metrics files (timings and peak memory) are not outputs here. A file whose bytes hold a
 timing differs between any two runs, on one machine too: compare two runs here first to
@@ -18,18 +22,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from bench.common import ROOT, machine
+from stages.common.portable import cpu_model
 
 RAN = re.compile(r"Running stage '([\w@-]+)'")
 
@@ -58,22 +63,15 @@ def file_digests(clone: Path, paths: list[str]) -> dict[str, str]:
     return found
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def run(params: Path, env_extra: dict[str, str], work: Path) -> dict[str, Any]:
+def run(params: Path, env_extra: dict[str, str], work: Path, portable: bool) -> dict[str, Any]:
     clone = work / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     (clone / ".venv").symlink_to(ROOT / ".venv")
-    shutil.copyfile(params, clone / "params.yaml")
+    given = yaml.safe_load(params.read_text(encoding="utf-8"))
+    given.setdefault("base", {})["portable"] = portable
+    (clone / "params.yaml").write_text(yaml.safe_dump(given, allow_unicode=True, sort_keys=False), encoding="utf-8")
     env_bin = str(ROOT / ".venv" / "bin")
+    started = time.perf_counter()
     env = {"PATH": f"{env_bin}:/usr/bin:/bin", "DVC_NO_ANALYTICS": "1", "HOME": str(work), **env_extra,
            "LMMEM_WARM_DIR": str(work / "warm")}  # a server of its own: the environment is the experiment
     done = subprocess.run([f"{env_bin}/dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True,
@@ -83,9 +81,10 @@ def run(params: Path, env_extra: dict[str, str], work: Path) -> dict[str, Any]:
         raise SystemExit("dvc repro failed")
     order = RAN.findall(done.stdout + done.stderr)
     outs = outputs(clone)
-    capability = subprocess.run([f"{env_bin}/python", "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-                                env=env, capture_output=True, text=True, check=False).stdout.strip()
-    return {"machine": machine(), "cpu": cpu_model(), "cpu_capability": capability, "env": env_extra,
+    train = json.loads((clone / "data" / "metrics" / "train.json").read_text(encoding="utf-8"))
+    return {"machine": machine(), "cpu": cpu_model(), "cpu_capability": train.get("machine_capability"),
+            "blas": train.get("machine_blas"), "threads": train.get("machine_threads"), "portable": portable,
+            "env": env_extra, "seconds": round(time.perf_counter() - started, 1),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True,
                                      text=True, check=True).stdout.strip(),
             "stages": {stage: file_digests(clone, outs[stage]) for stage in order if stage in outs}}
@@ -109,6 +108,7 @@ def main() -> int:
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--params", type=Path, default=ROOT / "tests" / "params.tiny.yaml")
     r.add_argument("--env", nargs="*", default=[], help="KEY=VALUE set for dvc repro (and so every stage)")
+    r.add_argument("--portable", choices=("on", "off"), default="on", help="base.portable of the run")
     c = sub.add_parser("compare", help="name the first stage whose outputs differ between two runs")
     c.add_argument("first", type=Path)
     c.add_argument("second", type=Path)
@@ -117,18 +117,20 @@ def main() -> int:
         env_extra = dict(item.split("=", 1) for item in args.env)
         work = Path(tempfile.mkdtemp(prefix="lmmem-portability-"))
         try:
-            result = run(args.params.resolve(), env_extra, work)
+            result = run(args.params.resolve(), env_extra, work, args.portable == "on")
         finally:
             shutil.rmtree(work, ignore_errors=True)
         args.out.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n", encoding="utf-8")
         files = sum(len(f) for f in result["stages"].values())
         print(f"{len(result['stages'])} stages, {files} files: {args.out} "
-              f"({result['cpu']}, capability {result['cpu_capability']}, env {env_extra or 'as is'})")
+              f"({result['cpu']}, capability {result['cpu_capability']}, portable {args.portable}, "
+              f"env {env_extra or 'as is'}, {result['seconds']} s)")
         return 0
     a, b = (json.loads(p.read_text(encoding="utf-8")) for p in (args.first, args.second))
     first, differ = compare(a, b)
     for side, data in (("first", a), ("second", b)):
-        print(f"{side}: {data['cpu']}, capability {data['cpu_capability']}, env {data['env'] or 'as is'}, "
+        print(f"{side}: {data['cpu']}, capability {data['cpu_capability']}, {data.get('blas')}, "
+              f"{data.get('threads')} threads, portable {data.get('portable')}, env {data['env'] or 'as is'}, "
               f"commit {data['commit']}")
     if first is None:
         print(f"the same bytes: every file of {len(a['stages'])} stages")

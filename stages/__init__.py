@@ -4,9 +4,18 @@ Under `dvc repro` (DVC_STAGE in the environment) the stage's process starts its 
 here, before the stage module's imports (tens of seconds for torch and transformers): a stage
 killed at any moment after this gets the outputs DVC deleted put back (stages.common.restore).
 Processes the stage starts inherit LMMEM_WATCHED and start none of their own.
+
+Before that, first thing in every stage's process, `base.portable` pins what selects the
+numeric kernels and the thread counts (stages.common.portable), before numpy, scipy or torch
+load; the stage's workers and the warm server inherit it.
 """
 
 import os
+import sys
+
+from stages.common.portable import apply, requested
+
+apply(requested(sys.argv))
 
 WATCHER = None
 if os.environ.get("DVC_STAGE") and "LMMEM_WATCHED" not in os.environ and "RANK" not in os.environ:

@@ -42,6 +42,7 @@ from stages.common.loading import load_model_folder, weight_counts
 from stages.common.loss import logits_in_chunks
 from stages.common.models import LSTMLanguageModel, logits_of
 from stages.common.params import BaseParams, Section
+from stages.common.portable import pinned_threads
 from stages.common.schema import EvalRow, TokensMeta, read_typed
 from stages.common.stage import stage_main
 from stages.common.windows import Windows, check_ids
@@ -310,9 +311,11 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                            "reason": read_json(folder / "unsupported.json")["reason"]}
     todo = [(name, folder) for name, folder in chosen if name not in found]
     workers = min(params.workers, len(todo)) or 1
-    log.info("measuring %d models, %d at a time, each in a fresh process ...", len(todo), workers)
+    threads = max(1, (pinned_threads() or cores()) // workers)  # the figures depend on the count (base.portable)
+    log.info("measuring %d models, %d at a time, each in a fresh process on %d threads ...", len(todo), workers,
+             threads)
     with fresh_processes(workers) as pool:  # quality, inference peak, generations, probe
-        futures = {name: pool.submit(measure, name, folder, params, paths, context, base.seed, cores() // workers)
+        futures = {name: pool.submit(measure, name, folder, params, paths, context, base.seed, threads)
                    for name, folder in todo}
         for name, future in futures.items():
             try:

@@ -34,6 +34,7 @@ from stages.common.doc import Doc, num, ratio
 from stages.common.errors import StageError
 from stages.common.experiments import experiment_records, head_revision
 from stages.common.params import BaseParams, Section, read_params_file
+from stages.common.portable import machine_rows
 from stages.common.schema import CATEGORIES, EvalRow, read_rows
 from stages.common.stage import stage_main
 from stages.common.svg import line_chart, scatter, stacked_bars
@@ -178,14 +179,14 @@ def provenance(doc: Doc, inputs: Inputs) -> None:
     doc.heading(1, "Provenance")
     canonical = json.dumps(inputs.params, sort_keys=True, ensure_ascii=False, default=str)
     base = inputs.params.get("base", {})
-    import torch
-
     doc.table(["item", "value"], [
         ["git revision", head_revision(Path.cwd()) or "not a git repository"],
         ["params hash (sha256 of params.yaml's values)", hashlib.sha256(canonical.encode()).hexdigest()[:16]],
         ["seed", str(base.get("seed", "–"))],
         ["device", str(base.get("device", "cpu"))],
-        ["machine", f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"],
+        ["portable numerics (base.portable)", str(base.get("portable", True)).lower()],
+        *machine_rows(inputs.metrics),
+        ["this report's machine", f"{platform.machine()}, {os.cpu_count()} cores"],
         ["python", platform.python_version()],
     ] + [[lib, version(lib)] for lib in LIBRARIES])
     default = flat(defaults())

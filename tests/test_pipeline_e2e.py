@@ -391,6 +391,8 @@ def test_experiment_on_english_news_lists_its_metrics(repo: Path) -> None:
     for category in ("parameters", "gradients", "optimizer", "activations", "temporaries", "total"):
         assert train[f"mem_{category}_peak_mib"] >= 0 and f"est_{category}_peak_mib" in train
     assert train["mem_total_peak_mib"] > 0 and train["peak_rss_mib"] > 0
+    assert train["machine_threads"] == 2 and train["machine_cpu"] and "MKL" in train["machine_blas"]
+    assert train["machine_portable"] in (True, "no AVX2")  # base.portable, on by default
     assert data["params"]["params.yaml"]["data"]["train"]["precision"] == "bf16"
     evaluated = data["metrics"]["data/metrics/evaluate.json"]["data"]
     assert evaluated["model_status"] == "ok" and "model_cls_accuracy" not in evaluated  # news has no labels
@@ -405,6 +407,7 @@ def test_experiment_on_english_news_lists_its_metrics(repo: Path) -> None:
     assert 'train.precision=\"bf16\"' in row or 'train.precision="bf16"' in row
     assert f"| {train['mem_total_peak_mib']:,.1f} |" in row
     assert json.loads((repo / "report-check.json").read_text())["experiments"] == 1
+    assert "| torch threads | 2 |" in markdown and "| ATen CPU capability in use |" in markdown
 
 
 def test_dvc_yaml_declares_every_common_module_each_stage_imports() -> None:

@@ -34,6 +34,9 @@ class BaseParams(Section):
         1337, ge=0, le=2**32 - 1, description="seeds Python, NumPy, torch and gensim: same params, same metrics on CPU")
     device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu", description="cpu | cuda | auto (cuda when present); data stages run on CPU regardless")
+    portable: bool = Field(True, description=(
+        "true: the same bytes on any x86-64 CPU with AVX2 (kernels pinned to AVX2, 2 threads per stage process) | "
+        "false: each CPU's fastest kernels and every core, outputs from embed on differ between CPUs"))
 
 
 def _describe_error(section: str, err: dict[str, Any], model: type[BaseModel]) -> str:

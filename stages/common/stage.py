@@ -36,6 +36,7 @@ from stages.common.artifacts import check_replaceable, write_json
 from stages.common.errors import StageError
 from stages.common.memory import peak_rss_mib, reset_peak_rss
 from stages.common.params import BaseParams, load_params
+from stages.common.portable import pin_threads, provenance
 from stages.common.restore import put_back, under_dvc
 
 log = logging.getLogger("lmmem")
@@ -159,6 +160,7 @@ def _stage_main(
         paths = paths_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(paths_cls)
                              if f.metadata.get("cli", True)})
         seed_everything(base.seed)
+        pin_threads()  # base.portable: the same thread count on every machine
         if getattr(args, "estimate", False):  # writes nothing
             print(json.dumps(round_metrics(estimate(params, paths, base)), indent=2, sort_keys=True))  # type: ignore[misc]
             return 0
@@ -178,6 +180,7 @@ def _stage_main(
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     # a stage that resets the peak per item (compress: per variant) reports the largest itself
     metrics["peak_rss_mib"] = max(peak_rss_mib(), metrics.get("peak_rss_mib", 0.0))
+    metrics.update(provenance())  # the machine and the kernels behind these figures
     write_json(args.metrics, round_metrics(metrics))
     log.info("%s done in %.1f s, peak RSS %.1f MiB", name, metrics["seconds"], metrics["peak_rss_mib"])
     return 0

@@ -1,0 +1,160 @@
+"""Portable numerics: with `base.portable` on, the same params give the same bytes on any
+x86-64 CPU with AVX2, whatever else the CPU has, and the hardware is in every metrics file.
+
+The numeric libraries pick their kernels by the CPU they find, and kernels of another vector
+width, or split over another number of threads, add in another order. Measured on a 2-core
+AMD EPYC (docs/BENCHMARKS.md, "Portable numerics"): ATen's `default` capability instead of
+`avx2`, or MKL's `COMPATIBLE` code path, gives other weights after three training steps;
+OpenBLAS's Prescott core instead of Haswell another numpy product; under MKL's COMPATIBLE
+path 1 and 2 threads differ, and ATen's own sum of 2.56 M floats differs between 2 and 3 or
+more threads. So, set in the environment before those libraries load (stages/__init__.py
+calls `apply` first thing in every stage process; the warm server and every worker inherit
+it, and the warm server is keyed by these variables):
+
+- ATEN_CPU_CAPABILITY=avx2: ATen's vectorized kernels at AVX2's width, also on AVX-512 CPUs;
+- MKL_CBWR=AVX2,STRICT: MKL's conditional numerical reproducibility on its AVX2 code path,
+  strict (the same results for any thread count);
+- ONEDNN_MAX_CPU_ISA=AVX2 (and its old name DNNL_MAX_CPU_ISA): oneDNN's kernels likewise;
+- OPENBLAS_CORETYPE=Haswell: the AVX2 core of numpy's and scipy's OpenBLAS (gensim's BLAS);
+- OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=2 (THREADS): OpenBLAS's threads and torch's, which
+  `pin_threads` also sets once torch is loaded (torch takes OMP_NUM_THREADS only up to the
+  cores it finds): the same count on every machine (train.threads, set, wins, and is recorded).
+
+On a CPU without AVX2, or not x86-64, the kernels cannot be pinned to those: only the
+threads are, and the metrics say `machine_portable: no AVX2`. With the setting off nothing
+is pinned (a user's own variables stay as they are) and which outputs then depend on the
+hardware is in the README's determinism section.
+
+Standard library only: this runs before anything else in a stage's process.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+THREADS = 2  # the default machine's cores; the numbers depend on the count, not on the cores
+PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "DNNL_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+MARK = "LMMEM_PORTABLE"  # set with the pins: what this module set, so that it can take it back
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def has_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        return any(line.startswith("flags") and " avx2" in line
+                   for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines())
+    except OSError:
+        return False
+
+
+def requested(argv: list[str]) -> bool:
+    """base.portable of the params file a stage's command line names (--params, else
+    params.yaml); on when the file or key is missing or unreadable (the stage itself then
+    reports a broken file in one line)."""
+    path = "params.yaml"
+    for i, arg in enumerate(argv):
+        if arg == "--params" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--params="):
+            path = arg.split("=", 1)[1]
+    try:
+        import yaml
+
+        loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        value = loaded.get("base", {}).get("portable", True)
+    except Exception:  # noqa: BLE001 - validated, and reported, by the stage's params loader
+        return True
+    return value is not False
+
+
+def apply(on: bool) -> None:
+    """Pin (on) or leave alone (off) what selects the kernels and the thread counts, in this
+    process's environment, before numpy, scipy or torch load."""
+    if on:
+        pins = dict(PINS) if has_avx2() else {}
+        pins.update({name: str(THREADS) for name in THREAD_VARIABLES})
+        os.environ.update(pins)
+        os.environ[MARK] = ",".join(sorted(pins))
+    elif MARK in os.environ:  # pinned by a parent under another params file: not this one's choice
+        for name in os.environ.pop(MARK).split(","):
+            os.environ.pop(name, None)
+
+
+def pin_threads() -> None:
+    """Torch's intra-op threads to the pinned count, in a stage's process once torch is loaded:
+    torch takes OMP_NUM_THREADS only up to the cores it finds."""
+    torch = sys.modules.get("torch")
+    if MARK in os.environ and torch is not None:
+        torch.set_num_threads(THREADS)
+
+
+def pinned_threads() -> int | None:
+    """The pinned thread count, or None when this process runs unpinned."""
+    return THREADS if MARK in os.environ else None
+
+
+def provenance() -> dict[str, Any]:
+    """Flat `machine_*` figures for a metrics file: the CPU, the ATen capability in use (where
+    torch is loaded), the BLAS libraries loaded with their selected cores and threads, torch's
+    threads and whether the numerics are pinned."""
+    found: dict[str, Any] = {"machine_cpu": cpu_model(), "machine_arch": platform.machine(),
+                             "machine_portable": ("no AVX2" if MARK in os.environ and "ATEN_CPU_CAPABILITY"
+                                                  not in os.environ[MARK] else MARK in os.environ)}
+    blas = []
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        found["machine_capability"] = torch.backends.cpu.get_cpu_capability()
+        found["machine_threads"] = torch.get_num_threads()
+        mkl = re.search(r"Math Kernel Library Version ([\d.]+)", torch.__config__.show())
+        if mkl:
+            blas.append(f"torch: MKL {mkl.group(1)}" + (f" (MKL_CBWR={os.environ['MKL_CBWR']})"
+                                                         if os.environ.get("MKL_CBWR") else ""))
+    if "numpy" in sys.modules:
+        from threadpoolctl import threadpool_info
+
+        for lib in threadpool_info():
+            if lib.get("user_api") == "blas":
+                owner = Path(lib["filepath"]).parent.name.removesuffix(".libs")
+                blas.append(f"{owner}: {lib['internal_api']} {lib.get('version') or ''} "
+                            f"{lib.get('architecture') or ''} ({lib['num_threads']} threads)".replace("  ", " "))
+    found["machine_blas"] = "; ".join(blas) or "none loaded"
+    return found
+
+
+MACHINE = {"machine_cpu": "CPU", "machine_arch": "architecture", "machine_capability": "ATen CPU capability in use",
+           "machine_blas": "BLAS libraries (selected core, threads)", "machine_threads": "torch threads",
+           "machine_portable": "numerics pinned"}
+
+
+def machine_rows(metrics: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """What each stage's metrics say it ran on: one value, or each value with its stages
+    where they differ (stages run on different machines, or before and after a change)."""
+    rows = []
+    for key, title in MACHINE.items():
+        seen: dict[str, list[str]] = {}
+        for stage, figures in metrics.items():
+            if key in figures:
+                seen.setdefault(str(figures[key]).lower() if isinstance(figures[key], bool) else str(figures[key]),
+                                []).append(stage)
+        if len(seen) == 1:
+            rows.append([title, next(iter(seen))])
+        elif seen:
+            rows.append([title, "; ".join(f"{value} ({', '.join(stages)})" for value, stages in seen.items())])
+    return rows
