@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, machine
+from stages.common.schema import eval_rows
 
 # (bytes ratio, perplexity ratio). The 50 % target is checked on both readings: the block
 # matrices pruned (prune50-int8) and every matrix, the tied embedding/head too (prune50-all-int8);
@@ -27,13 +28,13 @@ TARGETS = {"int8": (0.30, 1.01), "prune50-int8": (0.20, 1.10), "prune50-all-int8
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval", type=Path, default=ROOT / "data" / "eval")
+    parser.add_argument("--metrics", type=Path, default=ROOT / "data" / "metrics" / "evaluate.json")
     args = parser.parse_args()
     results = args.eval / "results.json"
     if not results.is_file():
         raise SystemExit(f"{results} is missing: run `dvc repro evaluate` first")
-    # results.json writes every field of a row, null where it has none (the baseline has no model figures)
-    rows: dict[str, dict[str, Any]] = {r["name"]: {k: v for k, v in r.items() if v is not None}
-                                       for r in json.loads(results.read_text())}
+    # results.json, with each model's times, latency and RSS from data/metrics/evaluate.json
+    rows: dict[str, dict[str, Any]] = {r["name"]: r for r in eval_rows(results, args.metrics)}
     base = rows["model"]
     print(f"machine: {machine()}\n")
     print("| model | status | MiB on disk | × fp32 | weights (non-zero) | val ppl | × fp32 | test ppl | top-1 | "

@@ -7,14 +7,15 @@ first stage whose outputs differ (and every file that does).
     python -m bench.portability run --out here.json
     python -m bench.portability run --out other.json --env ATEN_CPU_CAPABILITY=default OPENBLAS_CORETYPE=Prescott
     python -m bench.portability compare here.json other.json
+    python -m bench.portability run --params params.yaml --out train.json --env ATEN_CPU_CAPABILITY=default train
+    python -m bench.portability lock train.json     # against the committed dvc.lock
 
 `--portable off` runs with base.portable false (each library picks its kernels by the CPU,
 and the variables of `--env` emulate another CPU's choice); on (the default) the stages pin
 them, `--env` or not.
 
-Metrics files (timings and peak memory) are not outputs here. A file whose bytes hold a
-timing differs between any two runs, on one machine too: compare two runs here first to
-know them.
+Outputs dvc.yaml declares `cache: false` (metrics, plots, the report: each run's times, as
+git keeps them) are left out; every cached output is compared file by file.
 """
 
 from __future__ import annotations
@@ -47,11 +48,32 @@ def md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def outputs(clone: Path) -> dict[str, list[str]]:
-    """{stage: its output paths} from dvc.lock (metrics, declared `cache: false`, left out)."""
+def uncached(clone: Path) -> dict[str, set[str]]:
+    """{stage: the outputs dvc.yaml declares `cache: false`}: metrics, plots and the report,
+    which record each run's times (git keeps them; they are not the computation's bytes)."""
+    declared = yaml.safe_load((clone / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     lock = yaml.safe_load((clone / "dvc.lock").read_text(encoding="utf-8"))["stages"]
-    return {stage: [o["path"] for o in spec.get("outs", []) if not o["path"].startswith("data/metrics/")]
-            for stage, spec in lock.items()}
+    found: dict[str, set[str]] = {}
+    for stage in lock:
+        name, _, key = stage.partition("@")
+        spec = declared[name].get("do", declared[name])
+        paths = set()
+        for kind in ("outs", "metrics", "plots"):
+            for entry in spec.get(kind, []):
+                if isinstance(entry, dict):
+                    path, options = next(iter(entry.items()))
+                    if isinstance(options, dict) and options.get("cache") is False:
+                        paths.add(path.replace("${key}", key))
+        found[stage] = paths
+    return found
+
+
+def lock_hashes(clone: Path) -> dict[str, dict[str, str]]:
+    """{stage: {cached output path: DVC's md5}} of a checkout's dvc.lock."""
+    skip = uncached(clone)
+    stages = yaml.safe_load((clone / "dvc.lock").read_text(encoding="utf-8"))["stages"]
+    return {stage: {o["path"]: o["md5"] for o in spec.get("outs", []) if o["path"] not in skip[stage]}
+            for stage, spec in stages.items()}
 
 
 def file_digests(clone: Path, paths: list[str]) -> dict[str, str]:
@@ -63,7 +85,7 @@ def file_digests(clone: Path, paths: list[str]) -> dict[str, str]:
     return found
 
 
-def run(params: Path, env_extra: dict[str, str], work: Path, portable: bool) -> dict[str, Any]:
+def run(params: Path, env_extra: dict[str, str], work: Path, portable: bool, targets: list[str]) -> dict[str, Any]:
     clone = work / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     (clone / ".venv").symlink_to(ROOT / ".venv")
@@ -74,20 +96,21 @@ def run(params: Path, env_extra: dict[str, str], work: Path, portable: bool) -> 
     started = time.perf_counter()
     env = {"PATH": f"{env_bin}:/usr/bin:/bin", "DVC_NO_ANALYTICS": "1", "HOME": str(work), **env_extra,
            "LMMEM_WARM_DIR": str(work / "warm")}  # a server of its own: the environment is the experiment
-    done = subprocess.run([f"{env_bin}/dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True,
+    done = subprocess.run([f"{env_bin}/dvc", "repro", *targets], cwd=clone, env=env, capture_output=True, text=True,
                           check=False)
     if done.returncode != 0:
         print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
         raise SystemExit("dvc repro failed")
     order = RAN.findall(done.stdout + done.stderr)
-    outs = outputs(clone)
+    outs = lock_hashes(clone)
     train = json.loads((clone / "data" / "metrics" / "train.json").read_text(encoding="utf-8"))
     return {"machine": machine(), "cpu": cpu_model(), "cpu_capability": train.get("machine_capability"),
             "blas": train.get("machine_blas"), "threads": train.get("machine_threads"), "portable": portable,
             "env": env_extra, "seconds": round(time.perf_counter() - started, 1),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True,
                                      text=True, check=True).stdout.strip(),
-            "stages": {stage: file_digests(clone, outs[stage]) for stage in order if stage in outs}}
+            "stages": {stage: file_digests(clone, list(outs[stage])) for stage in order if stage in outs},
+            "lock": {stage: outs[stage] for stage in order if stage in outs}}
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[str | None, dict[str, list[str]]]:
@@ -109,15 +132,25 @@ def main() -> int:
     r.add_argument("--params", type=Path, default=ROOT / "tests" / "params.tiny.yaml")
     r.add_argument("--env", nargs="*", default=[], help="KEY=VALUE set for dvc repro (and so every stage)")
     r.add_argument("--portable", choices=("on", "off"), default="on", help="base.portable of the run")
+    r.add_argument("targets", nargs="*", help="dvc repro's targets (default: the whole pipeline)")
     c = sub.add_parser("compare", help="name the first stage whose outputs differ between two runs")
     c.add_argument("first", type=Path)
     c.add_argument("second", type=Path)
+    k = sub.add_parser("lock", help="a run's outputs against the committed dvc.lock (run with --params params.yaml)")
+    k.add_argument("run", type=Path)
     args = parser.parse_args()
+    if args.command == "lock":
+        ran = json.loads(args.run.read_text(encoding="utf-8"))
+        committed = lock_hashes(ROOT)
+        for stage, hashes in ran["lock"].items():
+            same = committed.get(stage) == hashes
+            print(f"{stage}: {'the committed bytes' if same else f'differs: {hashes} against {committed.get(stage)}'}")
+        return 0 if all(committed.get(s) == h for s, h in ran["lock"].items()) else 1
     if args.command == "run":
         env_extra = dict(item.split("=", 1) for item in args.env)
         work = Path(tempfile.mkdtemp(prefix="lmmem-portability-"))
         try:
-            result = run(args.params.resolve(), env_extra, work, args.portable == "on")
+            result = run(args.params.resolve(), env_extra, work, args.portable == "on", args.targets)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         args.out.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n", encoding="utf-8")

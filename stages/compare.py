@@ -13,7 +13,7 @@ others against (the train section as it stands, by default).
 
 Per configuration the train package's own run records the tensor meter's peak by category,
 the dry run's estimate of the same, throughput (tokens/s, on the unmetered steps) and the
-validation perplexity. Writes data/compare/<name>/steps.csv (the per-step loss) and
+validation perplexity. Writes data/compare/<name>/steps.csv (the per-step loss; its time in the metrics) and
 data/metrics/compare/<name>.json; the trained weights are not kept.
 """
 
@@ -143,7 +143,8 @@ def run(p: Params, paths: Paths, base: BaseParams) -> dict[str, Any] | None:
              tp.steps)
     # out=None: the weights are not kept; checkpoint_every is 0, so nothing goes to checkpoints
     metrics = train_run(tp, TrainPaths(tokens=paths.tokens, embed=paths.embed, out=None, plots=paths.out,
-                                       checkpoints=paths.out / "checkpoints", writer="compare"), base)
+                                       checkpoints=paths.out / "checkpoints", writer="compare",
+                                       step_timings=False), base)  # data/compare/<name>: cached
     if metrics is None:  # a node without rank 0 of a configuration on several machines
         return None
     return {**metrics, "config": paths.config, "config_keys": json.dumps(p.compare.configs[paths.config],

@@ -11,9 +11,10 @@ corpus, a sentiment probe: a logistic-regression head trained on the model's
 mean-pooled last hidden states (train split, body frozen) and scored on the test split,
 beside a bag-of-Word2Vec baseline with the same classifier.
 
-Outputs in data/eval/: results.json (everything, per model), table.csv (one row per model:
-the DVC plot of size against perplexity), generations.md (prompts × models), and flat keys
-`<model>_<figure>` in data/metrics/evaluate.json. A variant that compress could not make,
+Outputs in data/eval/: results.json (everything per model but the figures of the machine:
+times, latency, RSS), table.csv (one row per model: the DVC plot of size against perplexity),
+generations.md (prompts × models): the same bytes on any machine (base.portable). Every
+figure, those of the machine too, as flat keys `<model>_<figure>` in data/metrics/evaluate.json. A variant that compress could not make,
 or that fails here, is a row with its status and reason; the others go on.
 """
 
@@ -43,7 +44,7 @@ from stages.common.loss import logits_in_chunks
 from stages.common.models import LSTMLanguageModel, logits_of
 from stages.common.params import BaseParams, Section
 from stages.common.portable import pinned_threads
-from stages.common.schema import EvalRow, TokensMeta, read_typed
+from stages.common.schema import MEASURED, EvalRow, TokensMeta, read_typed
 from stages.common.stage import stage_main
 from stages.common.windows import Windows, check_ids
 from stages.common.workers import cores, fresh_processes, share_cores
@@ -53,8 +54,7 @@ log = logging.getLogger("lmmem.evaluate")
 TRAINED = "model"  # the row of data/model, the reference of every ratio
 LATENCY_PROMPT = 8  # tokens of validation text the latency's greedy generation starts from
 TABLE = ("name", "status", "bytes_on_disk", "size_ratio", "params", "nonzero_params", "val_ppl", "test_ppl",
-         "top1", "top5", "tensor_peak_mib", "rss_peak_mib", "load_seconds", "ms_per_token_b1",
-         "ms_per_token_batch", "greedy_repetition", "cls_accuracy", "cls_f1_macro")
+         "top1", "top5", "tensor_peak_mib", "greedy_repetition", "cls_accuracy", "cls_f1_macro")
 
 
 class Params(Section):
@@ -349,7 +349,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
             if key not in ("name", "generations", "greedy", "reason", "cls_confusion") and value is not None:
                 metrics[f"{row['name']}_{key}"] = value
     with atomic_dir(paths.out, "evaluate") as tmp:
-        write_json(tmp / "results.json", [EvalRow.model_validate(row) for row in rows])
+        write_json(tmp / "results.json", [EvalRow.model_validate({k: v for k, v in row.items() if k not in MEASURED})
+                                          for row in rows])  # the machine's figures: in the metrics
         with (tmp / "table.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=TABLE, extrasaction="ignore")
             writer.writeheader()

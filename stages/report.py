@@ -35,7 +35,7 @@ from stages.common.errors import StageError
 from stages.common.experiments import experiment_records, head_revision
 from stages.common.params import BaseParams, Section, read_params_file
 from stages.common.portable import machine_rows
-from stages.common.schema import CATEGORIES, EvalRow, read_rows
+from stages.common.schema import CATEGORIES, eval_rows
 from stages.common.stage import stage_main
 from stages.common.svg import line_chart, scatter, stacked_bars
 
@@ -86,7 +86,7 @@ def read_inputs(paths: Paths, params: Params) -> Inputs:
     if paths.steps.is_file():
         with paths.steps.open(newline="", encoding="utf-8") as f:
             steps = list(csv.DictReader(f))
-    results = [row.figures() for row in read_rows(paths.eval / "results.json", EvalRow)] \
+    results = eval_rows(paths.eval / "results.json", paths.metrics_dir / "evaluate.json") \
         if (paths.eval / "results.json").is_file() else []
     experiments = experiment_records(Path.cwd(), paths.metrics_dir.as_posix()) if params.experiments else []
     given = read_params_file(paths.params_file)
@@ -159,12 +159,15 @@ def summary(inputs: Inputs, runs: list[dict[str, Any]]) -> list[str]:
     if model:
         within = [r for r in ok.values() if r["val_ppl"] <= model["val_ppl"] * 1.10]
         small = min(within, key=lambda r: (r["size_ratio"], r["name"]))
-        fast = min(ok.values(), key=lambda r: (r["ms_per_token_b1"], r["name"]))
-        lines.append(f"Compression: the smallest variant within 10 % of the trained model's perplexity is "
-                     f"{small['name']}: {small['size_ratio']:.3f} × the bytes at "
-                     f"{small['val_ppl'] / model['val_ppl']:.3f} × the perplexity. The fastest at batch 1 is "
-                     f"{fast['name']} ({num(fast['ms_per_token_b1'], 2)} ms per token, "
+        line = (f"Compression: the smallest variant within 10 % of the trained model's perplexity is "
+                f"{small['name']}: {small['size_ratio']:.3f} × the bytes at "
+                f"{small['val_ppl'] / model['val_ppl']:.3f} × the perplexity.")
+        timed = [r for r in ok.values() if "ms_per_token_b1" in r]  # latency: from the metrics file
+        if timed and "ms_per_token_b1" in model:
+            fast = min(timed, key=lambda r: (r["ms_per_token_b1"], r["name"]))
+            line += (f" The fastest at batch 1 is {fast['name']} ({num(fast['ms_per_token_b1'], 2)} ms per token, "
                      f"{ratio(fast['ms_per_token_b1'], model['ms_per_token_b1'])} the trained model).")
+        lines.append(line)
     probes = [r for r in inputs.results if "cls_f1_macro" in r and r["name"] != "word2vec-bow"]
     w2v = next((r for r in inputs.results if r["name"] == "word2vec-bow" and "cls_f1_macro" in r), None)
     if probes:
@@ -330,7 +333,7 @@ def compression_section(doc: Doc, inputs: Inputs, params: Params) -> None:
             continue
         rows.append([r["name"], "ok", num(r["bytes_on_disk"] / 2**20, 2), f"{r['size_ratio']:.3f}",
                      num(r["bytes_on_disk"] / r["params"], 2), num(r["val_ppl"]), ratio(r["val_ppl"], model.get("val_ppl")),
-                     num(r["top1"], 3), num(r["ms_per_token_b1"], 2), num(r["ms_per_token_batch"], 2),
+                     num(r["top1"], 3), num(r.get("ms_per_token_b1"), 2), num(r.get("ms_per_token_batch"), 2),
                      num(r["tensor_peak_mib"]), num(r.get("greedy_repetition"), 2), num(r.get("cls_f1_macro"), 3)])
     doc.table(["model", "status", "MiB on disk", "× bytes", "bytes/param", "val ppl", "× ppl", "top-1",
                "ms/token b1", "ms/token batch", "inference peak MiB", "greedy repetition", "probe F1"], rows)

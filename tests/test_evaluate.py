@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from stages.common.classify import scores
+from stages.common.schema import eval_rows
 from stages.evaluate import repetition
 from tests.conftest import deep_update, one_error_line, read_metrics, run_stage, tiny_params
 from tests.test_compress import trained_model
@@ -63,6 +64,9 @@ def evaluated(made: dict[str, Path]) -> tuple[dict[str, Any], Path]:
 def test_every_model_gets_a_row_measured_the_same_way(evaluated: tuple[dict[str, Any], Path]) -> None:
     m, out = evaluated
     rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())}
+    for row in rows.values():  # the machine's figures are in the metrics only: results.json is portable
+        assert not set(row) & {"load_seconds", "ms_per_token_b1", "rss_peak_mib", "seconds"}
+    rows = {r["name"]: r for r in eval_rows(out / "results.json", out.parent / f"{out.name}.json")}
     assert list(rows) == ["model", "broken", "fp16", "int4-256", "int8", "prune50", "word2vec-bow"]
     assert [rows[n]["status"] for n in rows] == ["ok", "failed", "ok", "unsupported", "ok", "ok", "ok"]
     assert "not a multiple of group_size 256" in rows["int4-256"]["reason"]  # no layer fits int4

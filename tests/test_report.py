@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from stages.common.comparison import front
+from stages.common.schema import MEASURED
 from tests.conftest import ROOT, run_stage
 
 HOSTILE = "<script>alert(1)</script>"
@@ -40,7 +41,10 @@ def inputs(tmp_path: Path) -> dict[str, Path]:
                row("b", 0.20, 115.0, 8.0, 0.55), row("c", 0.25, 109.0, 9.0, 0.50),
                {"name": "bad", "status": "failed", "reason": '<img src=x onerror="alert(1)">'},
                {"name": "word2vec-bow", "status": "ok", "cls_f1_macro": 0.70, "cls_accuracy": 0.70}]
-    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval").mkdir()  # as evaluate writes them: the machine's figures in the metrics only
+    evaluated = json.loads((metrics / "evaluate.json").read_text(encoding="utf-8"))
+    evaluated.update({f"{r['name']}_{k}": r.pop(k) for r in results for k in MEASURED if k in r})
+    (metrics / "evaluate.json").write_text(json.dumps(evaluated), encoding="utf-8")
     (tmp_path / "eval" / "results.json").write_text(json.dumps(results), encoding="utf-8")
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     params["evaluate"]["prompts"] = [HOSTILE, "质量"]

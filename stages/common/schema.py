@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -57,8 +57,14 @@ class TokensMeta(Handoff):
     layout: str = "ids: each document's word ids then eos; offsets: uint64 document starts, n_docs + 1"
 
 
+# figures of the machine a model was measured on, not of the model: data/metrics/evaluate.json
+# holds them (`<name>_<figure>`); results.json, a cached output, the same bytes on any machine
+MEASURED = ("load_seconds", "ms_per_token_b1", "ms_per_token_batch", "latency_seconds", "rss_peak_mib", "seconds")
+
+
 class EvalRow(Handoff):
-    """One model's row of data/eval/results.json (written by evaluate, read by the report)."""
+    """One model's row of data/eval/results.json (written by evaluate, read by the report); the
+    MEASURED figures are in data/metrics/evaluate.json, and `eval_rows` joins them again."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -123,6 +129,19 @@ def read_typed(path: Path, model: type[M]) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise _error(path, exc) from None
+
+
+def eval_rows(results: Path, metrics: Path) -> list[dict[str, Any]]:
+    """The evaluation's rows (results.json) with each model's MEASURED figures from its metrics
+    file (missing there: left out, as results.json leaves out what a row has not)."""
+    loaded = _load(metrics) if metrics.is_file() else {}
+    measured: dict[str, Any] = loaded if isinstance(loaded, dict) else {}
+    rows = []
+    for row in read_rows(results, EvalRow):
+        figures = row.figures()
+        figures.update({k: measured[f"{row.name}_{k}"] for k in MEASURED if f"{row.name}_{k}" in measured})
+        rows.append(figures)
+    return rows
 
 
 def read_rows(path: Path, model: type[M]) -> list[M]:

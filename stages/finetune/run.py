@@ -4,6 +4,7 @@ model with it merged)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -49,7 +50,7 @@ def finetune(p: Any, paths: Any, base: BaseParams, task: Any) -> dict[str, Any]:
             copy_tokenizer(paths.tokens, folder)
             metrics["size_on_disk_mib"] = size_on_disk(folder) / 2**20
         write_params(tmp, base=base, **{paths.stage: p})
-        write_steps_csv(tmp / "steps.csv", done.progress.records, device)
+        write_steps_csv(tmp / "steps.csv", done.progress.records, device, timings=False)  # a cached output
     log.info("%s %d steps (%s): %s", paths.stage, p.steps, p.tune, task.summary(metrics))
     return metrics
 
@@ -120,9 +121,18 @@ def save_adapter(model: torch.nn.Module, p: Any, task: Any, tokens: Path, out: P
     peft_model.peft_config["default"].base_model_name_or_path = str(task.model_folder)
     peft_model.save_pretrained(str(adapter))
     (adapter / "README.md").unlink(missing_ok=True)  # peft's model-card template: nothing of this run
+    sort_target_modules(adapter / "adapter_config.json")
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(str(out / "merged"))
     copy_tokenizer(tokens, out / "merged")
     return {"adapter_tensors": copied, "adapter_size_mib": size_on_disk(adapter) / 2**20,
             "size_on_disk_mib": size_on_disk(out / "merged") / 2**20}
 
+
+def sort_target_modules(config: Path) -> None:
+    """peft writes target_modules from a set, in the order of that process's string hashes
+    (PYTHONHASHSEED): sorted, the same bytes from every run. The JSON as peft writes it."""
+    data = json.loads(config.read_text(encoding="utf-8"))
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+        config.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")

@@ -27,6 +27,7 @@ from stages.train.techniques import REGISTRY
 
 log = logging.getLogger("lmmem.train")
 
+MEASURED = ("step_ms", "rss_mib", "cuda_peak_mib")  # per-step figures of the machine, not of the computation
 CSV_FIELDS = ["step", "train_loss", "val_loss", "lr", "step_ms", *[c for t in REGISTRY for c in t.columns],
               "rss_mib", "tensor_peak_mib"]
 
@@ -129,16 +130,19 @@ def rank_figures(ranks: list[dict[str, Any]], predicted: dict[str, Any]) -> dict
 
 def write_steps(paths: Paths, records: list[dict[str, Any]], device: torch.device) -> None:
     with atomic_dir(paths.plots, paths.writer) as tmp:
-        write_steps_csv(tmp / "steps.csv", records, device)
+        write_steps_csv(tmp / "steps.csv", records, device, paths.step_timings)
 
 
-def write_steps_csv(path: Path, records: list[dict[str, Any]], device: torch.device) -> None:
-    """One row a step: the loss, learning rate, time and each technique's columns (and a
-    task's own, such as the validation accuracy)."""
+def write_steps_csv(path: Path, records: list[dict[str, Any]], device: torch.device, timings: bool) -> None:
+    """One row a step: the loss, learning rate, each technique's columns (and a task's own,
+    such as the validation accuracy); with `timings` also the step's time, RSS and CUDA peak
+    (without, a cached output: the same bytes on any machine; the metrics hold the medians)."""
     with path.open("w", newline="") as f:
         fields = CSV_FIELDS + (["cuda_peak_mib"] if device.type == "cuda" else [])
         fields += [k for k in dict.fromkeys(k for r in records for k in r) if k not in fields]  # a task's own
+        if not timings:
+            fields = [k for k in fields if k not in MEASURED]
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in records:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in fields})

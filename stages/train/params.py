@@ -85,3 +85,6 @@ class Paths:
     plots: Path = Path("data/plots/train")
     checkpoints: Path = Path("data/checkpoints/train")
     writer: str = field(default="train", metadata={"cli": False})  # the stage that owns out and plots
+    # steps.csv with each step's time and RSS: true where plots is a DVC plot (cache: false),
+    # false where it is a cached output, whose bytes must not depend on the machine's speed
+    step_timings: bool = field(default=True, metadata={"cli": False})
