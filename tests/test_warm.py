@@ -103,6 +103,8 @@ def test_a_stage_runs_in_a_fork_of_one_warm_server_with_the_clients_arguments_an
     first, seen = probe(project, "--code", "3", "--flag")
     assert first.returncode == 3, first.stderr
     assert seen["torch_preloaded"] is True  # imported by the server before the fork
+    logs = list(sockets(project).glob("*.log"))  # the server's own errors: its warm-up ran clean
+    assert logs and all("Traceback" not in log.read_text() for log in logs)
     assert (seen["cwd"], seen["argv"], seen["value"], seen["name"]) == (str(project), ["--code", "3", "--flag"],
                                                                        "seen", "__main__")
     assert seen["file"] == str(project / "stages" / "probe.py")
