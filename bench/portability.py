@@ -80,6 +80,9 @@ def file_digests(clone: Path, paths: list[str]) -> dict[str, str]:
     found: dict[str, str] = {}
     for relative in paths:
         path = clone / relative
+        if not path.exists():  # dvc.lock names it, the run left none: differs from any run that has it
+            found[relative] = "missing"
+            continue
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         found.update({f.relative_to(clone).as_posix(): md5(f) for f in files})
     return found
