@@ -22,7 +22,6 @@ import math
 import os
 import platform
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from stages.common.errors import StageError
 from stages.common.experiments import experiment_records, head_revision
 from stages.common.params import BaseParams, Section, read_params_file
 from stages.common.portable import machine_rows
+from stages.common.provenance import LIBRARIES, one_blas_list, version
 from stages.common.schema import CATEGORIES, eval_rows
 from stages.common.stage import stage_main
 from stages.common.svg import line_chart, scatter, stacked_bars
@@ -42,8 +42,6 @@ from stages.common.svg import line_chart, scatter, stacked_bars
 log = logging.getLogger("lmmem.report")
 
 STAGES = ["ingest", "clean", "tokenize", "embed", "train", "domain", "compress", "evaluate"]
-LIBRARIES = ["torch", "transformers", "tokenizers", "dvc", "prefect", "gensim", "jieba", "nltk", "numpy",
-             "bitsandbytes"]
 WORKSPACE = "workspace"  # the run of the checked-out params (data/metrics), beside the experiments
 
 
@@ -188,7 +186,7 @@ def provenance(doc: Doc, inputs: Inputs) -> None:
         ["seed", str(base.get("seed", "–"))],
         ["device", str(base.get("device", "cpu"))],
         ["portable numerics (base.portable)", str(base.get("portable", True)).lower()],
-        *machine_rows(inputs.metrics),
+        *machine_rows(one_blas_list(inputs.metrics)),
         ["this report's machine", f"{platform.machine()}, {os.cpu_count()} cores"],
         ["python", platform.python_version()],
     ] + [[lib, version(lib)] for lib in LIBRARIES])
@@ -200,13 +198,6 @@ def provenance(doc: Doc, inputs: Inputs) -> None:
                for key in given if default.get(key) != given[key]]
     doc.para(f"Params that differ from the defaults ({len(changed)}):")
     doc.table(["param", "value", "default"], changed)
-
-
-def version(lib: str) -> str:
-    try:
-        return metadata.version(lib)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def data_section(doc: Doc, inputs: Inputs) -> None:

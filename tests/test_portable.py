@@ -15,6 +15,7 @@ import yaml
 
 from bench.portability import compare
 from stages.common.portable import MARK, THREADS, has_avx2, machine_rows
+from stages.common.provenance import one_blas_list
 from tests.conftest import ROOT
 
 # a sum whose order depends on the vector width and the thread count (ATen's own reduction)
@@ -82,6 +83,10 @@ def test_the_report_shows_one_machine_or_each_with_its_stages() -> None:
     assert machine_rows(same) == [["CPU", "A"], ["numerics pinned", "true"]]
     mixed = {"train": {"machine_cpu": "A"}, "compress": {"machine_cpu": "B"}, "evaluate": {"machine_cpu": "A"}}
     assert machine_rows(mixed) == [["CPU", "A (train, evaluate); B (compress)"]]
+    blas = {"clean": {"machine_blas": "numpy: openblas Haswell"},
+            "train": {"machine_blas": "torch: MKL; numpy: openblas Haswell"}, "report": {}}
+    assert machine_rows(one_blas_list(blas)) == [["BLAS libraries (selected core, threads)",
+                                                  "numpy: openblas Haswell; torch: MKL"]]
 
 
 def test_portability_compare_names_the_first_stage_that_differs() -> None:
