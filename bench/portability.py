@@ -7,14 +7,14 @@ first stage whose outputs differ (and every file that does).
     python -m bench.portability run --out here.json
     python -m bench.portability run --out other.json --env ATEN_CPU_CAPABILITY=default OPENBLAS_CORETYPE=Prescott
     python -m bench.portability compare here.json other.json
-    python -m bench.portability run --params params.yaml --out train.json --env ATEN_CPU_CAPABILITY=default train
+    python -m bench.portability run train --params params.yaml --out train.json --env ATEN_CPU_CAPABILITY=default
     python -m bench.portability lock train.json     # against the committed dvc.lock
 
 `--portable off` runs with base.portable false (each library picks its kernels by the CPU,
 and the variables of `--env` emulate another CPU's choice); on (the default) the stages pin
 them, `--env` or not.
 
-Outputs dvc.yaml declares `cache: false` (metrics, plots, the report: each run's times, as
+Outputs dvc.yaml declares `cache: false` (metrics and plots: each run's times, as
 git keeps them) are left out; every cached output is compared file by file.
 """
 
@@ -49,7 +49,7 @@ def md5(path: Path) -> str:
 
 
 def uncached(clone: Path) -> dict[str, set[str]]:
-    """{stage: the outputs dvc.yaml declares `cache: false`}: metrics, plots and the report,
+    """{stage: the outputs dvc.yaml declares `cache: false`}: metrics and plots,
     which record each run's times (git keeps them; they are not the computation's bytes)."""
     declared = yaml.safe_load((clone / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     lock = yaml.safe_load((clone / "dvc.lock").read_text(encoding="utf-8"))["stages"]
