@@ -48,13 +48,12 @@ def md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def uncached(clone: Path) -> dict[str, set[str]]:
+def uncached(clone: Path, stages: list[str]) -> dict[str, set[str]]:
     """{stage: the outputs dvc.yaml declares `cache: false`}: metrics and plots,
     which record each run's times (git keeps them; they are not the computation's bytes)."""
     declared = yaml.safe_load((clone / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    lock = yaml.safe_load((clone / "dvc.lock").read_text(encoding="utf-8"))["stages"]
     found: dict[str, set[str]] = {}
-    for stage in lock:
+    for stage in stages:
         name, _, key = stage.partition("@")
         spec = declared[name].get("do", declared[name])
         paths = set()
@@ -70,8 +69,8 @@ def uncached(clone: Path) -> dict[str, set[str]]:
 
 def lock_hashes(clone: Path) -> dict[str, dict[str, str]]:
     """{stage: {cached output path: DVC's md5}} of a checkout's dvc.lock."""
-    skip = uncached(clone)
     stages = yaml.safe_load((clone / "dvc.lock").read_text(encoding="utf-8"))["stages"]
+    skip = uncached(clone, list(stages))
     return {stage: {o["path"]: o["md5"] for o in spec.get("outs", []) if o["path"] not in skip[stage]}
             for stage, spec in stages.items()}
 
