@@ -14,8 +14,8 @@ first stage whose outputs differ (and every file that does).
 and the variables of `--env` emulate another CPU's choice); on (the default) the stages pin
 them, `--env` or not.
 
-Outputs dvc.yaml declares `cache: false` (metrics and plots: each run's times, as
-git keeps them) are left out; every cached output is compared file by file.
+Outputs dvc.yaml declares `cache: false` (metrics, plots and the report: each run's times
+and machine, as git keeps them) are left out; every cached output is compared file by file.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def md5(path: Path) -> str:
 
 
 def uncached(clone: Path, stages: list[str]) -> dict[str, set[str]]:
-    """{stage: the outputs dvc.yaml declares `cache: false`}: metrics and plots,
+    """{stage: the outputs dvc.yaml declares `cache: false`}: metrics, plots and the report,
     which record each run's times (git keeps them; they are not the computation's bytes)."""
     declared = yaml.safe_load((clone / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     found: dict[str, set[str]] = {}
