@@ -57,6 +57,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "adafactor": {"optimizer": "adafactor"},
     "galore": {"optimizer": "galore_adamw"},
     "adam-mini": {"optimizer": "adam_mini"},
+    "multi-query": {"model": {"kv_heads": 1}},
     "step-in-backward": {"optimizer_in_backward": True, "grad_clip": 0.0},
     "lean": {"loss_chunk_tokens": 256, "activation_checkpointing": True, "optimizer": "adamw8bit",
              "optimizer_in_backward": True, "grad_clip": 0.0},

@@ -6,7 +6,11 @@ fixed windows; load time; inference tensor peak (the tensor meter over one forwa
 a batch) and process peak RSS (reset after imports); latency in ms per generated token at
 batch 1 and at `latency_batch` (greedy, KV cache where the model has one; median of
 `latency_repeats` after a warm-up); seeded sampled and greedy generations of the same
-prompts, with the greedy ones' repetition (1 − distinct tokens / tokens); and, on a labelled
+prompts, with the greedy ones' repetition (1 − distinct tokens / tokens); generation memory
+(transformers models): greedy decoding with a KV cache metered over `generation_batches` ×
+`generation_contexts`, the peak split into weights, KV cache, activations and logits, the
+cache beside its closed form, and per context the largest batch within
+`generation_budget_mib` (stages/common/generation.py); and, on a labelled
 corpus, a sentiment probe: a logistic-regression head trained on the model's
 mean-pooled last hidden states (train split, body frozen) and scored on the test split,
 beside a bag-of-Word2Vec baseline with the same classifier.
@@ -23,7 +27,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ from pydantic import Field
 from stages.common.artifacts import atomic_dir, read_json, size_on_disk, write_json, write_params
 from stages.common.classify import Docs, fit_logistic, pooled_features, predict, probe_problem, scores
 from stages.common.errors import StageError
+from stages.common.generation import generation_memory, generations, ms_per_token
 from stages.common.halfmath import half_products_in_float
 from stages.common.memory import peak_rss_mib, reset_peak_rss
 from stages.common.meter import TensorMeter
@@ -84,6 +88,14 @@ class Params(Section):
     classify_train_docs: int = Field(
         2000, ge=10, description="labelled training documents for the probe: more = better head, slower (features of each)")
     classify_max_tokens: int = Field(64, ge=1, description="each document cut to its first N tokens")
+    generation_batches: list[int] = Field(default_factory=lambda: [1, 8], min_length=2, description=(
+        "batch sizes of the metered generation; the largest batch within the budget is read off the line "
+        "through the two largest"))
+    generation_contexts: list[int] = Field(default_factory=lambda: [32, 128], min_length=1, description=(
+        "tokens the KV cache holds when the metered generation ends: the cache grows linearly with them"))
+    generation_prompt: int = Field(16, ge=1, description="prompt tokens (validation text) the metered generation starts from")
+    generation_budget_mib: float = Field(32.0, gt=0, description=(
+        "the tensor memory (weights, KV cache, activations, logits) the largest batch per context must fit"))
     workers: int = Field(2, ge=1, le=64, description=(
         "models measured at once, each in its own process on its share of the cores; latency is timed "
         "one model at a time"))
@@ -125,38 +137,6 @@ def quality(model: torch.nn.Module, batches: list[torch.Tensor], chunk: int = 0)
     return {"ppl": math.exp(loss / count), "top1": top1 / count, "top5": top5 / count}
 
 
-@torch.no_grad()
-def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, sample: bool,
-             temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
-    """ids (batch, time) → (batch, new_tokens) continuations, exactly new_tokens long."""
-    if not isinstance(model, LSTMLanguageModel):
-        kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
-        if sample:
-            kwargs.update(temperature=temperature, top_k=top_k)
-        return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[:, ids.shape[1]:]
-    out = ids
-    for _ in range(new_tokens):  # no cache: the LSTM reruns the prefix
-        logits = model(out)[:, -1].float()
-        if sample:
-            values, index = (logits / temperature).topk(top_k)
-            pick = index.gather(1, torch.multinomial(values.softmax(-1), 1))
-        else:
-            pick = logits.argmax(-1, keepdim=True)
-        out = torch.cat([out, pick], dim=1)
-    return out[:, ids.shape[1]:]
-
-
-def ms_per_token(model: torch.nn.Module, prompt: torch.Tensor, batch: int, new_tokens: int, repeats: int) -> float:
-    ids = prompt.expand(batch, -1).contiguous()
-    generate(model, ids, new_tokens, sample=False)  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        generate(model, ids, new_tokens, sample=False)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000 / (batch * new_tokens)
-
-
 def measure(name: str, folder: Path, params: Params, paths: Paths, context: int, seed: int,
             threads: int) -> dict[str, Any]:
     """Everything about one model but its latency; runs in a fresh process (beside another
@@ -191,6 +171,9 @@ def measure(name: str, folder: Path, params: Params, paths: Paths, context: int,
     result["tensor_peak_mib"] = summary["total_peak_mib"]
     result["tensor_weights_mib"] = summary["parameters_peak_mib"]
     result.update(generations(model, folder, params, seed))
+    if hasattr(model, "config") and not isinstance(model, LSTMLanguageModel):  # a KV cache to meter
+        result.update(generation_memory(model, rows, params.generation_batches, params.generation_contexts,
+                                        params.generation_prompt, params.generation_budget_mib))
     phases["inference peak and generation"], clock = time.perf_counter() - clock, time.perf_counter()
     if params.classify and meta.labels:
         with half_products_in_float():
@@ -214,32 +197,6 @@ def latency(folder: Path, params: Params, paths: Paths, context: int, threads: i
             "ms_per_token_batch": ms_per_token(model, prompt, params.latency_batch, params.latency_new_tokens,
                                                params.latency_repeats),
             "latency_seconds": time.perf_counter() - started}
-
-
-def repetition(ids: list[int]) -> float:
-    """1 − distinct tokens / tokens of a continuation: 0 when no token comes twice, (n − 1) / n
-    when one token fills all n."""
-    return 1 - len(set(ids)) / len(ids) if ids else 0.0
-
-
-def generations(model: torch.nn.Module, folder: Path, params: Params, seed: int) -> dict[str, Any]:
-    """Per prompt a sampled continuation (seeded) and the greedy one; the greedy ones'
-    mean repetition."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    sampled, greedy, repeats = [], [], []
-    for prompt in params.prompts:
-        ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids])
-        torch.manual_seed(seed)
-        new = generate(model, ids, params.generate_tokens, sample=True, temperature=params.temperature,
-                       top_k=params.top_k)
-        sampled.append(prompt + " | " + tokenizer.decode(new[0].tolist(), skip_special_tokens=False))
-        best = generate(model, ids, params.generate_tokens, sample=False)[0].tolist()
-        greedy.append(prompt + " | " + tokenizer.decode(best, skip_special_tokens=False))
-        repeats.append(repetition(best))
-    return {"generations": sampled, "greedy": greedy,
-            "greedy_repetition": sum(repeats) / len(repeats) if repeats else None}
 
 
 def probe_docs(paths: Paths, params: Params, meta: TokensMeta, seed: int
@@ -292,6 +249,11 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         raise StageError(f"{paths.model} holds no trained model (no params.json): run the train stage first")
     context = read_json(paths.model / "params.json")["train"]["model"]["context"]
     prompt = max(len(p.split()) for p in params.prompts) if params.prompts else 0
+    too_long = [c for c in params.generation_contexts if not params.generation_prompt <= c <= context]
+    if too_long or len(set(params.generation_batches)) < 2:
+        raise StageError(f"evaluate.generation_contexts: {too_long} outside {params.generation_prompt} "
+                         f"(the prompt) to {context} (the model's context)" if too_long else
+                         f"evaluate.generation_batches: {params.generation_batches} needs two different sizes")
     for key, prompt_tokens, new_tokens in (("generate_tokens", prompt, params.generate_tokens),
                                            ("latency_new_tokens", LATENCY_PROMPT, params.latency_new_tokens)):
         if prompt_tokens + new_tokens > context:  # refused before any model is loaded
@@ -349,8 +311,14 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     metrics: dict[str, Any] = {"models": len(rows)}
     for row in rows:
         for key, value in row.items():
-            if key not in ("name", "generations", "greedy", "reason", "cls_confusion") and value is not None:
+            if key not in ("name", "generations", "greedy", "reason", "cls_confusion", "generation", "max_batch") \
+                    and value is not None:
                 metrics[f"{row['name']}_{key}"] = value
+        for fit in row.get("max_batch") or []:
+            metrics[f"{row['name']}_max_batch_t{fit['context']}"] = fit["batch"]
+        if row.get("generation"):
+            metrics[f"{row['name']}_generation_peak_mib"] = row["generation"][-1]["peak_mib"]
+            metrics[f"{row['name']}_kv_cache_mib"] = row["generation"][-1]["kv_cache_end_mib"]
     with atomic_dir(paths.out, "evaluate") as tmp:
         write_json(tmp / "results.json", [EvalRow.model_validate({k: v for k, v in row.items() if k not in MEASURED})
                                           for row in rows])  # the machine's figures: in the metrics

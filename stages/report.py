@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import Field
 
-from stages.common import comparison, tuning
+from stages.common import comparison, serving, tuning
 from stages.common.artifacts import atomic_dir, read_json
 from stages.common.doc import Doc, num, ratio
 from stages.common.errors import StageError
@@ -368,6 +368,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     tuning.section(doc, inputs.tuned, inputs.params, inputs.results)
     tuning.adapt_section(doc, inputs.adapted, inputs.params, inputs.metrics.get("domain"))
     compression_section(doc, inputs, params)
+    serving.section(doc, inputs.results)
     html, markdown = doc.html(params.title), doc.markdown(params.title)
     with atomic_dir(paths.out, "report") as tmp:
         (tmp / "report.html").write_text(html, encoding="utf-8")

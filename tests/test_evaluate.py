@@ -16,7 +16,7 @@ import yaml
 
 from stages.common.classify import scores
 from stages.common.schema import eval_rows
-from stages.evaluate import repetition
+from stages.common.generation import repetition
 from tests.conftest import deep_update, one_error_line, read_metrics, run_stage, tiny_params
 from tests.test_compress import trained_model
 
@@ -92,6 +92,17 @@ def test_every_model_gets_a_row_measured_the_same_way(evaluated: tuple[dict[str,
     for prompt in tiny_params()["evaluate"]["prompts"]:
         assert f"## {prompt}" in generations
     assert generations.count("- **int8**: ") == 2 * len(tiny_params()["evaluate"]["prompts"])  # sampled, greedy
+    # generation memory: the grid of tests/params.tiny.yaml, each KV cache its closed form; the tiny
+    # model's at batch 8 × 32 tokens: 2 (K, V) × 2 layers × 8 × 32 × 4 heads × 16 values × 4 bytes
+    for name in ("model", "fp16", "int8", "prune50"):
+        r = rows[name]
+        assert [(p["batch"], p["context"]) for p in r["generation"]] == [(1, 16), (8, 16), (1, 32), (8, 32)]
+        assert r["kv_cache_error"] == 0.0 and m[f"{name}_kv_cache_mib"] == r["generation"][-1]["kv_cache_end_mib"]
+        last = r["max_batch"][-1]
+        assert last["context"] == 32 and last["checked_mib"] <= last["budget_mib"] == 4.0
+        assert m[f"{name}_max_batch_t32"] == last["batch"] > 8
+    assert rows["model"]["generation"][-1]["kv_cache_end_mib"] * 2**20 == 262_144
+    assert rows["fp16"]["generation"][-1]["kv_cache_end_mib"] * 2**20 == 131_072  # 2 bytes a value
     for name in ("model", "fp16", "int8", "prune50"):  # greedy continuations and their repetition
         assert len(rows[name]["greedy"]) == len(tiny_params()["evaluate"]["prompts"])
         assert 0 <= rows[name]["greedy_repetition"] < 1
@@ -137,6 +148,22 @@ def test_unknown_variant_and_missing_model_are_refused(made: dict[str, Path], tm
     assert not (tmp_path / "eval").exists()
     rc, _ = evaluate({**made, "model": tmp_path / "nothing"}, tmp_path / "eval")
     assert rc == 2 and "holds no trained model" in one_error_line(capsys.readouterr().err, "evaluate")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"generation_contexts": [16, 33]}, "evaluate.generation_contexts: [33] outside 8 (the prompt) to 32 (the "
+                                        "model's context)"),
+    ({"generation_batches": [4, 4]}, "evaluate.generation_batches: [4, 4] needs two different sizes"),
+])
+def test_a_generation_grid_the_model_cannot_hold_is_refused_before_any_model_loads(
+        made: dict[str, Path], evaluated: tuple[dict[str, Any], Path], tmp_path: Path, overrides: dict[str, Any],
+        message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval"
+    shutil.copytree(evaluated[1], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rc, _ = evaluate(made, out, **overrides)
+    assert rc == 2 and message in one_error_line(capsys.readouterr().err, "evaluate")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_every_model_failing_is_an_error_that_keeps_the_previous_results(

@@ -55,7 +55,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_repo(tmp_path_factory.mktemp("flowrepo"))
+    # a folder of its own: the default remote is a folder beside the repository, and the e2e
+    # module's pipeline pushes the same bytes (the outputs are portable): its push would find them
+    return tiny_repo(tmp_path_factory.mktemp("flows") / "repo")
 
 
 def artifact(key: str) -> Any:

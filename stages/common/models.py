@@ -35,6 +35,9 @@ class ModelParams(Section):
         128, ge=8, le=16384, description="hidden size: parameters grow with its square, activations linearly")
     heads: int = Field(
         2, ge=1, le=256, description="attention heads (width must be a multiple); attention scores grow with heads x context^2")
+    kv_heads: int = Field(0, ge=0, le=256, description=(
+        "key/value heads (llama): 0 = as many as heads (multi-head) | 1 = multi-query | between = grouped-query "
+        "(heads must be a multiple): the KV cache and the K/V projections shrink by heads / kv_heads"))
     ffn_width: int = Field(
         0, ge=0, description="MLP hidden size; 0 = llama 8/3 x width rounded up to 64, gpt2 4 x width")
     context: int = Field(
@@ -48,7 +51,15 @@ class ModelParams(Section):
     def _heads_divide_width(self) -> ModelParams:
         if self.family != "lstm" and self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be a multiple of heads ({self.heads})")
+        if self.kv_heads and self.family != "llama" and self.kv_heads != self.heads:
+            raise ValueError(f"kv_heads ({self.kv_heads}) below heads needs family llama ({self.family} has one "
+                             "key/value head per head)")
+        if self.kv_heads and self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         return self
+
+    def key_value_heads(self) -> int:
+        return self.kv_heads or self.heads
 
     def ffn(self) -> int:
         if self.ffn_width:
@@ -112,7 +123,7 @@ def build_model(p: ModelParams, vocab_size: int, special_ids: dict[str, int]) ->
         from transformers import LlamaConfig, LlamaForCausalLM
 
         config = LlamaConfig(hidden_size=p.width, intermediate_size=p.ffn(), num_hidden_layers=p.layers,
-                             num_attention_heads=p.heads, num_key_value_heads=p.heads,
+                             num_attention_heads=p.heads, num_key_value_heads=p.key_value_heads(),
                              max_position_embeddings=p.context, attention_dropout=p.dropout, **common)
         return LlamaForCausalLM(config)
     from transformers import GPT2Config, GPT2LMHeadModel

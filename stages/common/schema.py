@@ -62,6 +62,37 @@ class TokensMeta(Handoff):
 MEASURED = ("load_seconds", "ms_per_token_b1", "ms_per_token_batch", "latency_seconds", "rss_peak_mib", "seconds")
 
 
+class GenerationPoint(Handoff):
+    """One batch × context of evaluate's metered generation (stages/common/generation.py):
+    the peak's tensor MiB by category, when it happened, and the KV cache at the end beside its
+    closed form."""
+
+    batch: int
+    context: int
+    prompt: int
+    peak_mib: float
+    weights_mib: float
+    kv_cache_mib: float  # at the peak: the cache, and a layer's tensor while concatenation grows it
+    activations_mib: float
+    logits_mib: float
+    peak_phase: str
+    peak_step: int
+    kv_cache_end_mib: float
+    kv_cache_predicted_mib: float
+
+
+class BatchFit(Handoff):
+    """The largest batch whose generation peak fits the budget at one context: read off the
+    line through the two largest metered batches (an upper bound), then metered (None: not run)."""
+
+    context: int
+    budget_mib: float
+    batch: int  # the line's, or one fewer for each metered batch over the budget
+    line_batch: int
+    line_mib: float  # the line's peak at line_batch
+    checked_mib: float | None = None  # the metered peak of `batch`
+
+
 class EvalRow(Handoff):
     """One model's row of data/eval/results.json (written by evaluate, read by the report); the
     MEASURED figures are in data/metrics/evaluate.json, and `eval_rows` joins them again."""
@@ -99,6 +130,9 @@ class EvalRow(Handoff):
     seconds: float | None = None
     bytes_on_disk: int | None = None
     size_ratio: float | None = None
+    generation: list[GenerationPoint] | None = None
+    max_batch: list[BatchFit] | None = None
+    kv_cache_error: float | None = None  # the largest |KV cache − closed form| / closed form over the grid
 
     def figures(self) -> dict[str, object]:
         """The row as a mapping of the figures it has (None left out)."""

@@ -36,6 +36,7 @@ class AdamMini(Technique):
 
         named = [(name, q) for name, q in model.named_parameters() if q.requires_grad]
         return Adam_mini(named, lr=p.lr, weight_decay=p.weight_decay, dim=p.model.width, n_heads=p.model.heads,
+                         n_kv_heads=p.model.key_value_heads(),
                          verbose=False)
 
 

@@ -1,0 +1,67 @@
+"""Generation memory by key/value heads: multi-head, grouped-query and multi-query attention
+side by side, metered, beside the KV cache's closed form.
+
+    python -m bench.kv_cache [--batch 8] [--context 128] [--prompt 16]
+
+Each row builds params.yaml's model (train.model) with another head layout, untrained (what a
+tensor holds does not change its bytes), and meters greedy decoding with a KV cache from a
+`prompt`-token prompt until the cache holds `context` tokens, for `batch` sequences
+(stages/common/generation.py, the meter evaluate uses): the peak by category, the cache at
+the end against 2 × layers × batch × context × KV heads × head size × 4 bytes, and each
+layout's cache and peak against multi-head's of the same head count.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+import stages  # noqa: F401  (the pins before torch loads)
+from bench.common import ROOT, machine
+from stages.common.generation import kv_cache_bytes, metered_generation
+from stages.common.models import ModelParams, build_model
+from stages.common.portable import pin_threads
+
+SPECIAL = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=19590, help="the default corpus's vocabulary")
+    args = parser.parse_args()
+    pin_threads()
+    import torch
+
+    model_params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["train"]["model"]
+    layouts = [(heads, kv) for heads in (model_params["heads"], 8) for kv in sorted({heads, heads // 2, 1}, reverse=True)]
+    print(f"machine: {machine()}; batch {args.batch}, context {args.context}, prompt {args.prompt}\n")
+    print("| heads | KV heads | attention | peak MiB | weights | KV cache | activations | logits | KV closed form | "
+          "KV ÷ multi-head | peak ÷ multi-head |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    reference: dict[int, tuple[float, float]] = {}
+    for heads, kv in layouts:
+        p = ModelParams.model_validate({**model_params, "heads": heads, "kv_heads": kv, "family": "llama",
+                                        "context": max(args.context, model_params["context"])})
+        torch.manual_seed(0)
+        model = build_model(p, args.vocab, SPECIAL).eval()
+        prompt = torch.randint(4, args.vocab, (args.batch, args.prompt))
+        point = metered_generation(model, prompt, args.context)
+        closed = kv_cache_bytes(model.config, args.batch, args.context, torch.float32) / 2**20
+        assert point["kv_cache_end_mib"] == closed, (point["kv_cache_end_mib"], closed)
+        kind = "multi-head" if kv == heads else "multi-query" if kv == 1 else "grouped-query"
+        reference.setdefault(heads, (point["kv_cache_end_mib"], point["peak_mib"]))
+        kv_ref, peak_ref = reference[heads]
+        print(f"| {heads} | {kv} | {kind} | {point['peak_mib']:.2f} | {point['weights_mib']:.2f} | "
+              f"{point['kv_cache_mib']:.2f} | {point['activations_mib']:.2f} | {point['logits_mib']:.2f} | "
+              f"{closed:.3f} | {point['kv_cache_end_mib'] / kv_ref:.3f} | {point['peak_mib'] / peak_ref:.3f} |",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,249 @@
+"""Generation: text from a model (sampled or greedy, timed per token), and its memory: greedy
+decoding with a KV cache, metered by category, and the KV cache's bytes in closed form.
+
+A model that generates holds four kinds of tensor:
+- weights: its parameters and buffers;
+- kv_cache: the keys and values of every layer for every token so far (transformers'
+  DynamicCache: each decoding step concatenates one position to each layer's tensors);
+- logits: the vocabulary head's output (only the last position's: `logits_to_keep=1`, as
+  `generate` asks for);
+- activations: everything else a forward pass makes (hidden states, attention, masks).
+
+`metered_generation` prefills a prompt, then decodes greedily until the cache holds
+`context` tokens, under a tensor meter that counts each storage in its category from the op
+that made it: a tensor the cache or the head takes is counted there retroactively, at the
+moment of the peak too. `kv_cache_bytes` is the closed form, 2 × layers × batch × context ×
+kv heads × head size × bytes per value, which the metered cache matches to the byte.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.common.meter import Peak, TensorMeter, _storage
+from stages.common.models import LSTMLanguageModel
+
+GEN_CATEGORIES = ("weights", "kv_cache", "activations", "logits")
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, sample: bool,
+             temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """ids (batch, time) → (batch, new_tokens) continuations, exactly new_tokens long."""
+    if not isinstance(model, LSTMLanguageModel):
+        kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+        if sample:
+            kwargs.update(temperature=temperature, top_k=top_k)
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[:, ids.shape[1]:]
+    out = ids
+    for _ in range(new_tokens):  # no cache: the LSTM reruns the prefix
+        logits = model(out)[:, -1].float()
+        if sample:
+            values, index = (logits / temperature).topk(top_k)
+            pick = index.gather(1, torch.multinomial(values.softmax(-1), 1))
+        else:
+            pick = logits.argmax(-1, keepdim=True)
+        out = torch.cat([out, pick], dim=1)
+    return out[:, ids.shape[1]:]
+
+
+def ms_per_token(model: torch.nn.Module, prompt: torch.Tensor, batch: int, new_tokens: int, repeats: int) -> float:
+    ids = prompt.expand(batch, -1).contiguous()
+    generate(model, ids, new_tokens, sample=False)  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        generate(model, ids, new_tokens, sample=False)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000 / (batch * new_tokens)
+
+
+def repetition(ids: list[int]) -> float:
+    """1 − distinct tokens / tokens of a continuation: 0 when no token comes twice, (n − 1) / n
+    when one token fills all n."""
+    return 1 - len(set(ids)) / len(ids) if ids else 0.0
+
+
+def generations(model: torch.nn.Module, folder: Path, params: Any, seed: int) -> dict[str, Any]:
+    """Per prompt of `params.prompts` a sampled continuation (seeded; evaluate's
+    generate_tokens, temperature, top_k) and the greedy one; the greedy ones' mean repetition."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    sampled, greedy, repeats = [], [], []
+    for prompt in params.prompts:
+        ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids])
+        torch.manual_seed(seed)
+        new = generate(model, ids, params.generate_tokens, sample=True, temperature=params.temperature,
+                       top_k=params.top_k)
+        sampled.append(prompt + " | " + tokenizer.decode(new[0].tolist(), skip_special_tokens=False))
+        best = generate(model, ids, params.generate_tokens, sample=False)[0].tolist()
+        greedy.append(prompt + " | " + tokenizer.decode(best, skip_special_tokens=False))
+        repeats.append(repetition(best))
+    return {"generations": sampled, "greedy": greedy,
+            "greedy_repetition": sum(repeats) / len(repeats) if repeats else None}
+
+
+def kv_shape(config: Any) -> tuple[int, int, int]:
+    """(layers, kv heads, head size) of a transformers config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def kv_cache_bytes(config: Any, batch: int, context: int, dtype: torch.dtype) -> int:
+    """The keys and values of `context` tokens for `batch` sequences in every layer."""
+    layers, kv_heads, head_dim = kv_shape(config)
+    return 2 * layers * batch * context * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def activation_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the model computes in, hence its KV cache's: its config's (a quantized
+    variant's layers compute in it too)."""
+    dtype = getattr(model.config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+class GenerationMeter(TensorMeter):
+    """The tensor meter with generation's categories. Before every op it reads the cache and
+    moves the storages it now holds to kv_cache; the head's output is moved to logits as it is
+    made. A storage moved so soon after it was made may have set the peak while it was still
+    counted as an activation: the peak's split is corrected then, so its categories are the
+    ones each storage ends up in."""
+
+    def __init__(self) -> None:
+        super().__init__(GEN_CATEGORIES)
+        self.cache: Any = None
+        self._fresh: set[int] = set()  # storages made since the cache was last read
+        self._peak_fresh: dict[int, Any] = {}  # those of them alive at the peak: id -> weak reference
+
+    def _add(self, storage: torch.UntypedStorage, category: str) -> None:
+        self._fresh.add(id(storage))
+        super()._add(storage, category)
+
+    def _update_peaks(self) -> None:
+        before = self.peak
+        super()._update_peaks()
+        if self.peak is not before:
+            self._peak_fresh = {key: self._live[key][0] for key in self._fresh if key in self._live}
+
+    def claim(self, tensor: torch.Tensor, category: str) -> None:
+        """Count a tensor just made in `category`, at the peak too if it was part of it."""
+        storage = _storage(tensor)
+        if storage is None or id(storage) not in self._live:
+            return
+        _, size, old = self._live[id(storage)]
+        if old == category:
+            return
+        at_peak = self._peak_fresh.pop(id(storage), None)
+        if at_peak is not None and at_peak() is storage:  # the same storage, not a later one with its id
+            split = dict(self.peak.by_category)
+            split[old] -= size
+            split[category] += size
+            self.peak = Peak(self.peak.total, split, self.peak.step, self.peak.phase)
+        self._move(storage, category)
+
+    def read_cache(self) -> None:
+        if self.cache is not None:
+            for layer in getattr(self.cache, "layers", ()):
+                for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                    if isinstance(tensor, torch.Tensor):
+                        self.claim(tensor, "kv_cache")
+        self._fresh.clear()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.read_cache()
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+@torch.no_grad()
+def metered_generation(model: torch.nn.Module, prompt: torch.Tensor, context: int) -> dict[str, Any]:
+    """Prefill `prompt` (batch, tokens), then decode greedily until the cache holds `context`
+    tokens. The peak's bytes by category, where it happened, and the cache at the end."""
+    from transformers import DynamicCache
+
+    batch, prompt_tokens = prompt.shape
+    if not 0 < prompt_tokens <= context:
+        raise ValueError(f"a {prompt_tokens}-token prompt cannot fill a {context}-token context")
+    meter = GenerationMeter()
+    meter.track_model(model, lambda name, tensor: "weights")
+    meter.cache = cache = DynamicCache()
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, inputs, output: meter.claim(output, "logits"))
+    meter.track(prompt, "activations")
+    try:
+        with meter.phase(0, "prefill"):
+            out = model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
+        step = 0
+        while cache.get_seq_length() < context:
+            step += 1
+            with meter.phase(step, "decode"):
+                pick = out.logits[:, -1].argmax(-1, keepdim=True)
+                del out
+                out = model(input_ids=pick, cache=cache, use_cache=True, logits_to_keep=1)
+        meter.read_cache()
+        held = sum(_storage(t).nbytes() for layer in cache.layers for t in (layer.keys, layer.values))  # type: ignore[union-attr]
+    finally:
+        hook.remove()
+        meter.close()
+    mib = 2**20
+    return {"batch": batch, "context": context, "prompt": prompt_tokens,
+            "peak_mib": meter.peak.total / mib,
+            **{f"{c}_mib": meter.peak.by_category[c] / mib for c in GEN_CATEGORIES},
+            "peak_phase": meter.peak.phase, "peak_step": meter.peak.step,
+            "kv_cache_end_mib": held / mib}
+
+
+def tiled(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """`batch` prompts from `rows`, repeated in turn when there are fewer (decoding memory
+    does not depend on which tokens they are), in a storage of their own: the meter counts
+    the prompt's storage whole."""
+    return rows[torch.arange(batch) % rows.size(0)].contiguous()
+
+
+def largest_batch(points: list[dict[str, Any]], budget_mib: float) -> tuple[int, float]:
+    """The largest batch whose peak fits `budget_mib` on the line through the two largest
+    batches' peaks at one context, and the line's peak at that batch. Every live tensor is
+    either the same for any batch or proportional to it, so each op's bytes are a line in the
+    batch and the peak, their maximum, is convex: beyond the two batches it lies on or above
+    this line, and the line's batch is an upper bound of the true one."""
+    (b1, p1), (b2, p2) = sorted((p["batch"], p["peak_mib"]) for p in points)[-2:]
+    slope = (p2 - p1) / (b2 - b1)
+    fixed = p1 - slope * b1
+    batch = max(0, int((budget_mib - fixed) // slope)) if slope > 0 else 0
+    return batch, fixed + slope * batch
+
+
+def generation_memory(model: torch.nn.Module, rows: torch.Tensor, batches: list[int], contexts: list[int],
+                      prompt_tokens: int, budget_mib: float, check_up_to: int = 256) -> dict[str, Any]:
+    """The metered generation over batches × contexts, each point beside the KV cache's closed
+    form; per context the largest batch within the budget on the line, and at the largest
+    context that batch metered, then one fewer while the metered peak is over the budget
+    (the line's batch is an upper bound), when the line's batch is at most `check_up_to`."""
+    dtype = activation_dtype(model)
+    points, fits = [], []
+    for context in contexts:
+        here = []
+        for batch in batches:
+            point = metered_generation(model, tiled(rows[:, :prompt_tokens], batch), context)
+            point["kv_cache_predicted_mib"] = kv_cache_bytes(model.config, batch, context, dtype) / 2**20
+            here.append(point)
+        points += here
+        batch, line = largest_batch(here, budget_mib)
+        fits.append({"context": context, "budget_mib": budget_mib, "batch": batch, "line_batch": batch,
+                     "line_mib": line, "checked_mib": None})
+    last = fits[-1]
+    while 0 < last["batch"] <= check_up_to and last["line_batch"] - last["batch"] < 8:
+        peak = metered_generation(model, tiled(rows[:, :prompt_tokens], last["batch"]), last["context"])["peak_mib"]
+        last["checked_mib"] = peak
+        if peak <= budget_mib:
+            break
+        last["batch"] -= 1
+    error = max(abs(p["kv_cache_end_mib"] - p["kv_cache_predicted_mib"]) / p["kv_cache_predicted_mib"] for p in points)
+    return {"generation": points, "max_batch": fits, "kv_cache_error": error}
