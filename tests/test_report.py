@@ -37,7 +37,15 @@ def inputs(tmp_path: Path) -> dict[str, Path]:
     metrics.mkdir()
     for stage in ("ingest", "clean", "tokenize", "embed", "train", "compress", "evaluate"):
         shutil.copy(ROOT / "data" / "metrics" / f"{stage}.json", metrics / f"{stage}.json")
-    results = [row("model", 1.0, 100.0, 10.0, 0.60), row("a", 0.30, 105.0, 12.0, 0.65),
+    point = {"prompt": 16, "peak_phase": "decode", "peak_step": 112, "weights_mib": 12.5, "kv_cache_mib": 4.0,
+             "activations_mib": 0.25, "logits_mib": 0.5, "peak_mib": 17.25, "kv_cache_end_mib": 4.0,
+             "kv_cache_predicted_mib": 4.0}
+    generation = {"generation": [{**point, "batch": 8, "context": 128}, {**point, "batch": 1, "context": 128,
+                                                                          "peak_mib": 13.5}],
+                  "kv_cache_error": 0.0,
+                  "max_batch": [{"context": 128, "budget_mib": 32.0, "batch": 37, "line_batch": 37,
+                                 "line_mib": 31.75, "checked_mib": 31.5}]}
+    results = [{**row("model", 1.0, 100.0, 10.0, 0.60), **generation}, row("a", 0.30, 105.0, 12.0, 0.65),
                row("b", 0.20, 115.0, 8.0, 0.55), row("c", 0.25, 109.0, 9.0, 0.50),
                {"name": "bad", "status": "failed", "reason": '<img src=x onerror="alert(1)">'},
                {"name": "word2vec-bow", "status": "ok", "cls_f1_macro": 0.70, "cls_accuracy": 0.70}]
@@ -109,6 +117,15 @@ def test_summary_picks_from_the_figures(inputs: dict[str, Path], tmp_path: Path)
     assert "best language model's macro F1 is 0.650 (a); the bag-of-Word2Vec baseline 0.700" in markdown
     assert "| bad | failed: <img" not in markdown and "| bad | failed: &lt;img" in markdown
     assert "| 50.0 | 0.40 | 0.650 |" in markdown  # a's inference peak, greedy repetition, probe F1
+
+
+def test_generation_memory_shows_the_largest_point_and_the_batch_within_the_budget(
+        inputs: dict[str, Path], tmp_path: Path) -> None:
+    markdown = (report(inputs, tmp_path / "r") / "report.md").read_text(encoding="utf-8")
+    assert "# Generation memory" in markdown
+    assert "| model | 8 × 128 | 17.25 | 12.50 | 4.00 | 0.25 | 0.50 | 4.000 | 4.000 | 0.00 % |" in markdown
+    assert "| model | 128 | 37 | 31.75 | 31.50 |" in markdown and "fits 32.0 MiB" in markdown
+    assert "| a | 8 × 128" not in markdown  # a row without generation figures has none
 
 
 def test_curves_for_dvc_plots_keep_only_filled_cells(inputs: dict[str, Path], tmp_path: Path) -> None:

@@ -38,5 +38,5 @@ def section(doc: Doc, results: list[dict[str, Any]]) -> None:
                  "through the two largest metered batches (every tensor but the weights grows with the batch), "
                  "and at the largest context that batch metered too.")
         doc.table(["model", "context", "largest batch", "line's peak MiB", "metered peak MiB"],
-                  [[name, fit["context"], fit["batch"], num(fit["line_mib"], 2), num(fit.get("checked_mib"), 2)]
+                  [[name, num(fit["context"]), num(fit["batch"]), num(fit["line_mib"], 2), num(fit.get("checked_mib"), 2)]
                    for name, fit in fits])
