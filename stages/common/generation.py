@@ -239,10 +239,10 @@ def generation_memory(model: torch.nn.Module, rows: torch.Tensor, batches: list[
         fits.append({"context": context, "budget_mib": budget_mib, "batch": batch, "line_batch": batch,
                      "line_mib": line, "checked_mib": None})
     last = fits[-1]
-    while 0 < last["batch"] <= check_up_to and last["line_batch"] - last["batch"] < 8:
+    while 0 < last["batch"] <= check_up_to:  # checked_mib: the peak of `batch` (over the budget after 8 tries)
         peak = metered_generation(model, tiled(rows[:, :prompt_tokens], last["batch"]), last["context"])["peak_mib"]
         last["checked_mib"] = peak
-        if peak <= budget_mib:
+        if peak <= budget_mib or last["line_batch"] - last["batch"] >= 8:
             break
         last["batch"] -= 1
     error = max(abs(p["kv_cache_end_mib"] - p["kv_cache_predicted_mib"]) / p["kv_cache_predicted_mib"] for p in points)
