@@ -10,7 +10,10 @@ prompts, with the greedy ones' repetition (1 − distinct tokens / tokens); gene
 (transformers models): greedy decoding with a KV cache metered over `generation_batches` ×
 `generation_contexts`, the peak split into weights, KV cache, activations and logits, the
 cache beside its closed form, and per context the largest batch within
-`generation_budget_mib` (stages/common/generation.py); and, on a labelled
+`generation_budget_mib` (stages/common/generation.py); for the trained model, the int8 and
+int4 KV caches of `kv_cache_bits` beside the exact one (the cache's bytes and the peak at the
+grid's largest batch × context, the perplexity of a batch of validation windows read one
+position at a time through the cache, and the batched latency with it); and, on a labelled
 corpus, a sentiment probe: a logistic-regression head trained on the model's
 mean-pooled last hidden states (train split, body frozen) and scored on the test split,
 beside a bag-of-Word2Vec baseline with the same classifier.
@@ -40,7 +43,9 @@ from pydantic import Field
 from stages.common.artifacts import atomic_dir, read_json, size_on_disk, write_json, write_params
 from stages.common.classify import Docs, fit_logistic, pooled_features, predict, probe_problem, scores
 from stages.common.errors import StageError
-from stages.common.generation import generation_memory, generations, ms_per_token
+from stages.common.evalrows import MEASURED, EvalRow
+from stages.common.generation import generation_memory, generations, kv_quantization, ms_per_token
+from stages.common.kvquant import BITS
 from stages.common.halfmath import half_products_in_float
 from stages.common.memory import peak_rss_mib, reset_peak_rss
 from stages.common.meter import TensorMeter
@@ -49,7 +54,7 @@ from stages.common.loss import logits_in_chunks
 from stages.common.models import LSTMLanguageModel, logits_of
 from stages.common.params import BaseParams, Section
 from stages.common.portable import pinned_threads
-from stages.common.schema import MEASURED, EvalRow, TokensMeta, read_typed
+from stages.common.schema import TokensMeta, read_typed
 from stages.common.stage import stage_main
 from stages.common.windows import Windows, check_ids
 from stages.common.workers import cores, fresh_processes, share_cores
@@ -96,6 +101,9 @@ class Params(Section):
     generation_prompt: int = Field(16, ge=1, description="prompt tokens (validation text) the metered generation starts from")
     generation_budget_mib: float = Field(32.0, gt=0, description=(
         "the tensor memory (weights, KV cache, activations, logits) the largest batch per context must fit"))
+    kv_cache_bits: list[int] = Field(default_factory=lambda: [8, 4], description=(
+        "quantized KV caches (8: int8, 4: int4, one scale per token and head) the trained model's generation "
+        "memory, perplexity and latency are measured with, beside the exact cache; [] = none"))
     workers: int = Field(2, ge=1, le=64, description=(
         "models measured at once, each in its own process on its share of the cores; latency is timed "
         "one model at a time"))
@@ -174,6 +182,10 @@ def measure(name: str, folder: Path, params: Params, paths: Paths, context: int,
     if hasattr(model, "config") and not isinstance(model, LSTMLanguageModel):  # a KV cache to meter
         result.update(generation_memory(model, rows, params.generation_batches, params.generation_contexts,
                                         params.generation_prompt, params.generation_budget_mib))
+        if name == TRAINED and params.kv_cache_bits:
+            result["kv_quant"] = kv_quantization(model, rows, max(params.generation_batches),
+                                                 max(params.generation_contexts), params.generation_prompt,
+                                                 params.kv_cache_bits)
     phases["inference peak and generation"], clock = time.perf_counter() - clock, time.perf_counter()
     if params.classify and meta.labels:
         with half_products_in_float():
@@ -185,18 +197,23 @@ def measure(name: str, folder: Path, params: Params, paths: Paths, context: int,
     return result
 
 
-def latency(folder: Path, params: Params, paths: Paths, context: int, threads: int) -> dict[str, Any]:
+def latency(folder: Path, params: Params, paths: Paths, context: int, threads: int, kv_bits: list[int]
+            ) -> dict[str, Any]:
     """ms per generated token at batch 1 and at latency_batch (greedy, median of the repeats
-    after a warm-up), in a fresh process with the cores to itself: no other work runs meanwhile."""
+    after a warm-up), and at latency_batch with each quantized KV cache of `kv_bits`, in a
+    fresh process with the cores to itself: no other work runs meanwhile."""
     share_cores(threads)
     meta = read_typed(paths.tokens / "meta.json", TokensMeta)
     model = load_model_folder(folder)
     started = time.perf_counter()
     prompt = windows(paths.tokens, "validation", meta.dtype, context, 1, params.batch_size)[0][:1, :LATENCY_PROMPT]
-    return {"ms_per_token_b1": ms_per_token(model, prompt, 1, params.latency_new_tokens, params.latency_repeats),
-            "ms_per_token_batch": ms_per_token(model, prompt, params.latency_batch, params.latency_new_tokens,
-                                               params.latency_repeats),
-            "latency_seconds": time.perf_counter() - started}
+    found = {"ms_per_token_b1": ms_per_token(model, prompt, 1, params.latency_new_tokens, params.latency_repeats),
+             "ms_per_token_batch": ms_per_token(model, prompt, params.latency_batch, params.latency_new_tokens,
+                                                params.latency_repeats)}
+    for bits in kv_bits:
+        found[f"kv{bits}_ms_per_token"] = ms_per_token(model, prompt, params.latency_batch, params.latency_new_tokens,
+                                                       params.latency_repeats, bits)
+    return {**found, "latency_seconds": time.perf_counter() - started}
 
 
 def probe_docs(paths: Paths, params: Params, meta: TokensMeta, seed: int
@@ -250,6 +267,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     context = read_json(paths.model / "params.json")["train"]["model"]["context"]
     prompt = max(len(p.split()) for p in params.prompts) if params.prompts else 0
     too_long = [c for c in params.generation_contexts if not params.generation_prompt <= c <= context]
+    if unknown := [b for b in params.kv_cache_bits if b not in BITS]:
+        raise StageError(f"evaluate.kv_cache_bits: {unknown} not a KV cache's bits; {' or '.join(map(str, BITS))}")
     if too_long or len(set(params.generation_batches)) < 2:
         raise StageError(f"evaluate.generation_contexts: {too_long} outside {params.generation_prompt} "
                          f"(the prompt) to {context} (the model's context)" if too_long else
@@ -294,7 +313,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
             if found[name]["status"] != "ok":
                 continue
             try:
-                found[name].update(pool.submit(latency, folder, params, paths, context, cores()).result())
+                kv_bits = params.kv_cache_bits if found[name].get("kv_quant") else []
+                found[name].update(pool.submit(latency, folder, params, paths, context, cores(), kv_bits).result())
             except Exception as exc:
                 found[name] = {"name": name, "status": "failed", "reason": failure(exc)}
                 log.warning("%s failed: %s", name, found[name]["reason"])
@@ -311,14 +331,20 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     metrics: dict[str, Any] = {"models": len(rows)}
     for row in rows:
         for key, value in row.items():
-            if key not in ("name", "generations", "greedy", "reason", "cls_confusion", "generation", "max_batch") \
-                    and value is not None:
+            if key not in ("name", "generations", "greedy", "reason", "cls_confusion", "generation", "max_batch",
+                           "kv_quant") and value is not None:
                 metrics[f"{row['name']}_{key}"] = value
         for fit in row.get("max_batch") or []:
             metrics[f"{row['name']}_max_batch_t{fit['context']}"] = fit["batch"]
         if row.get("generation"):
             metrics[f"{row['name']}_generation_peak_mib"] = row["generation"][-1]["peak_mib"]
             metrics[f"{row['name']}_kv_cache_mib"] = row["generation"][-1]["kv_cache_end_mib"]
+        exact = (row.get("kv_quant") or [None])[0]
+        for point in (row.get("kv_quant") or [])[1:]:  # against the exact cache (bits 0)
+            key = f"{row['name']}_kv{point['bits']}"
+            metrics[f"{key}_cache_mib"] = point["kv_cache_end_mib"]
+            metrics[f"{key}_cache_saving"] = exact["kv_cache_end_mib"] / point["kv_cache_end_mib"]
+            metrics[f"{key}_ppl_ratio"] = point["ppl"] / exact["ppl"]
     with atomic_dir(paths.out, "evaluate") as tmp:
         write_json(tmp / "results.json", [EvalRow.model_validate({k: v for k, v in row.items() if k not in MEASURED})
                                           for row in rows])  # the machine's figures: in the metrics

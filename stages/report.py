@@ -31,11 +31,11 @@ from stages.common import comparison, serving, tuning
 from stages.common.artifacts import atomic_dir, read_json
 from stages.common.doc import Doc, num, ratio
 from stages.common.errors import StageError
+from stages.common.evalrows import eval_rows
 from stages.common.experiments import experiment_records, head_revision
 from stages.common.params import BaseParams, Section, read_params_file
-from stages.common.portable import machine_rows
-from stages.common.provenance import LIBRARIES, one_blas_list, version
-from stages.common.schema import CATEGORIES, eval_rows
+from stages.common.provenance import LIBRARIES, machine_rows, one_blas_list, version
+from stages.common.schema import CATEGORIES
 from stages.common.stage import stage_main
 from stages.common.svg import line_chart, scatter, stacked_bars
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from stages.common.classify import scores
-from stages.common.schema import eval_rows
+from stages.common.evalrows import eval_rows
 from stages.common.generation import repetition
 from tests.conftest import deep_update, one_error_line, read_metrics, run_stage, tiny_params
 from tests.test_compress import trained_model
@@ -65,7 +65,8 @@ def test_every_model_gets_a_row_measured_the_same_way(evaluated: tuple[dict[str,
     m, out = evaluated
     rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())}
     for row in rows.values():  # the machine's figures are in the metrics only: results.json is portable
-        assert all(row.get(k) is None for k in ("load_seconds", "ms_per_token_b1", "rss_peak_mib", "seconds"))
+        assert all(row.get(k) is None for k in ("load_seconds", "ms_per_token_b1", "rss_peak_mib", "seconds",
+                                                "kv8_ms_per_token"))
     assert m["model_ms_per_token_b1"] > 0 and m["model_rss_peak_mib"] > 0
     rows = {r["name"]: r for r in eval_rows(out / "results.json", out.parent / f"{out.name}.json")}
     assert list(rows) == ["model", "broken", "fp16", "int4-256", "int8", "prune50", "word2vec-bow"]
@@ -103,6 +104,14 @@ def test_every_model_gets_a_row_measured_the_same_way(evaluated: tuple[dict[str,
         assert m[f"{name}_max_batch_t32"] == last["batch"] > 8
     assert rows["model"]["generation"][-1]["kv_cache_end_mib"] * 2**20 == 262_144
     assert rows["fp16"]["generation"][-1]["kv_cache_end_mib"] * 2**20 == 131_072  # 2 bytes a value
+    # the trained model's int8 / int4 caches at batch 8 × 32: 2 × 2 layers × 8 × 32 × 4 heads × (16 values of
+    # a byte or 8 bytes of two, + a 4-byte scale)
+    quant = {p["bits"]: p for p in rows["model"]["kv_quant"]}
+    assert list(quant) == [0, 8, 4] and all("kv_quant" not in rows[n] for n in ("fp16", "int8", "prune50"))
+    assert [quant[b]["kv_cache_end_mib"] * 2**20 for b in (0, 8, 4)] == [262_144, 81_920, 49_152]
+    assert m["model_kv8_cache_saving"] == 3.2 and m["model_kv4_cache_saving"] == pytest.approx(262_144 / 49_152)
+    assert m["model_kv8_ppl_ratio"] == pytest.approx(1, abs=0.01) and m["model_kv4_ppl_ratio"] == pytest.approx(1, abs=0.1)
+    assert quant[0]["tokens"] == 16 * 32 and m["model_kv8_ms_per_token"] > 0 and m["model_kv4_ms_per_token"] > 0
     for name in ("model", "fp16", "int8", "prune50"):  # greedy continuations and their repetition
         assert len(rows[name]["greedy"]) == len(tiny_params()["evaluate"]["prompts"])
         assert 0 <= rows[name]["greedy_repetition"] < 1
@@ -154,6 +163,7 @@ def test_unknown_variant_and_missing_model_are_refused(made: dict[str, Path], tm
     ({"generation_contexts": [16, 33]}, "evaluate.generation_contexts: [33] outside 8 (the prompt) to 32 (the "
                                         "model's context)"),
     ({"generation_batches": [4, 4]}, "evaluate.generation_batches: [4, 4] needs two different sizes"),
+    ({"kv_cache_bits": [8, 3]}, "evaluate.kv_cache_bits: [3] not a KV cache's bits; 8 or 4"),
 ])
 def test_a_generation_grid_the_model_cannot_hold_is_refused_before_any_model_loads(
         made: dict[str, Path], evaluated: tuple[dict[str, Any], Path], tmp_path: Path, overrides: dict[str, Any],

@@ -1,15 +1,20 @@
 """Generation memory: the metered KV cache against hand-computed bytes (multi-head, grouped
 and multi-query attention), the cache's growth caught at the peak, the peak's categories
-summing to it, and the largest batch within a budget checked by metering it and the next."""
+summing to it, the largest batch within a budget checked by metering it and the next, and the
+int8 / int4 caches metered as their codes and scales, read through position by position."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from stages.common.models import ModelParams, build_model
-from stages.common.generation import generation_memory, kv_cache_bytes, largest_batch, metered_generation, tiled
+from stages.common.generation import (cached_perplexity, generation_memory, kv_cache_bytes, kv_quantization,
+                                      largest_batch, metered_generation, tiled)
 
 MIB = 2**20
 
@@ -48,6 +53,34 @@ def test_the_peak_counts_the_value_tensor_growing_as_cache() -> None:
     assert (point["peak_phase"], point["peak_step"]) == ("decode", 15)
     assert point["kv_cache_mib"] * MIB == 61_440 + old_value
     assert point["activations_mib"] * MIB < 3 * 20 * 4 * 16 * 4  # the new value tensor is not counted here
+
+
+@pytest.mark.parametrize("bits, per_head", [(8, 16 + 4), (4, 8 + 4)])  # codes, and a 4-byte scale a token and head
+def test_a_quantized_cache_is_metered_as_its_codes_and_scales(bits: int, per_head: int) -> None:
+    model = llama(4)
+    point = metered_generation(model, torch.randint(0, 50, (3, 5)), 20, kv_bits=bits)
+    held = 2 * 2 * 3 * 20 * 4 * per_head  # K and V × 2 layers × 3 rows × 20 tokens × 4 heads
+    assert point["kv_cache_end_mib"] * MIB == held == kv_cache_bytes(model.config, 3, 20, torch.float32, bits)
+    # at the peak: the cache, and at most one tensor's old codes and scales while concatenation grows it
+    # (no stale copies: they are freed as each step replaces them)
+    assert held - 2 * 3 * 4 * per_head <= point["kv_cache_mib"] * MIB <= held + 3 * 19 * 4 * per_head
+    parts = sum(point[f"{c}_mib"] for c in ("weights", "kv_cache", "activations", "logits"))
+    assert parts == pytest.approx(point["peak_mib"], abs=1e-9)
+
+
+def test_perplexity_through_the_cache_is_the_forward_pass_s_and_quantized_near_it() -> None:
+    model = llama(2, vocab=300)
+    rows = torch.randint(0, 300, (4, 25))
+    exact, positions = cached_perplexity(model, rows)
+    with torch.no_grad():
+        logits = model(input_ids=rows[:, :-1]).logits
+    assert positions == 96
+    assert exact == pytest.approx(math.exp(F.cross_entropy(logits.reshape(-1, 300), rows[:, 1:].reshape(-1)).item()),
+                                  rel=1e-5)
+    points = kv_quantization(model, rows, 3, 20, 5, [8, 4])
+    assert [p["bits"] for p in points] == [0, 8, 4] and points[0]["ppl"] == exact
+    assert [p["kv_cache_end_mib"] * MIB for p in points] == [2 * 2 * 3 * 20 * 2 * n for n in (64, 20, 12)]
+    assert points[1]["ppl"] == pytest.approx(exact, rel=1e-3) and points[2]["ppl"] == pytest.approx(exact, rel=3e-2)
 
 
 def test_the_largest_batch_fits_the_budget_and_the_next_does_not() -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from stages.common.errors import StageError
-from stages.common.schema import EvalRow, TokensMeta, read_rows, read_typed
+from stages.common.evalrows import EvalRow
+from stages.common.schema import TokensMeta, read_rows, read_typed
 from tests.conftest import ROOT, one_error_line, run_stage, tiny_params
 
 

@@ -368,6 +368,9 @@ def test_restore_puts_back_what_dvc_deleted_before_a_killed_stage(repo: Path) ->
                              capture_output=True, text=True, check=False)
     assert unknown.returncode == 2
     assert unknown.stderr.strip() == "lmmem restore: error: trian: dvc.lock records no outputs for it"
+    persisted = sh(sys.executable, "-m", "stages.common.restore", "report", cwd=repo)  # exits 0: checked
+    assert persisted.strip() == ("report: data/metrics/report.json, data/report persist (DVC leaves them in place): "
+                                 "nothing to restore")
 
 
 def test_experiment_on_english_news_lists_its_metrics(repo: Path) -> None:

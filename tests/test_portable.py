@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from bench.portability import compare
-from stages.common.portable import MARK, THREADS, has_avx2, machine_rows
-from stages.common.provenance import one_blas_list
+from stages.common.portable import MARK, THREADS, has_avx2
+from stages.common.provenance import machine_rows, one_blas_list
 from tests.conftest import ROOT
 
 # a sum whose order depends on the vector width and the thread count (ATen's own reduction)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from stages.common.comparison import front
-from stages.common.schema import MEASURED
+from stages.common.evalrows import MEASURED
 from tests.conftest import ROOT, run_stage
 
 HOSTILE = "<script>alert(1)</script>"
@@ -44,7 +44,14 @@ def inputs(tmp_path: Path) -> dict[str, Path]:
                                                                           "peak_mib": 13.5}],
                   "kv_cache_error": 0.0,
                   "max_batch": [{"context": 128, "budget_mib": 32.0, "batch": 37, "line_batch": 37,
-                                 "line_mib": 31.75, "checked_mib": 31.5}]}
+                                 "line_mib": 31.75, "checked_mib": 31.5}],
+                  "kv_quant": [{"bits": 0, "batch": 8, "context": 128, "kv_cache_end_mib": 4.0,
+                                "kv_cache_predicted_mib": 4.0, "peak_mib": 17.25, "activations_mib": 0.25,
+                                "ppl": 200.0, "tokens": 2048},
+                               {"bits": 8, "batch": 8, "context": 128, "kv_cache_end_mib": 1.0625,
+                                "kv_cache_predicted_mib": 1.0625, "peak_mib": 15.5, "activations_mib": 1.5,
+                                "ppl": 200.02, "tokens": 2048}],
+                  "kv8_ms_per_token": 2.5}  # the model's ms_per_token_batch: 2.0
     results = [{**row("model", 1.0, 100.0, 10.0, 0.60), **generation}, row("a", 0.30, 105.0, 12.0, 0.65),
                row("b", 0.20, 115.0, 8.0, 0.55), row("c", 0.25, 109.0, 9.0, 0.50),
                {"name": "bad", "status": "failed", "reason": '<img src=x onerror="alert(1)">'},
@@ -126,6 +133,9 @@ def test_generation_memory_shows_the_largest_point_and_the_batch_within_the_budg
     assert "| model | 8 × 128 | 17.25 | 12.50 | 4.00 | 0.25 | 0.50 | 4.000 | 4.000 | 0.00 % |" in markdown
     assert "| model | 128 | 37 | 31.75 | 31.50 |" in markdown and "fits 32.0 MiB" in markdown
     assert "| a | 8 × 128" not in markdown  # a row without generation figures has none
+    # the quantized cache beside the exact one: 4 / 1.0625 = 3.76 × smaller, perplexity 200.02 / 200, latency 2.5 / 2.0
+    assert "| exact | 4.000 | 4.000 | 1.00 | 17.25 | 200.00 | 1.0000 | 2.00 | 1.00 |" in markdown
+    assert "| 8 | 1.062 | 1.062 | 3.76 | 15.50 | 200.02 | 1.0001 | 2.50 | 1.25 |" in markdown
 
 
 def test_curves_for_dvc_plots_keep_only_filled_cells(inputs: dict[str, Path], tmp_path: Path) -> None:

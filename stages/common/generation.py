@@ -14,29 +14,45 @@ A model that generates holds four kinds of tensor:
 that made it: a tensor the cache or the head takes is counted there retroactively, at the
 moment of the peak too. `kv_cache_bytes` is the closed form, 2 × layers × batch × context ×
 kv heads × head size × bytes per value, which the metered cache matches to the byte.
+
+`kv_quantization` runs the same with the int8 and int4 caches of stages/common/kvquant.py
+beside the exact one: the cache's bytes, the peak, and the perplexity of windows read one
+position at a time through the cache (every position attends to the stored keys and values).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from stages.common.evalrows import GEN_CATEGORIES
+from stages.common.kvquant import QuantizedKVCache
 from stages.common.meter import Peak, TensorMeter, _storage
 from stages.common.models import LSTMLanguageModel
 
-GEN_CATEGORIES = ("weights", "kv_cache", "activations", "logits")
+
+def new_cache(model: torch.nn.Module, bits: int = 0) -> Any:
+    """An empty KV cache for `model`: transformers' DynamicCache (bits 0, the model's dtype) or
+    the int8 / int4 one of stages/common/kvquant.py."""
+    from transformers import DynamicCache
+
+    return QuantizedKVCache(model.config.num_hidden_layers, bits) if bits else DynamicCache()
 
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, sample: bool,
-             temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
-    """ids (batch, time) → (batch, new_tokens) continuations, exactly new_tokens long."""
+             temperature: float = 1.0, top_k: int = 0, kv_bits: int = 0) -> torch.Tensor:
+    """ids (batch, time) → (batch, new_tokens) continuations, exactly new_tokens long; a
+    transformers model with a KV cache of `kv_bits` (0: its own dtype)."""
     if not isinstance(model, LSTMLanguageModel):
-        kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+        kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
+                                  "cache": new_cache(model, kv_bits)}
         if sample:
             kwargs.update(temperature=temperature, top_k=top_k)
         return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[:, ids.shape[1]:]
@@ -52,13 +68,14 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, sample:
     return out[:, ids.shape[1]:]
 
 
-def ms_per_token(model: torch.nn.Module, prompt: torch.Tensor, batch: int, new_tokens: int, repeats: int) -> float:
+def ms_per_token(model: torch.nn.Module, prompt: torch.Tensor, batch: int, new_tokens: int, repeats: int,
+                 kv_bits: int = 0) -> float:
     ids = prompt.expand(batch, -1).contiguous()
-    generate(model, ids, new_tokens, sample=False)  # warm-up
+    generate(model, ids, new_tokens, sample=False, kv_bits=kv_bits)  # warm-up
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        generate(model, ids, new_tokens, sample=False)
+        generate(model, ids, new_tokens, sample=False, kv_bits=kv_bits)
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000 / (batch * new_tokens)
 
@@ -97,10 +114,12 @@ def kv_shape(config: Any) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv_heads, head_dim
 
 
-def kv_cache_bytes(config: Any, batch: int, context: int, dtype: torch.dtype) -> int:
-    """The keys and values of `context` tokens for `batch` sequences in every layer."""
+def kv_cache_bytes(config: Any, batch: int, context: int, dtype: torch.dtype, bits: int = 0) -> int:
+    """The keys and values of `context` tokens for `batch` sequences in every layer: in
+    `dtype`, or (bits 8 or 4) a byte or half a byte a value plus a 4-byte scale per token and head."""
     layers, kv_heads, head_dim = kv_shape(config)
-    return 2 * layers * batch * context * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    per_head = head_dim * bits // 8 + 4 if bits else head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * layers * batch * context * kv_heads * per_head
 
 
 def activation_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -108,6 +127,22 @@ def activation_dtype(model: torch.nn.Module) -> torch.dtype:
     variant's layers compute in it too)."""
     dtype = getattr(model.config, "dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def cache_tensors(cache: Any) -> list[torch.Tensor]:
+    """Every tensor a cache's layers hold: DynamicLayer's keys and values, a quantized layer's
+    codes and scales (in its attributes, or in dicts, lists and tuples of them)."""
+    found: list[torch.Tensor] = []
+    todo: list[Any] = [vars(layer) for layer in getattr(cache, "layers", ())]
+    while todo:  # no recursive closure: its reference cycle would keep the tensors alive until a collection
+        value = todo.pop()
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, dict):
+            todo += value.values()
+        elif isinstance(value, (list, tuple)):
+            todo += value
+    return found
 
 
 class GenerationMeter(TensorMeter):
@@ -151,10 +186,8 @@ class GenerationMeter(TensorMeter):
 
     def read_cache(self) -> None:
         if self.cache is not None:
-            for layer in getattr(self.cache, "layers", ()):
-                for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                    if isinstance(tensor, torch.Tensor):
-                        self.claim(tensor, "kv_cache")
+            for tensor in cache_tensors(self.cache):
+                self.claim(tensor, "kv_cache")
         self._fresh.clear()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -163,17 +196,17 @@ class GenerationMeter(TensorMeter):
 
 
 @torch.no_grad()
-def metered_generation(model: torch.nn.Module, prompt: torch.Tensor, context: int) -> dict[str, Any]:
-    """Prefill `prompt` (batch, tokens), then decode greedily until the cache holds `context`
-    tokens. The peak's bytes by category, where it happened, and the cache at the end."""
-    from transformers import DynamicCache
-
+def metered_generation(model: torch.nn.Module, prompt: torch.Tensor, context: int, kv_bits: int = 0
+                       ) -> dict[str, Any]:
+    """Prefill `prompt` (batch, tokens), then decode greedily until the cache (of `kv_bits`; 0:
+    the model's dtype) holds `context` tokens. The peak's bytes by category, where it
+    happened, and the cache at the end."""
     batch, prompt_tokens = prompt.shape
     if not 0 < prompt_tokens <= context:
         raise ValueError(f"a {prompt_tokens}-token prompt cannot fill a {context}-token context")
     meter = GenerationMeter()
     meter.track_model(model, lambda name, tensor: "weights")
-    meter.cache = cache = DynamicCache()
+    meter.cache = cache = new_cache(model, kv_bits)
     head = model.get_output_embeddings()
     hook = head.register_forward_hook(lambda module, inputs, output: meter.claim(output, "logits"))
     meter.track(prompt, "activations")
@@ -188,7 +221,7 @@ def metered_generation(model: torch.nn.Module, prompt: torch.Tensor, context: in
                 del out
                 out = model(input_ids=pick, cache=cache, use_cache=True, logits_to_keep=1)
         meter.read_cache()
-        held = sum(_storage(t).nbytes() for layer in cache.layers for t in (layer.keys, layer.values))  # type: ignore[union-attr]
+        held = sum({id(s): s.nbytes() for s in map(_storage, cache_tensors(cache)) if s is not None}.values())
     finally:
         hook.remove()
         meter.close()
@@ -247,3 +280,35 @@ def generation_memory(model: torch.nn.Module, rows: torch.Tensor, batches: list[
         last["batch"] -= 1
     error = max(abs(p["kv_cache_end_mib"] - p["kv_cache_predicted_mib"]) / p["kv_cache_predicted_mib"] for p in points)
     return {"generation": points, "max_batch": fits, "kv_cache_error": error}
+
+
+@torch.no_grad()
+def cached_perplexity(model: torch.nn.Module, rows: torch.Tensor, kv_bits: int = 0) -> tuple[float, int]:
+    """The perplexity of `rows` (batch, tokens + 1) read one position at a time through a KV
+    cache of `kv_bits` (0: the exact cache, equal to one forward pass over the windows), and
+    the positions it averages over."""
+    cache = new_cache(model, kv_bits)
+    loss, count = 0.0, 0
+    for t in range(rows.size(1) - 1):
+        logits = model(input_ids=rows[:, t:t + 1], cache=cache, use_cache=True).logits[:, -1].float()
+        loss += F.cross_entropy(logits, rows[:, t + 1], reduction="sum").item()
+        count += rows.size(0)
+    return math.exp(loss / count), count
+
+
+def kv_quantization(model: torch.nn.Module, rows: torch.Tensor, batch: int, context: int, prompt_tokens: int,
+                    bits: list[int]) -> list[dict[str, Any]]:
+    """The exact cache (bits 0) and each of `bits` side by side: generation metered at `batch` ×
+    `context` (the cache at the end beside its closed form, the peak) and the perplexity of
+    `rows` through the cache."""
+    dtype = activation_dtype(model)
+    points = []
+    for kv_bits in [0, *bits]:
+        metered = metered_generation(model, tiled(rows[:, :prompt_tokens], batch), context, kv_bits)
+        ppl, tokens = cached_perplexity(model, rows, kv_bits)
+        points.append({"bits": kv_bits, "batch": batch, "context": context,
+                       "kv_cache_end_mib": metered["kv_cache_end_mib"],
+                       "kv_cache_predicted_mib": kv_cache_bytes(model.config, batch, context, dtype, kv_bits) / 2**20,
+                       "peak_mib": metered["peak_mib"], "activations_mib": metered["activations_mib"],
+                       "ppl": ppl, "tokens": tokens})
+    return points

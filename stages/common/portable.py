@@ -136,25 +136,3 @@ def provenance() -> dict[str, Any]:
                             f"{lib.get('architecture') or ''} ({lib['num_threads']} threads)".replace("  ", " "))
     found["machine_blas"] = "; ".join(blas) or "none loaded"
     return found
-
-
-MACHINE = {"machine_cpu": "CPU", "machine_arch": "architecture", "machine_capability": "ATen CPU capability in use",
-           "machine_blas": "BLAS libraries (selected core, threads)", "machine_threads": "torch threads",
-           "machine_portable": "numerics pinned"}
-
-
-def machine_rows(metrics: dict[str, dict[str, Any]]) -> list[list[str]]:
-    """What each stage's metrics say it ran on: one value, or each value with its stages
-    where they differ (stages run on different machines, or before and after a change)."""
-    rows = []
-    for key, title in MACHINE.items():
-        seen: dict[str, list[str]] = {}
-        for stage, figures in metrics.items():
-            if key in figures:
-                seen.setdefault(str(figures[key]).lower() if isinstance(figures[key], bool) else str(figures[key]),
-                                []).append(stage)
-        if len(seen) == 1:
-            rows.append([title, next(iter(seen))])
-        elif seen:
-            rows.append([title, "; ".join(f"{value} ({', '.join(stages)})" for value, stages in seen.items())])
-    return rows

@@ -1,5 +1,6 @@
 """What the report's provenance table lists beside the params: the libraries with their
-versions, and the BLAS libraries every stage found (stages.common.portable records them)."""
+versions, and the BLAS libraries every stage found, and the machine each stage's metrics say it ran on
+(stages.common.portable records them)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,25 @@ def one_blas_list(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
     """Stages load different BLAS libraries: every stage's list becomes every library as found."""
     libs = dict.fromkeys(lib for m in metrics.values() for lib in str(m.get("machine_blas", "")).split("; ") if lib)
     return {s: {**m, "machine_blas": "; ".join(libs)} if "machine_blas" in m else m for s, m in metrics.items()}
+
+
+MACHINE = {"machine_cpu": "CPU", "machine_arch": "architecture", "machine_capability": "ATen CPU capability in use",
+           "machine_blas": "BLAS libraries (selected core, threads)", "machine_threads": "torch threads",
+           "machine_portable": "numerics pinned"}
+
+
+def machine_rows(metrics: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """What each stage's metrics say it ran on: one value, or each value with its stages
+    where they differ (stages run on different machines, or before and after a change)."""
+    rows = []
+    for key, title in MACHINE.items():
+        seen: dict[str, list[str]] = {}
+        for stage, figures in metrics.items():
+            if key in figures:
+                seen.setdefault(str(figures[key]).lower() if isinstance(figures[key], bool) else str(figures[key]),
+                                []).append(stage)
+        if len(seen) == 1:
+            rows.append([title, next(iter(seen))])
+        elif seen:
+            rows.append([title, "; ".join(f"{value} ({', '.join(stages)})" for value, stages in seen.items())])
+    return rows

@@ -53,6 +53,24 @@ def _recorded_outs(lock: Path, stage: str) -> list[dict[str, Any]]:
     return [out for out in outs if isinstance(out, dict) and out.get("path") and out.get("md5")]
 
 
+def _persisted(root: Path, stage: str) -> set[str]:
+    """The outputs dvc.yaml marks `persist: true` for `stage`: DVC leaves them in place while
+    the stage runs and keeps no copy in its cache (the report's), so there is nothing to put back."""
+    try:
+        stages = (yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return set()
+    spec = stages.get(stage) if isinstance(stages, dict) else None
+    if not isinstance(spec, dict):
+        return set()
+    found: set[str] = set()
+    for kind in ("outs", "metrics", "plots"):
+        for entry in spec.get(kind) or []:
+            if isinstance(entry, dict):
+                found |= {path for path, opts in entry.items() if isinstance(opts, dict) and opts.get("persist")}
+    return found
+
+
 def _md5(path: Path) -> str:
     """Not artifacts.file_digest: this module is imported before the stage's imports to start its
     watcher, and artifacts' pydantic import there delayed the watcher enough that a kill in
@@ -119,7 +137,8 @@ def restore_previous(stage: str, root: Path | None = None) -> tuple[list[str], l
     folder of dvc.yaml, default the working directory) from DVC's cache. Returns the paths
     restored and those that could not be, each with why."""
     root = Path(root or Path.cwd())
-    outs = _recorded_outs(root / "dvc.lock", stage)
+    persisted = _persisted(root, stage)
+    outs = [out for out in _recorded_outs(root / "dvc.lock", stage) if out["path"] not in persisted]
     if not outs:
         return [], []
     restored: list[str] = []
@@ -214,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{stage}: restored {line}")
         for line in failed:
             print(f"lmmem restore: error: {stage}: {line}", file=sys.stderr)
+        persisted = sorted(_persisted(Path.cwd(), stage))
+        if not restored and not failed and persisted:
+            print(f"{stage}: {', '.join(persisted)} persist (DVC leaves them in place): nothing to restore")
+            continue
         if failed or not restored:
             code = 2
         if not restored and not failed:

@@ -1,17 +1,18 @@
 """What passes between stages, defined once: each hand-off is one pydantic model, and the
-memory categories and metric names are spelled here only.
+memory categories and metric names are spelled here only (the evaluation's rows and
+generation's categories in stages/common/evalrows.py, which only evaluate and the report read).
 
 Writers build the model and write it (`write_json(path, model)`); readers call `read_typed`,
 which stops with one line naming the file and the field when the file is missing or
-malformed. Every reader of the tokens' meta.json, the evaluation's results.json and the
-training metrics' names goes through this module.
+malformed. Every reader of the tokens' meta.json and the training metrics' names goes through
+this module.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -57,89 +58,7 @@ class TokensMeta(Handoff):
     layout: str = "ids: each document's word ids then eos; offsets: uint64 document starts, n_docs + 1"
 
 
-# figures of the machine a model was measured on, not of the model: data/metrics/evaluate.json
-# holds them (`<name>_<figure>`); results.json, a cached output, the same bytes on any machine
-MEASURED = ("load_seconds", "ms_per_token_b1", "ms_per_token_batch", "latency_seconds", "rss_peak_mib", "seconds")
-
-
-class GenerationPoint(Handoff):
-    """One batch × context of evaluate's metered generation (stages/common/generation.py):
-    the peak's tensor MiB by category, when it happened, and the KV cache at the end beside its
-    closed form."""
-
-    batch: int
-    context: int
-    prompt: int
-    peak_mib: float
-    weights_mib: float
-    kv_cache_mib: float  # at the peak: the cache, and a layer's tensor while concatenation grows it
-    activations_mib: float
-    logits_mib: float
-    peak_phase: str
-    peak_step: int
-    kv_cache_end_mib: float
-    kv_cache_predicted_mib: float
-
-
-class BatchFit(Handoff):
-    """The largest batch whose generation peak fits the budget at one context: read off the
-    line through the two largest metered batches (an upper bound), then metered (None: not run)."""
-
-    context: int
-    budget_mib: float
-    batch: int  # the line's, or one fewer for each metered batch over the budget
-    line_batch: int
-    line_mib: float  # the line's peak at line_batch
-    checked_mib: float | None = None  # the metered peak of `batch`
-
-
-class EvalRow(Handoff):
-    """One model's row of data/eval/results.json (written by evaluate, read by the report); the
-    MEASURED figures are in data/metrics/evaluate.json, and `eval_rows` joins them again."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    status: Literal["ok", "unsupported", "failed"]
-    reason: str | None = None
-    load_seconds: float | None = None
-    params: int | None = None
-    nonzero_params: int | None = None
-    val_ppl: float | None = None
-    val_top1: float | None = None
-    val_top5: float | None = None
-    test_ppl: float | None = None
-    test_top1: float | None = None
-    test_top5: float | None = None
-    top1: float | None = None
-    top5: float | None = None
-    tensor_peak_mib: float | None = None
-    tensor_weights_mib: float | None = None
-    ms_per_token_b1: float | None = None
-    ms_per_token_batch: float | None = None
-    latency_seconds: float | None = None
-    generations: list[str] | None = None  # sampled, one per prompt: "prompt | continuation"
-    greedy: list[str] | None = None  # greedy, one per prompt
-    greedy_repetition: float | None = None  # the greedy ones' mean 1 − distinct tokens / tokens
-    cls_accuracy: float | None = None
-    cls_precision_macro: float | None = None
-    cls_recall_macro: float | None = None
-    cls_f1_macro: float | None = None
-    cls_confusion: list[list[int]] | None = None
-    rss_peak_mib: float | None = None
-    seconds: float | None = None
-    bytes_on_disk: int | None = None
-    size_ratio: float | None = None
-    generation: list[GenerationPoint] | None = None
-    max_batch: list[BatchFit] | None = None
-    kv_cache_error: float | None = None  # the largest |KV cache − closed form| / closed form over the grid
-
-    def figures(self) -> dict[str, object]:
-        """The row as a mapping of the figures it has (None left out)."""
-        return self.model_dump(exclude_none=True)
-
-
-def _load(path: Path) -> object:
+def load_json(path: Path) -> object:
     path = Path(path)
     if not path.is_file():
         raise StageError(f"missing input {path}: run the stage that makes it first")
@@ -158,29 +77,16 @@ def _error(path: Path, exc: ValidationError, record: str = "") -> StageError:
 def read_typed(path: Path, model: type[M]) -> M:
     """Read one hand-off file into its model; a missing, non-JSON or malformed file is one
     line that names the file and the first field at fault."""
-    data = _load(path)
+    data = load_json(path)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise _error(path, exc) from None
 
 
-def eval_rows(results: Path, metrics: Path) -> list[dict[str, Any]]:
-    """The evaluation's rows (results.json) with each model's MEASURED figures from its metrics
-    file (missing there: left out, as results.json leaves out what a row has not)."""
-    loaded = _load(metrics) if metrics.is_file() else {}
-    measured: dict[str, Any] = loaded if isinstance(loaded, dict) else {}
-    rows = []
-    for row in read_rows(results, EvalRow):
-        figures = row.figures()
-        figures.update({k: measured[f"{row.name}_{k}"] for k in MEASURED if f"{row.name}_{k}" in measured})
-        rows.append(figures)
-    return rows
-
-
 def read_rows(path: Path, model: type[M]) -> list[M]:
     """Read a JSON list of hand-off records (results.json), each validated the same way."""
-    data = _load(path)
+    data = load_json(path)
     if not isinstance(data, list):
         raise StageError(f"{path}: field (top level): must be a list of records; rerun the stage that writes it")
     out = []

@@ -1,15 +1,15 @@
 """The report's generation memory: per evaluated model, the metered greedy generation with a
 KV cache (evaluate; stages/common/generation.py) at the largest batch × context of its grid,
 the peak by category, the KV cache beside its closed form, and per context the largest batch
-within the budget, with that batch metered where evaluate ran it."""
+within the budget, with that batch metered where evaluate ran it; and the trained model's
+quantized KV caches beside the exact one: bytes, perplexity, latency."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from stages.common.doc import Doc, num
-
-CATEGORIES = ("weights", "kv_cache", "activations", "logits")  # as the generation meter counts them
+from stages.common.evalrows import GEN_CATEGORIES
 
 
 def section(doc: Doc, results: list[dict[str, Any]]) -> None:
@@ -27,7 +27,7 @@ def section(doc: Doc, results: list[dict[str, Any]]) -> None:
     for r in rows:
         p = max(r["generation"], key=lambda q: (q["context"], q["batch"]))
         table.append([r["name"], f"{p['batch']} × {p['context']}", num(p["peak_mib"], 2),
-                      *[num(p[f"{c}_mib"], 2) for c in CATEGORIES], num(p["kv_cache_predicted_mib"], 3),
+                      *[num(p[f"{c}_mib"], 2) for c in GEN_CATEGORIES], num(p["kv_cache_predicted_mib"], 3),
                       num(p["kv_cache_end_mib"], 3), f"{r['kv_cache_error'] * 100:.2f} %"])
     doc.table(["model", "batch × context", "peak MiB", "weights", "KV cache", "activations", "logits",
                "KV closed form", "KV metered", "KV error (grid)"], table)
@@ -40,3 +40,27 @@ def section(doc: Doc, results: list[dict[str, Any]]) -> None:
         doc.table(["model", "context", "largest batch", "line's peak MiB", "metered peak MiB"],
                   [[name, num(fit["context"]), num(fit["batch"]), num(fit["line_mib"], 2), num(fit.get("checked_mib"), 2)]
                    for name, fit in fits])
+    quantized_cache(doc, rows)
+
+
+def quantized_cache(doc: Doc, rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        points = r.get("kv_quant")
+        if not points:
+            continue
+        exact = points[0]
+        doc.para(f"{r['name']}: the KV cache quantized per token and head (int8, int4: a byte or half a byte a "
+                 "value and one fp32 scale per token and head; stages/common/kvquant.py) beside the exact cache "
+                 f"(bits 0), at batch {exact['batch']} × context {exact['context']}; perplexity over "
+                 f"{exact['tokens']} validation positions read one at a time through the cache; latency in ms "
+                 "per token generated at the latency batch.")
+        table = []
+        for p in points:
+            ms = r.get("ms_per_token_batch") if p["bits"] == 0 else r.get(f"kv{p['bits']}_ms_per_token")
+            exact_ms = r.get("ms_per_token_batch")
+            table.append([str(p["bits"]) if p["bits"] else "exact", num(p["kv_cache_end_mib"], 3),
+                          num(p["kv_cache_predicted_mib"], 3), num(exact["kv_cache_end_mib"] / p["kv_cache_end_mib"], 2),
+                          num(p["peak_mib"], 2), num(p["ppl"], 2), num(p["ppl"] / exact["ppl"], 4), num(ms, 2),
+                          num(ms / exact_ms, 2) if ms is not None and exact_ms else "–"])
+        doc.table(["KV cache", "KV MiB metered", "KV closed form", "× smaller", "peak MiB", "perplexity",
+                   "× exact's", "ms / token", "× exact's"], table)
