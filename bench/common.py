@@ -8,8 +8,11 @@ import json
 import logging
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +44,27 @@ def params_file(folder: Path, **sections: dict[str, Any]) -> Path:
     return path
 
 
-def run_stage(stage: str, params: Path, work: Path, **paths: Path) -> dict[str, Any]:
-    """`python -m stages.<stage>` in a fresh process; returns its metrics."""
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """The median of `repeats` timed calls after one untimed warm-up, in ms."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def run_stage(stage: str, params: Path, work: Path, extra_env: dict[str, str] | None = None,
+              **paths: Path) -> dict[str, Any]:
+    """`python -m stages.<stage>` in a fresh process (`extra_env` added to its environment);
+    returns its metrics."""
     metrics = work / "metrics" / f"{stage}.json"
     args = [sys.executable, "-m", f"stages.{stage}", "--params", str(params), "--metrics", str(metrics),
             "--log-level", "WARNING"]
     for name, path in paths.items():
         args += [f"--{name}", str(path)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     result = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         raise SystemExit(f"{stage} failed:\n{result.stderr}")

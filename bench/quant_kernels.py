@@ -8,24 +8,12 @@ for the default model's largest layer (the 19,590 × 256 output head) at 1 and 2
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from collections.abc import Callable
 
 import torch
 
-from bench.common import machine
+from bench.common import machine, median_ms
 from stages.common.quant import Int4Linear, Int8Linear, quantize_int8_rows
-
-
-def timed(fn: Callable[[], torch.Tensor], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
 
 
 def main() -> int:
@@ -52,12 +40,12 @@ def main() -> int:
     with torch.no_grad():
         for rows in (1, 2048):
             x = torch.randn(rows, in_f)
-            cells = [timed(lambda: linear(x), args.repeats),
-                     timed(lambda: torch._weight_int8pack_mm(x, q8, scale8), args.repeats),
-                     timed(lambda: ours8(x), args.repeats),
-                     timed(lambda: torch._weight_int4pack_mm_for_cpu(x, packed4, group, scales_zeros), args.repeats),
-                     timed(lambda: ours4(x), args.repeats),
-                     timed(lambda: dynamic(x), args.repeats)]
+            cells = [median_ms(lambda: linear(x), args.repeats),
+                     median_ms(lambda: torch._weight_int8pack_mm(x, q8, scale8), args.repeats),
+                     median_ms(lambda: ours8(x), args.repeats),
+                     median_ms(lambda: torch._weight_int4pack_mm_for_cpu(x, packed4, group, scales_zeros), args.repeats),
+                     median_ms(lambda: ours4(x), args.repeats),
+                     median_ms(lambda: dynamic(x), args.repeats)]
             print(f"| {rows} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     return 0
 

@@ -13,7 +13,9 @@ cache beside its closed form, and per context the largest batch within
 `generation_budget_mib` (stages/common/generation.py); for the trained model, the int8 and
 int4 KV caches of `kv_cache_bits` beside the exact one (the cache's bytes and the peak at the
 grid's largest batch × context, the perplexity of a batch of validation windows read one
-position at a time through the cache, and the batched latency with it); and, on a labelled
+position at a time through the cache, and the batched latency with it); pruned variants with
+their weights kept sparse in memory (stages/common/sparse.py) beside their dense decoding:
+weight bytes, tensor peaks, one sequence's generation peak, latency at batch 1; and, on a labelled
 corpus, a sentiment probe: a logistic-regression head trained on the model's
 mean-pooled last hidden states (train split, body frozen) and scored on the test split,
 beside a bag-of-Word2Vec baseline with the same classifier.
@@ -44,17 +46,17 @@ from stages.common.artifacts import atomic_dir, read_json, size_on_disk, write_j
 from stages.common.classify import Docs, fit_logistic, pooled_features, predict, probe_problem, scores
 from stages.common.errors import StageError
 from stages.common.evalrows import MEASURED, EvalRow
-from stages.common.generation import generation_memory, generations, kv_quantization, ms_per_token
+from stages.common.generation import forward_peak, generation_memory, generations, kv_quantization, ms_per_token
 from stages.common.kvquant import BITS
 from stages.common.halfmath import half_products_in_float
 from stages.common.memory import peak_rss_mib, reset_peak_rss
-from stages.common.meter import TensorMeter
 from stages.common.loading import load_model_folder, weight_counts
 from stages.common.loss import logits_in_chunks
-from stages.common.models import LSTMLanguageModel, logits_of
+from stages.common.models import LSTMLanguageModel
 from stages.common.params import BaseParams, Section
 from stages.common.portable import pinned_threads
 from stages.common.schema import TokensMeta, read_typed
+from stages.common.sparse import sparse_figures, sparsify
 from stages.common.stage import stage_main
 from stages.common.windows import Windows, check_ids
 from stages.common.workers import cores, fresh_processes, share_cores
@@ -104,6 +106,9 @@ class Params(Section):
     kv_cache_bits: list[int] = Field(default_factory=lambda: [8, 4], description=(
         "quantized KV caches (8: int8, 4: int4, one scale per token and head) the trained model's generation "
         "memory, perplexity and latency are measured with, beside the exact cache; [] = none"))
+    sparse_runtime: bool = Field(True, description=(
+        "pruned variants also measured with their weights kept sparse in memory (a bitmask and the non-zero "
+        "values, decoded a layer at a time): tensor peaks, generation peak and latency beside the dense decoding"))
     workers: int = Field(2, ge=1, le=64, description=(
         "models measured at once, each in its own process on its share of the cores; latency is timed "
         "one model at a time"))
@@ -170,12 +175,7 @@ def measure(name: str, folder: Path, params: Params, paths: Paths, context: int,
     phases["quality"], clock = time.perf_counter() - clock, time.perf_counter()
 
     rows = windows(paths.tokens, "validation", meta.dtype, context, 1, params.batch_size)[0]
-    meter = TensorMeter()
-    meter.track_model(model)
-    with torch.no_grad(), meter.phase(0, "forward"):
-        logits_of(model, rows[:, :-1])
-    meter.close()
-    summary = meter.summary(prefix="")
+    summary = forward_peak(model, rows[:, :-1])[0]
     result["tensor_peak_mib"] = summary["total_peak_mib"]
     result["tensor_weights_mib"] = summary["parameters_peak_mib"]
     result.update(generations(model, folder, params, seed))
@@ -190,18 +190,22 @@ def measure(name: str, folder: Path, params: Params, paths: Paths, context: int,
     if params.classify and meta.labels:
         with half_products_in_float():
             result.update(probe(model, paths, params, meta, seed))
-        phases["probe"] = time.perf_counter() - clock
+        phases["probe"], clock = time.perf_counter() - clock, time.perf_counter()
+    if params.sparse_runtime and hasattr(model, "config") and not isinstance(model, LSTMLanguageModel):
+        result["sparse"] = sparse_figures(model, rows, max(params.generation_contexts), params.generation_prompt)
+        phases["sparse at run time"] = time.perf_counter() - clock  # last: the model is sparse from here on
     result["rss_peak_mib"] = peak_rss_mib()
     result["seconds"] = time.perf_counter() - started
     log.info("%s: %.1f s (%s)", name, result["seconds"], ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     return result
 
 
-def latency(folder: Path, params: Params, paths: Paths, context: int, threads: int, kv_bits: list[int]
-            ) -> dict[str, Any]:
+def latency(folder: Path, params: Params, paths: Paths, context: int, threads: int, kv_bits: list[int],
+            sparse: bool) -> dict[str, Any]:
     """ms per generated token at batch 1 and at latency_batch (greedy, median of the repeats
-    after a warm-up), and at latency_batch with each quantized KV cache of `kv_bits`, in a
-    fresh process with the cores to itself: no other work runs meanwhile."""
+    after a warm-up), at latency_batch with each quantized KV cache of `kv_bits`, and, `sparse`,
+    at batch 1 with the weights kept sparse, in a fresh process with the cores to itself: no
+    other work runs meanwhile."""
     share_cores(threads)
     meta = read_typed(paths.tokens / "meta.json", TokensMeta)
     model = load_model_folder(folder)
@@ -213,6 +217,9 @@ def latency(folder: Path, params: Params, paths: Paths, context: int, threads: i
     for bits in kv_bits:
         found[f"kv{bits}_ms_per_token"] = ms_per_token(model, prompt, params.latency_batch, params.latency_new_tokens,
                                                        params.latency_repeats, bits)
+    if sparse and sparsify(model)["swapped"]:
+        found["sparse_ms_per_token_b1"] = ms_per_token(model, prompt, 1, params.latency_new_tokens,
+                                                       params.latency_repeats)
     return {**found, "latency_seconds": time.perf_counter() - started}
 
 
@@ -314,7 +321,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                 continue
             try:
                 kv_bits = params.kv_cache_bits if found[name].get("kv_quant") else []
-                found[name].update(pool.submit(latency, folder, params, paths, context, cores(), kv_bits).result())
+                found[name].update(pool.submit(latency, folder, params, paths, context, cores(), kv_bits,
+                                               bool(found[name].get("sparse"))).result())
             except Exception as exc:
                 found[name] = {"name": name, "status": "failed", "reason": failure(exc)}
                 log.warning("%s failed: %s", name, found[name]["reason"])
@@ -332,7 +340,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     for row in rows:
         for key, value in row.items():
             if key not in ("name", "generations", "greedy", "reason", "cls_confusion", "generation", "max_batch",
-                           "kv_quant") and value is not None:
+                           "kv_quant", "sparse") and value is not None:
                 metrics[f"{row['name']}_{key}"] = value
         for fit in row.get("max_batch") or []:
             metrics[f"{row['name']}_max_batch_t{fit['context']}"] = fit["batch"]
@@ -345,6 +353,11 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
             metrics[f"{key}_cache_mib"] = point["kv_cache_end_mib"]
             metrics[f"{key}_cache_saving"] = exact["kv_cache_end_mib"] / point["kv_cache_end_mib"]
             metrics[f"{key}_ppl_ratio"] = point["ppl"] / exact["ppl"]
+        if sparse := row.get("sparse"):
+            metrics[f"{row['name']}_sparse_weights_mib"] = sparse["weights_mib"]
+            metrics[f"{row['name']}_sparse_forward_peak_ratio"] = sparse["forward_peak_mib"] / row["tensor_peak_mib"]
+            metrics[f"{row['name']}_sparse_generation_peak_b1_ratio"] = (sparse["generation_peak_b1_mib"]
+                                                                         / sparse["dense_generation_peak_b1_mib"])
     with atomic_dir(paths.out, "evaluate") as tmp:
         write_json(tmp / "results.json", [EvalRow.model_validate({k: v for k, v in row.items() if k not in MEASURED})
                                           for row in rows])  # the machine's figures: in the metrics

@@ -7,6 +7,10 @@ import csv
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ import yaml
 from stages.common.classify import scores
 from stages.common.evalrows import eval_rows
 from stages.common.generation import repetition
+from stages.common.workers import fresh_processes
 from tests.conftest import deep_update, one_error_line, read_metrics, run_stage, tiny_params
 from tests.test_compress import trained_model
 
@@ -112,6 +117,16 @@ def test_every_model_gets_a_row_measured_the_same_way(evaluated: tuple[dict[str,
     assert m["model_kv8_cache_saving"] == 3.2 and m["model_kv4_cache_saving"] == pytest.approx(262_144 / 49_152)
     assert m["model_kv8_ppl_ratio"] == pytest.approx(1, abs=0.01) and m["model_kv4_ppl_ratio"] == pytest.approx(1, abs=0.1)
     assert quant[0]["tokens"] == 16 * 32 and m["model_kv8_ms_per_token"] > 0 and m["model_kv4_ms_per_token"] > 0
+    # prune50 (half of each block matrix zeroed) kept sparse: 2 layers × 7 matrices, the same logits, fewer bytes
+    sparse = rows["prune50"]["sparse"]
+    assert sparse["modules"] == 14 and sparse["max_logit_diff"] < 1e-4
+    assert sparse["weights_mib"] < sparse["dense_weights_mib"] == rows["prune50"]["tensor_weights_mib"]
+    assert sparse["generation_peak_b1_mib"] < sparse["dense_generation_peak_b1_mib"]
+    assert sparse["forward_peak_b1_mib"] < sparse["dense_forward_peak_b1_mib"]
+    assert all(rows[n].get("sparse") is None for n in ("model", "fp16", "int8"))  # nothing pays: left dense
+    assert m["prune50_sparse_ms_per_token_b1"] > 0 and "model_sparse_ms_per_token_b1" not in m
+    assert m["prune50_sparse_forward_peak_ratio"] == pytest.approx(
+        sparse["forward_peak_mib"] / rows["prune50"]["tensor_peak_mib"], rel=1e-5)
     for name in ("model", "fp16", "int8", "prune50"):  # greedy continuations and their repetition
         assert len(rows[name]["greedy"]) == len(tiny_params()["evaluate"]["prompts"])
         assert 0 <= rows[name]["greedy_repetition"] < 1
@@ -174,6 +189,47 @@ def test_a_generation_grid_the_model_cannot_hold_is_refused_before_any_model_loa
     rc, _ = evaluate(made, out, **overrides)
     assert rc == 2 and message in one_error_line(capsys.readouterr().err, "evaluate")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def mark(folder: str, i: int) -> int:
+    """A task of the pool below: a file named after it once it has run."""
+    time.sleep(0.2)
+    (Path(folder) / str(i)).touch()
+    return i
+
+
+def test_a_stopped_pool_cancels_the_queued_tasks_and_kills_the_running_one(tmp_path: Path) -> None:
+    """Once a Ctrl-C in evaluate ran every queued model to the end before the stage could exit."""
+    with pytest.raises(KeyboardInterrupt), fresh_processes(1, preload=[]) as pool:
+        futures = [pool.submit(mark, str(tmp_path), i) for i in range(6)]
+        futures[0].result()
+        raise KeyboardInterrupt
+    time.sleep(1)  # what a surviving worker would still do shows by now
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["0"], ["0", "1"])  # the one running may have ended
+
+
+def test_ctrl_c_stops_the_evaluation_and_keeps_the_previous_results(
+        made: dict[str, Path], evaluated: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    shutil.copytree(evaluated[1], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    params = tmp_path / "one-at-a-time.yaml"  # one worker: four models wait in the queue
+    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"evaluate": {"workers": 1}}), allow_unicode=True))
+    stage = subprocess.Popen(
+        [sys.executable, "-m", "stages.evaluate", "--params", str(params), "--model", str(made["model"]),
+         "--compressed", str(made["compressed"]), "--tokens", str(made["tokens"]), "--embed", str(made["embed"]),
+         "--out", str(out), "--metrics", str(tmp_path / "eval.json")],
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert stage.stderr is not None
+    seen = []
+    for line in stage.stderr:  # until the first model is being measured
+        seen.append(line)
+        if "measuring 5 models" in line:
+            break
+    stage.send_signal(signal.SIGINT)  # to the stage alone, as `python -m stages` forwards a Ctrl-C
+    seen += stage.stderr.readlines()
+    assert stage.wait(timeout=120) == 130 and "lmmem evaluate: interrupted\n" in seen, "".join(seen)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not (tmp_path / "eval.json").exists()
 
 
 def test_every_model_failing_is_an_error_that_keeps_the_previous_results(

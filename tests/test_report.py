@@ -52,7 +52,11 @@ def inputs(tmp_path: Path) -> dict[str, Path]:
                                 "kv_cache_predicted_mib": 1.0625, "peak_mib": 15.5, "activations_mib": 1.5,
                                 "ppl": 200.02, "tokens": 2048}],
                   "kv8_ms_per_token": 2.5}  # the model's ms_per_token_batch: 2.0
-    results = [{**row("model", 1.0, 100.0, 10.0, 0.60), **generation}, row("a", 0.30, 105.0, 12.0, 0.65),
+    sparse = {"sparse": {"modules": 28, "weights_mib": 7.0, "dense_weights_mib": 12.82, "forward_peak_mib": 48.0,
+                         "forward_peak_b1_mib": 12.5, "dense_forward_peak_b1_mib": 18.25,
+                         "generation_peak_b1_mib": 7.5, "dense_generation_peak_b1_mib": 13.0,
+                         "max_logit_diff": 2.5e-6}, "sparse_ms_per_token_b1": 15.0}  # a's: 12.0 dense
+    results = [{**row("model", 1.0, 100.0, 10.0, 0.60), **generation}, {**row("a", 0.30, 105.0, 12.0, 0.65), **sparse},
                row("b", 0.20, 115.0, 8.0, 0.55), row("c", 0.25, 109.0, 9.0, 0.50),
                {"name": "bad", "status": "failed", "reason": '<img src=x onerror="alert(1)">'},
                {"name": "word2vec-bow", "status": "ok", "cls_f1_macro": 0.70, "cls_accuracy": 0.70}]
@@ -136,6 +140,10 @@ def test_generation_memory_shows_the_largest_point_and_the_batch_within_the_budg
     # the quantized cache beside the exact one: 4 / 1.0625 = 3.76 × smaller, perplexity 200.02 / 200, latency 2.5 / 2.0
     assert "| exact | 4.000 | 4.000 | 1.00 | 17.25 | 200.00 | 1.0000 | 2.00 | 1.00 |" in markdown
     assert "| 8 | 1.062 | 1.062 | 3.76 | 15.50 | 200.02 | 1.0001 | 2.50 | 1.25 |" in markdown
+    # a kept sparse: 7.5 / 13.0 = 0.577 of its dense generation peak
+    assert "# Sparse weights at run time" in markdown
+    assert ("| a | 28 | 12.82 → 7.00 | 50.0 → 48.0 | 18.25 → 12.50 | 13.00 → 7.50 | 0.577 | 12.00 → 15.00 | 2.5e-06 |"
+            in markdown)
 
 
 def test_curves_for_dvc_plots_keep_only_filled_cells(inputs: dict[str, Path], tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ GEN_CATEGORIES = ("weights", "kv_cache", "activations", "logits")
 # figures of the machine a model was measured on, not of the model: data/metrics/evaluate.json
 # holds them (`<name>_<figure>`); results.json, a cached output, the same bytes on any machine
 MEASURED = ("load_seconds", "ms_per_token_b1", "ms_per_token_batch", "latency_seconds", "rss_peak_mib", "seconds",
-            "kv8_ms_per_token", "kv4_ms_per_token")  # the last two: latency with an int8 / int4 KV cache
+            "kv8_ms_per_token", "kv4_ms_per_token",  # latency with an int8 / int4 KV cache
+            "sparse_ms_per_token_b1")  # latency with the pruned weights kept sparse
 
 
 class GenerationPoint(Handoff):
@@ -55,6 +56,23 @@ class KVQuantPoint(Handoff):
     activations_mib: float  # at the peak: the quantized cache's layer read back in the model's dtype is here
     ppl: float
     tokens: int  # positions the perplexity averages over
+
+
+class SparseRuntime(Handoff):
+    """A pruned variant with its weights kept sparse in memory (stages/common/sparse.py)
+    beside the same variant decoded dense: weight bytes, the tensor peak of one forward pass
+    at evaluate's batch and of one sequence, the generation peak of one sequence at the
+    largest context, and the largest logit difference (the same function)."""
+
+    modules: int  # linear layers and embeddings kept sparse
+    weights_mib: float
+    dense_weights_mib: float
+    forward_peak_mib: float  # at evaluate's batch × context; dense: the row's tensor_peak_mib
+    forward_peak_b1_mib: float
+    dense_forward_peak_b1_mib: float
+    generation_peak_b1_mib: float
+    dense_generation_peak_b1_mib: float
+    max_logit_diff: float
 
 
 class BatchFit(Handoff):
@@ -110,6 +128,7 @@ class EvalRow(Handoff):
     max_batch: list[BatchFit] | None = None
     kv_cache_error: float | None = None  # the largest |KV cache − closed form| / closed form over the grid
     kv_quant: list[KVQuantPoint] | None = None
+    sparse: SparseRuntime | None = None
 
     def figures(self) -> dict[str, object]:
         """The row as a mapping of the figures it has (None left out)."""

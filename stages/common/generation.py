@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from stages.common.evalrows import GEN_CATEGORIES
 from stages.common.kvquant import QuantizedKVCache
 from stages.common.meter import Peak, TensorMeter, _storage
-from stages.common.models import LSTMLanguageModel
+from stages.common.models import LSTMLanguageModel, logits_of
 
 
 def new_cache(model: torch.nn.Module, bits: int = 0) -> Any:
@@ -231,6 +231,17 @@ def metered_generation(model: torch.nn.Module, prompt: torch.Tensor, context: in
             **{f"{c}_mib": meter.peak.by_category[c] / mib for c in GEN_CATEGORIES},
             "peak_phase": meter.peak.phase, "peak_step": meter.peak.step,
             "kv_cache_end_mib": held / mib}
+
+
+def forward_peak(model: torch.nn.Module, ids: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+    """The tensor meter over one forward pass of `ids` (batch, tokens): its summary (total
+    and parameters peaks) and the logits."""
+    meter = TensorMeter()
+    meter.track_model(model)
+    with torch.no_grad(), meter.phase(0, "forward"):
+        logits = logits_of(model, ids)
+    meter.close()
+    return meter.summary(prefix=""), logits
 
 
 def tiled(rows: torch.Tensor, batch: int) -> torch.Tensor:

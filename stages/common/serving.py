@@ -2,7 +2,8 @@
 KV cache (evaluate; stages/common/generation.py) at the largest batch × context of its grid,
 the peak by category, the KV cache beside its closed form, and per context the largest batch
 within the budget, with that batch metered where evaluate ran it; and the trained model's
-quantized KV caches beside the exact one: bytes, perplexity, latency."""
+quantized KV caches beside the exact one: bytes, perplexity, latency; and pruned variants with
+their weights kept sparse in memory beside their dense decoding."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ from stages.common.evalrows import GEN_CATEGORIES
 
 def section(doc: Doc, results: list[dict[str, Any]]) -> None:
     rows = [r for r in results if r.get("status") == "ok" and r.get("generation")]
-    if not rows:
-        return
+    if rows:
+        generation(doc, rows)
+    sparse_weights(doc, results)
+
+
+def generation(doc: Doc, rows: list[dict[str, Any]]) -> None:
     doc.heading(1, "Generation memory")
     first = rows[0]["generation"]
     doc.para(f"Greedy decoding with transformers' DynamicCache from a {first[0]['prompt']}-token prompt "
@@ -64,3 +69,27 @@ def quantized_cache(doc: Doc, rows: list[dict[str, Any]]) -> None:
                           num(ms / exact_ms, 2) if ms is not None and exact_ms else "–"])
         doc.table(["KV cache", "KV MiB metered", "KV closed form", "× smaller", "peak MiB", "perplexity",
                    "× exact's", "ms / token", "× exact's"], table)
+
+
+def sparse_weights(doc: Doc, results: list[dict[str, Any]]) -> None:
+    rows = [r for r in results if r.get("status") == "ok" and r.get("sparse")]
+    if not rows:
+        return
+    doc.heading(1, "Sparse weights at run time")
+    doc.para("Pruned variants held in memory as a bitmask of their non-zero weights and those values (decoded "
+             "a layer at a time, the output head a slice of the vocabulary at a time; stages/common/sparse.py) "
+             "beside the same variant decoded dense on load: the weights' MiB, the tensor peak of one forward "
+             "pass at evaluate's batch and of one sequence, one sequence's generation peak, and the latency at "
+             "batch 1. The logits stay the same (largest difference in the last column).")
+    table = []
+    for r in rows:
+        s = r["sparse"]
+        ms, dense_ms = r.get("sparse_ms_per_token_b1"), r.get("ms_per_token_b1")
+        table.append([r["name"], num(s["modules"]), f"{num(s['dense_weights_mib'], 2)} → {num(s['weights_mib'], 2)}",
+                      f"{num(r['tensor_peak_mib'], 1)} → {num(s['forward_peak_mib'], 1)}",
+                      f"{num(s['dense_forward_peak_b1_mib'], 2)} → {num(s['forward_peak_b1_mib'], 2)}",
+                      f"{num(s['dense_generation_peak_b1_mib'], 2)} → {num(s['generation_peak_b1_mib'], 2)}",
+                      num(s["generation_peak_b1_mib"] / s["dense_generation_peak_b1_mib"], 3),
+                      f"{num(dense_ms, 2)} → {num(ms, 2)}", f"{s['max_logit_diff']:.1e}"])
+    doc.table(["model", "sparse modules", "weights MiB", "forward peak MiB (batch)", "forward peak MiB (1 sequence)",
+               "generation peak MiB (1 sequence)", "generation × dense", "ms / token (batch 1)", "logit diff"], table)
