@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -37,3 +38,21 @@ def test_rss_pss_and_uss_order_and_follow_private_memory() -> None:
     second = smaps()
     assert second["uss_mib"] - first["uss_mib"] >= 60 and second["rss_mib"] - first["rss_mib"] >= 60
     del block
+
+
+def test_lmmem_encoding_loads_its_dense_tensors_mapped_and_decodes_the_sparse_ones(tmp_path: Path) -> None:
+    from stages.common.storage import load_state, save_state
+
+    torch.manual_seed(0)
+    dense = torch.randn(256, 512)  # 0.5 MiB
+    state = {"dense": dense, "tied": dense, "pruned": torch.randn(64, 64) * (torch.rand(64, 64) < 0.2)}
+    path = tmp_path / "weights.safetensors"
+    assert save_state(state, path)["dense"] == 1
+    copied = load_state(path)
+    before = file_backed_mib(path)
+    mapped = load_state(path, mapped=True)
+    for name, tensor in state.items():
+        assert torch.equal(mapped[name], tensor) and torch.equal(copied[name], tensor), name
+    assert mapped["tied"] is mapped["dense"]  # an alias stays one tensor
+    assert mapped["dense"].sum().item() == pytest.approx(dense.sum().item(), rel=1e-5)  # its pages read
+    assert file_backed_mib(path) - before >= 0.45  # through the mapping, not a copy

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from stages.common.meter import TensorMeter
-from stages.common.sparse import BitmaskMatrix, SparseEmbedding, SparseLinear, bitmask_bytes, sparsify
+from stages.common.sparse import CHUNK_OUTPUT, BitmaskMatrix, SparseEmbedding, SparseLinear, bitmask_bytes, sparsify
 
 
 def half_zero(rows: int, cols: int) -> torch.Tensor:
@@ -93,3 +93,21 @@ def test_a_sparse_linear_with_a_bias_matches_the_dense_one(rows: int) -> None:
     x = torch.randn(3, 4, 16)
     twin = SparseLinear(BitmaskMatrix(layer.weight), layer.bias, chunk_rows=8)
     assert torch.allclose(twin(x), layer(x), atol=1e-6)
+
+
+def test_the_head_s_slices_shrink_as_the_positions_grow() -> None:
+    """Many positions at once: each slice's product stays near CHUNK_OUTPUT values beside the
+    whole output (a fixed 2,048-row slice would hold 4,096 × 2,048 values, 32 MiB, at once)."""
+    head = SparseLinear(BitmaskMatrix(half_zero(4096, 64)), None)
+    x = torch.randn(4096, 64)
+    meter = TensorMeter()
+    meter.track_model(head)
+    meter.track(x, "activations")
+    with torch.no_grad(), meter.phase(0, "forward"):
+        out = head(x)
+    meter.close()
+    held = meter.summary(prefix="")["total_peak_mib"] * 2**20
+    weights = sum(b.numel() * b.element_size() for b in head.buffers())
+    beside = held - weights - (x.numel() + out.numel()) * 4  # the input and the output
+    assert beside <= CHUNK_OUTPUT * 4 + 64 * 64 * 6  # one slice's product and its 64 decoded rows
+    assert torch.allclose(out, x @ head.matrix.dense().T, atol=1e-5)

@@ -5,7 +5,8 @@ A weight file that no longer matches the digest written with it (stages.common.a
 or weights that hold NaN, are refused with the folder named. Nothing is unpickled:
 transformers folders load through `from_pretrained` (safetensors), the
 LSTM baseline through its own safetensors format, a compressed variant through lmmem's
-encoding (stages.common.storage) with its quantized modules rebuilt from the record in
+encoding (stages.common.storage: its dense tensors mapped from the file, as from_pretrained
+maps a transformers folder) with its quantized modules rebuilt from the record in
 lmmem_variant.json (stages.common.quant).
 """
 
@@ -38,7 +39,8 @@ def load_model_folder(folder: str | Path) -> nn.Module:
             record = json.loads(variant.read_text())
             model = _skeleton(folder)
             quant.skeleton(model, record.get("quantized", {}))
-            model.load_state_dict(storage.load_state(folder / VARIANT_WEIGHTS), strict=True)
+            # assign: the parameters become the file's mapped pages, not copies of them
+            model.load_state_dict(storage.load_state(folder / VARIANT_WEIGHTS, mapped=True), strict=True, assign=True)
         elif (folder / LSTM_CONFIG).is_file():
             model = load_lstm(folder)
         elif (folder / "config.json").is_file():

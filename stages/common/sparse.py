@@ -31,6 +31,7 @@ from torch import nn
 
 log = logging.getLogger("lmmem.sparse")
 
+CHUNK_OUTPUT = 1 << 18  # values of one slice's product of the output head (1 MiB in fp32)
 BIT_ORDER = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # np.packbits' order
 
 
@@ -80,8 +81,10 @@ class BitmaskMatrix(nn.Module):
 
 
 class SparseLinear(nn.Module):
-    """x @ W.T + b with W a BitmaskMatrix: decoded whole for each product, or `chunk_rows`
-    output features at a time when it has more rows (the output head)."""
+    """x @ W.T + b with W a BitmaskMatrix: decoded whole for each product, or a slice of its
+    rows at a time when it has more than `chunk_rows` (the output head): at most `chunk_rows`,
+    fewer when many positions come at once, so that a slice's product (positions × rows)
+    stays within `CHUNK_OUTPUT` values beside the whole output."""
 
     def __init__(self, matrix: BitmaskMatrix, bias: torch.Tensor | None, chunk_rows: int = 2048) -> None:
         super().__init__()
@@ -95,8 +98,9 @@ class SparseLinear(nn.Module):
         if rows <= self.chunk_rows:
             return F.linear(x, self.matrix.dense(), self.bias)
         out = x.new_empty(*x.shape[:-1], rows)
-        for start in range(0, rows, self.chunk_rows):
-            stop = min(start + self.chunk_rows, rows)
+        step = max(64, min(self.chunk_rows, CHUNK_OUTPUT // max(1, x[..., 0].numel())))
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
             out[..., start:stop] = F.linear(x, self.matrix.row_range(start, stop),
                                             None if self.bias is None else self.bias[start:stop])
         return out

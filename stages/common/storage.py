@@ -95,17 +95,22 @@ def save_state(state: dict[str, torch.Tensor], path: Path) -> dict[str, int]:
     return counts
 
 
-def load_state(path: Path) -> dict[str, torch.Tensor]:
-    """Read a file written by save_state back into a dense state dict (aliases included)."""
+def load_state(path: Path, mapped: bool = False) -> dict[str, torch.Tensor]:
+    """Read a file written by save_state back into a dense state dict (aliases included);
+    `mapped`: each tensor stored dense is a view of a private mapping of the file
+    (stages/common/mapped.py: nothing read, pages shared between processes until written),
+    only the sparse encodings are decoded into memory of their own."""
     from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from stages.common.mapped import mapped_tensors
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     if META_KEY not in metadata:
         raise ValueError(f"{path} was not written by lmmem's storage (no {META_KEY} metadata)")
     meta = json.loads(metadata[META_KEY])
-    tensors = load_file(str(path))
+    tensors = mapped_tensors(path) if mapped else load_file(str(path))
     state = {name: decode(name, info, tensors) for name, info in meta["tensors"].items()}
     for alias, target in meta["aliases"].items():
         state[alias] = state[target]
