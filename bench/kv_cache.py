@@ -1,7 +1,7 @@
 """Generation memory by key/value heads: multi-head, grouped-query and multi-query attention
 side by side, metered, beside the KV cache's closed form.
 
-    python -m bench.kv_cache [--batch 8] [--context 128] [--prompt 16]
+    python -m bench.kv_cache [--batch 8] [--context 128] [--prompt 16] [--quantized data/model]
 
 Each row builds params.yaml's model (train.model) with another head layout, untrained (what a
 tensor holds does not change its bytes), and meters greedy decoding with a KV cache from a
@@ -9,6 +9,12 @@ tensor holds does not change its bytes), and meters greedy decoding with a KV ca
 (stages/common/generation.py, the meter evaluate uses): the peak by category, the cache at
 the end against 2 × layers × batch × context × KV heads × head size × 4 bytes, and each
 layout's cache and peak against multi-head's of the same head count.
+
+With --quantized FOLDER (a trained model): that model's generation with the exact cache and
+the int8 and int4 caches of stages/common/kvquant.py, as evaluate measures them
+(`kv_quantization`: the cache metered and in closed form, the peak, the perplexity of 16
+validation windows read one position at a time through the cache), and ms per generated
+token at `batch` for each (16 tokens after an 8-token prompt, median of 5 after a warm-up).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import yaml
 
 import stages  # noqa: F401  (the pins before torch loads)
 from bench.common import ROOT, machine
-from stages.common.generation import kv_cache_bytes, metered_generation
+from stages.common.generation import kv_cache_bytes, kv_quantization, metered_generation, ms_per_token
 from stages.common.models import ModelParams, build_model
 from stages.common.portable import pin_threads
 
@@ -33,9 +39,13 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=19590, help="the default corpus's vocabulary")
+    parser.add_argument("--quantized", type=Path, help="a trained model folder: its exact, int8 and int4 caches")
     args = parser.parse_args()
     pin_threads()
     import torch
+
+    if args.quantized:
+        return quantized(args)
 
     model_params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["train"]["model"]
     layouts = [(heads, kv) for heads in (model_params["heads"], 8) for kv in sorted({heads, heads // 2, 1}, reverse=True)]
@@ -60,6 +70,32 @@ def main() -> int:
               f"{point['kv_cache_mib']:.2f} | {point['activations_mib']:.2f} | {point['logits_mib']:.2f} | "
               f"{closed:.3f} | {point['kv_cache_end_mib'] / kv_ref:.3f} | {point['peak_mib'] / peak_ref:.3f} |",
               flush=True)
+    return 0
+
+
+
+def quantized(args: argparse.Namespace) -> int:
+    from stages.common.loading import load_model_folder
+    from stages.common.schema import TokensMeta, read_typed
+    from stages.common.windows import Windows
+
+    tokens = ROOT / "data" / "tokens"
+    meta = read_typed(tokens / "meta.json", TokensMeta)
+    model = load_model_folder(args.quantized)
+    rows = next(iter(Windows(tokens / "validation.bin", meta.dtype, args.context).fixed_batches(1, 16)))
+    points = kv_quantization(model, rows, args.batch, args.context, args.prompt, [8, 4])
+    exact = points[0]
+    print(f"machine: {machine()}; {args.quantized}, batch {args.batch}, context {args.context}\n")
+    print("| KV cache | KV MiB metered | closed form | × smaller | peak MiB | perplexity | × exact's | ms / token | "
+          "× exact's |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base_ms = None
+    for p in points:
+        ms = ms_per_token(model, rows[:1, :8], args.batch, 16, 5, p["bits"])
+        base_ms = base_ms or ms
+        print(f"| {p['bits'] or 'exact'} | {p['kv_cache_end_mib']:.4f} | {p['kv_cache_predicted_mib']:.4f} | "
+              f"{exact['kv_cache_end_mib'] / p['kv_cache_end_mib']:.2f} | {p['peak_mib']:.2f} | {p['ppl']:.3f} | "
+              f"{p['ppl'] / exact['ppl']:.5f} | {ms:.2f} | {ms / base_ms:.2f} |", flush=True)
     return 0
 
 
