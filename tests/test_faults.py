@@ -428,12 +428,12 @@ def task(marker):
     Path(marker).write_text(str(os.getpid()))
     time.sleep(600)
 if __name__ == "__main__":  # the fork server's workers import this file as __mp_main__
-    pool = fresh_processes(1, preload=[])
-    pool.submit(task, {marker!r})
-    while not Path({marker!r}).exists():
-        time.sleep(0.1)
-    print(Path({marker!r}).read_text(), flush=True)
-    time.sleep(600)
+    with fresh_processes(1, preload=[]) as pool:
+        pool.submit(task, {marker!r})
+        while not Path({marker!r}).exists():
+            time.sleep(0.1)
+        print(Path({marker!r}).read_text(), flush=True)
+        time.sleep(600)
 """,
 }
 
