@@ -222,10 +222,11 @@ def test_ctrl_c_stops_the_evaluation_and_keeps_the_previous_results(
         stderr=subprocess.PIPE, text=True, start_new_session=True)
     assert stage.stderr is not None
     seen = []
-    for line in stage.stderr:  # until the first model is being measured
+    for line in stage.stderr:  # until the models are being measured
         seen.append(line)
-        if "measuring 5 models" in line:
+        if "lmmem.evaluate: measuring" in line:
             break
+    assert seen and "lmmem.evaluate: measuring" in seen[-1], "".join(seen)
     stage.send_signal(signal.SIGINT)  # to the stage alone, as `python -m stages` forwards a Ctrl-C
     seen += stage.stderr.readlines()
     assert stage.wait(timeout=120) == 130 and "lmmem evaluate: interrupted\n" in seen, "".join(seen)
