@@ -156,6 +156,9 @@ def sparse_figures(model: nn.Module, rows: torch.Tensor, context: int, prompt_to
     None (the model untouched) when no weight has zeros enough to pay."""
     from stages.common.generation import forward_peak, metered_generation, tiled
 
+    if not any(bitmask_bytes(m.weight) < m.weight.numel() * m.weight.element_size() for m in model.modules()
+               if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.dim() == 2):
+        return None  # nothing pays: no need to measure the dense model again
     one, prompt = rows[:1, :-1], tiled(rows[:, :prompt_tokens], 1)
     dense_b1, dense_logits = forward_peak(model, one)
     dense_generation = metered_generation(model, prompt, context)["peak_mib"]
