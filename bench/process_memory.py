@@ -47,23 +47,31 @@ def tree(root: int) -> list[int]:
     return found
 
 
-def role(pid: int) -> str:
+def role(pid: int, root: int, child: str) -> str:
+    """The stage's own process, a helper multiprocessing starts, or one of its `child`ren
+    (forked workers keep the stage's command line, so the tree tells them apart)."""
+    if pid == root:
+        return "stage"
     try:
-        args = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+        text = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return "gone"
-    text = " ".join(a.decode(errors="replace") for a in args if a)
-    if "torch.distributed" in text or "torchrun" in text:
-        return "launcher"
-    if "multiprocessing" in text or "-c from" in text or "forkserver" in text:
-        return "worker"
-    return "stage" if "stages" in text else text.split()[0].rsplit("/", 1)[-1] if text else "other"
+    for helper in ("resource_tracker", "forkserver"):
+        if helper in text:
+            return helper.replace("_", " ")
+    return child
 
 
-def sampled(args: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Run a stage, sampling its tree; the largest figures per role and at the summed peak."""
-    stage = subprocess.Popen([sys.executable, "-m", "stages", *args], cwd=ROOT, env={**os.environ, **env},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def sampled(args: list[str], child: str, log: Path) -> dict[str, Any]:
+    """Run a stage (its output to `log`), sampling its tree; the largest figures per role and
+    at the summed peak."""
+    with log.open("w") as out:
+        stage = subprocess.Popen([sys.executable, "-m", f"stages.{args[0]}", *args[1:]], cwd=ROOT,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=subprocess.STDOUT)
+    return follow(stage, child, log)
+
+
+def follow(stage: subprocess.Popen[bytes], child: str, log: Path) -> dict[str, Any]:
     roles: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}
     best: dict[str, float] = {"rss_mib": 0.0}
@@ -75,7 +83,7 @@ def sampled(args: list[str], env: dict[str, str]) -> dict[str, Any]:
                 figures = smaps(pid)
             except (OSError, KeyError, ValueError):
                 continue
-            kind = role(pid)
+            kind = role(pid, stage.pid, child)
             seen[kind] = seen.get(kind, 0) + 1
             mine = roles.setdefault(kind, {"rss_mib": 0.0, "pss_mib": 0.0, "uss_mib": 0.0})
             for key in mine:
@@ -88,7 +96,7 @@ def sampled(args: list[str], env: dict[str, str]) -> dict[str, Any]:
             best = sample
         time.sleep(0.2)
     if stage.returncode != 0:
-        raise SystemExit(f"{args[0]} failed: {stage.stderr.read()[-2000:] if stage.stderr else ''}")
+        raise SystemExit(f"{log.stem} failed: {log.read_text(errors='replace')[-2000:]}")
     return {"roles": roles, "counts": counts, "at_peak": best}
 
 
@@ -100,14 +108,14 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     train = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["train"]
     params = params_file(args.out, tokenize={"workers": 2},
-                         train={"steps": args.steps, "warmup_steps": min(5, args.steps - 1),
+                         train={"steps": args.steps, "warmup_steps": min(5, args.steps - 1), "micro_batch_size": 4,
                                 "eval_every": args.steps, "checkpoint_every": args.steps,
                                 "prune": {**train["prune"], "start_step": 0, "end_step": args.steps - 1},
                                 "distributed": {**train["distributed"], "nproc": 2}})
     runs = {
-        "tokenize, 2 workers": ["tokenize", "--params", str(params), "--clean", "data/clean", "--out",
+        ("tokenize, 2 workers", "worker"): ["tokenize", "--params", str(params), "--clean", "data/clean", "--out",
                                 str(args.out / "tokens"), "--metrics", str(args.out / "tokenize.json")],
-        "train, 2 ranks (ddp)": ["train", "--params", str(params), "--tokens", "data/tokens", "--embed",
+        ("train, 2 ranks (ddp)", "rank"): ["train", "--params", str(params), "--tokens", "data/tokens", "--embed",
                                  "data/warmstart", "--out", str(args.out / "model"), "--plots",
                                  str(args.out / "plots"), "--checkpoints", str(args.out / "ckpt"),
                                  "--metrics", str(args.out / "train.json")],
@@ -116,8 +124,8 @@ def main() -> int:
     print("| run | process | count | largest RSS MiB | largest PSS MiB | largest USS MiB |")
     print("|---|---|---|---|---|---|")
     totals = []
-    for name, command in runs.items():
-        found = sampled(command, {"PYTHONPATH": str(ROOT)})
+    for (name, child), command in runs.items():
+        found = sampled(command, child, args.out / f"{command[0]}.log")
         for kind, figures in sorted(found["roles"].items()):
             print(f"| {name} | {kind} | {found['counts'][kind]} | {figures['rss_mib']:.1f} | {figures['pss_mib']:.1f} | "
                   f"{figures['uss_mib']:.1f} |", flush=True)

@@ -219,7 +219,9 @@ def test_ctrl_c_stops_the_evaluation_and_keeps_the_previous_results(
         [sys.executable, "-m", "stages.evaluate", "--params", str(params), "--model", str(made["model"]),
          "--compressed", str(made["compressed"]), "--tokens", str(made["tokens"]), "--embed", str(made["embed"]),
          "--out", str(out), "--metrics", str(tmp_path / "eval.json")],
-        stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal: tests run in
+    # the background inherit SIGINT ignored, and Python keeps ignoring a signal ignored at its start
     assert stage.stderr is not None
     seen = []
     for line in stage.stderr:  # until the models are being measured
