@@ -44,7 +44,7 @@ def main() -> int:
     from stages.common.generation import forward_peak, metered_generation, ms_per_token
     from stages.common.loading import load_model_folder
     from stages.common.schema import TokensMeta, read_typed
-    from stages.common.sparse import BitmaskMatrix, bitmask_bytes, sparsify
+    from stages.common.sparse import BitmaskMatrix, pays, sparsify
     from stages.common.windows import Windows
 
     meta = read_typed(args.tokens / "meta.json", TokensMeta)
@@ -64,11 +64,11 @@ def main() -> int:
         dense_ms = ms_per_token(model, rows[:, :8], 1, 16, args.repeats)
         print(f"| {name} | dense | {dense_summary['parameters_peak_mib']:.2f} | {dense_summary['total_peak_mib']:.2f} | "
               f"{dense_generation:.2f} | 1.000 | 0 | {dense_ms:.2f} |", flush=True)
-        pays = {key: w for key, w in matrices.items() if bitmask_bytes(w) < w.numel() * w.element_size()}
+        paying = {key: w for key, w in matrices.items() if pays(w)}
         others = sum(p.numel() * p.element_size() for p in model.parameters()) - \
-            sum(w.numel() * w.element_size() for w in pays.values())  # dense in every layout
+            sum(w.numel() * w.element_size() for w in paying.values())  # dense in every layout
         for label, index_bytes in (("CSR, int64 indices (torch)", 8), ("CSR, int32 indices", 4)):
-            held = others + sum(csr_bytes(w, index_bytes) for w in pays.values())  # the same matrices as CSR
+            held = others + sum(csr_bytes(w, index_bytes) for w in paying.values())  # the same matrices as CSR
             print(f"| {name} | {label} | {held / 2**20:.2f} | – | – | – | – | – |")
         found = sparsify(model)
         summary, logits = forward_peak(model, one)

@@ -183,9 +183,10 @@ def measure(name: str, folder: Path, params: Params, paths: Paths, context: int,
         result.update(generation_memory(model, rows, params.generation_batches, params.generation_contexts,
                                         params.generation_prompt, params.generation_budget_mib))
         if name == TRAINED and params.kv_cache_bits:
-            result["kv_quant"] = kv_quantization(model, rows, max(params.generation_batches),
-                                                 max(params.generation_contexts), params.generation_prompt,
-                                                 params.kv_cache_bits)
+            batch, context = max(params.generation_batches), max(params.generation_contexts)
+            exact = next(p for p in result["generation"] if (p["batch"], p["context"]) == (batch, context))
+            result["kv_quant"] = kv_quantization(model, rows, batch, context, params.generation_prompt,
+                                                 params.kv_cache_bits, exact)
     phases["inference peak and generation"], clock = time.perf_counter() - clock, time.perf_counter()
     if params.classify and meta.labels:
         with half_products_in_float():

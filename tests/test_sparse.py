@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from stages.common import generation
 from stages.common.meter import TensorMeter
 from stages.common.sparse import CHUNK_OUTPUT, BitmaskMatrix, SparseEmbedding, SparseLinear, bitmask_bytes, sparsify
 
@@ -49,12 +50,7 @@ def pruned(vocab: int = 3000) -> LlamaForCausalLM:
 
 
 def forward_peak(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-    meter = TensorMeter()
-    meter.track_model(model)
-    with torch.no_grad(), meter.phase(0, "forward"):
-        logits = model(input_ids=ids).logits
-    meter.close()
-    summary = meter.summary(prefix="")
+    summary, logits = generation.forward_peak(model, ids)  # the meter evaluate uses
     return summary["total_peak_mib"], summary["parameters_peak_mib"], logits
 
 

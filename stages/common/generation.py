@@ -308,14 +308,15 @@ def cached_perplexity(model: torch.nn.Module, rows: torch.Tensor, kv_bits: int =
 
 
 def kv_quantization(model: torch.nn.Module, rows: torch.Tensor, batch: int, context: int, prompt_tokens: int,
-                    bits: list[int]) -> list[dict[str, Any]]:
+                    bits: list[int], exact: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The exact cache (bits 0) and each of `bits` side by side: generation metered at `batch` ×
-    `context` (the cache at the end beside its closed form, the peak) and the perplexity of
-    `rows` through the cache."""
+    `context` (the cache at the end beside its closed form, the peak; `exact`: the exact cache's
+    point already metered there, reused) and the perplexity of `rows` through the cache."""
     dtype = activation_dtype(model)
     points = []
     for kv_bits in [0, *bits]:
-        metered = metered_generation(model, tiled(rows[:, :prompt_tokens], batch), context, kv_bits)
+        metered = exact if kv_bits == 0 and exact is not None else \
+            metered_generation(model, tiled(rows[:, :prompt_tokens], batch), context, kv_bits)
         ppl, tokens = cached_perplexity(model, rows, kv_bits)
         points.append({"bits": kv_bits, "batch": batch, "context": context,
                        "kv_cache_end_mib": metered["kv_cache_end_mib"],

@@ -41,6 +41,11 @@ def bitmask_bytes(weight: torch.Tensor) -> int:
     return rows * -(-cols // 8) + int(torch.count_nonzero(weight)) * weight.element_size() + (rows + 1) * 8
 
 
+def pays(weight: torch.Tensor) -> bool:
+    """The bitmask form of a (rows, columns) matrix is smaller than the matrix dense."""
+    return bitmask_bytes(weight) < weight.numel() * weight.element_size()
+
+
 class BitmaskMatrix(nn.Module):
     """A matrix held as a row-packed bitmask of its non-zeros, their values in row order, and
     each row's first value (buffers: the tensor meter counts them with the weights)."""
@@ -133,7 +138,7 @@ def sparsify(model: nn.Module, chunk_rows: int = 2048) -> dict[str, int]:
             weight = child.weight
             key = weight.untyped_storage().data_ptr()
             if key not in made:
-                if bitmask_bytes(weight) >= weight.numel() * weight.element_size():
+                if not pays(weight):
                     continue
                 made[key] = BitmaskMatrix(weight)
             matrix = made[key]
@@ -156,8 +161,8 @@ def sparse_figures(model: nn.Module, rows: torch.Tensor, context: int, prompt_to
     None (the model untouched) when no weight has zeros enough to pay."""
     from stages.common.generation import forward_peak, metered_generation, tiled
 
-    if not any(bitmask_bytes(m.weight) < m.weight.numel() * m.weight.element_size() for m in model.modules()
-               if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.dim() == 2):
+    if not any(pays(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))
+               and m.weight.dim() == 2):
         return None  # nothing pays: no need to measure the dense model again
     one, prompt = rows[:1, :-1], tiled(rows[:, :prompt_tokens], 1)
     dense_b1, dense_logits = forward_peak(model, one)
