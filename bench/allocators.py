@@ -5,8 +5,9 @@ tuned), jemalloc and tcmalloc, side by side in one run, each in fresh processes.
 
 Each setting runs `python -m stages train` (params.yaml's model and batch, `steps` steps, on
 data/tokens) and `python -m stages evaluate` (the trained model and `variants` of
-data/compressed), with the library loaded through LD_PRELOAD or glibc's tunables set in the
-environment the stages start with (their workers inherit it):
+data/compressed) with `base.allocator` set to it: each stage executes itself again with the
+library loaded through LD_PRELOAD or glibc's tunables set (stages.common.allocator; their
+workers inherit it):
 - glibc: as it comes;
 - glibc tuned: MALLOC_ARENA_MAX=2 (one arena per core instead of 8 per core), trim and mmap
   thresholds at 128 KiB fixed (freed memory goes back to the OS; large blocks are mapped);
@@ -14,40 +15,20 @@ environment the stages start with (their workers inherit it):
 - tcmalloc: Debian's libtcmalloc-minimal4.
 Per setting: the training's peak RSS (the stage's metrics: the largest rank's, reset after
 imports) and its wall time; evaluate's per-model peak RSS (each model's process, reset after
-imports) and its wall time. A missing library is named and its rows skipped. A check that
-each library is loaded (its path in /proc/self/maps) runs first.
+imports) and its wall time, and the allocator each stage's metrics say it ran under. A
+missing library is named and its rows skipped.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
 from bench.common import ROOT, machine, params_file, run_stage
-
-LIBS = Path("/usr/lib/x86_64-linux-gnu")
-SETTINGS: dict[str, dict[str, str]] = {
-    "glibc": {},
-    "glibc tuned": {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_MMAP_THRESHOLD_": "131072"},
-    "jemalloc": {"LD_PRELOAD": str(LIBS / "libjemalloc.so.2")},
-    "tcmalloc": {"LD_PRELOAD": str(LIBS / "libtcmalloc_minimal.so.4")},
-}
-
-
-def loaded(env: dict[str, str]) -> bool:
-    """The preloaded library is in a fresh interpreter's memory map."""
-    lib = env.get("LD_PRELOAD")
-    if lib is None:
-        return True
-    check = subprocess.run([sys.executable, "-c", "print(open('/proc/self/maps').read())"],
-                           env={**os.environ, **env}, capture_output=True, text=True, check=False)
-    return Path(lib).name in check.stdout
+from stages.common.allocator import NAMES, missing
 
 
 def main() -> int:
@@ -58,31 +39,30 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     train = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["train"]
-    params = params_file(args.out, train={"steps": args.steps, "warmup_steps": min(10, args.steps - 1),
-                                          "eval_every": args.steps, "checkpoint_every": args.steps,
-                                          "prune": {**train["prune"], "start_step": 0, "end_step": args.steps - 1}},
-                         evaluate={"variants": args.variants, "classify": False, "kv_cache_bits": []})
     print(f"machine: {machine()}; train {args.steps} steps, evaluate model + {', '.join(args.variants)}\n")
     print("| allocator | train peak RSS MiB | × glibc | train s | evaluate peak RSS MiB (largest model) | × glibc | "
           "evaluate s |")
     print("|---|---|---|---|---|---|---|")
     base: tuple[float, float] | None = None
-    for name, env in SETTINGS.items():
-        lib = env.get("LD_PRELOAD")
-        if lib and not Path(lib).is_file():
-            print(f"| {name} | not installed: {lib} | | | | | |")
+    for name in NAMES:
+        if problem := missing(name):
+            print(f"| {name} | {problem} | | | | | |")
             continue
-        if not loaded(env):
-            print(f"| {name} | {lib} did not load | | | | | |")
-            continue
-        out = args.out / name.replace(" ", "-")
+        out = args.out / name
+        out.mkdir(parents=True, exist_ok=True)
+        params = params_file(out, base={"allocator": name},
+                             train={"steps": args.steps, "warmup_steps": min(10, args.steps - 1),
+                                    "eval_every": args.steps, "checkpoint_every": args.steps,
+                                    "prune": {**train["prune"], "start_step": 0, "end_step": args.steps - 1}},
+                             evaluate={"variants": args.variants, "classify": False, "kv_cache_bits": []})
         started = time.perf_counter()
-        trained = run_stage("train", params, out, env, tokens=ROOT / "data/tokens", embed=ROOT / "data/warmstart",
+        trained = run_stage("train", params, out, tokens=ROOT / "data/tokens", embed=ROOT / "data/warmstart",
                             out=out / "model", plots=out / "plots", checkpoints=out / "ckpt")
         train_s, started = time.perf_counter() - started, time.perf_counter()
-        evaluated = run_stage("evaluate", params, out, env, model=out / "model", compressed=ROOT / "data/compressed",
+        evaluated = run_stage("evaluate", params, out, model=out / "model", compressed=ROOT / "data/compressed",
                               tokens=ROOT / "data/tokens", embed=ROOT / "data/embed", out=out / "eval")
         eval_s = time.perf_counter() - started
+        assert trained["allocator"] == evaluated["allocator"] == name, (trained["machine_allocator"], name)
         train_rss = trained["peak_rss_mib"]
         eval_rss = max(v for k, v in evaluated.items() if k.endswith("_rss_peak_mib"))
         base = base or (train_rss, eval_rss)

@@ -7,15 +7,18 @@ Processes the stage starts inherit LMMEM_WATCHED and start none of their own.
 
 Before that, first thing in every stage's process, `base.portable` pins what selects the
 numeric kernels and the thread counts (stages.common.portable), before numpy, scipy or torch
-load; the stage's workers and the warm server inherit it.
+load; the stage's workers and the warm server inherit it. Then a stage started under another
+allocator than `base.allocator` executes itself again under it (stages.common.allocator).
 """
 
 import os
 import sys
 
+from stages.common import allocator
 from stages.common.portable import apply, requested
 
 apply(requested(sys.argv))
+allocator.start_under(allocator.requested(sys.argv))
 
 WATCHER = None
 if os.environ.get("DVC_STAGE") and "LMMEM_WATCHED" not in os.environ and "RANK" not in os.environ:

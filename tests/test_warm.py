@@ -38,7 +38,8 @@ if "--raise" in args:
 sys.exit(int(args[args.index("--code") + 1]) if "--code" in args else 0)
 '''
 FILES = ["stages/__init__.py", "stages/__main__.py", "stages/common/__init__.py", "stages/common/warm.py",
-         "stages/common/lifetime.py", "stages/common/restore.py", "stages/common/portable.py"]
+         "stages/common/lifetime.py", "stages/common/restore.py", "stages/common/portable.py",
+         "stages/common/allocator.py", "stages/common/errors.py"]
 
 
 @pytest.fixture()

@@ -37,6 +37,10 @@ class BaseParams(Section):
     portable: bool = Field(True, description=(
         "true: the same bytes on any x86-64 CPU with AVX2 (kernels pinned to AVX2, 2 threads per stage process) | "
         "false: each CPU's fastest kernels and every core, outputs from embed on differ between CPUs"))
+    allocator: Literal["glibc", "glibc-tuned", "jemalloc", "tcmalloc"] = Field("glibc", description=(
+        "the C allocator of every stage process: glibc as it comes | glibc-tuned (2 arenas, freed memory back to "
+        "the OS at 128 KiB) | jemalloc | tcmalloc (Debian's libjemalloc2, libtcmalloc-minimal4, preloaded): "
+        "peak RSS and speed in docs/BENCHMARKS.md"))
 
 
 def _describe_error(section: str, err: dict[str, Any], model: type[BaseModel]) -> str:

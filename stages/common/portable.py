@@ -68,6 +68,12 @@ def requested(argv: list[str]) -> bool:
     """base.portable of the params file a stage's command line names (--params, else
     params.yaml); on when the file or key is missing or unreadable (the stage itself then
     reports a broken file in one line)."""
+    return base_setting(argv, "portable", True) is not False
+
+
+def base_setting(argv: list[str], key: str, default: Any) -> Any:
+    """`base.<key>` of the params file a stage's command line names (--params, else
+    params.yaml); `default` when the file or key is missing or unreadable."""
     path = "params.yaml"
     for i, arg in enumerate(argv):
         if arg == "--params" and i + 1 < len(argv):
@@ -78,10 +84,9 @@ def requested(argv: list[str]) -> bool:
         import yaml
 
         loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        value = loaded.get("base", {}).get("portable", True)
+        return loaded.get("base", {}).get(key, default)
     except Exception:  # noqa: BLE001 - validated, and reported, by the stage's params loader
-        return True
-    return value is not False
+        return default
 
 
 def apply(on: bool) -> None:
@@ -134,5 +139,5 @@ def provenance() -> dict[str, Any]:
                 owner = Path(lib["filepath"]).parent.name.removesuffix(".libs")
                 blas.append(f"{owner}: {lib['internal_api']} {lib.get('version') or ''} "
                             f"{lib.get('architecture') or ''} ({lib['num_threads']} threads)".replace("  ", " "))
-    found["machine_blas"] = "; ".join(blas) or "none loaded"
+    found["machine_blas"] = "; ".join(sorted(blas)) or "none loaded"  # not in the order they happened to load
     return found

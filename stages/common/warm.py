@@ -56,7 +56,7 @@ IDLE = 60.0  # seconds the server waits for the next stage before it exits
 START_TIMEOUT = 600.0  # seconds a client waits for a new server to import PRELOAD (a slow hour: tens)
 # variables the preloaded libraries read as they import: a server is only shared under equal values
 ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "ATEN_", "DNNL_", "ONEDNN_", "TORCH", "PYTORCH_",
-                "CUDA_", "NVIDIA_", "HF_", "TRANSFORMERS_", "PYTHON", "LD_")
+                "CUDA_", "NVIDIA_", "HF_", "TRANSFORMERS_", "PYTHON", "LD_", "MALLOC_", "LMMEM_ALLOCATOR")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PROTOCOL = 1
 
