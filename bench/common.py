@@ -63,7 +63,7 @@ def run_stage(stage: str, params: Path, work: Path, extra_env: dict[str, str] | 
     args = [sys.executable, "-m", f"stages.{stage}", "--params", str(params), "--metrics", str(metrics),
             "--log-level", "WARNING"]
     for name, path in paths.items():
-        args += [f"--{name}", str(path)]
+        args += [f"--{name.replace('_', '-')}", str(path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     result = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:

@@ -48,7 +48,7 @@ from stages.common.artifacts import atomic_dir, size_on_disk, write_json, write_
 from stages.common.distill import Distill, train_student
 from stages.common.errors import StageError
 from stages.common.loading import VARIANT_FILE, VARIANT_WEIGHTS, load_model_folder, weight_counts
-from stages.common.memory import peak_rss_mib, reset_peak_rss
+from stages.common.memory import peak_rss_mib, reset_peak_rss, start_rss_mib
 from stages.common.models import TOKENIZER_FILES, LSTMLanguageModel, output_head
 from stages.common.params import BaseParams, Section
 from stages.common.pruning import magnitude_mask, prunable
@@ -337,7 +337,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     reference = size_on_disk(paths.model)
     metrics: dict[str, Any] = {"reference_bytes_on_disk": reference, "variants": len(params.variants)}
     made: dict[str, Made | None] = {}
-    peak = peak_rss_mib()
+    peak, start = peak_rss_mib(), start_rss_mib()
     with atomic_dir(paths.out, "compress") as tmp:
         for name in params.order():
             spec = params.variants[name]
@@ -364,11 +364,13 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                 log.warning("%s: unsupported: %s", name, exc)
             figures["seconds"] = time.perf_counter() - started
             figures["peak_rss_mib"] = peak_rss_mib()
-            peak = max(peak, figures["peak_rss_mib"])
+            if figures["peak_rss_mib"] > peak:
+                peak, start = figures["peak_rss_mib"], start_rss_mib()
             metrics.update({f"{name}_{key}": value for key, value in figures.items()})
         write_params(tmp, base=base, compress=params)
     metrics["unsupported"] = sum(1 for m in made.values() if m is None)
-    metrics["peak_rss_mib"] = peak  # the largest of the per-variant peaks (each reset at its start)
+    # the largest of the per-variant peaks (each reset at its start), and the RSS at that start
+    metrics["peak_rss_mib"], metrics["rss_start_mib"] = peak, start
     return metrics
 
 

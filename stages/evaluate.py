@@ -45,11 +45,13 @@ from pydantic import Field
 from stages.common.artifacts import atomic_dir, read_json, size_on_disk, write_json, write_params
 from stages.common.classify import Docs, fit_logistic, pooled_features, predict, probe_problem, scores
 from stages.common.errors import StageError
-from stages.common.evalrows import MEASURED, EvalRow
-from stages.common.generation import forward_peak, generation_memory, generations, kv_quantization, ms_per_token
+from stages.common.evalrows import MEASURED, EvalRow, row_metrics, tensor_peaks
+from stages.common.generation import (forward_peak, generation_memory, generations, kv_quantization,
+                                      metered_generation, ms_per_token, tiled)
+from stages.common.timeline import write_rows
 from stages.common.kvquant import BITS
 from stages.common.halfmath import half_products_in_float
-from stages.common.memory import peak_rss_mib, reset_peak_rss
+from stages.common.memory import peak_rss_mib, reset_peak_rss, start_rss_mib
 from stages.common.loading import load_model_folder, weight_counts
 from stages.common.loss import logits_in_chunks
 from stages.common.models import LSTMLanguageModel
@@ -64,6 +66,7 @@ from stages.common.workers import cores, fresh_processes, share_cores
 log = logging.getLogger("lmmem.evaluate")
 
 TRAINED = "model"  # the row of data/model, the reference of every ratio
+TIMELINE_STEPS = 2  # decode steps of the trained model's generation timeline, after its prefill
 LATENCY_PROMPT = 8  # tokens of validation text the latency's greedy generation starts from
 TABLE = ("name", "status", "bytes_on_disk", "size_ratio", "params", "nonzero_params", "val_ppl", "test_ppl",
          "top1", "top5", "tensor_peak_mib", "greedy_repetition", "cls_accuracy", "cls_f1_macro")
@@ -187,6 +190,10 @@ def measure(name: str, folder: Path, params: Params, paths: Paths, context: int,
             exact = next(p for p in result["generation"] if (p["batch"], p["context"]) == (batch, context))
             result["kv_quant"] = kv_quantization(model, rows, batch, context, params.generation_prompt,
                                                  params.kv_cache_bits, exact)
+        if name == TRAINED:  # its largest generation again, module by module (data/eval/timeline.csv)
+            batch, context = max(params.generation_batches), max(params.generation_contexts)
+            result["timeline"] = metered_generation(model, tiled(rows[:, :params.generation_prompt], batch), context,
+                                                    by_module=TIMELINE_STEPS)["timeline"]
     phases["inference peak and generation"], clock = time.perf_counter() - clock, time.perf_counter()
     if params.classify and meta.labels:
         with half_products_in_float():
@@ -195,7 +202,8 @@ def measure(name: str, folder: Path, params: Params, paths: Paths, context: int,
     if params.sparse_runtime and hasattr(model, "config") and not isinstance(model, LSTMLanguageModel):
         result["sparse"] = sparse_figures(model, rows, max(params.generation_contexts), params.generation_prompt)
         phases["sparse at run time"] = time.perf_counter() - clock  # last: the model is sparse from here on
-    result["rss_peak_mib"] = peak_rss_mib()
+    result["rss_peak_mib"], result["rss_start_mib"] = peak_rss_mib(), start_rss_mib()
+    result["rss_tensor_mib"] = max(tensor_peaks(result))
     result["seconds"] = time.perf_counter() - started
     log.info("%s: %.1f s (%s)", name, result["seconds"], ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     return result
@@ -330,6 +338,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                 continue
             on_disk = size_on_disk(folder)
             found[name].update(bytes_on_disk=on_disk, size_ratio=on_disk / reference)
+    timeline = found[TRAINED].pop("timeline", [])  # not a figure: data/eval/timeline.csv
     rows = [found[name] for name, _ in chosen]
     if not any(row["status"] == "ok" for row in rows):  # keep the previous results: these say nothing
         reasons = "; ".join(f"{row['name']}: {row.get('reason', row['status'])}" for row in rows[:3])
@@ -339,27 +348,10 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {"models": len(rows)}
     for row in rows:
-        for key, value in row.items():
-            if key not in ("name", "generations", "greedy", "reason", "cls_confusion", "generation", "max_batch",
-                           "kv_quant", "sparse") and value is not None:
-                metrics[f"{row['name']}_{key}"] = value
-        for fit in row.get("max_batch") or []:
-            metrics[f"{row['name']}_max_batch_t{fit['context']}"] = fit["batch"]
-        if row.get("generation"):
-            metrics[f"{row['name']}_generation_peak_mib"] = row["generation"][-1]["peak_mib"]
-            metrics[f"{row['name']}_kv_cache_mib"] = row["generation"][-1]["kv_cache_end_mib"]
-        exact = (row.get("kv_quant") or [None])[0]
-        for point in (row.get("kv_quant") or [])[1:]:  # against the exact cache (bits 0)
-            key = f"{row['name']}_kv{point['bits']}"
-            metrics[f"{key}_cache_mib"] = point["kv_cache_end_mib"]
-            metrics[f"{key}_cache_saving"] = exact["kv_cache_end_mib"] / point["kv_cache_end_mib"]
-            metrics[f"{key}_ppl_ratio"] = point["ppl"] / exact["ppl"]
-        if sparse := row.get("sparse"):
-            metrics[f"{row['name']}_sparse_weights_mib"] = sparse["weights_mib"]
-            metrics[f"{row['name']}_sparse_forward_peak_ratio"] = sparse["forward_peak_mib"] / row["tensor_peak_mib"]
-            metrics[f"{row['name']}_sparse_generation_peak_b1_ratio"] = (sparse["generation_peak_b1_mib"]
-                                                                         / sparse["dense_generation_peak_b1_mib"])
+        metrics.update(row_metrics(row, base.allocator))
     with atomic_dir(paths.out, "evaluate") as tmp:
+        if timeline:
+            write_rows(tmp / "timeline.csv", timeline)
         write_json(tmp / "results.json", [EvalRow.model_validate({k: v for k, v in row.items() if k not in MEASURED})
                                           for row in rows])  # the machine's figures: in the metrics
         with (tmp / "table.csv").open("w", newline="") as f:

@@ -1,8 +1,8 @@
 """report: one self-contained HTML page and its Markdown twin of what each memory technique
 saved and cost, from the pipeline's artifacts and every DVC experiment of this commit.
 
-Reads data/metrics/<stage>.json of every stage, data/plots/train/steps.csv, data/eval/
-results.json, params.yaml (provenance: what differs from the defaults) and the experiments
+Reads data/metrics/<stage>.json of every stage, data/plots/train/steps.csv and timeline.csv,
+data/eval/results.json and timeline.csv, params.yaml (provenance: what differs from the defaults) and the experiments
 under git's refs/exps of HEAD (read from git: the report runs inside `dvc repro`, which
 holds DVC's lock). Writes data/report/report.html (plots inline as SVG, no script, no
 font or style fetched from anywhere), report.md with the same tables and numbers, and the
@@ -27,14 +27,14 @@ from typing import Any
 
 from pydantic import Field
 
-from stages.common import comparison, serving, tuning
+from stages.common import bymodule, comparison, serving, tuning
 from stages.common.artifacts import atomic_dir, read_json
 from stages.common.doc import Doc, num, ratio
 from stages.common.errors import StageError
 from stages.common.evalrows import eval_rows
 from stages.common.experiments import experiment_records, head_revision
 from stages.common.params import BaseParams, Section, read_params_file
-from stages.common.provenance import LIBRARIES, machine_rows, one_blas_list, version
+from stages.common.provenance import LIBRARIES, machine_rows, one_blas_list, rss_rows, version
 from stages.common.schema import CATEGORIES
 from stages.common.stage import stage_main
 from stages.common.svg import line_chart, scatter, stacked_bars
@@ -56,6 +56,7 @@ class Params(Section):
 class Paths:
     metrics_dir: Path = Path("data/metrics")
     steps: Path = Path("data/plots/train/steps.csv")
+    timeline: Path = Path("data/plots/train/timeline.csv")  # train's peak step, module by module
     eval: Path = Path("data/eval")
     params_file: Path = Path("params.yaml")
     out: Path = Path("data/report")
@@ -190,6 +191,9 @@ def provenance(doc: Doc, inputs: Inputs) -> None:
         ["this report's machine", f"{platform.machine()}, {os.cpu_count()} cores"],
         ["python", platform.python_version()],
     ] + [[lib, version(lib)] for lib in LIBRARIES])
+    doc.para("Peak RSS of each stage's process (MiB), beside its prediction: the RSS at the start of its work, "
+             "plus the overhead fitted for the stage and allocator, plus a scale on its tensors (stages/common/rss.py).")
+    doc.table(["stage", "start", "tensors", "predicted", "measured", "error"], rss_rows(inputs.metrics))
     default = flat(defaults())
     whole = frozenset(k for k, v in default.items() if v == {})  # e.g. compress.variants: names, not fields
     default = {k: (sorted(v) if k in whole else v) for k, v in default.items()}
@@ -369,6 +373,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     tuning.adapt_section(doc, inputs.adapted, inputs.params, inputs.metrics.get("domain"))
     compression_section(doc, inputs, params)
     serving.section(doc, inputs.results)
+    bymodule.section(doc, bymodule.read_rows(paths.timeline), bymodule.read_rows(paths.eval / "timeline.csv"))
     html, markdown = doc.html(params.title), doc.markdown(params.title)
     with atomic_dir(paths.out, "report") as tmp:
         (tmp / "report.html").write_text(html, encoding="utf-8")

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from tests.conftest import (ROOT, deep_update, kill_at_checkpoint, one_error_line, read_metrics, run_cli, run_stage,
                             tiny_params, train_args)
 
-TIMING = {"seconds", "peak_rss_mib", "step_ms_median", "tokens_per_sec"}
+TIMING = {"seconds", "peak_rss_mib", "step_ms_median", "tokens_per_sec", "rss_start_mib", "rss_predicted_mib",
+          "rss_prediction_error"}  # the process's memory: the machine's, as its times are
 # the tiny profile's batch of 8 as 2 micro-batches of 4: one process accumulates both, two
 # ranks take one each
 BATCH = {"batch_size": 8, "micro_batch_size": 4}
@@ -175,7 +176,7 @@ def test_a_killed_zero1_run_resumes_to_the_same_metrics(runs: dict[str, Any], to
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from the checkpoint at step {stopped_at}" in result.stderr
     resumed = read_metrics(work / "train.json")
-    skip = TIMING | {k for k in resumed if k.endswith("peak_rss_mib")}  # each rank's RSS: timing-like
+    skip = TIMING | {k for k in resumed if k.endswith(("peak_rss_mib", "rss_start_mib"))}  # each rank's RSS: timing-like
     assert {k: v for k, v in resumed.items() if k not in skip} == \
         {k: v for k, v in uninterrupted.items() if k not in skip}
     assert (work / "model" / "model.safetensors").read_bytes() == (full_dir / "model" / "model.safetensors").read_bytes()

@@ -127,6 +127,19 @@ def test_every_model_gets_a_row_measured_the_same_way(evaluated: tuple[dict[str,
     assert m["prune50_sparse_ms_per_token_b1"] > 0 and "model_sparse_ms_per_token_b1" not in m
     assert m["prune50_sparse_forward_peak_ratio"] == pytest.approx(
         sparse["forward_peak_mib"] / rows["prune50"]["tensor_peak_mib"], rel=1e-5)
+    # the trained model's largest generation again, block by block (data/eval/timeline.csv): the prefill and
+    # the last two decode steps, its largest sample the grid's peak at that point
+    with (out / "timeline.csv").open() as f:
+        timeline = list(csv.DictReader(f))
+    steps = {int(r["step"]) for r in timeline}
+    assert steps == {0, max(steps) - 1, max(steps)} and max(steps) > 2
+    assert max(sum(float(v) for k, v in r.items() if k.endswith("_mib")) for r in timeline) == pytest.approx(
+        rows["model"]["generation"][-1]["peak_mib"], rel=1e-5)
+    assert {"weights_mib", "layers.0_mib", "layers.1_mib", "lm_head_mib"} <= set(timeline[0])
+    # each measuring process's peak RSS beside its start and its tensors (the prediction: test_allocator)
+    for name in ("model", "fp16", "int8", "prune50"):
+        assert m[f"{name}_rss_start_mib"] < m[f"{name}_rss_peak_mib"]
+        assert m[f"{name}_rss_tensor_mib"] >= rows[name]["generation"][-1]["peak_mib"]
     for name in ("model", "fp16", "int8", "prune50"):  # greedy continuations and their repetition
         assert len(rows[name]["greedy"]) == len(tiny_params()["evaluate"]["prompts"])
         assert 0 <= rows[name]["greedy_repetition"] < 1

@@ -68,7 +68,14 @@ def inputs(tmp_path: Path) -> dict[str, Path]:
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     params["evaluate"]["prompts"] = [HOSTILE, "质量"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
-    return {"metrics-dir": metrics, "steps": ROOT / "data" / "plots" / "train" / "steps.csv",
+    timeline = tmp_path / "timeline.csv"  # train's peak step, module by module, as stages.common.timeline writes it
+    timeline.write_text("sample,step,phase,module,parameters_mib,layers.0_mib,lm_head_mib,(no module)_mib\n"
+                        "0,1,forward,layers.0.mlp,10,2,0,0.5\n1,1,forward,lm_head,10,2,8,0.5\n"
+                        "2,1,backward,layers.0,10,1,6,0\n", encoding="utf-8")
+    (tmp_path / "eval" / "timeline.csv").write_text(
+        "sample,step,phase,module,weights_mib,layers.0_mib,lm_head_mib\n0,0,prefill,layers.0,12.5,1,0\n"
+        "1,0,prefill,lm_head,12.5,1,0.5\n2,112,decode,<b>layers.0</b>,12.5,4,0\n", encoding="utf-8")
+    return {"metrics-dir": metrics, "steps": ROOT / "data" / "plots" / "train" / "steps.csv", "timeline": timeline,
             "eval": tmp_path / "eval", "params-file": tmp_path / "params.yaml"}
 
 
@@ -144,6 +151,33 @@ def test_generation_memory_shows_the_largest_point_and_the_batch_within_the_budg
     assert "# Sparse weights at run time" in markdown
     assert ("| a | 28 | 12.82 → 7.00 | 50.0 → 48.0 | 18.25 → 12.50 | 13.00 → 7.50 | 0.577 | 12.00 → 15.00 | 2.5e-06 |"
             in markdown)
+
+
+def test_memory_by_module_draws_each_timeline_and_lists_its_peak(inputs: dict[str, Path], tmp_path: Path) -> None:
+    out = report(inputs, tmp_path / "r")
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    section = markdown.split("# Memory by module", 1)[1]
+    # training: the largest sample is the head's, 10 + 2 + 8 + 0.5 = 20.5 MiB; its bands by size
+    assert "sample 1, forward, in `lm_head`), 20.50 MiB:" in section
+    assert ("| parameters | 10.00 | 48.8% |\n| lm_head | 8.00 | 39.0% |\n| layers.0 | 2.00 | 9.8% |\n"
+            "| (no module) | 0.50 | 2.4% |") in section
+    # generation: the last decode step's, 12.5 + 4 = 16.5 MiB, the head's band at 0 left out
+    assert "sample 2, decode, in `&lt;b&gt;layers.0&lt;/b&gt;`), 16.50 MiB:" in section and "| lm_head | 0.00" not in section
+    train_svg = (out / "timeline-train.svg").read_text(encoding="utf-8")
+    assert train_svg.count("<polygon") == 4 and "<script" not in train_svg
+    assert ">forward<" in train_svg and ">backward<" in train_svg  # where each phase starts
+    html = (out / "report.html").read_text(encoding="utf-8")  # a module name is text, not markup
+    assert "&lt;b&gt;layers.0&lt;/b&gt;" in html and "<b>layers.0</b>" not in html
+
+
+def test_each_stage_peak_rss_is_listed_beside_its_prediction(inputs: dict[str, Path], tmp_path: Path) -> None:
+    train = json.loads((inputs["metrics-dir"] / "train.json").read_text(encoding="utf-8"))
+    train.update(peak_rss_mib=800.0, rss_start_mib=230.0, rss_tensor_mib=300.0, rss_predicted_mib=760.0,
+                 rss_prediction_error=760 / 800 - 1, allocator="jemalloc", machine_allocator="jemalloc (libjemalloc.so.2)")
+    (inputs["metrics-dir"] / "train.json").write_text(json.dumps(train), encoding="utf-8")
+    markdown = (report(inputs, tmp_path / "r") / "report.md").read_text(encoding="utf-8")
+    assert "| train | 230.0 | 300.0 | 760.0 | 800.0 | -5.0% |" in markdown
+    assert "| C allocator (base.allocator) | jemalloc (libjemalloc.so.2) |" in markdown
 
 
 def test_curves_for_dvc_plots_keep_only_filled_cells(inputs: dict[str, Path], tmp_path: Path) -> None:

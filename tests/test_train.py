@@ -18,7 +18,8 @@ import yaml
 from tests.conftest import (deep_update, kill_at_checkpoint, one_error_line, read_metrics, run_cli, run_stage,
                             tiny_params, train_args)
 
-TIMING = {"seconds", "peak_rss_mib", "step_ms_median", "tokens_per_sec"}
+TIMING = {"seconds", "peak_rss_mib", "step_ms_median", "tokens_per_sec", "rss_start_mib", "rss_predicted_mib",
+          "rss_prediction_error"}  # the process's memory: the machine's, as its times are
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from stages.common.evalrows import GEN_CATEGORIES
 from stages.common.kvquant import QuantizedKVCache
 from stages.common.meter import Peak, TensorMeter, _storage
+from stages.common.timeline import ModuleTimeline
 from stages.common.models import LSTMLanguageModel, logits_of
 
 
@@ -196,11 +197,12 @@ class GenerationMeter(TensorMeter):
 
 
 @torch.no_grad()
-def metered_generation(model: torch.nn.Module, prompt: torch.Tensor, context: int, kv_bits: int = 0
-                       ) -> dict[str, Any]:
+def metered_generation(model: torch.nn.Module, prompt: torch.Tensor, context: int, kv_bits: int = 0,
+                       by_module: int = 0) -> dict[str, Any]:
     """Prefill `prompt` (batch, tokens), then decode greedily until the cache (of `kv_bits`; 0:
     the model's dtype) holds `context` tokens. The peak's bytes by category, where it
-    happened, and the cache at the end."""
+    happened, and the cache at the end; `by_module` > 0: also `timeline`, the prefill and the
+    last `by_module` decode steps block by block (stages.common.timeline)."""
     batch, prompt_tokens = prompt.shape
     if not 0 < prompt_tokens <= context:
         raise ValueError(f"a {prompt_tokens}-token prompt cannot fill a {context}-token context")
@@ -210,7 +212,10 @@ def metered_generation(model: torch.nn.Module, prompt: torch.Tensor, context: in
     head = model.get_output_embeddings()
     hook = head.register_forward_hook(lambda module, inputs, output: meter.claim(output, "logits"))
     meter.track(prompt, "activations")
+    timeline = ModuleTimeline(meter, ("activations", "kv_cache", "logits"), by="group")
     try:
+        if by_module:
+            timeline.__enter__()
         with meter.phase(0, "prefill"):
             out = model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
         step = 0
@@ -223,10 +228,13 @@ def metered_generation(model: torch.nn.Module, prompt: torch.Tensor, context: in
         meter.read_cache()
         held = sum({id(s): s.nbytes() for s in map(_storage, cache_tensors(cache)) if s is not None}.values())
     finally:
+        timeline.__exit__()
         hook.remove()
         meter.close()
     mib = 2**20
+    kept = [r for r in timeline.rows() if r["step"] == 0 or r["step"] > step - by_module]
     return {"batch": batch, "context": context, "prompt": prompt_tokens,
+            **({"timeline": [{**r, "sample": i} for i, r in enumerate(kept)]} if by_module else {}),
             "peak_mib": meter.peak.total / mib,
             **{f"{c}_mib": meter.peak.by_category[c] / mib for c in GEN_CATEGORIES},
             "peak_phase": meter.peak.phase, "peak_step": meter.peak.step,

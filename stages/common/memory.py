@@ -19,10 +19,17 @@ log = logging.getLogger(__name__)
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+_started: list[float] = []  # the RSS when the peak was last reset in this process
+
+
+def start_rss_mib() -> float:
+    """This process's RSS in MiB when its peak was last reset (now, if it never was)."""
+    return _started[-1] if _started else current_rss_mib()
 
 
 def reset_peak_rss() -> bool:
     """Reset this process's peak RSS to its current RSS; False where the OS does not allow it."""
+    _started[:] = [current_rss_mib()]
     try:
         _CLEAR_REFS.write_text("5")
         return True

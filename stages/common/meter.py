@@ -19,6 +19,9 @@ A run may split `parameters` further (the finetune stage: frozen and trainable w
 adapters): it names its categories when it makes the meter and says each parameter's
 category as it tracks the model.
 
+An observer (stages.common.timeline's ModuleTimeline) may watch the meter: it is told of each
+storage counted, moved and freed, and of the end of each op.
+
 Metering costs Python work per operation (about 2x step time for a small model): meter a
 few representative steps and time throughput on the others.
 """
@@ -89,6 +92,7 @@ class TensorMeter(TorchDispatchMode):
         self._hooks: list[Any] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._state_seen: dict[int, weakref.ref[torch.Tensor]] = {}  # optimizer state tensors already counted
+        self.observer: Any = None  # told of each storage and op (stages.common.timeline)
 
     # ------------------------------------------------------------------ bookkeeping
     def _add(self, storage: torch.UntypedStorage, category: str) -> None:
@@ -101,9 +105,13 @@ class TensorMeter(TorchDispatchMode):
             entry = self._live.pop(key, None)
             if entry is not None:
                 self.current[entry[2]] -= entry[1]
+                if self.observer is not None:
+                    self.observer.freed(key, entry[1])
 
         self._live[key] = (weakref.ref(storage, _freed), size, category)
         self.current[category] += size
+        if self.observer is not None:
+            self.observer.added(key, size, category)
         self._update_peaks()
 
     def _move(self, storage: torch.UntypedStorage | None, category: str) -> None:
@@ -119,6 +127,8 @@ class TensorMeter(TorchDispatchMode):
             self.current[old] -= size
             self.current[category] += size
             self._live[id(storage)] = (ref, size, category)
+            if self.observer is not None:
+                self.observer.moved(id(storage), size, category)
             self._update_peaks()
 
     def _update_peaks(self) -> None:
@@ -218,6 +228,8 @@ class TensorMeter(TorchDispatchMode):
             st = _storage(t)
             if st is not None and st.nbytes() > 0:
                 self._add(st, new)
+        if self.observer is not None:
+            self.observer.after_op()
         return out
 
     # ------------------------------------------------------------------ results

@@ -7,6 +7,8 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
+from stages.common.doc import num
+
 LIBRARIES = ["torch", "transformers", "tokenizers", "dvc", "prefect", "gensim", "jieba", "nltk", "numpy",
              "bitsandbytes"]
 
@@ -26,7 +28,7 @@ def one_blas_list(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
 
 MACHINE = {"machine_cpu": "CPU", "machine_arch": "architecture", "machine_capability": "ATen CPU capability in use",
            "machine_blas": "BLAS libraries (selected core, threads)", "machine_threads": "torch threads",
-           "machine_portable": "numerics pinned"}
+           "machine_portable": "numerics pinned", "machine_allocator": "C allocator (base.allocator)"}
 
 
 def machine_rows(metrics: dict[str, dict[str, Any]]) -> list[list[str]]:
@@ -43,4 +45,20 @@ def machine_rows(metrics: dict[str, dict[str, Any]]) -> list[list[str]]:
             rows.append([title, next(iter(seen))])
         elif seen:
             rows.append([title, "; ".join(f"{value} ({', '.join(stages)})" for value, stages in seen.items())])
+    return rows
+
+
+def rss_rows(metrics: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Each stage process's peak RSS beside its prediction (stages.common.rss), and evaluate's
+    measuring process of the trained model: stage, start, tensors, predicted, measured, error."""
+    rows = []
+    for stage, figures in metrics.items():
+        for who, prefix in ((stage, ""), *([(f"{stage}: model", "model_")] if stage == "evaluate" else [])):
+            peak = figures.get(f"{prefix}peak_rss_mib" if not prefix else f"{prefix}rss_peak_mib")
+            if peak is None:
+                continue
+            error = figures.get(f"{prefix}rss_prediction_error")
+            rows.append([who, num(figures.get(f"{prefix}rss_start_mib")), num(figures.get(f"{prefix}rss_tensor_mib")),
+                         num(figures.get(f"{prefix}rss_predicted_mib")), num(peak),
+                         "–" if error is None else f"{error:+.1%}"])
     return rows

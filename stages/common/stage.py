@@ -6,9 +6,11 @@ A stage module provides
 - `run(params, paths, base) -> metrics`: the work, returning flat figures (None where this
   process writes no outputs: a distributed run's node without rank 0).
 
-`stage_main` parses the path options, loads and validates params, sets up logging,
-seeds every generator, resets the peak-RSS meter, calls `run`, adds `seconds` and
-`peak_rss_mib`, and writes data/metrics/<stage>.json. A StageError becomes one line
+`stage_main` parses the path options, loads and validates params, checks that the process
+runs under `base.allocator`, sets up logging, seeds every generator, resets the peak-RSS
+meter, calls `run`, adds `seconds`, `peak_rss_mib` and its prediction (stages.common.rss:
+from `rss_start_mib`, `rss_tensor_mib` and `rss_weights_mib` where `run` returns them, else
+from the RSS at the reset and no tensors), and writes data/metrics/<stage>.json. A StageError becomes one line
 on stderr and exit code 2; outputs are written atomically by the stage itself, so a
 failure leaves no partial output. Under `dvc repro`, which deletes a stage's outputs before
 running it, a failure puts the previous ones back from DVC's cache (stages.common.restore).
@@ -32,9 +34,10 @@ import numpy as np
 from pydantic import BaseModel
 
 from stages import WATCHER
+from stages.common import allocator, rss
 from stages.common.artifacts import check_replaceable, write_json
 from stages.common.errors import StageError
-from stages.common.memory import peak_rss_mib, reset_peak_rss
+from stages.common.memory import peak_rss_mib, reset_peak_rss, start_rss_mib
 from stages.common.params import BaseParams, load_params
 from stages.common.portable import pin_threads, provenance
 from stages.common.restore import put_back, under_dvc
@@ -43,6 +46,7 @@ log = logging.getLogger("lmmem")
 
 P = TypeVar("P", bound=BaseModel)
 Metrics = dict[str, float | int | str | bool]
+RSS_LINE = {"compare": "train", "adapt": "train", "finetune": "train"}  # the training loop's overhead
 
 
 def seed_everything(seed: int) -> None:
@@ -157,6 +161,7 @@ def _stage_main(
     started = time.perf_counter()
     try:
         base, params = load_params(args.params, section or name, params_cls)
+        allocator.check(base.allocator)  # started under it by stages/__init__.py, or one line why not
         paths = paths_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(paths_cls)
                              if f.metadata.get("cli", True)})
         seed_everything(base.seed)
@@ -179,8 +184,13 @@ def _stage_main(
         return 130
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     # a stage that resets the peak per item (compress: per variant) reports the largest itself
-    metrics["peak_rss_mib"] = max(peak_rss_mib(), metrics.get("peak_rss_mib", 0.0))
+    if peak_rss_mib() > metrics.get("peak_rss_mib", 0.0):  # else the stage's own (with its own start)
+        metrics["peak_rss_mib"], metrics["rss_start_mib"] = peak_rss_mib(), start_rss_mib()
+    metrics.update(rss.figures(RSS_LINE.get(name, name), base.allocator, metrics.get("rss_start_mib", start_rss_mib()),
+                               metrics.get("rss_tensor_mib", 0.0), metrics.get("rss_weights_mib", 0.0),
+                               metrics["peak_rss_mib"]))
     metrics.update(provenance())  # the machine and the kernels behind these figures
+    metrics.update(allocator=base.allocator, machine_allocator=allocator.describe())
     write_json(args.metrics, round_metrics(metrics))
     log.info("%s done in %.1f s, peak RSS %.1f MiB", name, metrics["seconds"], metrics["peak_rss_mib"])
     return 0

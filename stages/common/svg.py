@@ -167,3 +167,29 @@ def stacked_bars(title: str, ylabel: str, bars: list[tuple[str, dict[str, float]
                  + ([("estimate (tick)", "#000")] if markers else [])
                  + ([("pale: estimated", "#bbb")] if beside else []))
     return frame.done()
+
+
+def stacked_area(title: str, xlabel: str, ylabel: str, bands: dict[str, list[float]],
+                 marks: list[tuple[int, str]] | None = None) -> str:
+    """Bands stacked over the sample index (each band's list one value a sample), the first
+    at the bottom; `marks` put a dashed line and a label at a sample (where a phase starts)."""
+    count = max((len(v) for v in bands.values()), default=0)
+    tops = [sum(v[i] for v in bands.values() if i < len(v)) for i in range(count)]
+    frame = _Frame(title, xlabel, ylabel, [0.0, float(max(count - 1, 1))], [0.0, *tops], y_from_zero=True)
+    base = [0.0] * count
+    entries = []
+    for j, (name, values) in enumerate(bands.items()):
+        color = COLORS[j % len(COLORS)]
+        top = [base[i] + (values[i] if i < len(values) else 0.0) for i in range(count)]
+        upper = " ".join(f"{_n(frame.px(i))},{_n(frame.py(top[i]))}" for i in range(count))
+        lower = " ".join(f"{_n(frame.px(i))},{_n(frame.py(base[i]))}" for i in reversed(range(count)))
+        frame.parts.append(f'<polygon points="{upper} {lower}" fill="{color}" fill-opacity="0.85" stroke="none"/>')
+        entries.append((name, color))
+        base = top
+    for i, label in marks or []:
+        x = frame.px(i)
+        frame.parts.append(f'<line x1="{_n(x)}" y1="{TOP}" x2="{_n(x)}" y2="{frame.h - frame.bottom}" stroke="#444" '
+                           f'stroke-dasharray="3 3"/><text x="{_n(x + 3)}" y="{TOP + 10}" font-size="9">'
+                           f'{escape(label[:16])}</text>')
+    frame.legend(entries)
+    return frame.done()

@@ -97,6 +97,7 @@ class Progress:
     rng: np.random.Generator
     records: list[dict[str, Any]] = field(default_factory=list)
     metered: list[dict[str, Any]] = field(default_factory=list)  # each rank's metered figures
+    timeline: list[dict[str, Any]] = field(default_factory=list)  # this rank's peak step, module by module
     step_seconds: list[float] = field(default_factory=list)
     cuda_peak: float = 0.0
     cuda_reserved: float = 0.0

@@ -17,16 +17,18 @@ import torch
 from stages.common import distributed
 from stages.common.artifacts import atomic_dir, size_on_disk, write_params
 from stages.common.distributed import Context
-from stages.common.memory import peak_rss_mib
+from stages.common.memory import peak_rss_mib, start_rss_mib
 from stages.common.models import TOKENIZER_FILES, build_model, count_parameters
 from stages.common.params import BaseParams
 from stages.common.schema import TokensMeta, mem_key
+from stages.common.timeline import write_rows
 from stages.train.build import Parts, Progress
 from stages.train.params import Paths
 from stages.train.techniques import REGISTRY
 
 log = logging.getLogger("lmmem.train")
 
+NOT_WEIGHTS = ("gradients", "optimizer", "activations", "temporaries")  # the other categories hold weights
 MEASURED = ("step_ms", "rss_mib", "cuda_peak_mib")  # per-step figures of the machine, not of the computation
 CSV_FIELDS = ["step", "train_loss", "val_loss", "lr", "step_ms", *[c for t in REGISTRY for c in t.columns],
               "rss_mib", "tensor_peak_mib"]
@@ -41,7 +43,8 @@ def finish(parts: Parts, progress: Progress, p: Any, paths: Paths, base: BasePar
     if device.type == "cuda":
         cuda = {"cuda_max_allocated_mib": max(progress.cuda_peak, torch.cuda.max_memory_allocated(device) / 2**20),
                 "cuda_max_reserved_mib": max(progress.cuda_reserved, torch.cuda.max_memory_reserved(device) / 2**20)}
-    ranks = [{**m, **rest} for m, rest in zip(progress.metered, ctx.gather({**cuda, "peak_rss_mib": peak_rss_mib()}),
+    ranks = [{**m, **rest} for m, rest in zip(progress.metered, ctx.gather({**cuda, "peak_rss_mib": peak_rss_mib(),
+                                                                                 "rss_start_mib": start_rss_mib()}),
                                               strict=True)]
     final = full_model(parts, p, meta, ctx)
     if not ctx.main:
@@ -50,6 +53,10 @@ def finish(parts: Parts, progress: Progress, p: Any, paths: Paths, base: BasePar
     metrics.update(rank_figures(ranks, predicted))
     metrics.update(predicted)
     metrics.update(estimate_errors(metrics, predicted))
+    # the peak RSS predicted from the dry run's tensors and weights (stages.common.rss, by the stage's contract)
+    metrics["rss_tensor_mib"] = predicted.get("est_total_peak_mib", metrics.get(mem_key("total"), 0.0))
+    weights = [c for c in parts.task.categories if c not in NOT_WEIGHTS]  # parameters; frozen, adapters, ...
+    metrics["rss_weights_mib"] = sum(predicted.get(mem_key(c, "est_"), metrics.get(mem_key(c), 0.0)) for c in weights)
     if hasattr(final, "generation_config"):  # trained without a KV cache; generation wants one
         final.config.use_cache = final.generation_config.use_cache = True
     if paths.out is not None:
@@ -59,7 +66,7 @@ def finish(parts: Parts, progress: Progress, p: Any, paths: Paths, base: BasePar
                 shutil.copy(paths.tokens / name, tmp / name)
             write_params(tmp, base=base, train=p)
             metrics["size_on_disk_mib"] = size_on_disk(tmp) / 2**20
-    write_steps(paths, progress.records, device)
+    write_steps(paths, progress.records, device, progress.timeline)
     log.info("trained %d steps: val loss %.4f (ppl %.1f), %s tokens/s", p.steps, metrics["val_loss"],
              metrics["val_ppl"], f"{metrics.get('tokens_per_sec', 0):.0f}")
     return metrics
@@ -117,7 +124,8 @@ def rank_figures(ranks: list[dict[str, Any]], predicted: dict[str, Any]) -> dict
         return ranks[0]
     total = mem_key("total")
     out: dict[str, Any] = dict(max(ranks, key=lambda r: r.get(total, 0.0)))
-    out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in ranks)
+    largest = max(ranks, key=lambda r: r["peak_rss_mib"])  # the process whose peak the prediction is held to
+    out["peak_rss_mib"], out["rss_start_mib"] = largest["peak_rss_mib"], largest["rss_start_mib"]
     ddp = predicted.get("dist_ddp_est_total_peak_mib")
     for rank, figures in enumerate(ranks):
         for key, value in figures.items():
@@ -128,9 +136,13 @@ def rank_figures(ranks: list[dict[str, Any]], predicted: dict[str, Any]) -> dict
     return out
 
 
-def write_steps(paths: Paths, records: list[dict[str, Any]], device: torch.device) -> None:
+def write_steps(paths: Paths, records: list[dict[str, Any]], device: torch.device,
+                timeline: list[dict[str, Any]]) -> None:
+    """steps.csv, and timeline.csv: the peak step module by module (stages.common.timeline)."""
     with atomic_dir(paths.plots, paths.writer) as tmp:
         write_steps_csv(tmp / "steps.csv", records, device, paths.step_timings)
+        if timeline:
+            write_rows(tmp / "timeline.csv", timeline)
 
 
 def write_steps_csv(path: Path, records: list[dict[str, Any]], device: torch.device, timings: bool) -> None:

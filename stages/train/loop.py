@@ -19,6 +19,7 @@ from stages.common.distributed import Context
 from stages.common.errors import StageError
 from stages.common.memory import current_rss_mib
 from stages.common.meter import TensorMeter
+from stages.common.timeline import ModuleTimeline
 from stages.common.optim import lr_at, set_lr
 from stages.common.params import BaseParams
 from stages.common.schema import TokensMeta, read_typed
@@ -78,25 +79,33 @@ def run_loop(p: Any, task: Task, meta: TokensMeta, paths: Paths, base: BaseParam
     start = resume(parts, progress, paths, fingerprint, ctx) if saves else 0
     meter = TensorMeter(task.categories)
     parts.track(meter)
+    timeline = ModuleTimeline(meter, ("activations", "temporaries"))  # which module made what, while metered
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if start >= p.meter_steps:
         meter.close()  # nothing left to meter
+    else:
+        timeline.__enter__()
     bar = tqdm(range(start, p.steps), desc=stage, unit=" steps", mininterval=2, initial=start, total=p.steps,
                disable=not ctx.main)
-    for step in bar:
-        record = one_step(parts, progress, p, device, step, ctx, meter)
-        if (step + 1) % p.eval_every == 0 or step + 1 == p.steps:
-            record.update(task.validate(parts.raw, p, device, lambda: forward_context(p, device)))
-        progress.records.append(record)
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}")
-        if step + 1 == p.meter_steps:
-            progress.metered = ctx.gather(meter.summary())
-            meter.close()  # its hooks off: the remaining steps run unobserved
-        last = step + 1 == p.steps
-        if saves and step + 1 >= p.meter_steps and ((step + 1) % p.checkpoint_every == 0 or last):
-            save_checkpoint(parts, progress, paths, fingerprint, step, ctx)
-    meter.close()
+    try:
+        for step in bar:
+            record = one_step(parts, progress, p, device, step, ctx, meter)
+            if (step + 1) % p.eval_every == 0 or step + 1 == p.steps:
+                record.update(task.validate(parts.raw, p, device, lambda: forward_context(p, device)))
+            progress.records.append(record)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}")
+            if step + 1 == p.meter_steps:
+                progress.metered = ctx.gather(meter.summary())
+                progress.timeline = timeline.rows(meter.peak.step)
+                timeline.__exit__()
+                meter.close()  # its hooks off: the remaining steps run unobserved
+            last = step + 1 == p.steps
+            if saves and step + 1 >= p.meter_steps and ((step + 1) % p.checkpoint_every == 0 or last):
+                save_checkpoint(parts, progress, paths, fingerprint, step, ctx)
+    finally:
+        timeline.__exit__()
+        meter.close()
     return Trained(parts, progress, p, predicted, {**started, "auto_fit_changes": fitted}, ctx)
 
 
