@@ -39,9 +39,11 @@ def section(doc: Doc, training: list[dict[str, Any]], generation: list[dict[str,
              "moves on to another module; each sample holds the largest total since the previous one. "
              "`(no module)` is what runs outside every module: the batch, the loss.")
     for rows, name, title, what in ((training, "timeline-train", "Training: the peak step, module by module",
-                                     "the metered step with the largest total"),
+                                     f"the metered step with the largest total (step {training[0]['step']})"
+                                     if training else ""),
                                     (generation, "timeline-generation", "Generation, module by module",
-                                     "the trained model's greedy generation at the grid's largest batch × context")):
+                                     "the trained model's greedy generation at the grid's largest batch × context "
+                                     "(its prefill and last decode steps)")):
         if not rows:
             continue
         names = bands(rows)
@@ -50,10 +52,10 @@ def section(doc: Doc, training: list[dict[str, Any]], generation: list[dict[str,
             marks = marks[:2]
         doc.figure(name, stacked_area(title, "sample (a module boundary)", "MiB",
                                       {b: [r[f"{b}_mib"] for r in rows] for b in names}, marks),
-                   f"Live tensor MiB per band over {what} (step {rows[0]['step']}).")
+                   f"Live tensor MiB per band over {what}.")
         peak = max(rows, key=lambda r: sum(r[f"{b}_mib"] for b in names))
         total = sum(peak[f"{b}_mib"] for b in names)
-        doc.para(f"At the peak ({what}: sample {peak['sample']}, {peak['phase']}, in `{peak['module']}`), "
+        doc.para(f"At the peak (sample {peak['sample']}, {peak['phase']}, in `{peak['module']}`), "
                  f"{num(total, 2)} MiB:")
         doc.table(["band", "MiB", "share"], [[b, num(peak[f"{b}_mib"], 2), f"{peak[f'{b}_mib'] / total:.1%}"]
                                             for b in sorted(names, key=lambda b: -peak[f"{b}_mib"])
