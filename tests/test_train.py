@@ -227,6 +227,8 @@ def test_a_killed_run_resumes_to_the_same_metrics(tokens: Path, tmp_path: Path, 
     assert (work / "model" / "model.safetensors").read_bytes() == (full_dir / "model.safetensors").read_bytes()
     assert (work / "plots" / "steps.csv").read_text().splitlines()[1:][-1].split(",")[:4] == \
         (full_dir.parent / "plots" / "steps.csv").read_text().splitlines()[-1].split(",")[:4]
+    # the peak step module by module, metered before the kill: carried by the checkpoint
+    assert (work / "plots" / "timeline.csv").read_bytes() == (full_dir.parent / "plots" / "timeline.csv").read_bytes()
 
 
 def test_a_checkpoint_of_other_params_is_not_resumed(tokens: Path, train: Callable[..., Any], tmp_path: Path,

@@ -176,6 +176,8 @@ def resume(parts: Parts, progress: Progress, paths: Paths, fingerprint: str, ctx
     if resumed is None:
         return 0
     progress.records, progress.metered = resumed["records"], resumed["metered"]
+    columns, rows = resumed["timeline"]  # the peak step module by module: metered before any checkpoint
+    progress.timeline = [dict(zip(columns, row, strict=True)) for row in rows]
     progress.rng.bit_generator.state = resumed["rng"]
     for name, state in parts.states.items():
         prefix = f"{name}."
@@ -194,6 +196,9 @@ def save_checkpoint(parts: Parts, progress: Progress, paths: Paths, fingerprint:
     checkpoint.save(paths.checkpoints, parts.raw, parts.optimizer, parts.scaler,
                     {"fingerprint": fingerprint, "step": step, "rng": progress.rng.bit_generator.state,
                      "records": progress.records, "metered": progress.metered,
+                     # columns and rows: state.json sorts a mapping's keys, and the columns' order is the chart's
+                     "timeline": [list(progress.timeline[0]) if progress.timeline else [],
+                                  [list(r.values()) for r in progress.timeline]],
                      "techniques": {name: state.record() for name, state in parts.states.items()}},
                     extra=extra or None)
 
