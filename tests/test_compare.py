@@ -103,11 +103,11 @@ def test_each_configuration_trains_and_is_measured_beside_its_estimate(compared:
     assert lean["mem_optimizer_peak_mib"] < 0.5 * base["mem_optimizer_peak_mib"]
     assert lean["mem_gradients_peak_mib"] < base["mem_gradients_peak_mib"]
     assert lean["mem_total_peak_mib"] < base["mem_total_peak_mib"]
-    # the per-step CSV: one row a step; the trained weights are not kept
+    # the per-step CSV: one row a step; the peak step module by module; the trained weights are not kept
     out = compared / "compare" / "lean-tiled"
     rows = (out / "steps.csv").read_text().splitlines()
     assert rows[0].startswith("step,train_loss") and len(rows) == 1 + 4
-    assert sorted(p.name for p in out.iterdir()) == [".lmmem-out", "steps.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [".lmmem-out", "steps.csv", "timeline.csv"]
 
 
 @pytest.mark.parametrize("change, expected", [
