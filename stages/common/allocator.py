@@ -144,12 +144,19 @@ def check(name: str) -> None:
         raise StageError(f"base.allocator {name}: {library(name)} is in LD_PRELOAD but did not load")
 
 
-def loaded(name: str) -> bool:
-    """The preloaded library of `name` is in this process's memory map."""
+def mapped(name: str) -> list[str] | None:
+    """The files of `name`'s library in this process's memory map; None without /proc to read."""
     try:
-        return LIBRARIES[name][0] in Path("/proc/self/maps").read_text()
+        maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
-        return True  # no /proc to read: nothing to check against
+        return None
+    return sorted({line.split()[-1] for line in maps if f"lib{LIBRARIES[name][0]}" in line})
+
+
+def loaded(name: str) -> bool:
+    """The preloaded library of `name` is in this process's memory map (or there is no map to read)."""
+    files = mapped(name)
+    return files is None or bool(files)
 
 
 def describe() -> str:
@@ -159,10 +166,5 @@ def describe() -> str:
     if name == "glibc-tuned":
         return f"{name} ({', '.join(f'{k}={v}' for k, v in TUNED.items())})"
     if name in LIBRARIES:
-        try:
-            maps = Path("/proc/self/maps").read_text().splitlines()
-        except OSError:
-            maps = []
-        files = sorted({line.split()[-1] for line in maps if f"lib{LIBRARIES[name][0]}" in line})
-        return f"{name} ({', '.join(files) or library(name)})"
+        return f"{name} ({', '.join(mapped(name) or []) or library(name)})"
     return name

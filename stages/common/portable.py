@@ -30,6 +30,7 @@ Standard library only: this runs before anything else in a stage's process.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -80,13 +81,21 @@ def base_setting(argv: list[str], key: str, default: Any) -> Any:
             path = argv[i + 1]
         elif arg.startswith("--params="):
             path = arg.split("=", 1)[1]
+    base = _base_section(path)
+    return base.get(key, default) if isinstance(base, dict) else default
+
+
+@functools.lru_cache(maxsize=4)
+def _base_section(path: str) -> Any:
+    """The `base` section of a params file, read once however many settings are asked of it;
+    None when it is missing or unreadable (validated, and reported, by the stage's params loader)."""
     try:
         import yaml
 
         loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        return loaded.get("base", {}).get(key, default)
-    except Exception:  # noqa: BLE001 - validated, and reported, by the stage's params loader
-        return default
+        return loaded.get("base", {})
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def apply(on: bool) -> None:
