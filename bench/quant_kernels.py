@@ -1,6 +1,8 @@
 """Weight-only quantized matmul on this CPU: ATen's packed kernels (what torchao calls on
 CPU) against dequantize-then-float-matmul (what stages.common.quant does) and plain fp32,
 for the default model's largest layer (the 19,590 × 256 output head) at 1 and 2048 rows.
+Its `_int_mm` column is a timing only: under oneDNN capped below AVX-512 VNNI (base.portable
+caps it at AVX2) `torch._int_mm` saturates on CPU (python -m bench.int_mm_isa).
 
     python -m bench.quant_kernels [--repeats 5]
 """

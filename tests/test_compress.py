@@ -5,6 +5,9 @@ requests are refused in one line, and a scheme that cannot run is an `unsupporte
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from torch import nn
 from stages.common import quant, storage
 from stages.common.loading import load_model_folder
 from stages.common.models import logits_of
-from tests.conftest import deep_update, one_error_line, read_metrics, run_stage, tiny_params
+from tests.conftest import ROOT, deep_update, one_error_line, read_metrics, run_stage, tiny_params
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 300, 12, 8, 1000, 64, 3, 2, 21, 77, 150, 9]])
 
@@ -218,19 +221,38 @@ def test_quantized_layers_compute_what_their_int8_weights_say() -> None:
     assert (q4(x) - linear(x)).abs().max() < 0.25
 
 
-def test_int8_product_equals_torch_int_mm_bit_for_bit() -> None:
-    """The dynamic layer's CPU product against torch's int8 kernel (int32 accumulation), with
-    sums past 2^24 where one fp32 product over all features would round."""
+def test_int8_product_equals_the_exact_integer_product_bit_for_bit() -> None:
+    """The dynamic layer's CPU product against the exact one (int64 arithmetic, as
+    `torch._int_mm`'s int32 accumulation should give), with sums past 2^24 where one fp32
+    product over all features would round. The reference is not a library kernel: on an
+    AVX-512 CPU with oneDNN pinned to AVX2 (base.portable), `torch._int_mm` saturates
+    (bench/int_mm_isa.py, docs/FAULTS.md)."""
     torch.manual_seed(0)
     for k in (128, 2100):
         a = torch.randint(-127, 128, (16, k), dtype=torch.int8)
         b = torch.randint(-127, 128, (24, k), dtype=torch.int8)
         a[:8] = 127  # large same-sign sums in half the rows
         b[:12] = torch.randint(124, 128, (12, k), dtype=torch.int8)
-        expected = torch._int_mm(a, b.t()).float()
-        assert torch.equal(quant.int8_product(a, b), expected)
+        exact = a.to(torch.int64) @ b.to(torch.int64).t()
+        assert int(exact[0, 0]) == 127 * int(b[0].to(torch.int64).sum())  # the reference itself, by hand
+        assert torch.equal(quant.int8_product(a, b), exact.float())
     plain = a.float() @ b.float().t()  # the product in one piece: not exact at k = 2100
-    assert not torch.equal(plain, expected)
+    assert not torch.equal(plain, exact.float())
+
+
+def test_int8_product_is_exact_in_a_pinned_stage_process() -> None:
+    """The same check where lmmem runs it: a stage's process, its kernels pinned by base.portable
+    (oneDNN's ISA to AVX2 on an AVX-512 CPU, where torch._int_mm is wrong)."""
+    code = ("import sys; sys.argv = ['-m']; import stages, os, torch; from stages.common import quant; "
+            "torch.manual_seed(0); a = torch.full((4, 128), 127, dtype=torch.int8); "
+            "b = torch.randint(124, 128, (6, 128), dtype=torch.int8); "
+            "exact = (a.to(torch.int64) @ b.to(torch.int64).t()).float(); "
+            "print(os.environ.get('LMMEM_PORTABLE', ''), torch.equal(quant.int8_product(a, b), exact))")
+    env = {k: v for k, v in os.environ.items() if k != "LMMEM_PORTABLE"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=True)
+    pinned, exact = done.stdout.split()
+    assert "OMP_NUM_THREADS" in pinned and exact == "True"
 
 
 @pytest.mark.parametrize("density, dtype, expected", [

@@ -61,11 +61,13 @@ EXACT_TERMS = 1040  # 127 × 127 × 1040 < 2^24: a sum of this many int8 × int8
 
 
 def int8_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (M × K int8) @ b.T (b: N × K int8) as float, exactly what `torch._int_mm(a, b.t()).float()`
-    gives. On CUDA it is that call. On CPU the same integers are multiplied in fp32, at most
+    """a (M × K int8) @ b.T (b: N × K int8) as float: the exact integer sums, which
+    `torch._int_mm(a, b.t()).float()` gives on CUDA (there it is that call). Not on CPU: with
+    oneDNN capped below AVX-512 VNNI (base.portable caps it at AVX2) it saturates
+    (bench/int_mm_isa.py). On CPU the same integers are multiplied in fp32, at most
     EXACT_TERMS of K at a time (every product and partial sum of values in [-127, 127] is an
-    integer below 2^24, so exact in any order) and the pieces added in int32: bit for bit the
-    same result, where `torch._int_mm` ran 20 to 35 × slower than the fp32 product on a CPU
+    integer below 2^24, so exact in any order) and the pieces added in int32: the exact sums,
+    where `torch._int_mm` ran 20 to 35 × slower than the fp32 product on a CPU
     without AVX-512 VNNI (docs/BENCHMARKS.md). The transient float copy of b is the one a
     weight-only layer makes too."""
     if a.is_cuda:
