@@ -95,6 +95,7 @@ def run(params: Path, env_extra: dict[str, str], work: Path, portable: bool, tar
     given.setdefault("base", {})["portable"] = portable
     (clone / "params.yaml").write_text(yaml.safe_dump(given, allow_unicode=True, sort_keys=False), encoding="utf-8")
     env_bin = str(ROOT / ".venv" / "bin")
+    (work / "warm").mkdir(exist_ok=True)
     started = time.perf_counter()
     env = {"PATH": f"{env_bin}:/usr/bin:/bin", "DVC_NO_ANALYTICS": "1", "HOME": str(work), **env_extra,
            "LMMEM_WARM_DIR": str(work / "warm")}  # a server of its own: the environment is the experiment

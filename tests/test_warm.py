@@ -31,19 +31,34 @@ print(json.dumps({"torch_preloaded": "torch" in sys.modules, "pid": os.getpid(),
                   "cwd": os.getcwd(), "argv": args, "value": os.environ.get("PROBE_VALUE"), "umask": umask,
                   "name": __name__, "version": VERSION, "file": __file__}), flush=True)
 print("probe: to stderr", file=sys.stderr)
+if "--log" in args:  # that it started, and as which process
+    with open(args[args.index("--log") + 1], "a") as log:
+        log.write(f"started {os.getpid()}\\n")
 if "--sleep" in args:
     time.sleep(120)
+if "--wait-file" in args:  # until the test says go
+    deadline = time.monotonic() + 120
+    while not os.path.exists(args[args.index("--wait-file") + 1]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+if "--write" in args:
+    with open(args[args.index("--write") + 1], "w") as out:
+        out.write(os.environ.get("PROBE_VALUE", ""))
 if "--raise" in args:
     raise RuntimeError("probe failed")
 sys.exit(int(args[args.index("--code") + 1]) if "--code" in args else 0)
 '''
 FILES = ["stages/__init__.py", "stages/__main__.py", "stages/common/__init__.py", "stages/common/warm.py",
+         "stages/common/warmserver.py", "stages/common/warmsock.py",
          "stages/common/lifetime.py", "stages/common/restore.py", "stages/common/portable.py",
          "stages/common/allocator.py", "stages/common/errors.py"]
 
 
 @pytest.fixture()
 def project(tmp_path: Path) -> Iterator[Path]:
+    yield from probe_project(tmp_path)
+
+
+def probe_project(tmp_path: Path) -> Iterator[Path]:
     """A copy of the stages package with a probe stage; its own server (LMMEM_WARM_DIR), ended after."""
     root = tmp_path / "project"
     for name in FILES:
@@ -104,7 +119,7 @@ def test_a_stage_runs_in_a_fork_of_one_warm_server_with_the_clients_arguments_an
     first, seen = probe(project, "--code", "3", "--flag")
     assert first.returncode == 3, first.stderr
     assert seen["torch_preloaded"] is True  # imported by the server before the fork
-    logs = list(sockets(project).glob("*.log"))  # the server's own errors: its warm-up ran clean
+    logs = list(sockets(project).rglob("*.log"))  # the server's own errors: its warm-up ran clean
     assert logs and all("Traceback" not in log.read_text() for log in logs)
     assert (seen["cwd"], seen["argv"], seen["value"], seen["name"]) == (str(project), ["--code", "3", "--flag"],
                                                                        "seen", "__main__")
@@ -133,7 +148,8 @@ def test_lmmem_warm_0_and_an_unusable_socket_folder_run_the_stage_in_a_new_inter
     assert "warning" not in fresh.stderr
     missing, seen = probe(project, LMMEM_WARM_DIR=str(project / "no-such-folder"))
     assert missing.returncode == 0 and seen["torch_preloaded"] is False
-    assert f"lmmem: warning: no warm server at {project / 'no-such-folder'}" in missing.stderr
+    assert missing.stderr.startswith(f"lmmem: warning: no warm server: the warm server's folder cannot live in "
+                                     f"{project / 'no-such-folder'}: ")
 
 
 def test_an_exception_is_a_traceback_and_exit_1(project: Path) -> None:
@@ -181,6 +197,6 @@ def test_the_stage_ends_when_its_client_is_killed(project: Path) -> None:
 def test_the_server_exits_when_idle_and_removes_its_socket(project: Path) -> None:
     _, seen = probe(project, LMMEM_WARM_IDLE="1")
     assert gone(seen["ppid"], seconds=30)
-    assert [p.name for p in sockets(project).iterdir() if p.suffix == ".sock"] == []
+    assert [p.name for p in sockets(project).rglob("*.sock")] == []
     _, again = probe(project, LMMEM_WARM_IDLE="1")  # a new one on the next run
     assert again["torch_preloaded"] is True and again["ppid"] != seen["ppid"]

@@ -10,12 +10,21 @@ process gets this process's arguments, working directory, environment, umask and
 streams; its exit status becomes this process's; SIGINT, SIGTERM and SIGHUP sent here are
 passed on to it; it ends when this process ends, killed or not.
 
-The server starts on first use, detached, its socket in the temp folder (or LMMEM_WARM_DIR)
-under a name hashed from the interpreter, this file, the preloaded libraries' files and the
+The server starts on first use, detached, its socket in this user's private folder
+(stages.common.warmsock: the trust boundary, who may connect and where) under a name hashed
+from the checkout, the interpreter, this file, the preloaded libraries' files and the
 environment variables they read as they import (a change to any of them gets a new server),
 and exits after IDLE seconds (or LMMEM_WARM_IDLE) with nothing running; its own errors go to
 the `.log` file beside its socket. `LMMEM_WARM=0` runs each stage in a new interpreter
-instead, as does a server that cannot be started or reached (said in a warning).
+instead, as does a server that cannot be started, reached or trusted, or whose start another
+client holds longer than LMMEM_WARM_WAIT seconds (said in a one-line warning).
+
+The stage's process reports its pid and, as its last act, its exit status to the client
+through a pipe of the client's, not through the server: a server killed while a stage runs
+leaves the stage running and its status known. A stage that ends with no status (killed)
+leaves its outputs to the watcher under DVC (stages.common.restore), as a new interpreter's
+would. Ctrl-C or SIGTERM before the stage has started ends the client at once (128 + the
+signal, the stage not run, a server it was starting killed); after, they go to the stage.
 
 A forked stage's peak RSS counts the preloaded libraries' pages it touches, not all of them
 as a new interpreter's does: its figure is lower by what it never used.
@@ -26,7 +35,6 @@ as light): the client's start-up is the saving.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -34,31 +42,28 @@ import importlib
 import importlib.util
 import json
 import os
-import runpy
 import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-import traceback
 from pathlib import Path
 
-from stages.common.lifetime import die_with
+from stages.common.warmsock import Unsafe, check_peer, check_socket, key_parts, private_folder
 
 PRELOAD = ["numpy", "yaml", "pydantic", "torch", "torch._subclasses.fake_tensor", "safetensors.torch",
            "transformers", "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2",
            "peft"]
 IDLE = 60.0  # seconds the server waits for the next stage before it exits
 START_TIMEOUT = 600.0  # seconds a client waits for a new server to import PRELOAD (a slow hour: tens)
+LOCK_WAIT = 120.0  # seconds a client waits for another client's start of the server (LMMEM_WARM_WAIT)
 # variables the preloaded libraries read as they import: a server is only shared under equal values
 ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "ATEN_", "DNNL_", "ONEDNN_", "TORCH", "PYTORCH_",
                 "CUDA_", "NVIDIA_", "HF_", "TRANSFORMERS_", "PYTHON", "LD_", "MALLOC_", "LMMEM_ALLOCATOR")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-PROTOCOL = 1
+PROTOCOL = 2
 
 
 def enabled() -> bool:
@@ -66,9 +71,16 @@ def enabled() -> bool:
 
 
 def socket_path() -> Path:
-    """The server's socket for this interpreter, this code, these libraries and this environment."""
-    key = hashlib.sha256(f"{PROTOCOL}\0{os.path.realpath(sys.executable)}\0{sys.version}".encode())
-    key.update(Path(__file__).read_bytes())
+    """The server's socket in this user's private folder (Unsafe: no folder to trust)."""
+    return private_folder() / socket_name()
+
+
+def socket_name() -> str:
+    """The server's socket's name, for this checkout, interpreter, code, these libraries and this
+    environment."""
+    key = hashlib.sha256(f"{PROTOCOL}\0{key_parts()}".encode())
+    for own in (__file__, Path(__file__).with_name("warmsock.py"), Path(__file__).with_name("warmserver.py")):
+        key.update(Path(own).read_bytes())
     for name in sorted({m.split(".")[0] for m in PRELOAD}):
         spec = importlib.util.find_spec(name)  # finds the package's files without importing it
         origin = Path(spec.origin) if spec is not None and spec.origin else None
@@ -77,43 +89,73 @@ def socket_path() -> Path:
     for name in sorted(os.environ):
         if name.startswith(ENV_PREFIXES):
             key.update(f"\0{name}={os.environ[name]}".encode())
-    folder = Path(os.environ.get("LMMEM_WARM_DIR") or tempfile.gettempdir())
-    return folder / f"lmmem-warm-{os.getuid()}-{key.hexdigest()[:16]}.sock"
+    return f"lmmem-warm-{key.hexdigest()[:16]}.sock"
 
 
 # ---------------------------------------------------------------- the client
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM (`sig`) before the stage started: nothing ran."""
+
+    def __init__(self, sig: int) -> None:
+        super().__init__(sig)
+        self.sig = sig
+
+
 class _Forwarder:
-    """Pass the signals this process gets to the stage's process, once its pid is known."""
+    """Pass the signals this process gets to the stage's process once its pid is known; before,
+    end the wait at once (Interrupted), wherever the client is, but while `holding` (a child
+    process being made, which must not be half made): then as soon as it is made."""
 
     def __init__(self) -> None:
         self.pid: int | None = None
-        self.pending: list[int] = []
+        self.held: list[int] | None = None
         for sig in FORWARDED:
             signal.signal(sig, self._handle)
 
     def _handle(self, sig: int, _frame: object) -> None:
-        if self.pid is None:
-            self.pending.append(sig)
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, sig)
+        if self.held is not None:
+            self.held.append(sig)
+        elif self.pid is None:
+            raise Interrupted(sig)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
 
     def started(self, pid: int) -> None:
         self.pid = pid
-        for sig in self.pending:
-            self._handle(sig, None)
+
+    @contextlib.contextmanager
+    def holding(self):  # noqa: ANN202 - a context manager
+        """Signals held while the body makes a child process (not a blocked mask: children inherit it)."""
+        self.held = []
+        try:
+            yield
+        finally:
+            held, self.held = self.held, None
+            for sig in held:
+                self._handle(sig, None)
 
 
 def _connect(path: Path) -> socket.socket | None:
+    """A connection to the server at `path`, checked to be this user's (Unsafe if not); None: none listens."""
+    try:
+        check_socket(path)
+    except FileNotFoundError:
+        return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(str(path))
-        return conn
     except OSError:
         conn.close()
         return None
+    try:
+        check_peer(conn, path)
+    except Unsafe:
+        conn.close()
+        raise
+    return conn
 
 
 def _server_env() -> dict[str, str]:
@@ -121,93 +163,152 @@ def _server_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("DVC_") and k != "LMMEM_WATCHED"}
 
 
-def _start_server(path: Path) -> socket.socket | None:
+def _lock(lock: int, path: Path) -> None:
+    """Take the start lock, waiting at most LMMEM_WARM_WAIT seconds (Unsafe after)."""
+    wait = float(os.environ.get("LMMEM_WARM_WAIT", LOCK_WAIT))
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise Unsafe(f"another client held the start lock {path}.lock for {wait:g} s") from None
+            time.sleep(0.05)
+
+
+def _start_server(path: Path, forwarder: _Forwarder) -> socket.socket | None:
     """Start a server at `path` (one client at a time: the others wait on the lock, then find it)
-    and connect once it listens; None if it died or never listened."""
+    and connect once it listens; None if it died or never listened. A signal meanwhile kills it."""
+    lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    server: subprocess.Popen[bytes] | None = None
     try:
-        return _start_locked(path)
-    except OSError:  # the folder missing or not writable
-        return None
-
-
-def _start_locked(path: Path) -> socket.socket | None:
-    with open(f"{path}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        conn = _connect(path)
-        if conn is not None:
+        _lock(lock, path)
+        if (conn := _connect(path)) is not None:
             return conn
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a server that died without removing its socket
-        with open(f"{path}.log", "w") as log:  # the server's own errors, if any
-            server = subprocess.Popen([sys.executable, "-m", "stages.common.warm", "--serve", str(path)],
+        log = os.open(f"{path}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with forwarder.holding():
+            server = subprocess.Popen([sys.executable, "-m", "stages.common.warmserver", "--serve", str(path)],
                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_server_env(),
                                       start_new_session=True, close_fds=True)
+        os.close(log)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline and server.poll() is None:
             if path.exists() and (conn := _connect(path)) is not None:
+                server = None  # listening: it serves on
                 return conn
             time.sleep(0.05)
         return None
+    finally:
+        if server is not None and server.poll() is None:
+            server.kill()  # interrupted, or never listened: not left importing for nobody
+        os.close(lock)
 
 
-def _send(conn: socket.socket, argv: list[str]) -> None:
+def _send(conn: socket.socket, argv: list[str], status: int) -> None:
     umask = os.umask(0)
     os.umask(umask)
     request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask,
                           "pid": os.getpid()}).encode()
-    socket.send_fds(conn, [struct.pack("!I", len(request))], [0, 1, 2])
+    socket.send_fds(conn, [struct.pack("!I", len(request))], [0, 1, 2, status])
     conn.sendall(request)
 
 
-def _replies(conn: socket.socket):  # noqa: ANN202 - a generator of (word, number)
-    buffer = b""
-    while True:
-        while b"\n" not in buffer:
-            chunk = conn.recv(64)
-            if not chunk:
-                return
-            buffer += chunk
-        line, buffer = buffer.split(b"\n", 1)
-        word, number = line.decode().split()
-        yield word, int(number)
+class _Status:
+    """The client's end of the stage's status pipe: `pid N` first, `exit N` as its last act."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.buffer, self.open = fd, b"", True
+
+    def read(self, block: bool) -> None:
+        os.set_blocking(self.fd, block)
+        try:
+            while self.open:
+                chunk = os.read(self.fd, 256)
+                self.buffer += chunk
+                self.open = bool(chunk)
+                if block:
+                    return
+        except BlockingIOError:
+            pass
+
+    def word(self, name: str) -> int | None:
+        for line in self.buffer.decode(errors="replace").splitlines():
+            if line.startswith(f"{name} ") and line.split()[1].lstrip("-").isdigit():
+                return int(line.split()[1])
+        return None
 
 
-def run_warm(argv: list[str]) -> int | None:
-    """Run `python -m` argv in a process forked from the server; its status as a return code
-    (negative: killed by that signal), or None when no server could run it (nothing ran)."""
-    path = socket_path()
-    forwarder = _Forwarder()
+def _wait_for_pid(status: _Status) -> int | None:
+    while status.word("pid") is None and status.open:
+        status.read(block=True)
+    return status.word("pid")
+
+
+def _wait_for_end(status: _Status, pid: int, conn: socket.socket) -> tuple[int, bool]:
+    """The stage's exit code and whether it ended by its own hand (its status written); killed:
+    the server's word (-signal), or -SIGKILL where the server is gone too."""
+    try:
+        ended = os.pidfd_open(pid)
+    except ProcessLookupError:
+        ended = None
+    try:
+        while status.open and ended is not None:
+            ready, _, _ = select.select([status.fd, ended], [], [])
+            status.read(block=False)
+            if ended in ready or status.word("exit") is not None:
+                break
+        status.read(block=False)
+    finally:
+        if ended is not None:
+            os.close(ended)
+    if (code := status.word("exit")) is not None:
+        return code, True
+    conn.settimeout(5)  # killed: the server that reaped it says how
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        word, number = conn.recv(64).decode().split()[:2]
+        if word == "signal":
+            return -int(number), False
+    return -signal.SIGKILL, False
+
+
+def run_warm(path: Path, argv: list[str], forwarder: _Forwarder) -> tuple[int, bool] | None:
+    """Run `python -m` argv in a process forked from the server at `path`: its status as a return
+    code (negative: killed by that signal) and whether it ended by its own hand; None when no
+    server could run it (nothing ran). Unsafe: the server cannot be trusted."""
     for attempt in range(2):  # a server exiting as this client connected: once more, with a new one
         conn = _connect(path) if attempt == 0 else None
-        conn = conn or _start_server(path)
+        conn = conn or _start_server(path, forwarder)
         if conn is None:
             return None
+        read, write = os.pipe()
+        status = _Status(read)
         try:
-            _send(conn, argv)
-            replies = _replies(conn)
-            _, pid = next(replies)
+            _send(conn, argv, write)
+        except OSError:
+            pass
+        os.close(write)  # the stage's (and, until it forks, the server's) copy only
+        if (pid := _wait_for_pid(status)) is not None:
             break
-        except (OSError, StopIteration, ValueError):
-            conn.close()  # refused or gone before forking: nothing ran
+        os.close(read)
+        conn.close()  # refused or gone before forking: nothing ran
     else:
         return None
     with conn:
         forwarder.started(pid)
-        for word, number in replies:
-            if word == "exit":
-                return number
-            if word == "signal":
-                return -number
-    print(f"lmmem: the warm server ended while stage {argv[0]} (pid {pid}) ran", file=sys.stderr)
-    return 1
+        try:
+            return _wait_for_end(status, pid, conn)
+        finally:
+            os.close(read)
 
 
-def run_fresh(argv: list[str]) -> int:
+def run_fresh(argv: list[str], forwarder: _Forwarder) -> int:
     """Run `python -m` argv in a new interpreter; its return code (negative: killed)."""
-    forwarder = _Forwarder()
-    # its own process group: a Ctrl-C reaches it once, forwarded, as it reaches a warm stage
-    process = subprocess.Popen([sys.executable, "-m", *argv], process_group=0)
-    forwarder.started(process.pid)
+    with forwarder.holding():  # its own process group: a Ctrl-C reaches it once, forwarded, as it reaches a warm stage
+        process = subprocess.Popen([sys.executable, "-m", *argv], process_group=0)
+        forwarder.started(process.pid)
     return process.wait()
 
 
@@ -221,180 +322,28 @@ def client(argv: list[str]) -> int:
     if importlib.util.find_spec(module) is None:
         print(f"lmmem: error: no stage {argv[0]!r} (no module {module})", file=sys.stderr)
         return 2
-    code = run_warm([module, *argv[1:]]) if enabled() else None
-    if code is None:
-        if enabled():
-            path = socket_path()
-            print(f"lmmem: warning: no warm server at {path} (its log: {path}.log): {module} runs in a new "
-                  "interpreter", file=sys.stderr)
-        code = run_fresh([module, *argv[1:]])
     from stages import WATCHER  # under DVC, started as this process began (stages/__init__.py)
 
-    if WATCHER is not None and code >= 0:
+    forwarder = _Forwarder()
+    try:
+        done = None
+        if enabled():
+            try:
+                path = socket_path()
+                done = run_warm(path, [module, *argv[1:]], forwarder)
+                why = f"none could be started or reached at {path} (its log: {path}.log)"
+            except Unsafe as exc:
+                why = str(exc)
+            if done is None:
+                print(f"lmmem: warning: no warm server: {why}: {module} runs in a new interpreter", file=sys.stderr)
+        code, own = done if done is not None else (run_fresh([module, *argv[1:]], forwarder), True)
+    except Interrupted as exc:  # nothing ran: under DVC, the watcher puts back what DVC deleted
+        print(f"lmmem: {signal.Signals(exc.sig).name} before stage {argv[0]} started: it did not run", file=sys.stderr)
+        return 128 + exc.sig
+    if WATCHER is not None and own and code >= 0:
         WATCHER.ended()  # the stage ended by its own hand: it restored what a failure needed
     return code if code >= 0 else 128 - code  # killed: the watcher puts its outputs back
 
 
-# ---------------------------------------------------------------- the server
-
-
-def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
-    conn.settimeout(30)
-    header, fds, _flags, _addr = socket.recv_fds(conn, 4, 3)
-    if len(header) != 4 or len(fds) != 3:
-        for fd in fds:
-            os.close(fd)
-        raise ValueError("a malformed request")
-    (size,) = struct.unpack("!I", header)
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        if not chunk:
-            raise ValueError("a truncated request")
-        data += chunk
-    conn.settimeout(None)
-    return json.loads(data), fds
-
-
-def _exit_code(exc: SystemExit) -> int:
-    if exc.code is None or isinstance(exc.code, int):
-        return exc.code or 0
-    print(exc.code, file=sys.stderr)
-    return 1
-
-
-def _child(request: dict, fds: list[int], server_side: list[socket.socket | int]) -> int:
-    """In the forked process: become the client's stage process, run the stage, its exit code."""
-    for item in server_side:  # the server's listener, connections and pidfds: not this process's
-        with contextlib.suppress(OSError):
-            item.close() if isinstance(item, socket.socket) else os.close(item)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-    for target, fd in enumerate(fds):
-        os.dup2(fd, target)
-        os.close(fd)
-    sys.stdout.reconfigure(line_buffering=os.isatty(1))  # as a new interpreter would for its streams
-    die_with(int(request["pid"]))  # the client killed: this stage ends too
-    os.chdir(request["cwd"])
-    os.umask(int(request["umask"]))
-    os.environ.clear()
-    os.environ.update(request["env"])
-    sys.path[0] = request["cwd"]  # `python -m`: the working directory first
-    for name in [m for m in sys.modules if m == "stages" or m.startswith("stages.")]:
-        del sys.modules[name]  # the project's code: the client's working tree, imported afresh
-    module, *args = request["argv"]
-    sys.argv = [module, *args]
-    code = 0
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except SystemExit as exc:
-        code = _exit_code(exc)
-    except KeyboardInterrupt:  # as Python reports it, with the status a shell gives it
-        traceback.print_exc()
-        code = 130
-    except BaseException:  # noqa: BLE001 - an uncaught exception: its traceback, exit 1, as Python does
-        traceback.print_exc()
-        code = 1
-    with contextlib.suppress(Exception):
-        threading._shutdown()  # type: ignore[attr-defined] - non-daemon threads, as at interpreter exit
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    return code
-
-
-def warm_up() -> None:
-    """A tiny llama's training step on fake tensors before any fork, which each stage's dry run would
-    set up itself (0.8 s a stage); no thread starts. Not with CUDA (its backward starts threads)."""
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import LlamaConfig, LlamaForCausalLM
-    if torch.backends.cuda.is_built():
-        return
-    try:
-        config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=2)
-        with FakeTensorMode():
-            model = LlamaForCausalLM(config)
-            optimizer = torch.optim.AdamW(model.parameters())
-            ids = torch.zeros(2, 8, dtype=torch.long)
-            logits = model(ids).logits
-            torch.nn.functional.cross_entropy(logits.reshape(-1, 64), ids.reshape(-1)).backward()
-            optimizer.step()
-    except Exception:  # noqa: BLE001 - a warm-up only: the stages run without it, a little slower
-        traceback.print_exc()
-
-
-def serve(path: Path) -> None:
-    """Import PRELOAD, listen at `path`, fork a process per request; exit after IDLE idle seconds."""
-    idle = float(os.environ.get("LMMEM_WARM_IDLE", IDLE))
-    for name in PRELOAD:
-        importlib.import_module(name)
-    warm_up()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    staging = path.with_name(f"{path.name}.{os.getpid()}")
-    listener.bind(str(staging))
-    listener.listen(16)
-    os.replace(staging, path)  # clients see the socket only once it listens
-    inode = os.stat(path).st_ino
-    running: dict[int, tuple[int, socket.socket]] = {}  # pidfd: (pid, the client's connection)
-    last = time.monotonic()
-    try:
-        while running or time.monotonic() - last < idle:
-            wait = None if running else max(0.0, idle - (time.monotonic() - last))
-            ready, _, _ = select.select([listener, *running], [], [], wait)
-            for fd in ready:
-                if fd is listener:
-                    _accept(listener, running)
-                else:
-                    pid, conn = running.pop(fd)
-                    _, status = os.waitpid(pid, 0)
-                    os.close(fd)
-                    word = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else \
-                        f"exit {os.WEXITSTATUS(status)}"
-                    with contextlib.suppress(OSError):
-                        conn.sendall(f"{word}\n".encode())
-                    conn.close()
-                    last = time.monotonic()
-    finally:
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == inode:  # not a newer server's socket at the same name
-                path.unlink()
-        listener.close()
-
-
-def _accept(listener: socket.socket, running: dict[int, tuple[int, socket.socket]]) -> None:
-    conn, _ = listener.accept()
-    try:
-        request, fds = _receive(conn)
-    except (OSError, ValueError):
-        conn.close()
-        return
-    server_side = [listener, conn, *running, *(c for _, c in running.values())]
-    try:
-        pid = os.fork()
-    except OSError:
-        conn.close()
-        pid = -1
-    if pid == 0:
-        code = 1
-        try:
-            code = _child(request, fds, server_side)
-        finally:
-            os._exit(code)
-    for fd in fds:
-        os.close(fd)
-    if pid < 0:
-        return
-    running[os.pidfd_open(pid)] = (pid, conn)
-    with contextlib.suppress(OSError):
-        conn.sendall(f"pid {pid}\n".encode())
-
-
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
-        serve(Path(sys.argv[2]))
-    else:
-        raise SystemExit(client(sys.argv[1:]))
+    raise SystemExit(client(sys.argv[1:]))
