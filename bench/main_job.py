@@ -32,7 +32,7 @@ from pathlib import Path
 from bench.common import ROOT, machine
 
 STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compare", "finetune", "domain", "adapt",
-          "compress", "evaluate", "report"]
+          "compress", "evaluate", "plan", "report"]
 PER_ITEM = ("compare", "finetune", "adapt")  # foreach stages: one metrics file per item, summed as one row
 STARTED = re.compile(r"Running stage '([\w@-]+)'")  # compare@<name>: one per configuration, summed as compare
 

@@ -38,6 +38,7 @@ from stages.common.provenance import LIBRARIES, machine_rows, one_blas_list, rss
 from stages.common.schema import CATEGORIES
 from stages.common.stage import stage_main
 from stages.common.svg import line_chart, scatter, stacked_bars
+from stages.plan import section as planned
 
 log = logging.getLogger("lmmem.report")
 
@@ -58,6 +59,7 @@ class Paths:
     steps: Path = Path("data/plots/train/steps.csv")
     timeline: Path = Path("data/plots/train/timeline.csv")  # train's peak step, module by module
     eval: Path = Path("data/eval")
+    plan: Path = Path("data/plan")
     params_file: Path = Path("params.yaml")
     out: Path = Path("data/report")
 
@@ -374,6 +376,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     compression_section(doc, inputs, params)
     serving.section(doc, inputs.results)
     bymodule.section(doc, bymodule.read_rows(paths.timeline), bymodule.read_rows(paths.eval / "timeline.csv"))
+    planned.section(doc, planned.read_plans(paths.plan))
     html, markdown = doc.html(params.title), doc.markdown(params.title)
     with atomic_dir(paths.out, "report") as tmp:
         (tmp / "report.html").write_text(html, encoding="utf-8")

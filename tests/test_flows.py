@@ -25,7 +25,7 @@ from tests.conftest import ROOT, WIRING_ADAPT, WIRING_CONFIGS, WIRING_RUNS, sh, 
 pytestmark = pytest.mark.e2e
 STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", *[f"compare@{c}" for c in WIRING_CONFIGS],
           *[f"finetune@{r}" for r in WIRING_RUNS], "domain", *[f"adapt@{r}" for r in WIRING_ADAPT], "compress",
-          "evaluate", "report"]
+          "evaluate", "plan", "report"]
 
 
 @pytest.fixture(scope="module")

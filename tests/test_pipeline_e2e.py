@@ -22,11 +22,11 @@ COMPARED = [f"compare@{name}" for name in WIRING_CONFIGS]  # one stage per confi
 TUNED = [f"finetune@{name}" for name in WIRING_RUNS]  # one stage per fine-tuning run (foreach)
 ADAPTED = [f"adapt@{name}" for name in WIRING_ADAPT]  # one stage per domain-adaptation run (foreach)
 STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", *COMPARED, *TUNED, "domain", *ADAPTED,
-          "compress", "evaluate", "report"]
+          "compress", "evaluate", "plan", "report"]
 MODULES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compare", "finetune", "domain", "adapt",
-           "compress", "evaluate", "report"]
+           "compress", "evaluate", "plan", "report"]
 FOREACH = ("compare", "finetune", "adapt")
-PACKAGES = ("stages/train", "stages/finetune")  # a dependency as a whole folder
+PACKAGES = ("stages/train", "stages/finetune", "stages/plan")  # a dependency as a whole folder
 
 
 def ran(output: str) -> list[str]:

@@ -15,17 +15,18 @@ from tests.conftest import deep_update, tiny_params
 from tests.training import CPU, META, batches, metered_against_estimate, params
 
 
-def loss_and_gradients(tiles: int) -> tuple[float, torch.Tensor]:
-    model = build(params(mlp_tiles=tiles), META, CPU, seed=0).raw
+def loss_and_gradients(tiles: int, family: str = "llama") -> tuple[float, torch.Tensor]:
+    model = build(params(mlp_tiles=tiles, model={"family": family}), META, CPU, seed=0).raw
     loss = next_token_loss(model, batches(1)[0])
     loss.backward()
     return loss.item(), torch.cat([q.grad.flatten() for q in model.parameters()])
 
 
-def test_tiles_give_the_same_loss_and_gradients() -> None:
-    loss, grads = loss_and_gradients(1)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: Conv1D views its input as rows
+def test_tiles_give_the_same_loss_and_gradients(family: str) -> None:
+    loss, grads = loss_and_gradients(1, family)
     for tiles in (2, 4):
-        tiled_loss, tiled_grads = loss_and_gradients(tiles)
+        tiled_loss, tiled_grads = loss_and_gradients(tiles, family)
         assert tiled_loss == pytest.approx(loss, abs=1e-6)
         assert torch.allclose(tiled_grads, grads, atol=1e-6, rtol=1e-5)
 

@@ -198,11 +198,12 @@ class GenerationMeter(TensorMeter):
 
 @torch.no_grad()
 def metered_generation(model: torch.nn.Module, prompt: torch.Tensor, context: int, kv_bits: int = 0,
-                       by_module: int = 0) -> dict[str, Any]:
+                       by_module: int = 0, decode_only: bool = False) -> dict[str, Any]:
     """Prefill `prompt` (batch, tokens), then decode greedily until the cache (of `kv_bits`; 0:
     the model's dtype) holds `context` tokens. The peak's bytes by category, where it
     happened, and the cache at the end; `by_module` > 0: also `timeline`, the prefill and the
-    last `by_module` decode steps block by block (stages.common.timeline)."""
+    last `by_module` decode steps block by block (stages.common.timeline). `decode_only`: the
+    peak of the decoding alone, the prefill only filling the cache it starts from."""
     batch, prompt_tokens = prompt.shape
     if not 0 < prompt_tokens <= context:
         raise ValueError(f"a {prompt_tokens}-token prompt cannot fill a {context}-token context")
@@ -218,6 +219,9 @@ def metered_generation(model: torch.nn.Module, prompt: torch.Tensor, context: in
             timeline.__enter__()
         with meter.phase(0, "prefill"):
             out = model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
+        if decode_only:  # what the prefill left (weights, cache, logits) is where decoding starts
+            meter.read_cache()
+            meter.peak = Peak(sum(meter.current.values()), dict(meter.current), 0, "prefill")
         step = 0
         while cache.get_seq_length() < context:
             step += 1

@@ -99,7 +99,7 @@ def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 # the top-level sections of params.yaml: one per stage that has params, base, and the flows'
 SECTIONS = ("base", "ingest", "clean", "tokenize", "embed", "train", "compare", "finetune", "domain", "adapt", "compress",
-            "evaluate", "report", "flows")
+            "evaluate", "plan", "report", "flows")
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -103,7 +103,7 @@ def predict_memory(p: Any, meta: TokensMeta, device: torch.device, seed: int,
         per_rank = [dry_run(p, meta, device, seed, Context(r, world, r, "zero1"), local, task) for r in range(world)]
     else:
         single = dry_run(p, meta, device, seed, Context(), local, task)
-        per_rank = [fsdp_estimate(single, p, meta, world)] * world
+        per_rank = [fsdp_estimate(single, p, meta, world, task)] * world
     total = mem_key("total", "est_")
     out = dict(max(per_rank, key=lambda e: e[total]))
     for rank, e in enumerate(per_rank):
@@ -113,13 +113,16 @@ def predict_memory(p: Any, meta: TokensMeta, device: torch.device, seed: int,
     return out
 
 
-def fsdp_estimate(single: dict[str, Any], p: Any, meta: TokensMeta, world: int) -> dict[str, Any]:
+def fsdp_estimate(single: dict[str, Any], p: Any, meta: TokensMeta, world: int,
+                  task: Task | None = None) -> dict[str, Any]:
     """One FSDP rank from a one-rank dry run: parameters, gradients and optimizer state
     divided by the ranks (ZeRO stage 3), plus what is gathered whole at a time: the root
     unit (embeddings, final norm, head) through forward and backward, and two blocks (the
-    one computing and the one prefetched), less this rank's own shard of them."""
+    one computing and the one prefetched), less this rank's own shard of them. The blocks'
+    sizes are the task's model's (default: the language model of `p.model`)."""
     with torch.device("meta"):
-        model = build_model(p.model, meta.vocab_size, meta.special_ids.model_dump())
+        model = task.make_model(p, True) if task is not None else build_model(
+            p.model, meta.vocab_size, meta.special_ids.model_dump())
     blocks = block_classes(model)
     unique = {id(q): q for q in model.parameters()}
     total = sum(q.nbytes for q in unique.values())

@@ -25,17 +25,21 @@ class Fields(Section):
         "intermediates an Nth as large at a time, the MLP's forward run twice"))
 
 
-def tile(mlp: torch.nn.Module, tiles: int) -> None:
-    """Make `mlp` run over `tiles` pieces of the sequence (dim 1), each checkpointed."""
+def tile(mlp: torch.nn.Module, tiles: int, contiguous: bool = False) -> None:
+    """Make `mlp` run over `tiles` pieces of the sequence (dim 1), each checkpointed.
+    `contiguous`: each piece copied whole before the MLP (gpt2's Conv1D views its input as
+    rows, which a piece of a batch of several sequences is not; the copy is a temporary of
+    the piece, recomputed, not kept)."""
     from torch.utils.checkpoint import checkpoint
 
     whole = mlp.forward
+    run = (lambda piece: whole(piece.contiguous())) if contiguous else whole
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() or hidden.dim() != 3:
             return whole(hidden)
         pieces = hidden.chunk(tiles, dim=1)
-        return torch.cat([checkpoint(whole, piece, use_reentrant=False) for piece in pieces], dim=1)
+        return torch.cat([checkpoint(run, piece, use_reentrant=False) for piece in pieces], dim=1)
 
     mlp.forward = forward  # type: ignore[method-assign]
 
@@ -60,7 +64,7 @@ class TiledMLP(Technique):
             blocks = block_classes(model)
             for module in model.modules():
                 if blocks and isinstance(module, blocks):
-                    tile(module.mlp, p.mlp_tiles)
+                    tile(module.mlp, p.mlp_tiles, contiguous=p.model.family == "gpt2")
         return None
 
     def moves(self, p: Any) -> list[Move]:

@@ -1,0 +1,3 @@
+from stages.plan import main
+
+raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""The planner (stages.plan): the catalog's parameter counts against the published ones, the
+dry run of an architecture against a real metered step and a real metered generation, the
+stacks that fit ordered by cost, the stage's outputs, and its one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.common.meter import TensorMeter
+from stages.plan.catalog import CATALOG, architecture
+from stages.plan.dryrun import Architecture_, Question, estimate, parameter_count, train_params
+from stages.plan.planner import plan
+from tests.conftest import ROOT, one_error_line, read_metrics, run_cli
+
+TINY_CONFIG = ROOT / "tests" / "plan-config.json"
+QWEN_LIKE = {"model_type": "qwen2", "vocab_size": 384, "hidden_size": 48, "intermediate_size": 128,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+             "tie_word_embeddings": True}
+
+
+@pytest.mark.parametrize("name", sorted(CATALOG))
+def test_each_catalog_architecture_has_exactly_its_published_parameter_count(name: str) -> None:
+    arch = CATALOG[name]
+    assert arch.published_parameters is not None
+    assert parameter_count(arch) == arch.published_parameters  # e.g. Llama-3-8B: 8,030,261,248
+
+
+@pytest.fixture()
+def qwen_like(tmp_path: Path) -> Path:
+    path = tmp_path / "qwen-like.json"  # biases on q, k and v, a tied head: not the llama the train stage builds
+    path.write_text(json.dumps(QWEN_LIKE), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("stack", [{}, {"activation_checkpointing": True}, {"optimizer": "adafactor"}])
+def test_the_dry_run_equals_a_real_metered_step_of_the_architecture(qwen_like: Path, stack: dict) -> None:
+    """The plan's estimate against two real training steps of the same architecture, metered:
+    every category at the peak within 1 %."""
+    from stages.train.build import build
+    from stages.train.step import train_step
+
+    q = Question(architecture(str(qwen_like)), "pretrain", batch_size=4, micro_batch_size=2, context=32,
+                 train={"precision": "fp32", **stack})
+    predicted = estimate(q)
+    p = train_params(q)
+    task = Architecture_(q.arch, q.context, tuned=False)
+    from stages.plan.dryrun import meta_of
+
+    parts = build(p, meta_of(q.arch), torch.device("cpu"), seed=0, task=task)
+    meter = TensorMeter()
+    parts.track(meter)
+    g = torch.Generator().manual_seed(0)
+    for step in range(2):
+        rows = torch.randint(0, QWEN_LIKE["vocab_size"], (4, 33), generator=g)
+        train_step(parts, rows, p, torch.device("cpu"), step, meter)
+    meter.close()
+    measured = meter.summary(prefix="")
+    assert predicted["peak_mib"] == pytest.approx(measured["total_peak_mib"], rel=0.01)
+    for category, mib in predicted["by_category"].items():
+        assert mib == pytest.approx(measured[f"at_peak_{category}_mib"], rel=0.01, abs=1e-3), category
+
+
+@pytest.mark.parametrize("kv_bits", [0, 8])
+def test_inference_equals_a_real_metered_generation_and_the_cache_its_closed_form(kv_bits: int) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from stages.common.generation import metered_generation
+    from stages.plan.catalog import hf_config
+
+    arch = architecture(str(TINY_CONFIG))
+    q = Question(arch, "inference", batch_size=3, context=40, prompt=24, dtype="fp32", kv_bits=kv_bits)
+    predicted = estimate(q)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config(arch, use_cache=True), attn_implementation="sdpa").eval()
+    real = metered_generation(model, torch.randint(0, 512, (3, 24)), 40, kv_bits=kv_bits)
+    assert predicted["peak_mib"] == pytest.approx(real["peak_mib"], rel=0.01)
+    assert real["kv_cache_end_mib"] == pytest.approx(predicted["kv_cache_predicted_mib"], rel=0.01)
+    if kv_bits == 0:  # 2 x layers x batch x context x kv heads x head size x 4 bytes
+        assert predicted["kv_cache_predicted_mib"] * 2**20 == 2 * 2 * 3 * 40 * 2 * 16 * 4
+
+
+def test_a_plan_lists_the_stacks_that_fit_cheapest_first() -> None:
+    q = Question(architecture(str(TINY_CONFIG)), "pretrain", batch_size=2, micro_batch_size=2, context=128,
+                 train={"precision": "bf16"})
+    found = plan(q, {"small": 0.005, "large": 1.0}, reserve_mib=1.0, max_seconds=120)
+    tried = {r["stack"]: r for r in found["tried"]}
+    asked = tried["as asked"]
+    large, small = found["devices"]["large"], found["devices"]["small"]
+    assert large["fits"] and large["stacks"][0] == {"stack": "as asked", "cost": 1.0, "peak_mib": asked["peak_mib"]}
+    assert asked["peak_mib"] + 1.0 > 0.005 * 1024  # the small device needs moves
+    assert small["fits"] and "as asked" not in [s["stack"] for s in small["stacks"]]
+    for s in small["stacks"]:
+        assert s["peak_mib"] + 1.0 <= 0.005 * 1024
+    costs = [s["cost"] for s in small["stacks"]]
+    assert costs == sorted(costs) and all(c >= 1.0 for c in costs)
+    best = tried[small["stacks"][0]["stack"]]
+    assert best["cost"] == pytest.approx(math.prod(  # each move's measured cost, multiplied
+        {"loss_chunk_tokens": 1.0, "mlp_tiles": 1.08, "micro_batch_size": 1.095, "optimizer": 1.16,
+         "activation_checkpointing": 1.17}.get(k, 1.0) for k in best["changes"]))
+
+
+def test_the_stage_writes_every_plan_and_its_figures(tmp_path: Path) -> None:
+    import yaml
+
+    from tests.conftest import tiny_params
+
+    params = tiny_params()
+    params["plan"]["architectures"] = [str(TINY_CONFIG), "gpt2"]
+    params["plan"]["workloads"] = ["inference"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    done = run_cli("plan", ["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "plan"),
+                            "--metrics", str(tmp_path / "plan.json")])
+    assert done.returncode == 0, done.stderr
+    plans = json.loads((tmp_path / "plan" / "plans.json").read_text())
+    assert [p["question"]["architecture"] for p in plans] == ["plan-config", "gpt2"]
+    m = read_metrics(tmp_path / "plan.json")
+    assert m["gpt2_parameters"] == m["gpt2_parameters_published"] == 124_439_808
+    assert m["plan_config_inference_large_fits"] is True and m["plans"] == 2
+    gpt2 = plans[1]["tried"][0]  # the weights in bf16: 2 bytes each, the tied head once
+    assert gpt2["by_category"]["weights"] * 2**20 == pytest.approx(124_439_808 * 2, rel=1e-3)
+
+
+def test_the_question_prints_a_plan() -> None:
+    done = run_cli("plan", ["--arch", str(TINY_CONFIG), "--workload", "pretrain", "--device-gib", "1",
+                            "--batch-size", "2", "--micro-batch-size", "2", "--context", "64", "--set", "precision=bf16",
+                            "--reserve-mib", "1"])
+    assert done.returncode == 0, done.stderr
+    assert "device-0 (1,024 MiB, 1 held back): fits with as asked" in done.stdout
+    assert "cost: each move's measured slowdown" in done.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--arch", "llama-9"], "plan.architectures: architecture 'llama-9': a catalog name (gpt2, "),
+    (["--arch", "gpt2", "--workload", "dance"], "plan.workloads.0: "),
+    (["--arch", "gpt2", "--set", "optimizer=nope"], "plan.train.optimizer: "),
+    (["--arch", "gpt2", "--set", "precision"], "--set 'precision': KEY=VALUE"),
+    (["--arch", "gpt2", "--workload", "inference", "--context", "128", "--prompt", "512"],
+     "prompt (512) must be below context (128)"),
+])
+def test_a_question_that_cannot_be_planned_is_one_line(args: list[str], expected: str) -> None:
+    done = run_cli("plan", args)
+    assert done.returncode == 2
+    assert expected in one_error_line(done.stderr, "plan"), done.stderr
+
+
+def test_a_config_the_planner_cannot_build_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}), encoding="utf-8")
+    done = run_cli("plan", ["--arch", str(tmp_path)])
+    assert done.returncode == 2
+    assert "model_type 'bert' is not one the planner builds" in one_error_line(done.stderr, "plan")
+
+
+def test_bad_plan_params_are_refused_before_any_work_and_keep_the_previous_outputs(tmp_path: Path) -> None:
+    import yaml
+
+    from tests.conftest import tiny_params
+
+    (tmp_path / "plan").mkdir()
+    (tmp_path / "plan" / "plans.json").write_text("[]", encoding="utf-8")
+    params = tiny_params()
+    params["plan"]["devices"] = {"Big GPU": 80}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    done = run_cli("plan", ["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "plan"),
+                            "--metrics", str(tmp_path / "plan.json")])
+    assert done.returncode == 2
+    assert "device 'Big GPU'" in one_error_line(done.stderr, "plan")
+    assert (tmp_path / "plan" / "plans.json").read_text() == "[]" and not (tmp_path / "plan.json").exists()
