@@ -216,3 +216,37 @@ def test_cli_typo_exits_2_with_one_line_and_writes_nothing(tmp_path: Path) -> No
     line = one_error_line(result.stderr, "embed")
     assert "embed.windw: unknown key" in line
     assert not out.exists() and not metrics.exists()
+
+
+def test_a_yaml_alias_is_refused_before_it_can_expand(tmp_path: Path) -> None:
+    """Nine levels of eight aliases: a 1 KB file whose value is 8^9 strings when walked."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 8)}]" for i in range(1, 10)]
+    data = tiny_params()
+    text = yaml.safe_dump(data, allow_unicode=True).replace("clean:\n", "clean:\n  bomb:\n" + "".join(
+        f"    {line}\n" for line in levels), 1)
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(StageError) as raised:
+        load_params(path, "clean", clean.Params)
+    message = str(raised.value)
+    assert message.startswith(f"params file {path}: alias *a0: aliases are not accepted in params files")
+    assert "(line " in message and len(message) < 300
+
+
+def test_a_long_bad_value_is_quoted_in_an_excerpt(tmp_path: Path) -> None:
+    data = tiny_params()
+    data["clean"]["min_chars"] = "x" * 100_000
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(StageError) as raised:
+        load_params(path, "clean", clean.Params)
+    assert str(raised.value).startswith("params: clean.min_chars: ") and len(str(raised.value)) < 250
+    assert "x...x" in str(raised.value)  # cut in the middle
+
+
+def test_a_params_file_over_a_megabyte_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(TINY.read_text(encoding="utf-8") + "#" * (2 << 20) + "\n", encoding="utf-8")
+    with pytest.raises(StageError, match=r"params file .* is 2\.0 MiB: at most 1 MiB is read"):
+        load_params(path, "clean", clean.Params)

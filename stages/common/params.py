@@ -8,6 +8,7 @@ turns a typo into an error that names the key, and ``Field(ge=..., le=...)`` and
 from __future__ import annotations
 
 import logging
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -57,11 +58,22 @@ def _describe_error(section: str, err: dict[str, Any], model: type[BaseModel]) -
         return f"{where}: required key is missing"
     ctx = err.get("ctx") or {}
     if kind == "literal_error":
-        return f"{where}: must be one of {ctx.get('expected')} (got {got!r})"
+        return f"{where}: must be one of {ctx.get('expected')} (got {excerpt(got)})"
     message = err["msg"].removeprefix("Value error, ")
     if isinstance(got, dict):  # a check across keys: the section itself is no help to print
         return f"{where}: {message}"
-    return f"{where}: {message} (got {got!r})"
+    return f"{where}: {message} (got {excerpt(got)})"
+
+
+def excerpt(value: Any) -> str:
+    """repr(value), cut to EXCERPT_CHARS; a long list or mapping is not walked whole to print it."""
+    if isinstance(value, (list, tuple, dict)) and len(value) > EXCERPT_CHARS:
+        return f"a {type(value).__name__} of {len(value):,} items"
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict = 3, 8, 8
+    short.maxstring = short.maxother = EXCERPT_CHARS
+    text = short.repr(value)
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + f"... ({len(text):,} characters)"
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -102,9 +114,23 @@ SECTIONS = ("base", "ingest", "clean", "tokenize", "embed", "train", "compare", 
             "evaluate", "plan", "report", "flows")
 
 
+MAX_FILE_BYTES = 1 << 20  # a params file of a megabyte is not one a person wrote (params.yaml: 26 KB)
+EXCERPT_CHARS = 80  # a bad value quoted in an error at most this long
+
+
 class _StrictLoader(yaml.SafeLoader):
     """YAML's safe loader, but a key given twice in one mapping is an error (plain YAML keeps
-    the last: a second `train:` would silently reset every key the first one set)."""
+    the last: a second `train:` would silently reset every key the first one set), and so is
+    an alias (`*name`): nine nested levels of eight aliases make a 26 KB file whose value
+    expands to gigabytes wherever it is walked or printed."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, f"alias *{event.anchor}: aliases are not accepted in params files (one can expand to "
+                "gigabytes): write the value out", event.start_mark)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -122,6 +148,9 @@ def read_yaml_mapping(path: Path, what: str = "params file") -> dict[str, Any]:
     twice, is a one-line error that calls it `what`."""
     if not path.is_file():
         raise StageError(f"{what} not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise StageError(f"{what} {path} is {size / 2**20:,.1f} MiB: at most {MAX_FILE_BYTES // 2**20} MiB is read")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
