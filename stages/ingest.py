@@ -39,6 +39,7 @@ from stages.common.memory import check_record_fits
 from stages.common.text import (detect_lang, metric_key, normalize, package_file, split_of, tagged_words, text_hash,
                                  writable)
 
+BOM = "\ufeff"  # a byte-order mark as decoded text: dropped from the start of every file, whatever its encoding
 log = logging.getLogger("lmmem.ingest")
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -147,7 +148,7 @@ class Reader:
         shown = shown or str(path)
         encoding = detect_encoding(path, encodings)
         if encoding in ("utf-16", "utf-32"):  # from its byte-order mark
-            for number, text in iter_text_lines(path, encoding, self.p.max_record_bytes):
+            for number, text in iter_text_lines(path, encoding, self.p.max_record_bytes):  # the codec drops its BOM
                 if text is None:
                     self.counts.skip("too_long", f"{shown}:{number}")
                 else:
@@ -164,6 +165,7 @@ class Reader:
                 if encoding == "utf-8-sig" and number == 1:
                     raw = raw.removeprefix(codecs.BOM_UTF8)
                 text = decode_line(raw, encoding, encodings)
+                text = text.removeprefix(BOM) if number == 1 and text is not None else text  # GB18030's: 84 31 95 33
                 if text is None:
                     if self.p.on_decode_error == "fail":
                         raise StageError(
@@ -188,7 +190,7 @@ class Reader:
                 raise StageError(f"{path}: decodes in none of {list(self.p.encodings)}")
             self.counts.skip("undecodable", str(path))
             return
-        yield Record(path.read_text(encoding=encoding), None, str(path))
+        yield Record(path.read_text(encoding=encoding).removeprefix(BOM), None, str(path))
 
     def read_jsonl(self, path: Path) -> Iterator[Record]:
         for number, line in self.lines(path):

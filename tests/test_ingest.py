@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -252,3 +253,21 @@ def test_an_os_error_is_a_one_line_error(params_file: Callable[..., Path], tmp_p
     assert rc == 2
     assert f"File exists: '{blocker}'" in one_error_line(capsys.readouterr().err, "ingest")
     assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("unit", ["line", "file"])
+def test_no_byte_order_mark_of_any_encoding_reaches_data_raw(params_file: Callable[..., Path], tmp_path: Path,
+                                                            unit: str) -> None:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "gb18030.txt").write_bytes(b"\x84\x31\x95\x33" + "国标的字节序标记\n".encode("gb18030"))
+    (folder / "utf8.txt").write_bytes(codecs.BOM_UTF8 + "带标记的一行\n".encode())
+    (folder / "utf16.txt").write_bytes("十六位的一行\n".encode("utf-16"))  # its BOM first
+    (folder / "utf8.csv").write_bytes(codecs.BOM_UTF8 + "text\n表格的一行\n".encode())
+    (folder / "gb.jsonl").write_bytes(b"\x84\x31\x95\x33" + json.dumps({"text": "对象的一行"}).encode("gb18030")
+                                      + b"\n")
+    rc, out, _ = ingest(params_file(ingest={"source": str(folder), "sample": 1.0, "txt_unit": unit}), tmp_path)
+    assert rc == 0
+    texts = {d["text"] for d in docs(out)}
+    assert texts == {"国标的字节序标记", "带标记的一行", "十六位的一行", "表格的一行", "对象的一行"}
+    assert not any("\ufeff" in t for t in texts)
