@@ -481,3 +481,14 @@ def test_another_user_cannot_open_the_start_lock(project: Path) -> None:
     opened = subprocess.run([NOBODY_PYTHON, "-c", f"open({str(path)!r} + '.lock')"], user=NOBODY, group=NOBODY,
                             capture_output=True, text=True, timeout=60, check=False)
     assert opened.returncode != 0 and "PermissionError" in opened.stderr
+
+
+def test_a_socket_path_too_long_for_unix_is_one_line_and_a_new_interpreter(project: Path) -> None:
+    deep = sockets(project) / ("d" * 60) / ("e" * 40)
+    deep.mkdir(parents=True)
+    result, seen = probe(project, "--code", "6", LMMEM_WARM_DIR=str(deep))
+    assert result.returncode == 6 and seen["torch_preloaded"] is False
+    warning = result.stderr.splitlines()[0]
+    assert warning.startswith(f"lmmem: warning: no warm server: the socket path {deep}/lmmem-{os.getuid()}/warm-")
+    assert warning.endswith("more than a Unix socket's 107: set LMMEM_WARM_DIR to a shorter folder: stages.probe runs "
+                            "in a new interpreter")

@@ -64,6 +64,7 @@ ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "ATEN_", "DNNL_", 
                 "CUDA_", "NVIDIA_", "HF_", "TRANSFORMERS_", "PYTHON", "LD_", "MALLOC_", "LMMEM_ALLOCATOR")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PROTOCOL = 2
+MAX_SOCKET_PATH = 107  # bytes of a Unix socket's path (sun_path holds 108 with its NUL)
 
 
 def enabled() -> bool:
@@ -71,8 +72,13 @@ def enabled() -> bool:
 
 
 def socket_path() -> Path:
-    """The server's socket in this user's private folder (Unsafe: no folder to trust)."""
-    return private_folder() / socket_name()
+    """The server's socket in this user's private folder (Unsafe: no folder to trust, or a path
+    longer than a Unix socket's)."""
+    path = private_folder() / socket_name()
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise Unsafe(f"the socket path {path} is {len(os.fsencode(path))} bytes, more than a Unix socket's "
+                     f"{MAX_SOCKET_PATH}: set LMMEM_WARM_DIR to a shorter folder")
+    return path
 
 
 def socket_name() -> str:
@@ -89,7 +95,7 @@ def socket_name() -> str:
     for name in sorted(os.environ):
         if name.startswith(ENV_PREFIXES):
             key.update(f"\0{name}={os.environ[name]}".encode())
-    return f"lmmem-warm-{key.hexdigest()[:16]}.sock"
+    return f"warm-{key.hexdigest()[:16]}.sock"
 
 
 # ---------------------------------------------------------------- the client

@@ -132,7 +132,7 @@ def serve(path: Path) -> None:
         importlib.import_module(name)
     warm_up()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    staging = path.with_name(f"{path.name}.{os.getpid()}")
+    staging = path.with_name(f".{os.getpid()}.sock")  # no longer than the socket's own name
     listener.bind(str(staging))
     os.chmod(staging, 0o600)
     listener.listen(16)
