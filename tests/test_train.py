@@ -250,6 +250,21 @@ def test_a_checkpoint_of_other_params_is_not_resumed(tokens: Path, train: Callab
     assert {k: v for k, v in other.items() if k not in TIMING} == {k: v for k, v in fresh.items() if k not in TIMING}
 
 
+def test_a_rerun_of_a_finished_run_trains_and_measures_again(tokens: Path, train: Callable[..., Any], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`dvc repro -f -s train` after a finished run: its checkpoint is at the last step; resuming
+    it would train 0 steps and lose the timings. It trains again, the same numbers."""
+    rc, first, _ = train("first")
+    assert rc == 0 and json.loads((tmp_path / "first" / "ckpt" / "latest" / "state.json").read_text())["step"] == 29
+    capsys.readouterr()
+    assert run_stage("train", train_args(tmp_path / "first", tokens)) == 0
+    assert "is of a finished run (step 30 of 30): training again from the start" in capsys.readouterr().err
+    again = read_metrics(tmp_path / "first" / "train.json")
+    assert set(again) == set(first)  # every metric: tokens_per_sec and step_ms_median too
+    assert again["tokens_per_sec"] > 0 and again["step_ms_median"] > 0
+    assert {k: v for k, v in again.items() if k not in TIMING} == {k: v for k, v in first.items() if k not in TIMING}
+
+
 def test_estimate_prints_the_prediction_and_writes_nothing(tokens: Path, tmp_path: Path) -> None:
     from tests.conftest import run_cli
 

@@ -83,6 +83,7 @@ def peek(folder: Path, expected: str) -> int | None:
     try:
         state = read_json(latest / "state.json")
         if state.get("fingerprint") != expected:
+            log.info("checkpoint in %s belongs to other params, data or code: starting afresh", latest)
             return None
         if state.get("digest") != content_digest(latest, state["step"]):
             raise ValueError("its files or step do not match the digest in its state.json")

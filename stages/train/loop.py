@@ -76,7 +76,7 @@ def run_loop(p: Any, task: Task, meta: TokensMeta, paths: Paths, base: BaseParam
     saves = p.checkpoint_every > 0 and ctx.strategy != "fsdp"
     if p.checkpoint_every and not saves:
         log.info("fsdp: no resume checkpoints (the stage saves and resumes ddp, zero1 and one-process runs)")
-    start = resume(parts, progress, paths, fingerprint, ctx) if saves else 0
+    start = resume(parts, progress, paths, fingerprint, ctx, p.steps) if saves else 0
     meter = TensorMeter(task.categories)
     parts.track(meter)
     timeline = ModuleTimeline(meter, ("activations", "temporaries"))  # which module made what, while metered
@@ -168,9 +168,16 @@ def one_step(parts: Parts, progress: Progress, p: Any, device: torch.device, ste
     return record
 
 
-def resume(parts: Parts, progress: Progress, paths: Paths, fingerprint: str, ctx: Context) -> int:
-    """Restore the latest checkpoint of this run, on every rank or none; the step to start at."""
-    if not ctx.agree(checkpoint.peek(paths.checkpoints, fingerprint)):
+def resume(parts: Parts, progress: Progress, paths: Paths, fingerprint: str, ctx: Context, steps: int) -> int:
+    """Restore the latest checkpoint of this run, on every rank or none; the step to start at. A
+    finished run's checkpoint (its last step) is not resumed: a rerun (`dvc repro -f`) trains and
+    measures again rather than report a run of no steps."""
+    found = checkpoint.peek(paths.checkpoints, fingerprint)
+    if found is not None and found + 1 >= steps:
+        log.info("the checkpoint in %s is of a finished run (step %d of %d): training again from the start",
+                 paths.checkpoints, found + 1, steps)
+        found = None
+    if not ctx.agree(found) or found is None:  # every rank asks (a collective), every rank decides alike
         return 0
     resumed = checkpoint.load(paths.checkpoints, fingerprint, parts.raw, parts.optimizer, parts.scaler)
     if resumed is None:
