@@ -104,6 +104,10 @@ def stage_plan(root: Path, targets: list[str] | None = None) -> StagePlan:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
+    from stages.common.specials import dvc_dependencies, problems, refusal
+
+    if special := problems(dvc_dependencies(root), root):  # before DVC hashes one for ever
+        raise StageError(refusal(special))
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # an edge goes from a stage to a stage it depends on
         names = {stage: stage_name(stage, root) for stage in graph.nodes}

@@ -34,6 +34,7 @@ from stages.common.artifacts import SPLITS, JsonlWriter, atomic_dir, write_json,
 from stages.common.encodings import decode_line, detect_encoding, is_binary, iter_raw_lines, iter_text_lines
 from stages.common.errors import StageError
 from stages.common.params import BaseParams, Section
+from stages.common.specials import problems, refusal
 from stages.common.stage import stage_main
 from stages.common.memory import check_record_fits
 from stages.common.text import (detect_lang, metric_key, normalize, package_file, split_of, tagged_words, text_hash,
@@ -130,15 +131,12 @@ class Counts:
         log.warning("skipped file (%s): %s", reason, path)
 
 
-# ---------------------------------------------------------------------------- reading
-
 
 class Reader:
     """Turns the configured source into a stream of Records, counting what it skips."""
 
     def __init__(self, params: Params, counts: Counts) -> None:
-        self.p = params
-        self.counts = counts
+        self.p, self.counts = params, counts
 
     # -- text lines, decoded, with undecodable and overlong lines counted
     def lines(self, path: Path, encodings: list[str] | None = None,
@@ -151,8 +149,8 @@ class Reader:
             for number, text in iter_text_lines(path, encoding, self.p.max_record_bytes):  # the codec drops its BOM
                 if text is None:
                     self.counts.skip("too_long", f"{shown}:{number}")
-                else:
-                    yield number, text
+                    continue
+                yield number, text
             return
         if encoding is None:
             log.info("%s: no single encoding of %s decodes it all; decoding line by line", path, encodings)
@@ -292,6 +290,8 @@ class Reader:
     def files(self) -> list[Path]:
         source = self.p.source
         path = Path(source).expanduser()
+        if special := problems([path], Path("/")):  # a FIFO or device, or a link to one: DVC would hash it for ever
+            raise StageError(f"ingest.source: {refusal(special)}")
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         elif path.is_file():
