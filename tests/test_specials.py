@@ -5,7 +5,6 @@ flows' status check, and by ingest, each in one line."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
