@@ -17,6 +17,7 @@ words the model's vocabulary does not hold (unk_rate_<split>).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -53,6 +54,12 @@ class Settings(Section):
         "the new domain: builtin:zh-news (People's Daily, January 1998) | any source ingest reads (a file, "
         "folder or glob; builtin:en-news for an English model)"))
     max_docs: int = Field(0, ge=0, description="0 = every document; N = the first N (the rest are counted)")
+    max_unk_rate: float = Field(0.5, ge=0.0, le=1.0, description=(
+        "refuse a corpus whose training split has a larger share of words the trained vocabulary lacks (People's "
+        "Daily against the reviews: 0.23; a corpus in another language: about 0.9, whose perplexity would mislead)"))
+    max_overlap: float = Field(0.5, ge=0.0, le=1.0, description=(
+        "refuse a corpus more of whose documents than this share are also in the training corpus (it would measure "
+        "no new domain); any overlap is reported"))
 
 
 class Params(Section):
@@ -85,6 +92,33 @@ def cleaned(p: Params, counts: Counts, dropped: Counter[str]) -> Iterator[tuple[
             continue
         taken += 1
         yield split_of(text, p.ingest.split.train, p.ingest.split.validation), " ".join(text.split())
+
+
+def overlap(tmp: Path, training: Path, settings: Settings, total: int) -> float:
+    """The share of this corpus's documents also in the training corpus (data/tokens/train.txt),
+    compared without their spaces (however they were segmented); reported, and refused above
+    `max_overlap`."""
+    if not training.is_file():
+        raise StageError(f"missing input {training}: run the tokenize stage first")
+
+    def key(line: bytes) -> bytes:
+        return hashlib.blake2b(b"".join(line.split()), digest_size=8).digest()
+
+    with training.open("rb") as f:
+        seen = {key(line) for line in f}
+    shared = 0
+    for split in SPLITS:
+        with (tmp / f"{split}.txt").open("rb") as f:
+            shared += sum(key(line) in seen for line in f)
+    share = shared / max(1, total)
+    if share > settings.max_overlap:
+        raise StageError(f"domain.source {settings.source}: {shared} of its {total} documents ({share:.0%}) are in "
+                         f"the training corpus, more than domain.max_overlap ({settings.max_overlap:g}): no new domain "
+                         f"to adapt to")
+    if shared:
+        log.warning("domain.source %s: %d of its %d documents (%.1f %%) are also in the training corpus",
+                    settings.source, shared, total, 100 * share)
+    return share
 
 
 def run(p: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
@@ -127,6 +161,7 @@ def run(p: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                                              desc=f"domain {split}", unit=" batches", mininterval=2):
                         out.writelines(line + "\n" for line in segmented)
                 source.unlink()
+        metrics["overlap_with_training"] = overlap(tmp, paths.tokens / "train.txt", p.domain, sum(docs.values()))
         dtype = np.dtype(meta.dtype).type
         for split in SPLITS:
             n_tokens, n_unk = write_ids(tmp / f"{split}.txt", tmp, split, index, dtype, sp.unk, sp.eos)
@@ -134,6 +169,10 @@ def run(p: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
             (tmp / f"{split}.txt").unlink()
             metrics.update({f"docs_{split}": docs[split], f"tokens_{split}": n_tokens,
                             f"unk_rate_{split}": n_unk / max(1, n_tokens - docs[split])})
+        if metrics["unk_rate_train"] > p.domain.max_unk_rate:
+            raise StageError(f"domain.source {p.domain.source}: {metrics['unk_rate_train']:.1%} of its training words "
+                             f"are unknown to the trained vocabulary, more than domain.max_unk_rate "
+                             f"({p.domain.max_unk_rate:g}): another language or script than the model's?")
         write_json(tmp / "meta.json", meta.model_copy(update={
             "labels": [], "docs": dict(docs), "tokens": {s: metrics[f"tokens_{s}"] for s in SPLITS}}))
         write_params(tmp, base=base, domain=p.domain)

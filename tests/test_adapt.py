@@ -226,3 +226,40 @@ def test_a_domain_corpus_of_another_vocabulary_is_refused(adapted: Path, tokens:
     assert result.returncode == 2
     assert "was not made with" in one_error_line(result.stderr, "adapt")
     assert not (tmp_path / "adapt").exists()
+
+
+def test_a_domain_corpus_in_another_language_is_refused_with_its_unknown_share(tokens: Path, tmp_path: Path) -> None:
+    """English news against the Chinese reviews' vocabulary: nearly every word <unk>, whose
+    perplexity would look better than the real domain's."""
+    params = write_params(tmp_path / "params.yaml", domain={"source": "builtin:en-news"})
+    result = run_cli("domain", ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "domain"),
+                                "--metrics", str(tmp_path / "domain.json")])
+    assert result.returncode == 2
+    line = one_error_line(result.stderr, "domain")
+    share = float(line.split("builtin:en-news: ")[1].split("%")[0])
+    assert share > 80 and "unknown to the trained vocabulary, more than domain.max_unk_rate (0.5)" in line
+    assert not (tmp_path / "domain").exists() and not (tmp_path / "domain.json").exists()
+
+
+def test_a_domain_corpus_that_is_the_training_corpus_is_refused_and_an_overlap_reported(domain: Path, tokens: Path,
+                                                                                       tmp_path: Path) -> None:
+    trained = [json.loads(line)["text"] for line in (tokens.parent / "clean" / "train.jsonl").open(encoding="utf-8")]
+    corpus = tmp_path / "same.txt"
+    corpus.write_text("\n".join(trained[:300]) + "\n", encoding="utf-8")
+    params = write_params(tmp_path / "params.yaml", domain={"source": str(corpus)})
+    args = ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "domain"), "--metrics",
+            str(tmp_path / "domain.json")]
+    result = run_cli("domain", args)
+    assert result.returncode == 2
+    line = one_error_line(result.stderr, "domain")
+    assert f"{corpus}: 300 of its 300 documents (100%) are in the training corpus, more than domain.max_overlap " \
+           "(0.5)" in line
+    assert not (tmp_path / "domain").exists()
+    shipped = json.loads((domain.parent / "domain.json").read_text())
+    assert shipped["overlap_with_training"] == 0.0  # People's Daily shares no document with the reviews
+    corpus.write_text("\n".join(trained[:100] + [f"今天的第{i}条新闻说了一件事" for i in range(200)]) + "\n",
+                      encoding="utf-8")  # the tiny profile reads 300 documents of a domain corpus
+    result = run_cli("domain", args)
+    assert result.returncode == 0, result.stderr
+    assert f"domain.source {corpus}: 100 of its 300 documents (33.3 %) are also in the training corpus" in result.stderr
+    assert json.loads((tmp_path / "domain.json").read_text())["overlap_with_training"] == pytest.approx(1 / 3)

@@ -122,6 +122,7 @@ def training(q: Question, changes: dict[str, Any] | None = None) -> dict[str, An
     est = predict_memory(p, meta_of(q.arch), torch.device("cpu"), 0, task=task)
     return {"peak_mib": est[mem_key("total", "est_")], "phase": est["est_peak_phase"], "step": est["est_peak_step"],
             "by_category": {c: est[mem_key(c, "est_", at_peak=True)] for c in task.categories},
+            "category_peaks": {c: est[mem_key(c, "est_")] for c in task.categories},  # each its own largest
             "seconds": time.perf_counter() - started}
 
 
