@@ -17,7 +17,7 @@ from stages.plan.dryrun import Architecture_, Question, estimate, parameter_coun
 from stages.plan.planner import plan
 from tests.conftest import ROOT, one_error_line, read_metrics, run_cli
 
-TINY_CONFIG = ROOT / "tests" / "plan-config.json"
+TINY_CONFIG = ROOT / "stages" / "plan" / "tiny-llama.json"
 QWEN_LIKE = {"model_type": "qwen2", "vocab_size": 384, "hidden_size": 48, "intermediate_size": 128,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
              "tie_word_embeddings": True}
@@ -117,10 +117,10 @@ def test_the_stage_writes_every_plan_and_its_figures(tmp_path: Path) -> None:
                             "--metrics", str(tmp_path / "plan.json")])
     assert done.returncode == 0, done.stderr
     plans = json.loads((tmp_path / "plan" / "plans.json").read_text())
-    assert [p["question"]["architecture"] for p in plans] == ["plan-config", "gpt2"]
+    assert [p["question"]["architecture"] for p in plans] == ["tiny-llama", "gpt2"]
     m = read_metrics(tmp_path / "plan.json")
     assert m["gpt2_parameters"] == m["gpt2_parameters_published"] == 124_439_808
-    assert m["plan_config_inference_large_fits"] is True and m["plans"] == 2
+    assert m["tiny_llama_inference_large_fits"] is True and m["plans"] == 2
     gpt2 = plans[1]["tried"][0]  # the weights in bf16: 2 bytes each, the tied head once
     assert gpt2["by_category"]["weights"] * 2**20 == pytest.approx(124_439_808 * 2, rel=1e-3)
 
