@@ -30,21 +30,16 @@ DEFAULT_ARCHS = ["gpt2", "qwen2.5-0.5b", "llama-2-7b", "llama-3-8b"]
 
 
 def korthikanti_gib(config: Any, seq: int, batch: int, checkpointed: bool) -> float:
-    h, layers = config.hidden_size, config.num_hidden_layers
-    heads = config.num_attention_heads
-    per_layer = 2 * seq * batch * h if checkpointed else seq * batch * h * (34 + 5 * heads * seq / h)
-    return per_layer * layers / GIB
+    from stages.plan.others import korthikanti_mib
+
+    return korthikanti_mib(config, seq, batch, checkpointed) / 1024
 
 
 def accelerate_gib(model: Any) -> dict[str, float]:
-    """accelerate's estimate-memory on this model: its total size (every named parameter) and its
-    'Training using Adam' (the largest of its four figures, as its table prints it)."""
-    from accelerate.commands.estimate import estimate_training_usage
-    from accelerate.utils import calculate_maximum_sizes
+    """accelerate's estimate-memory on this model (stages.plan.others): fp32 and bf16 training."""
+    from stages.plan.others import accelerate_mib
 
-    total, _largest = calculate_maximum_sizes(model)
-    return {"size": total / GIB, "fp32": max(estimate_training_usage(total, "float32").values()) / GIB,
-            "bf16": max(estimate_training_usage(total, "bfloat16").values()) / GIB}
+    return {p: accelerate_mib(model, p)["training"] / 1024 for p in ("fp32", "bf16")}
 
 
 def deepspeed_gib(model: Any, path: str | None) -> dict[str, float] | None:

@@ -98,6 +98,18 @@ def test_a_plan_lists_the_stacks_that_fit_cheapest_first() -> None:
         assert s["peak_mib"] + 1.0 <= 0.005 * 1024
     costs = [s["cost"] for s in small["stacks"]]
     assert costs == sorted(costs) and all(c >= 1.0 for c in costs)
+    # beside it, what others estimate: accelerate's bf16 'Training using Adam' is its largest figure, AdamW's two
+    # fp32 moments (8 bytes a parameter); Korthikanti et al.: s*b*h*(34 + 5*a*s/h) a layer, 16-bit
+    from transformers import AutoModelForCausalLM
+
+    from stages.plan.catalog import hf_config
+
+    with torch.device("meta"):  # accelerate sizes every parameter and buffer (the rotary tables too)
+        buffers = sum(b.numel() for b in AutoModelForCausalLM.from_config(hf_config(q.arch)).buffers())
+    assert buffers == 16
+    assert found["others"]["accelerate_training_mib"] * 2**20 == 8 * (parameter_count(q.arch) + buffers)
+    assert found["others"]["korthikanti_activations_mib"] * 2**20 == pytest.approx(
+        2 * (128 * 2 * 64 * (34 + 5 * 4 * 128 / 64)))
     best = tried[small["stacks"][0]["stack"]]
     assert best["cost"] == pytest.approx(math.prod(  # each move's measured cost, multiplied
         {"loss_chunk_tokens": 1.0, "mlp_tiles": 1.08, "micro_batch_size": 1.095, "optimizer": 1.16,

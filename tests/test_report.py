@@ -224,3 +224,30 @@ def test_no_metrics_is_one_line_and_no_output(tmp_path: Path, inputs: dict[str, 
     rc = run_stage("report", [*[f"--{k}={v}" for k, v in args.items()], f"--out={tmp_path / 'r'}",
                               f"--metrics={tmp_path / 'r.json'}", "--params", str(inputs["params-file"])])
     assert rc == 2 and not (tmp_path / "r").exists()
+
+
+def test_the_plan_section_answers_each_device_and_sets_others_beside_it(inputs: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """A real plan of the tiny llama (stages.plan) drawn: each device's answer, and the asked
+    stack beside accelerate's and Korthikanti et al.'s figures."""
+    from stages.plan.catalog import architecture
+    from stages.plan.dryrun import Question
+    from stages.plan.planner import plan
+
+    q = Question(architecture(str(ROOT / "stages" / "plan" / "tiny-llama.json")), "pretrain", batch_size=2,
+                 micro_batch_size=2, context=64, train={"precision": "bf16"})
+    found = plan(q, {"tiny": 0.001, "large": 1.0}, reserve_mib=0.5, max_seconds=60)
+    (tmp_path / "plan").mkdir()
+    (tmp_path / "plan" / "plans.json").write_text(json.dumps([{**found, "parameters": 164160,
+                                                               "published_parameters": None}]), encoding="utf-8")
+    markdown = (report({**inputs, "plan": tmp_path / "plan"}, tmp_path / "r") / "report.md").read_text(encoding="utf-8")
+    assert "## Plan: will it fit, and with which stack" in markdown
+    asked = found["tried"][0]
+    large = next(line for line in markdown.splitlines() if line.startswith("| tiny-llama | pretrain |")
+                 and "large (1 GiB)" in line)
+    assert f"| yes | as asked | {asked['peak_mib']:,.1f} | 1.00 |" in large
+    tiny = next(line for line in markdown.splitlines() if "tiny (0 GiB)" in line)
+    assert "| no | nothing tried fits |" in tiny  # 1 MiB less half of it held back: not even the weights
+    beside = next(line for line in markdown.splitlines() if line.startswith("| tiny-llama | pretrain | ")
+                  and line.count("|") == 7)
+    assert f"{found['others']['accelerate_training_mib']:,.1f}" in beside

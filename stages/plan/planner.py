@@ -136,7 +136,10 @@ def plan(q: Question, devices: dict[str, float], reserve_mib: float, max_seconds
         answers[device] = {"device_mib": mib, "fits": bool(fitting),
                            "stacks": [{"stack": r["stack"], "cost": r["cost"], "peak_mib": r["peak_mib"]}
                                       for r in fitting]}
+    from stages.plan.others import others
+
     return {"question": question_record(q), "devices": answers, "tried": list(search.tried.values()),
+            "others": others(q) if q.workload != "inference" else {},
             "failed": search.failed,
             "reserve_mib": reserve_mib, "cost_source": COST_SOURCE if q.workload != "inference" else
             "ms per token against the exact cache, bench.kv_cache --quantized on this CPU",

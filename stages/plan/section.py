@@ -35,6 +35,17 @@ def section(doc: Doc, plans: list[dict[str, Any]]) -> None:
                          str(len(answer["stacks"])) + "/" + str(len(plan["tried"]))])
     doc.table(["architecture", "workload", "batch x context", "device", "fits", "cheapest stack that fits",
                "per-rank peak MiB", "cost", "stacks fitting / tried"], rows)
+    compared = [[p["question"]["architecture"], p["question"]["workload"], num(asked["peak_mib"]),
+                 num(asked["category_peaks"].get("activations")), num(p["others"]["accelerate_training_mib"]),
+                 num(p["others"]["korthikanti_activations_mib"])]
+                for p in plans if p.get("others") and (asked := p["tried"][0])["stack"] == "as asked"]
+    if compared:
+        doc.para("The asked stack beside what others estimate for it (MiB): accelerate's estimate-memory ('Training "
+                 "using Adam': the largest of its figures, weights, gradients and optimizer state only) and the "
+                 "activations of Korthikanti et al. (2022) (16-bit, attention scores stored, the blocks only); "
+                 "docs/BENCHMARKS.md gives the reasons for each difference.")
+        doc.table(["architecture", "workload", "lmmem peak", "lmmem activations", "accelerate", "Korthikanti et al. "
+                   "activations"], compared)
     counts = {p["question"]["architecture"]: (p["parameters"], p.get("published_parameters")) for p in plans}
     doc.table(["architecture", "parameters built", "published"],
               [[a, f"{n:,}", f"{pub:,}" if pub else "–"] for a, (n, pub) in counts.items()])
