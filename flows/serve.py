@@ -6,8 +6,9 @@ the Prefect UI.
     python -m flows.serve [--cron "0 3 * * *"]     # until Ctrl-C
 
 Registers `lmmem-pipeline/pipeline` (on `--cron`, else on `flows.schedule` from params.yaml;
-none when both are empty) and `lmmem-sweep/sweep` (on demand: its points, grid and sweep file
-are editable in the UI's Run form), then runs what the server schedules. Trigger one with
+none when both are empty), `lmmem-sweep/sweep` (on demand: its points, grid and sweep file
+are editable in the UI's Run form) and `lmmem-plan/plan` (on demand: one question to the
+planner, stages.plan), then runs what the server schedules. Trigger one with
 `prefect deployment run lmmem-pipeline/pipeline` or from the UI.
 """
 
@@ -31,6 +32,7 @@ from prefect import serve
 
 from flows.common import ROOT, announce_server, flow_params, server_url, setup_logging
 from flows.pipeline import pipeline
+from flows.plan import plan
 from flows.sweep import sweep
 
 log = logging.getLogger("lmmem.flows")
@@ -103,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
                                description="dvc.yaml's stages through DVC, every stage a task"),
         sweep.to_deployment(name="sweep", parameters={"root": args.root},
                             description="a memory sweep: one DVC experiment per point, compared"),
+        plan.to_deployment(name="plan", parameters={"root": args.root},
+                           description="will a model fit these devices, with which stack (stages.plan)"),
     ]
-    log.info("serving lmmem-pipeline/pipeline (%s) and lmmem-sweep/sweep (on demand)",
+    log.info("serving lmmem-pipeline/pipeline (%s), lmmem-sweep/sweep and lmmem-plan/plan (on demand)",
              f"cron {cron!r}" if cron else "no schedule")
     serve(*deployments)
     return 0

@@ -373,10 +373,20 @@ def test_served_deployment_triggered_through_the_api_completes(server: str, repo
         assert finished.state.is_completed(), finished.state.message
         assert finished.parameters["root"] == str(repo)
         assert sorted(r.state.name for r in task_runs(run.id)) == ["Skipped"]
+        # a plan from the UI's Run form: the planner's question, its answer as the run's artifact
+        run = run_deployment("lmmem-plan/plan", timeout=0, parameters={
+            "arch": "stages/plan/tiny-llama.json", "devices_gib": [0.002, 1.0], "batch_size": 2,
+            "micro_batch_size": 2, "context": 64, "reserve_mib": 0.5, "max_seconds": 60})
+        finished = asyncio.run(wait())
+        assert finished.state.is_completed(), finished.state.message
+        answer = artifact("plan").data
+        assert "device-1 (1,024 MiB, 0 held back): fits with as asked" in answer
+        assert "device-0 (2 MiB): nothing tried fits" in answer
     finally:
         stop_process_group(proc, signal.SIGINT)
     said = proc.stdout.read() if proc.stdout else ""
-    assert "serving lmmem-pipeline/pipeline (no schedule) and lmmem-sweep/sweep (on demand)" in said, said[-2000:]
+    assert "serving lmmem-pipeline/pipeline (no schedule), lmmem-sweep/sweep and lmmem-plan/plan (on demand)" in said, \
+        said[-2000:]
 
 
 def test_the_readme_server_steps_work_on_any_port(tmp_path: Path) -> None:
