@@ -34,7 +34,7 @@ from stages.common.errors import StageError
 from stages.common.evalrows import eval_rows
 from stages.common.experiments import experiment_records, head_revision
 from stages.common.params import BaseParams, Section, read_params_file
-from stages.common.provenance import LIBRARIES, machine_rows, one_blas_list, rss_rows, version
+from stages.common.provenance import LIBRARIES, machine_rows, not_finite, one_blas_list, rss_rows, version
 from stages.common.schema import CATEGORIES
 from stages.common.stage import stage_main
 from stages.common.svg import line_chart, scatter, stacked_bars
@@ -366,7 +366,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     runs = configurations(inputs, paths)
     doc = Doc()
     doc.heading(1, "Summary")
-    doc.bullets(summary(inputs, runs))
+    doc.bullets(not_finite(inputs.metrics) + summary(inputs, runs))
     provenance(doc, inputs)
     data_section(doc, inputs)
     training_section(doc, inputs, runs)

@@ -172,3 +172,24 @@ def test_the_prediction_adds_the_fitted_overhead_and_says_nothing_without_one(mo
         "m_rss_prediction_error": pytest.approx(-0.0125)}
     assert rss.figures("train", "jemalloc", 200.0, 300.0, 10.0, 800.0) == {
         "rss_start_mib": 200.0, "rss_tensor_mib": 300.0, "rss_weights_mib": 10.0}  # not fitted: no guess
+
+
+@NEEDS
+@pytest.mark.parametrize("name, preload, expected", [
+    ("glibc", "tcmalloc", "glibc, but malloc is served by libtcmalloc_minimal.so.4 (LD_PRELOAD="),
+    ("jemalloc", None, "jemalloc ("),
+])
+def test_machine_allocator_names_what_actually_serves_malloc(tmp_path: Path, params_file, name: str,
+                                                            preload: str | None, expected: str) -> None:
+    """A user's own LD_PRELOAD under base.allocator glibc (which leaves it alone) is found by
+    asking the dynamic linker which object's malloc the process calls, and said."""
+    params = with_allocator(params_file, name)
+    clean = {k: v for k, v in os.environ.items() if k != MARK and not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    if preload:
+        clean["LD_PRELOAD"] = allocator.library(preload) or ""
+    done = subprocess.run([sys.executable, "-m", "stages.ingest", *ingest_args(tmp_path, params)], cwd=ROOT,
+                          env={**clean, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    described = read_metrics(tmp_path / "ingest.json")["machine_allocator"]
+    assert described.startswith(expected), described
+    assert ("but malloc is served by" in described) is bool(preload)

@@ -251,3 +251,14 @@ def test_the_plan_section_answers_each_device_and_sets_others_beside_it(inputs: 
     beside = next(line for line in markdown.splitlines() if line.startswith("| tiny-llama | pretrain | ")
                   and line.count("|") == 7)
     assert f"{found['others']['accelerate_training_mib']:,.1f}" in beside
+
+
+def test_a_metric_that_is_not_a_finite_number_is_marked_not_hidden(inputs: dict[str, Path], tmp_path: Path) -> None:
+    train = json.loads((inputs["metrics-dir"] / "train.json").read_text(encoding="utf-8"))
+    train.update(peak_rss_mib=float("nan"), val_ppl=float("inf"))
+    (inputs["metrics-dir"] / "train.json").write_text(json.dumps(train), encoding="utf-8")  # NaN, Infinity
+    markdown = (report(inputs, tmp_path / "r") / "report.md").read_text(encoding="utf-8")
+    assert "**NOT FINITE: train.peak_rss_mib (nan), train.val_ppl (inf)**: these figures are not measurements" \
+        in markdown
+    row = next(line for line in markdown.splitlines() if line.startswith("| train |") and "NOT FINITE (nan)" in line)
+    assert "–" not in row.split("NOT FINITE (nan)")[0][-4:]  # the cell says so, not a dash as for a missing one

@@ -159,12 +159,38 @@ def loaded(name: str) -> bool:
     return files is None or bool(files)
 
 
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p), ("dli_sname", ctypes.c_char_p),
+                ("dli_saddr", ctypes.c_void_p)]
+
+
+def serving_malloc() -> str | None:
+    """The file of the shared object whose `malloc` this process calls (dladdr on the symbol the
+    dynamic linker resolved): libc's, or a preloaded allocator's; None where it cannot be read."""
+    try:
+        process = ctypes.CDLL(None)
+        info = _DlInfo()
+        address = ctypes.cast(process.malloc, ctypes.c_void_p)
+        if not process.dladdr(address, ctypes.byref(info)) or not info.dli_fname:
+            return None
+        return os.path.basename(info.dli_fname.decode(errors="replace"))
+    except (OSError, AttributeError):
+        return None
+
+
 def describe() -> str:
     """This process's allocator for the metrics: its name and tunables, or the library file
-    mapped (read from /proc/self/maps)."""
+    mapped (read from /proc/self/maps), and the object that actually serves malloc when it is
+    not the asked allocator's (a user's own LD_PRELOAD, say): said, not hidden."""
     name = os.environ.get(MARK, "glibc")
     if name == "glibc-tuned":
-        return f"{name} ({', '.join(f'{k}={v}' for k, v in TUNED.items())})"
-    if name in LIBRARIES:
-        return f"{name} ({', '.join(mapped(name) or []) or library(name)})"
-    return name
+        text = f"{name} ({', '.join(f'{k}={v}' for k, v in TUNED.items())})"
+    elif name in LIBRARIES:
+        text = f"{name} ({', '.join(mapped(name) or []) or library(name)})"
+    else:
+        text = name
+    serving = serving_malloc()
+    expected = f"lib{LIBRARIES[name][0]}" if name in LIBRARIES else "libc."
+    if serving is not None and not serving.startswith(expected):
+        return f"{text}, but malloc is served by {serving} (LD_PRELOAD={os.environ.get('LD_PRELOAD', '')})"
+    return text

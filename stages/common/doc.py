@@ -10,9 +10,12 @@ from typing import Any
 
 
 def num(v: Any, digits: int = 1) -> str:
-    """One number, the same way in HTML and Markdown: ints with separators, floats fixed."""
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    """One number, the same way in HTML and Markdown: ints with separators, floats fixed; a
+    figure that is not a finite number is marked, not hidden as a missing one."""
+    if v is None:
         return "–"
+    if isinstance(v, float) and not math.isfinite(v):
+        return f"NOT FINITE ({v})"
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return str(v)
     if isinstance(v, int):
@@ -22,6 +25,8 @@ def num(v: Any, digits: int = 1) -> str:
 
 def ratio(a: Any, b: Any) -> str:
     ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
+    if ok and not math.isfinite(a / b):
+        return f"NOT FINITE ({a / b})"
     return f"{a / b:.3f} ×" if ok else "–"
 
 

@@ -4,6 +4,7 @@ versions, and the BLAS libraries every stage found, and the machine each stage's
 
 from __future__ import annotations
 
+import math
 from importlib import metadata
 from typing import Any
 
@@ -62,3 +63,10 @@ def rss_rows(metrics: dict[str, dict[str, Any]]) -> list[list[str]]:
                          num(figures.get(f"{prefix}rss_predicted_mib")), num(peak),
                          "–" if error is None else f"{error:+.1%}"])
     return rows
+
+
+def not_finite(metrics: dict[str, dict[str, Any]]) -> list[str]:
+    """A bullet naming every metric that is not a finite number (NaN, infinity), else none."""
+    bad = [f"{s}.{k} ({v})" for s, m in metrics.items() for k, v in sorted(m.items())
+           if isinstance(v, float) and not math.isfinite(v)]
+    return [f"**NOT FINITE: {', '.join(bad)}**: these figures are not measurements"] if bad else []
