@@ -35,7 +35,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -98,12 +98,14 @@ class Params(Section):
     classify_train_docs: int = Field(
         2000, ge=10, description="labelled training documents for the probe: more = better head, slower (features of each)")
     classify_max_tokens: int = Field(64, ge=1, description="each document cut to its first N tokens")
-    generation_batches: list[int] = Field(default_factory=lambda: [1, 8], min_length=2, description=(
+    generation_batches: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
+        default_factory=lambda: [1, 8], min_length=2, description=(
         "batch sizes of the metered generation; the largest batch within the budget is read off the line "
         "through the two largest"))
-    generation_contexts: list[int] = Field(default_factory=lambda: [32, 128], min_length=1, description=(
+    generation_contexts: list[Annotated[int, Field(ge=2, le=65536)]] = Field(
+        default_factory=lambda: [32, 128], min_length=1, description=(
         "tokens the KV cache holds when the metered generation ends: the cache grows linearly with them"))
-    generation_prompt: int = Field(16, ge=1, description="prompt tokens (validation text) the metered generation starts from")
+    generation_prompt: int = Field(16, ge=1, le=65535, description="prompt tokens (validation text) the metered generation starts from")
     generation_budget_mib: float = Field(32.0, gt=0, description=(
         "the tensor memory (weights, KV cache, activations, logits) the largest batch per context must fit"))
     kv_cache_bits: list[int] = Field(default_factory=lambda: [8, 4], description=(

@@ -250,3 +250,22 @@ def test_a_params_file_over_a_megabyte_is_refused_unread(tmp_path: Path) -> None
     path.write_text(TINY.read_text(encoding="utf-8") + "#" * (2 << 20) + "\n", encoding="utf-8")
     with pytest.raises(StageError, match=r"params file .* is 2\.0 MiB: at most 1 MiB is read"):
         load_params(path, "clean", clean.Params)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("generation_batches", [0, 8], "evaluate.generation_batches.0: Input should be greater than or equal to 1 (got 0)"),
+    ("generation_batches", [-3, 8], "evaluate.generation_batches.0: Input should be greater than or equal to 1"),
+    ("generation_batches", [1, 10**12], "evaluate.generation_batches.1: Input should be less than or equal to 65536"),
+    ("generation_contexts", [0], "evaluate.generation_contexts.0: Input should be greater than or equal to 2"),
+    ("generation_prompt", 10**9, "evaluate.generation_prompt: Input should be less than or equal to 65535"),
+])
+def test_the_generation_grid_is_checked_with_the_params_before_any_work(tmp_path: Path, key: str, value: Any,
+                                                                        expected: str) -> None:
+    """Once a batch of 0 or of a trillion reached the metered generation after minutes of work."""
+    data = tiny_params()
+    data["evaluate"][key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(StageError) as raised:
+        load_params(path, "evaluate", evaluate.Params)
+    assert str(raised.value).startswith(f"params: {expected}")
