@@ -58,6 +58,9 @@ class FlowParams(Section):
     push: bool = Field(
         True, description=("after a pipeline run, dvc push the outputs to the default DVC remote (.dvc/config); false = "
         "keep them here"))
+    max_sweep_hours: float = Field(24.0, gt=0.0, le=8760.0, description=(
+        "refuse, before any point runs, a sweep whose points would take longer at most (each point: the seconds "
+        "of the stages it can rerun, from the workspace's metrics)"))
 
 
 def flow_params(root: Path) -> FlowParams:

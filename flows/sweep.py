@@ -20,6 +20,7 @@ the sweep fails naming it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import itertools
@@ -262,6 +263,20 @@ def comparison(root: Path, wanted: dict[str, list[str]], failed: dict[str, str])
     return rows
 
 
+def point_seconds(root: Path, targets: list[str]) -> float:
+    """A point's time at most: the workspace run's seconds (data/metrics) of every stage the
+    targets need (a cached one is restored, not rerun: an upper bound)."""
+    from flows.common import stage_plan
+
+    total = 0.0
+    for stage in stage_plan(root, targets or None).order:
+        path = root / "data" / "metrics" / (f"{stage.replace('@', '/')}.json")
+        if path.is_file():
+            with contextlib.suppress(ValueError, OSError, AttributeError):
+                total += float(json.loads(path.read_text(encoding="utf-8")).get("seconds", 0.0))
+    return total
+
+
 @flow(name="lmmem-sweep")
 def sweep(points: list[list[str]] | None = None, grid: dict[str, list[Any]] | None = None, sweep_file: str = "",
           targets: list[str] | None = None, root: str = str(ROOT)) -> list[dict[str, Any]]:
@@ -288,6 +303,11 @@ def sweep(points: list[list[str]] | None = None, grid: dict[str, list[Any]] | No
             todo[name] = overrides
     log.info("%d points, %d to run, %d already done; concurrency %d on %s", len(wanted), len(todo),
              len(wanted) - len(todo), settings.concurrency, settings.task_runner)
+    hours = point_seconds(here, list(targets or [])) * math.ceil(len(todo) / settings.concurrency) / 3600
+    if hours > settings.max_sweep_hours:
+        raise StageError(f"sweep: {len(todo)} points would take up to {hours:,.1f} hours here (each up to the seconds "
+                         f"of the stages it can rerun), more than flows.max_sweep_hours ({settings.max_sweep_hours:g}): "
+                         f"fewer points, --targets, or a larger max_sweep_hours")
     failed: dict[str, str] = {}
     if todo:
         failed = run_points.with_options(task_runner=task_runner(settings))(

@@ -228,3 +228,22 @@ def test_over_budget_auto_fit_moves_to_adapters(tokens: Path, model: Path, tmp_p
     assert metrics["tune"] == "lora" and "tune=lora" in metrics["auto_fit_changes"]
     assert metrics["mem_total_peak_mib"] <= budget  # the meter's, not the estimate's
     assert (tmp_path / "finetune" / "full" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_test_split_that_cannot_score_two_classes_is_refused_and_a_partial_one_said(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import numpy as np
+
+    from stages.common.errors import StageError
+    from stages.finetune.tasks import scorable_classes
+
+    labels = ["neg", "pos", "mixed"]
+    with pytest.raises(StageError, match=r"the test split of .* can score 1 of the 3 classes \('neg'\): accuracy "
+                                         r"and F1 need at least two"):
+        scorable_classes(np.array([0, 0, -1]), labels, tmp_path)
+    with pytest.raises(StageError, match=r"can score 0 of the 3 classes \(none\)"):
+        scorable_classes(np.array([-1, -1]), labels, tmp_path)
+    with caplog.at_level("WARNING"):
+        assert scorable_classes(np.array([1, 0, 1]), labels, tmp_path) == 2
+    assert "the test split scores 2 of the 3 classes (none of 'mixed')" in caplog.text
+    assert scorable_classes(np.array([2, 1, 0]), labels, tmp_path) == 3

@@ -276,6 +276,28 @@ def test_sweep_two_points_compared_and_not_run_twice(server: str, repo: Path) ->
     assert len(point_runs()) == 2  # both experiments exist with these params: nothing ran again
 
 
+def test_a_sweep_longer_than_its_limit_is_refused_before_any_point_runs(server: str, repo: Path) -> None:
+    """Each point's time at most: the workspace run's seconds of the stages it can rerun."""
+    from flows.sweep import point_seconds, sweep
+
+    train = json.loads((repo / "data" / "metrics" / "train.json").read_text())["seconds"]
+    upstream = sum(json.loads((repo / "data" / "metrics" / f"{s}.json").read_text())["seconds"]
+                   for s in ("ingest", "clean", "tokenize", "embed", "warmstart"))
+    assert point_seconds(repo, ["train"]) == pytest.approx(train + upstream)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["flows"]["max_sweep_hours"] = 2 * (train + upstream) / 3600  # two points' worth: three are refused
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+    runs_before = len(point_runs())
+    try:
+        state = sweep(points=[["train.steps=9"], ["train.steps=10"], ["train.steps=11"]], targets=["train"],
+                      root=str(repo), return_state=True)
+    finally:
+        sh("git", "checkout", "--", "params.yaml", cwd=repo)
+    assert state.is_failed()
+    assert "sweep: 3 points would take up to" in state.message and "more than flows.max_sweep_hours" in state.message
+    assert len(point_runs()) == runs_before  # nothing ran
+
+
 def test_sweep_of_a_fine_tuning_param_compares_the_run(server: str, repo: Path) -> None:
     """A finetune run's keys are swept like any param: the comparison has each run's memory and
     accuracy, and a larger LoRA rank holds more adapter memory."""

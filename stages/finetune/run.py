@@ -41,6 +41,8 @@ def finetune(p: Any, paths: Any, base: BaseParams, task: Any) -> dict[str, Any]:
     forward = lambda: forward_context(p, device)  # noqa: E731
     test = {**task.test_scores(model, p, device, forward), **task.reference_scores(p, device, forward)}
     metrics = run_metrics(done, test)
+    if hasattr(task, "test_classes"):  # the classes the test split could score (stages.finetune.tasks)
+        metrics["test_classes"] = task.test_classes
     with atomic_dir(paths.out, paths.stage) as tmp:
         if p.tune == "lora":
             metrics.update(save_adapter(model, p, task, paths.tokens, tmp))

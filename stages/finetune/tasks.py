@@ -52,6 +52,22 @@ def param_category(name: str, param: torch.Tensor) -> str:
     return "trainable" if param.requires_grad else "frozen"
 
 
+def scorable_classes(test_labels: np.ndarray, labels: list[str], tokens: Path) -> int:
+    """How many classes the test split can score (classes with a labelled test document);
+    fewer than two is refused before any training, fewer than all is said."""
+    present = np.unique(test_labels[test_labels >= 0])
+    if present.size < 2:
+        held = ", ".join(repr(labels[int(i)]) for i in present) or "none"
+        raise StageError(f"finetune task classify: the test split of {tokens} can score {present.size} of the "
+                         f"{len(labels)} classes ({held}): accuracy and F1 need at least two; a larger corpus, or "
+                         f"other ingest.split fractions")
+    if present.size < len(labels):
+        missing = [labels[i] for i in sorted(set(range(len(labels))) - {int(i) for i in present})]
+        log.warning("finetune task classify: the test split scores %d of the %d classes (none of %s)", present.size,
+                    len(labels), ", ".join(map(repr, missing[:5])))
+    return int(present.size)
+
+
 class Classification(Task):
     """Sequence classification of data/tokens' labelled documents (see the module docstring)."""
 
@@ -68,6 +84,7 @@ class Classification(Task):
         self.train_index = np.flatnonzero(self.train.labels >= 0)
         self.val = Docs(tokens, "validation", meta.dtype)
         self.test = Docs(tokens, "test", meta.dtype)
+        self.test_classes = scorable_classes(self.test.labels, self.labels, tokens)
 
     def check_labels(self, tokens: Path) -> None:
         """One line for a corpus this task cannot learn from: no labels, or a single class."""
