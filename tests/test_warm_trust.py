@@ -204,6 +204,15 @@ def test_a_signal_during_a_cold_start_ends_the_client_at_once_and_its_server(pro
     assert result.returncode == 0 and seen["torch_preloaded"] is True
 
 
+def test_a_server_killed_during_its_cold_start_leaves_the_stage_to_a_new_interpreter(project: Path) -> None:
+    client = start(project, "--code", "7")
+    server = one_server(project)  # importing torch: it never listens
+    os.kill(server, signal.SIGKILL)
+    out, err = client.communicate(timeout=120)
+    assert client.returncode == 7 and json.loads(out.splitlines()[0])["torch_preloaded"] is False
+    assert err.startswith("lmmem: warning: no warm server: none could be started or reached at ")
+
+
 # ---------------------------------------------------------------- killed while the stage runs
 
 
