@@ -338,7 +338,7 @@ def client(argv: list[str]) -> int:
                 path = socket_path()
                 done = run_warm(path, [module, *argv[1:]], forwarder)
                 why = f"none could be started or reached at {path} (its log: {path}.log)"
-            except Unsafe as exc:
+            except (Unsafe, OSError) as exc:  # OSError: its folder's files cannot be made or opened
                 why = str(exc)
             if done is None:
                 print(f"lmmem: warning: no warm server: {why}: {module} runs in a new interpreter", file=sys.stderr)
