@@ -153,6 +153,7 @@ def test_the_question_prints_a_plan() -> None:
     (["--arch", "gpt2", "--set", "precision"], "--set 'precision': KEY=VALUE"),
     (["--arch", "gpt2", "--workload", "inference", "--context", "128", "--prompt", "512"],
      "prompt (512) must be below context (128)"),
+    (["--arch", "gpt2", "--batch-size", "2"], "batch_size (2) must be a multiple of micro_batch_size (8)"),
 ])
 def test_a_question_that_cannot_be_planned_is_one_line(args: list[str], expected: str) -> None:
     done = run_cli("plan", args)

@@ -88,7 +88,7 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _shape(self) -> Params:
-        if self.batch_size % self.micro_batch_size:
+        if any(w != "inference" for w in self.workloads) and self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                              f"({self.micro_batch_size})")
         if "inference" in self.workloads and self.prompt >= self.context:
