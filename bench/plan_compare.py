@@ -67,10 +67,7 @@ def deepspeed_gib(model: Any, path: str | None) -> dict[str, float] | None:
 
 
 def compare(archs: list[str], context: int, deepspeed: str | None) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from stages.plan.catalog import CATALOG, hf_config
+    from stages.plan.catalog import CATALOG, hf_config, meta_model
     from stages.plan.dryrun import Question, estimate
 
     print("| architecture | precision | checkpointing | lmmem total | lmmem weights+grads+state at the peak | lmmem "
@@ -78,9 +75,7 @@ def compare(archs: list[str], context: int, deepspeed: str | None) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name in archs:
         arch = CATALOG[name]
-        config = hf_config(arch)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        config, model = hf_config(arch), meta_model(arch)
         acc = accelerate_gib(model)
         ds = deepspeed_gib(model, deepspeed)
         for precision in ("fp32", "bf16"):

@@ -242,8 +242,12 @@ def failing_repro(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
     # a domain-adaptation run: a language model has no head of its own to train alone
     ("adapt@qlora", "adapt.runs.qlora", {"tune": "head"}, "tune head: this task's model has no head of its own"),
     ("domain", "domain.max_docs", -1, "max_docs"),
+    # read and segmented, then refused: English news is mostly <unk> to the Chinese vocabulary
+    ("domain", "domain.source", "builtin:en-news", "more than domain.max_unk_rate"),
     ("compress", "compress.variants.prune50.sparsity", 1.5, "sparsity"),
     ("evaluate", "evaluate.generate_tokens", 10**9, "generate_tokens"),  # refused against the model's context
+    ("evaluate", "evaluate.generation_batches", [0, 8], "evaluate.generation_batches.0"),
+    ("plan", "plan.devices", {"Big GPU": 80}, "device 'Big GPU'"),
 ])
 def test_a_stage_that_fails_under_dvc_repro_leaves_its_previous_outputs_and_metrics(
         repo: Path, stage: str, where: str, value: object, named: str) -> None:

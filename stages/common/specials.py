@@ -16,6 +16,7 @@ import stat
 import sys
 from pathlib import Path
 
+WHY = "DVC would read it for ever when it hashes the dependency; remove it"
 KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
          (stat.S_ISSOCK, "a socket"))
 
@@ -75,7 +76,7 @@ def dvc_dependencies(root: Path) -> list[Path]:
 
 
 def refusal(found: list[str]) -> str:
-    return (f"{found[0]}: DVC would read it for ever when it hashes the dependency; remove it"
+    return (f"{found[0]}: {WHY}"
             + (f" (and {len(found) - 1} more: python -m stages.common.specials)" if len(found) > 1 else ""))
 
 
@@ -86,8 +87,7 @@ def main(argv: list[str]) -> int:
         return 2
     found = problems([Path(a) for a in argv] if argv else dvc_dependencies(root), root)
     for why in found:
-        print(f"lmmem: error: {why}: DVC would read it for ever when it hashes the dependency; remove it",
-              file=sys.stderr)
+        print(f"lmmem: error: {why}: {WHY}", file=sys.stderr)
     return 2 if found else 0
 
 

@@ -79,3 +79,12 @@ def hf_config(arch: Architecture, **overrides: Any) -> Any:
     from transformers import AutoConfig
 
     return AutoConfig.for_model(arch.model_type, **{**arch.config, "use_cache": False, **overrides})
+
+
+def meta_model(arch: Architecture) -> Any:
+    """`arch`'s model on the meta device: its shapes and parameter names, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config(arch))

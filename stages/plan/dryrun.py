@@ -174,8 +174,6 @@ def estimate(q: Question, changes: dict[str, Any] | None = None) -> dict[str, An
 
 def parameter_count(arch: Architecture) -> int:
     """The architecture's parameters, each counted once (a tied head once), built on the meta device."""
-    from transformers import AutoModelForCausalLM
+    from stages.plan.catalog import meta_model
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config(arch))
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return sum(p.numel() for p in {id(p): p for p in meta_model(arch).parameters()}.values())

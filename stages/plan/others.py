@@ -33,16 +33,10 @@ def accelerate_mib(model: Any, precision: str) -> dict[str, float]:
 
 def others(q: Any) -> dict[str, float]:
     """A training question's figures by accelerate and by Korthikanti et al., in MiB."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from stages.plan.catalog import hf_config
+    from stages.plan.catalog import hf_config, meta_model
 
     config = hf_config(q.arch)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    precision = q.train.get("precision", "fp32")
-    found = accelerate_mib(model, precision)
+    found = accelerate_mib(meta_model(q.arch), q.train.get("precision", "fp32"))
     return {"accelerate_training_mib": found["training"],
             "korthikanti_activations_mib": korthikanti_mib(config, q.context, q.micro_batch_size,
                                                            bool(q.train.get("activation_checkpointing")))}
