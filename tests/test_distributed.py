@@ -103,8 +103,16 @@ def test_zero1_shards_the_optimizer_state_as_predicted(runs: dict[str, Any]) -> 
         assert zero1[f"rank{rank}_est_optimizer_peak_mib"] == pytest.approx(shard, rel=1e-3)
         assert zero1[f"rank{rank}_saving_vs_ddp"] > 0
     # nothing else is sharded: parameters and gradients (DDP's buckets) are whole on each rank
+    single = runs["single"][0]
     for key in ("mem_parameters_peak_mib", "mem_gradients_peak_mib"):
-        assert zero1[key] == pytest.approx(ddp[key]) == pytest.approx(runs["single"][0][key])
+        assert zero1[key] == pytest.approx(ddp[key])
+    assert ddp["mem_parameters_peak_mib"] == pytest.approx(single["mem_parameters_peak_mib"])
+    # DDP's first step copies each new gradient into the bucket that holds them all: for a
+    # moment the largest, the tied embedding, is there twice
+    weights = load_file(runs["single"][1] / "model" / "model.safetensors")
+    largest = max(t.numel() * 4 for t in weights.values()) / 2**20
+    assert ddp["mem_gradients_peak_mib"] == pytest.approx(single["mem_gradients_peak_mib"] + largest, rel=1e-4)
+    assert ddp["est_gradients_peak_mib"] == pytest.approx(ddp["mem_gradients_peak_mib"], rel=1e-4)
     assert zero1["mem_total_peak_mib"] < ddp["mem_total_peak_mib"]
 
 
@@ -118,13 +126,16 @@ def test_ddp_per_rank_memory_matches_its_prediction(runs: dict[str, Any]) -> Non
 
 
 def test_fsdp_shards_parameters_gradients_and_optimizer(runs: dict[str, Any]) -> None:
-    ddp, fsdp = runs["ddp"][0], runs["fsdp"][0]
+    ddp, fsdp, single = runs["ddp"][0], runs["fsdp"][0], runs["single"][0]
     for category in ("parameters", "gradients", "optimizer"):
         for rank in (0, 1):  # FSDP splits every tensor in two, padding to an even row count
             assert fsdp[f"rank{rank}_mem_{category}_peak_mib"] == \
-                pytest.approx(ddp[f"rank{rank}_mem_{category}_peak_mib"] / 2, rel=0.01), category
+                pytest.approx(single[f"mem_{category}_peak_mib"] / 2, rel=0.01), category
     assert fsdp["mem_total_peak_mib"] < ddp["mem_total_peak_mib"]
-    assert abs(fsdp["est_error_total_peak_mib"]) < 0.15  # ZeRO-3's formula plus the gathered units
+    # the dry run is FSDP2's own sharding on a fake process group, made in a process of its
+    # own (this run's rank 0 belongs to a process group already)
+    for category in ("parameters", "gradients", "optimizer", "activations", "temporaries", "total"):
+        assert fsdp[f"est_{category}_peak_mib"] == pytest.approx(fsdp[f"mem_{category}_peak_mib"], rel=0.005), category
 
 
 def test_over_budget_a_distributed_run_shards_more(runs: dict[str, Any], tokens: Path, tmp_path: Path) -> None:

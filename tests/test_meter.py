@@ -59,3 +59,21 @@ def test_views_count_once_and_freed_tensors_leave() -> None:
     assert meter.current["activations"] == 0
     assert meter.category_peaks["activations"] == 2 * 256 * 256 * 4
     assert meter.summary()["mem_activations_peak_mib"] == 0.5
+
+
+def test_a_storage_resized_in_place_counts_its_new_size() -> None:
+    """FSDP frees a gathered weight by resizing its storage to nothing and gathers it again
+    into the same storage, with no tensor operation the meter could see: the bytes follow."""
+    meter = TensorMeter()
+    with meter.phase(0, "forward"):
+        gathered = torch.zeros(128, 256)  # 128 KiB, counted as an activation
+    assert meter.current["activations"] == 128 * 1024
+    gathered.untyped_storage().resize_(0)  # freed, the storage object alive
+    assert meter.current["activations"] == 0 and meter.category_peaks["activations"] == 128 * 1024
+    with meter.phase(0, "backward"):
+        gathered.untyped_storage().resize_(128 * 256 * 4)  # gathered again in backward: a temporary
+    assert meter.current == {**dict.fromkeys(meter.current, 0), "temporaries": 128 * 1024}
+    meter.close()
+    gathered.untyped_storage().resize_(0)  # a closed meter is told of nothing
+    assert meter.current["temporaries"] == 128 * 1024
+    assert torch.UntypedStorage.resize_.__name__ == "resize_"  # torch's own again once no meter is open

@@ -201,6 +201,24 @@ def process_group(dp: DistributedParams, device_type: str) -> Iterator[Context]:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def fake_process_group(world: int) -> Iterator[Any]:
+    """A process group of `world` ranks, this process rank 0, on torch's `fake` backend (its
+    collectives move no data) and a device mesh of it: FSDP2 shards and gathers fake tensors
+    through it as it would real ones (the fsdp dry run). A process that is a rank of a run
+    already (a default group exists) cannot hold a second: StageError."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise StageError("a process that is a rank of a run cannot dry-run fsdp in place")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield init_device_mesh("cpu", (world,))
+    finally:
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- strategies
 
 
@@ -228,16 +246,17 @@ def block_classes(model: torch.nn.Module) -> tuple[type, ...]:
     return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
 
 
-def wrap_model(model: torch.nn.Module, ctx: Context, device: torch.device) -> torch.nn.Module:
-    """The model as the strategy trains it: DDP for ddp and zero1, FSDP2 units for fsdp."""
+def wrap_model(model: torch.nn.Module, ctx: Context, device: torch.device, mesh: Any = None) -> torch.nn.Module:
+    """The model as the strategy trains it: DDP for ddp and zero1, FSDP2 units for fsdp (over
+    `mesh`, by default one of every rank of the process group)."""
     if ctx.strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         blocks = block_classes(model)
         for module in list(model.modules()):
             if blocks and isinstance(module, blocks):
-                fully_shard(module)
-        fully_shard(model)
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,

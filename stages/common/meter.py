@@ -39,6 +39,20 @@ from torch.utils._pytree import tree_flatten
 
 from stages.common.schema import CATEGORIES, mem_key
 
+_METERS: weakref.WeakSet[TensorMeter] = weakref.WeakSet()  # open meters, told of storage resizes
+_RESIZE = torch.UntypedStorage.resize_
+
+
+def _resize(storage: torch.UntypedStorage, size: int) -> Any:
+    """UntypedStorage.resize_, and each open meter told. FSDP frees a gathered parameter by
+    resizing its storage to 0 bytes and gathers it again into the same storage: the storage
+    lives on, its bytes do not (no tensor operation is dispatched for either)."""
+    out = _RESIZE(storage, size)
+    for meter in list(_METERS):
+        meter._resized(storage)
+    return out
+
+
 PHASE_CATEGORY = {"forward": "activations", "backward": "temporaries", "optimizer": "optimizer",
                   "setup": "activations"}
 
@@ -93,6 +107,10 @@ class TensorMeter(TorchDispatchMode):
         self._optimizer: torch.optim.Optimizer | None = None
         self._state_seen: dict[int, weakref.ref[torch.Tensor]] = {}  # optimizer state tensors already counted
         self.observer: Any = None  # told of each storage and op (stages.common.timeline)
+        self._buckets_out = False  # an unseen `out=` storage is a DDP gradient bucket (track_model)
+        self.largest_gradient = 0  # bytes of the largest gradient autograd accumulated
+        _METERS.add(self)
+        torch.UntypedStorage.resize_ = _resize  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ bookkeeping
     def _add(self, storage: torch.UntypedStorage, category: str) -> None:
@@ -131,6 +149,25 @@ class TensorMeter(TorchDispatchMode):
                 self.observer.moved(id(storage), size, category)
             self._update_peaks()
 
+    def _resized(self, storage: torch.UntypedStorage) -> None:
+        """A counted storage resized in place: its new size counts, in the category of this
+        moment when it grows from nothing (a parameter gathered again)."""
+        entry = self._live.get(id(storage))
+        if entry is None:
+            return
+        ref, old, category = entry
+        size = storage.nbytes()
+        if old == 0:
+            category = PHASE_CATEGORY.get(self.phase_name, "activations")
+            category = "temporaries" if category == "optimizer" else category
+        self.current[category] += size - old
+        self._live[id(storage)] = (ref, size, category)
+        if self.observer is not None:
+            self.observer.freed(id(storage), old)
+            if size:
+                self.observer.added(id(storage), size, category)
+        self._update_peaks()
+
     def _update_peaks(self) -> None:
         for cat, value in self.current.items():
             if value > self.category_peaks[cat]:
@@ -160,11 +197,21 @@ class TensorMeter(TorchDispatchMode):
                 self._hooks.append(handle)
         for name, b in model.named_buffers():
             self._move(_storage(b), category_of(name, b))
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            # DDP's gradient buckets are made by its reducer out of the meter's sight: first seen
+            # as the `out` its reducer copies each new gradient into (`__torch_dispatch__`), then
+            # rebuilt in the second step's forward, before the inner module runs, with the kept
+            # gradients pointed at the new ones. Both are gradients.
+            self._buckets_out = True
+            params = [p for p in model.parameters() if p.requires_grad]
+            self._hooks.append(model.module.register_forward_pre_hook(
+                lambda module, args: [self._grad_hook(p) for p in params] and None))
 
     def _grad_hook(self, p: torch.Tensor) -> None:
         if p.grad is not None:
             for t in _tensors_of(p.grad):
-                self._move(_storage(t), "gradients")
+                self._move(st := _storage(t), "gradients")
+                self.largest_gradient = max(self.largest_gradient, st.nbytes() if st is not None else 0)
 
     def track_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -211,6 +258,9 @@ class TensorMeter(TorchDispatchMode):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        _METERS.discard(self)
+        if not _METERS:
+            torch.UntypedStorage.resize_ = _RESIZE  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ phases
     def phase(self, step: int, name: str) -> _Phase:
@@ -220,6 +270,10 @@ class TensorMeter(TorchDispatchMode):
         category = PHASE_CATEGORY.get(self.phase_name, "activations")
         if category == "optimizer":  # state made by the last op is in optimizer.state by now
             self.sync_optimizer()
+        if self._buckets_out and kwargs and isinstance(kwargs.get("out"), torch.Tensor):
+            bucket = _storage(kwargs["out"])
+            if bucket is not None and id(bucket) not in self._live:
+                self._add(bucket, "gradients")
         out = func(*args, **(kwargs or {}))
         # in the optimizer phase a new storage is a temporary until the optimizer keeps it in its
         # state (exp_avg, ...): the sync before the next op, or after the step, moves it there

@@ -74,6 +74,7 @@ class Classification(Task):
     name = "classify"
     categories = FINETUNE_CATEGORIES
     auto_class, peft_task, folder = "AutoModelForSequenceClassification", "SEQ_CLS", "classifier"
+    data_attributes = ("train", "train_index", "val", "test")
 
     def __init__(self, meta: TokensMeta, tokens: Path, model_folder: Path, max_tokens: int) -> None:
         self.meta, self.model_folder, self.max_tokens = meta, model_folder, max_tokens

@@ -69,7 +69,8 @@ class Architecture_(Task):
     def make_model(self, p: Any, dry_run: bool) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_config(hf_config(self.arch), attn_implementation="sdpa")
+        config = hf_config(self.arch, tie_word_embeddings=p.model.tie_embeddings)  # the stack may untie them
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
     def row_length(self, p: Any) -> int:
         return self.context + 1
@@ -123,6 +124,7 @@ def training(q: Question, changes: dict[str, Any] | None = None) -> dict[str, An
     return {"peak_mib": est[mem_key("total", "est_")], "phase": est["est_peak_phase"], "step": est["est_peak_step"],
             "by_category": {c: est[mem_key(c, "est_", at_peak=True)] for c in task.categories},
             "category_peaks": {c: est[mem_key(c, "est_")] for c in task.categories},  # each its own largest
+            "per_rank": {k: v for k, v in est.items() if k.startswith("rank")},  # rank<r>_est_<category>_peak_mib
             "seconds": time.perf_counter() - started}
 
 

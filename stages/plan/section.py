@@ -43,7 +43,8 @@ def section(doc: Doc, plans: list[dict[str, Any]]) -> None:
         doc.para("The asked stack beside what others estimate for it (MiB): accelerate's estimate-memory ('Training "
                  "using Adam': the largest of its figures, weights, gradients and optimizer state only) and the "
                  "activations of Korthikanti et al. (2022) (16-bit, attention scores stored, the blocks only); "
-                 "docs/BENCHMARKS.md gives the reasons for each difference.")
+                 "docs/BENCHMARKS.md gives the reasons for each difference, and DeepSpeed's ZeRO-2 and ZeRO-3 "
+                 "estimates beside them (DeepSpeed is not in the lock: it patches torch as it is imported).")
         doc.table(["architecture", "workload", "lmmem peak", "lmmem activations", "accelerate", "Korthikanti et al. "
                    "activations"], compared)
     counts = {p["question"]["architecture"]: (p["parameters"], p.get("published_parameters")) for p in plans}

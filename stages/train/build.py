@@ -63,10 +63,12 @@ def forward_context(p: Any, device: torch.device) -> contextlib.ExitStack:
 
 
 def build(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Context = Context(),
-          dry_run: bool = False, word2vec: np.ndarray | None = None, task: Task | None = None) -> Parts:
+          dry_run: bool = False, word2vec: np.ndarray | None = None, task: Task | None = None,
+          mesh: Any = None) -> Parts:
     """The task's model (seeded; by default a language model, its input embedding from
     `word2vec` when given), each technique's changes, the distributed wrapper (a dry run only
-    reshapes what one rank holds), the optimizer of p.optimizer's family, and the gradient scaler."""
+    reshapes what one rank holds, except fsdp's on a fake process group's `mesh`), the
+    optimizer of p.optimizer's family, and the gradient scaler."""
     task = task or LanguageModelling(meta, word2vec=word2vec, seed=seed)
     torch.manual_seed(seed)
     with device:  # made where it trains: no copy, and fake tensors cannot be moved
@@ -77,8 +79,8 @@ def build(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Contex
             states[technique.name] = state
     model.train()
     raw = model
-    if ctx.enabled and not dry_run:
-        model = distributed.wrap_model(model, ctx, device)
+    if ctx.enabled and (not dry_run or mesh is not None):
+        model = distributed.wrap_model(model, ctx, device, mesh)
     optimizer = optimizer_family(p.optimizer).make_optimizer(p, model, ctx, dry_run)
     for technique in REGISTRY:
         optimizer = technique.wrap_optimizer(p, optimizer)

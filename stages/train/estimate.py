@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from stages.common.distributed import Context, block_classes
+from stages.common import distributed
+from stages.common.distributed import Context
 from stages.common.meter import TensorMeter
-from stages.common.models import build_model
-from stages.common.schema import CATEGORIES, TokensMeta, mem_key
+from stages.common.schema import TokensMeta, mem_key
 from stages.train.build import build
 from stages.train.step import train_step
 from stages.train.task import Task
@@ -59,11 +59,11 @@ DRY_RUN_MICRO_BATCHES = 64
 
 
 def dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Context = Context(),
-            batch: int = 0, task: Task | None = None) -> dict[str, Any]:
+            batch: int = 0, task: Task | None = None, mesh: Any = None) -> dict[str, Any]:
     """The configured model, optimizer and techniques run `max(2, meter_steps)` steps of
     `batch` windows (default batch_size) on fake tensors under the meter. Exact up to kernels
     that allocate differently on fake inputs. `ctx` reshapes it to one rank of a distributed
-    run (see `predict_memory`)."""
+    run (see `predict_memory`); fsdp's is sharded over a fake process group's `mesh`."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with contextlib.ExitStack() as stack:
@@ -73,7 +73,7 @@ def dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Cont
         for technique in REGISTRY:
             for mode in technique.dry_run_modes(p):
                 stack.enter_context(mode)
-        parts = build(p, meta, device, seed, ctx=ctx, dry_run=True, task=task)
+        parts = build(p, meta, device, seed, ctx=ctx, dry_run=True, task=task, mesh=mesh)
         meter = TensorMeter(parts.task.categories)
         parts.track(meter)
         for step in range(max(2, p.meter_steps)):
@@ -82,7 +82,11 @@ def dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Cont
             train_step(parts, rows, p, device, step, meter)
             del rows
         meter.close()
-    return meter.summary(prefix="est_")
+    out = meter.summary(prefix="est_")
+    if ctx.strategy in ("ddp", "zero1"):  # DDP's first step copies each new gradient into its bucket, which
+        # holds them all already: for a moment the largest is there twice
+        out[mem_key("gradients", "est_")] += meter.largest_gradient / 2**20
+    return out
 
 
 def predict_memory(p: Any, meta: TokensMeta, device: torch.device, seed: int,
@@ -91,7 +95,7 @@ def predict_memory(p: Any, meta: TokensMeta, device: torch.device, seed: int,
     every rank's total and optimizer state as rank<r>_est_*). Each rank trains on
     batch_size / ranks windows. ddp: gradients stay allocated between steps (DDP's
     buckets). zero1: besides, the optimizer holds the state of this rank's ZeRO partition
-    only. fsdp: ZeRO stage 3's formula on the one-rank dry run (`fsdp_estimate`)."""
+    only. fsdp: FSDP2 itself shards and gathers the fake tensors (`fsdp_dry_run`)."""
     d = p.distributed
     if d.world_size == 1:
         return dry_run(p, meta, device, seed, task=task)
@@ -101,9 +105,8 @@ def predict_memory(p: Any, meta: TokensMeta, device: torch.device, seed: int,
         per_rank = [ddp] * world
     elif d.strategy == "zero1":
         per_rank = [dry_run(p, meta, device, seed, Context(r, world, r, "zero1"), local, task) for r in range(world)]
-    else:
-        single = dry_run(p, meta, device, seed, Context(), local, task)
-        per_rank = [fsdp_estimate(single, p, meta, world, task)] * world
+    else:  # rank 0's shards are the largest (FSDP2 splits each weight's rows, the first ranks' rounded up)
+        per_rank = [fsdp_dry_run(p, meta, device, seed, world, local, task)] * world
     total = mem_key("total", "est_")
     out = dict(max(per_rank, key=lambda e: e[total]))
     for rank, e in enumerate(per_rank):
@@ -113,27 +116,17 @@ def predict_memory(p: Any, meta: TokensMeta, device: torch.device, seed: int,
     return out
 
 
-def fsdp_estimate(single: dict[str, Any], p: Any, meta: TokensMeta, world: int,
-                  task: Task | None = None) -> dict[str, Any]:
-    """One FSDP rank from a one-rank dry run: parameters, gradients and optimizer state
-    divided by the ranks (ZeRO stage 3), plus what is gathered whole at a time: the root
-    unit (embeddings, final norm, head) through forward and backward, and two blocks (the
-    one computing and the one prefetched), less this rank's own shard of them. The blocks'
-    sizes are the task's model's (default: the language model of `p.model`)."""
-    with torch.device("meta"):
-        model = task.make_model(p, True) if task is not None else build_model(
-            p.model, meta.vocab_size, meta.special_ids.model_dump())
-    blocks = block_classes(model)
-    unique = {id(q): q for q in model.parameters()}
-    total = sum(q.nbytes for q in unique.values())
-    block_bytes = [sum(q.nbytes for q in m.parameters()) for m in model.modules() if blocks and isinstance(m, blocks)]
-    root = total - sum(block_bytes)
-    gathered = (root + 2 * max(block_bytes, default=0)) * (world - 1) / world / 2**20
-    out = dict(single)
-    for cat in ("parameters", "gradients", "optimizer"):
-        out[mem_key(cat, "est_")] = single[mem_key(cat, "est_")] / world
-        out[mem_key(cat, "est_", at_peak=True)] = single[mem_key(cat, "est_", at_peak=True)] / world
-    out[mem_key("temporaries", "est_")] = single[mem_key("temporaries", "est_")] + gathered
-    out[mem_key("temporaries", "est_", at_peak=True)] = single[mem_key("temporaries", "est_", at_peak=True)] + gathered
-    out[mem_key("total", "est_")] = sum(out[mem_key(cat, "est_", at_peak=True)] for cat in CATEGORIES)
-    return out
+def fsdp_dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, world: int, local: int,
+                 task: Task | None = None) -> dict[str, Any]:
+    """Rank 0 of an fsdp run: the model sharded by FSDP2 over a fake process group of `world`
+    ranks, each gather and free as the real run makes them. In a process that is a rank of a
+    run already, in a fresh process of its own (the task sent without its corpus)."""
+    if not torch.distributed.is_initialized():
+        with distributed.fake_process_group(world) as mesh:
+            return dry_run(p, meta, device, seed, Context(0, world, 0, "fsdp"), local, task, mesh)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    light = task.without_data() if task is not None else None
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fsdp_dry_run, p, meta, device, seed, world, local, light).result()

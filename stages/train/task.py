@@ -10,6 +10,7 @@ micro-batches and across ranks is the same for every task.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,15 @@ class Task:
 
     name = "task"
     categories: tuple[str, ...] = CATEGORIES  # the tensor meter's categories for this task's runs
+    data_attributes: tuple[str, ...] = ()  # what holds its corpus (left out of `without_data`)
+
+    def without_data(self) -> Task:
+        """A copy without its corpus: what a dry run in another process needs (the model, the
+        rows' shape, the loss), cheap to send."""
+        light = copy.copy(self)
+        for name in self.data_attributes:
+            setattr(light, name, None)
+        return light
 
     def make_model(self, p: Any, dry_run: bool) -> torch.nn.Module:
         """The model to train, made under the caller's device (and seeded by it)."""
@@ -67,6 +77,7 @@ class LanguageModelling(Task):
     initialised model (its input embedding from Word2Vec when given)."""
 
     name = "language modelling"
+    data_attributes = ("train", "val", "word2vec")
 
     def __init__(self, meta: TokensMeta, tokens: Path | None = None, context: int = 0,
                  word2vec: np.ndarray | None = None, seed: int = 0) -> None:

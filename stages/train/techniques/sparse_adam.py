@@ -47,9 +47,15 @@ class SparseUpperBound(TorchDispatchMode):
     which is also what a real run has here. The embedding's backward drops padding positions
     with a boolean mask, which selects every element (training windows hold no padding), and
     a sparse tensor keeps all its rows when copied or coalesced (the fake kernels would
-    report none)."""
+    report none), and a gradient accumulated over micro-batches holds the rows of each (as
+    the CPU's in-place sparse add does; the fake one keeps the first's)."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten.add_.Tensor and args[0].is_sparse and args[1].is_sparse:
+            total, more = args[0], args[1]
+            both = torch.sparse_coo_tensor(torch.cat([total._indices(), more._indices()], 1),
+                                           torch.cat([total._values(), more._values()]), total.shape)
+            return torch.ops.aten.copy_sparse_to_sparse_(total, both)
         if func in (torch.ops.aten.clone.default, torch.ops.aten._coalesce.default) and args[0].is_sparse:
             source = args[0]
             return torch.sparse_coo_tensor(source._indices().clone(), source._values().clone(), source.shape,
