@@ -94,28 +94,35 @@ def compare(archs: list[str], context: int, deepspeed: str | None) -> None:
 
 def times(archs: list[str]) -> None:
     """Each catalog architecture's plan (pretrain, bf16, batch 8 of 2048 tokens in micro-batches
-    of 1, one 80 GiB device), timed whole in a fresh process."""
+    of 1, or as many tokens as its positions allow, one 80 GiB device), timed whole in a fresh
+    process."""
     import subprocess
 
+    from stages.plan.catalog import architecture
+    from stages.plan.dryrun import max_positions
+
     root = Path(__file__).resolve().parent.parent
-    print("| architecture | plan's wall time (s) | stacks tried | fits 80 GiB with | out of time |")
-    print("|---|---|---|---|---|")
+    print("| architecture | context | plan's wall time (s) | stacks tried | fits 80 GiB with | out of time |")
+    print("|---|---|---|---|---|---|")
     for name in archs:
+        context = min(2048, max_positions(architecture(name)))
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "stages.plan", "--arch", name, "--workload", "pretrain",
                                "--device-gib", "80", "--batch-size", "8", "--micro-batch-size", "1", "--context",
-                               "2048", "--set", "precision=bf16", "--max-seconds", "280", "--json"], cwd=root,
+                               str(context), "--set", "precision=bf16", "--max-seconds", "280", "--json"], cwd=root,
                               capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - started
         if done.returncode != 0:
-            print(f"| {name} | {seconds:,.1f} | failed: {done.stderr.strip().splitlines()[-1][:80]} | | |", flush=True)
+            print(f"| {name} | {context} | {seconds:,.1f} | failed: {done.stderr.strip().splitlines()[-1][:80]} | | |",
+                  flush=True)
             continue
         import json
 
         plan = json.loads(done.stdout)
         answer = next(iter(plan["devices"].values()))
         best = answer["stacks"][0]["stack"] if answer["stacks"] else "nothing tried fits"
-        print(f"| {name} | {seconds:,.1f} | {len(plan['tried'])} | {best} | {plan['out_of_time']} |", flush=True)
+        print(f"| {name} | {context} | {seconds:,.1f} | {len(plan['tried'])} | {best} | {plan['out_of_time']} |",
+              flush=True)
 
 
 def main() -> int:

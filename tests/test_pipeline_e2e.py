@@ -248,6 +248,7 @@ def failing_repro(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
     ("evaluate", "evaluate.generate_tokens", 10**9, "generate_tokens"),  # refused against the model's context
     ("evaluate", "evaluate.generation_batches", [0, 8], "evaluate.generation_batches.0"),
     ("plan", "plan.devices", {"Big GPU": 80}, "device 'Big GPU'"),
+    ("plan", "plan.context", 4096, "plan: context 4,096 is longer than tiny-llama's 256 positions"),
 ])
 def test_a_stage_that_fails_under_dvc_repro_leaves_its_previous_outputs_and_metrics(
         repo: Path, stage: str, where: str, value: object, named: str) -> None:

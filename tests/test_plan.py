@@ -149,6 +149,9 @@ def test_the_question_prints_a_plan() -> None:
     (["--arch", "gpt2", "--workload", "inference", "--context", "128", "--prompt", "512"],
      "prompt (512) must be below context (128)"),
     (["--arch", "gpt2", "--batch-size", "2"], "batch_size (2) must be a multiple of micro_batch_size (8)"),
+    (["--arch", "gpt2-xl", "--context", "2048", "--micro-batch-size", "1"],
+     "plan: context 2,048 is longer than gpt2-xl's 1,024 positions (its config's n_positions): ask for 1,024 tokens "
+     "or fewer"),
 ])
 def test_a_question_that_cannot_be_planned_is_one_line(args: list[str], expected: str) -> None:
     done = run_cli("plan", args)
@@ -163,18 +166,25 @@ def test_a_config_the_planner_cannot_build_is_one_line(tmp_path: Path) -> None:
     assert "model_type 'bert' is not one the planner builds" in one_error_line(done.stderr, "plan")
 
 
-def test_bad_plan_params_are_refused_before_any_work_and_keep_the_previous_outputs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("change, expected", [
+    ({"devices": {"Big GPU": 80}}, "device 'Big GPU'"),
+    ({"architectures": ["llama-3-8b", "gpt2"], "context": 2048},  # the second's positions end at 1,024
+     "plan: context 2,048 is longer than gpt2's 1,024 positions (its config's n_positions)"),
+])
+def test_bad_plan_params_are_refused_before_any_work_and_keep_the_previous_outputs(tmp_path: Path, change: dict,
+                                                                                  expected: str) -> None:
     import yaml
 
     from tests.conftest import tiny_params
 
     (tmp_path / "plan").mkdir()
     (tmp_path / "plan" / "plans.json").write_text("[]", encoding="utf-8")
+    (tmp_path / "plan" / ".lmmem-out").write_text('{"writer": "plan"}', encoding="utf-8")  # the stage's own
     params = tiny_params()
-    params["plan"]["devices"] = {"Big GPU": 80}
+    params["plan"].update(change)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     done = run_cli("plan", ["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "plan"),
                             "--metrics", str(tmp_path / "plan.json")])
     assert done.returncode == 2
-    assert "device 'Big GPU'" in one_error_line(done.stderr, "plan")
+    assert expected in one_error_line(done.stderr, "plan")
     assert (tmp_path / "plan" / "plans.json").read_text() == "[]" and not (tmp_path / "plan.json").exists()

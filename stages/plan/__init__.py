@@ -106,10 +106,13 @@ def key(*parts: str) -> str:
 
 
 def question(p: Params, arch: Any, workload: str) -> Any:
-    from stages.plan.dryrun import Question
+    """The question of `arch` and `workload` (one line if no run could answer it)."""
+    from stages.plan.dryrun import Question, check
 
-    return Question(arch, workload, p.batch_size, p.micro_batch_size, p.context, p.world_size, p.strategy,
-                    dict(p.train), p.prompt, p.dtype)
+    q = Question(arch, workload, p.batch_size, p.micro_batch_size, p.context, p.world_size, p.strategy,
+                 dict(p.train), p.prompt, p.dtype)
+    check(q)
+    return q
 
 
 def flat(plan: dict[str, Any]) -> dict[str, Any]:
@@ -136,6 +139,8 @@ def run(p: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
 
     plans, metrics = [], {}
     archs = [architecture(name) for name in p.architectures]  # every name checked before any dry run
+    for arch in archs:
+        question(p, arch, p.workloads[0])  # and every architecture's context
     for arch in archs:
         count = parameter_count(arch)
         metrics[f"{key(arch.name)}_parameters"] = count

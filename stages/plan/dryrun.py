@@ -171,7 +171,23 @@ def estimate(q: Question, changes: dict[str, Any] | None = None) -> dict[str, An
     """The dry run of `q` (and, training, the stack's `changes`)."""
     if q.workload not in WORKLOADS:
         raise StageError(f"plan: workload {q.workload!r}: one of {', '.join(WORKLOADS)}")
+    check(q)
     return inference(q) if q.workload == "inference" else training(q, changes)
+
+
+def check(q: Question) -> None:
+    """One line for a question no run could answer: a context beyond the architecture's positions."""
+    positions = max_positions(q.arch)
+    if q.context > positions:
+        raise StageError(f"plan: context {q.context:,} is longer than {q.arch.name}'s {positions:,} positions "
+                         f"(its config's {'n_positions' if q.arch.model_type == 'gpt2' else 'max_position_embeddings'}"
+                         f"): ask for {positions:,} tokens or fewer")
+
+
+def max_positions(arch: Architecture) -> int:
+    """The longest sequence the architecture was made for (gpt2's learned positions end there)."""
+    c = hf_config(arch)
+    return int(c.n_positions if arch.model_type == "gpt2" else c.max_position_embeddings)
 
 
 def parameter_count(arch: Architecture) -> int:

@@ -52,10 +52,11 @@ def rows_unpacked() -> Iterator[None]:
         masking_utils.find_packed_sequence_indices = saved
 
 
-# A step of more micro-batches is dry-run on its first this many: each later one repeats the
-# second's allocations (the gradients exist by then), its 4-byte loss aside, and a step of
-# millions of them would keep the dry run busy for hours.
-DRY_RUN_MICRO_BATCHES = 64
+# A step of more micro-batches is dry-run on its first two: the first makes the gradients, the
+# second adds to them, and each later one repeats the second's allocations but for its kept
+# loss (a 0-d tensor), whose bytes are added. The batch is made whole (its rows are held
+# through the step): only the micro-batches run are fewer.
+DRY_RUN_MICRO_BATCHES = 2
 
 
 def dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Context = Context(),
@@ -66,6 +67,9 @@ def dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Cont
     run (see `predict_memory`); fsdp's is sharded over a fake process group's `mesh`."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    rows_per_step = batch or p.batch_size
+    micro_batches = -(-rows_per_step // p.micro_batch_size)
+    run = min(micro_batches, DRY_RUN_MICRO_BATCHES)
     with contextlib.ExitStack() as stack:
         stack.enter_context(FakeTensorMode())
         stack.enter_context(NeutralScalars())
@@ -76,13 +80,17 @@ def dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Cont
         parts = build(p, meta, device, seed, ctx=ctx, dry_run=True, task=task, mesh=mesh)
         meter = TensorMeter(parts.task.categories)
         parts.track(meter)
+        kept = 0  # bytes of one micro-batch's kept loss
         for step in range(max(2, p.meter_steps)):
-            rows = parts.task.fake_rows(min(batch or p.batch_size, p.micro_batch_size * DRY_RUN_MICRO_BATCHES), p,
-                                        device)
-            train_step(parts, rows, p, device, step, meter)
-            del rows
+            rows = parts.task.fake_rows(rows_per_step, p, device)  # the whole batch's storage, counted once
+            losses = train_step(parts, rows[:run * p.micro_batch_size], p, device, step, meter)
+            kept = losses[-1].untyped_storage().nbytes()
+            del rows, losses
         meter.close()
     out = meter.summary(prefix="est_")
+    more = (micro_batches - run) * kept / 2**20  # the losses of the micro-batches not run, held to the step's end
+    for key in (mem_key("activations", "est_"), mem_key("activations", "est_", at_peak=True), mem_key("total", "est_")):
+        out[key] += more
     if ctx.strategy in ("ddp", "zero1"):  # DDP's first step copies each new gradient into its bucket, which
         # holds them all already: for a moment the largest is there twice
         out[mem_key("gradients", "est_")] += meter.largest_gradient / 2**20
