@@ -11,7 +11,6 @@ Structured pruning and distillation: their perplexity and inference tensor peak 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import stages  # noqa: F401  (the pins before torch loads)
 from bench.common import ROOT, machine

@@ -10,7 +10,6 @@ caps it at AVX2) `torch._int_mm` saturates on CPU (python -m bench.int_mm_isa).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
