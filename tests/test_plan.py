@@ -188,3 +188,22 @@ def test_bad_plan_params_are_refused_before_any_work_and_keep_the_previous_outpu
     assert done.returncode == 2
     assert expected in one_error_line(done.stderr, "plan")
     assert (tmp_path / "plan" / "plans.json").read_text() == "[]" and not (tmp_path / "plan.json").exists()
+
+
+def test_a_device_the_weights_alone_overflow_is_answered_without_a_dry_run() -> None:
+    """Llama-3-70B pretrained on one 80 GiB device: 70.55 B weights at 2 bytes at least (no
+    technique trains in fewer than 16 bits) cannot fit, said at once; with fsdp over 8 ranks
+    the floor is an eighth and the search would go on."""
+    from stages.plan.planner import weights_floor
+
+    q = Question(CATALOG["llama-3-70b"], "pretrain", batch_size=8, micro_batch_size=1, context=2048,
+                 train={"precision": "bf16"})
+    found = plan(q, {"H100": 80.0}, reserve_mib=2048.0, max_seconds=1.0)
+    answer = found["devices"]["H100"]
+    assert not answer["fits"] and answer["stacks"] == [] and found["tried"] == [] and not found["out_of_time"]
+    floor = 70_553_706_496 * 2 / 2**20  # the published count, 2 bytes each
+    assert answer["cannot_fit"] == (f"the weights alone need at least {floor:,.0f} MiB a rank (70.55 B weights at 2 "
+                                    f"bytes each), more than 81,920 MiB less 2,048 held back")
+    sharded = Question(CATALOG["llama-3-70b"], "pretrain", world_size=8, strategy="fsdp")
+    assert weights_floor(sharded)[0] == pytest.approx(floor / 8)
+    assert weights_floor(Question(CATALOG["llama-3-70b"], "qlora"))[0] == pytest.approx(floor / 4)

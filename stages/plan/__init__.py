@@ -173,6 +173,8 @@ def render(plan: dict[str, Any]) -> str:
             lines.append(f"{device} ({answer['device_mib']:,.0f} MiB, {plan['reserve_mib']:,.0f} held back): fits "
                          f"with {best['stack']} ({best['peak_mib']:,.1f} MiB, cost {best['cost']:.2f}); "
                          f"{len(answer['stacks'])} stack(s) fit")
+        elif "cannot_fit" in answer:
+            lines.append(f"{device} ({answer['device_mib']:,.0f} MiB): cannot fit, {answer['cannot_fit']}")
         else:
             lines.append(f"{device} ({answer['device_mib']:,.0f} MiB): nothing tried fits")
     lines.append(f"cost: {plan['cost_source']}")

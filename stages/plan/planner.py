@@ -121,12 +121,38 @@ def inference_plan(search: Search) -> None:
             log.info("  %-60s %10.1f MiB (%.1f s)", key, found["peak_mib"], found["seconds"])
 
 
+def weights_floor(q: Question) -> tuple[float, str]:
+    """The fewest MiB per rank the weights can take under any stack the planner tries, and how
+    that is counted: 2 bytes a trained weight (no technique trains in fewer than 16 bits), split
+    by fsdp's ranks; 4 bits a frozen one (QLoRA's NormalFloat); inference, the asked dtype."""
+    from stages.plan.dryrun import DTYPES, parameter_count
+    from stages.train.budget import PARAM_BYTES_FLOOR
+
+    count = parameter_count(q.arch)
+    if q.workload == "inference":
+        size, how = DTYPES[q.dtype].itemsize, f"{DTYPES[q.dtype].itemsize} bytes each in {q.dtype}"
+    elif q.workload in ("lora", "qlora"):
+        size, how = 0.5, "4 bits each, frozen in NormalFloat"
+    else:
+        size, how = PARAM_BYTES_FLOOR, f"{PARAM_BYTES_FLOOR} bytes each"
+    shards = q.world_size if q.strategy == "fsdp" and q.workload != "inference" else 1
+    return count * size / shards / 2**20, f"{count / 1e9:,.2f} B weights at {how}" + (
+        f", split over {shards} fsdp ranks" if shards > 1 else "")
+
+
 def plan(q: Question, devices: dict[str, float], reserve_mib: float, max_seconds: float) -> dict[str, Any]:
-    """Every device's answer to `q`: the stacks that fit, by cost, and every stack tried."""
+    """Every device's answer to `q`: the stacks that fit, by cost, and every stack tried. A
+    device that the weights alone overflow is answered at once, without a dry run."""
     search = Search(q, max_seconds)
     answers: dict[str, Any] = {}
+    floor, counted = weights_floor(q)
     for device, gib in sorted(devices.items(), key=lambda item: -item[1]):  # the largest first: the fewest moves
         mib = gib * 1024
+        if floor + reserve_mib > mib:
+            answers[device] = {"device_mib": mib, "fits": False, "stacks": [],
+                               "cannot_fit": f"the weights alone need at least {floor:,.0f} MiB a rank ({counted}), "
+                                             f"more than {mib:,.0f} MiB less {reserve_mib:,.0f} held back"}
+            continue
         if q.workload == "inference":
             inference_plan(search)
         else:

@@ -30,7 +30,8 @@ def section(doc: Doc, plans: list[dict[str, Any]]) -> None:
         for device, answer in plan["devices"].items():
             best = answer["stacks"][0] if answer["stacks"] else None
             rows.append([q["architecture"], q["workload"], shape, f"{device} ({num(answer['device_mib'] / 1024, 0)} GiB)",
-                         "yes" if best else "no", best["stack"] if best else "nothing tried fits",
+                         "yes" if best else "no", best["stack"] if best else
+                         ("cannot fit: the weights alone overflow it" if "cannot_fit" in answer else "nothing tried fits"),
                          num(best["peak_mib"]) if best else "–", f"{best['cost']:.2f}" if best else "–",
                          str(len(answer["stacks"])) + "/" + str(len(plan["tried"]))])
     doc.table(["architecture", "workload", "batch x context", "device", "fits", "cheapest stack that fits",
