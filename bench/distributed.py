@@ -41,7 +41,8 @@ def main() -> int:
         for i, (name, overrides) in enumerate(configs.items()):
             work = Path(tmp) / f"c{i}"
             work.mkdir()
-            train = {"steps": args.steps, "meter_steps": 2, "checkpoint_every": 0, "eval_every": args.steps,
+            train = {"steps": args.steps, "warmup_steps": args.steps // 10, "meter_steps": 2, "checkpoint_every": 0,
+                     "eval_every": args.steps,
                      "batch_size": 16, "micro_batch_size": micro, **overrides}
             params = params_file(work, train=train)
             log.info("%s ...", name)
