@@ -44,7 +44,9 @@ def losses(work: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def runs(tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[str, Any], Path]]:
-    """One process, then ddp, zero1 and fsdp on 2 ranks, all on the same params otherwise."""
+    """One process, then ddp, zero1 and fsdp on 2 ranks, all on the same params otherwise: a
+    minute, and must be (four training runs, three of them launching two processes each), once
+    for the module's tests."""
     root = tmp_path_factory.mktemp("distributed")
     out = {}
     for name, dist in (("single", None), ("ddp", "ddp"), ("zero1", "zero1"), ("fsdp", "fsdp")):

@@ -148,6 +148,8 @@ def test_progress_bar_redraws_become_one_line_and_levels_are_kept() -> None:
 
 
 def test_pipeline_runs_every_stage_then_skips_every_stage(server: str, repo: Path) -> None:
+    """Over a minute, and must be: the whole tiny pipeline runs through the flow and a real
+    Prefect server, each stage a task, before the second run finds every stage cached."""
     from flows.pipeline import pipeline
 
     state = pipeline(root=str(repo), return_state=True)
@@ -367,6 +369,8 @@ def test_a_failed_sweep_point_keeps_the_others_and_the_comparison_accumulates(se
 
 
 def test_served_deployment_triggered_through_the_api_completes(server: str, repo: Path) -> None:
+    """About a minute, and must be: a served deployment's worker starts, picks the run up from
+    the API and runs the pipeline's flow to its end, as a user's click in the UI does."""
     from prefect.deployments import run_deployment
 
     from flows.serve import stop_process_group

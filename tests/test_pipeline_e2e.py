@@ -52,6 +52,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_repro_runs_every_stage_then_nothing(repo: Path) -> None:
+    """Over a minute, and must be: the whole tiny pipeline under a real `dvc repro`, the run
+    the other tests of this module read and change."""
     first = sh("dvc", "repro", cwd=repo)
     assert ran_all(first)
     for stage in STAGES:
@@ -381,6 +383,8 @@ def test_restore_puts_back_what_dvc_deleted_before_a_killed_stage(repo: Path) ->
 
 
 def test_experiment_on_english_news_lists_its_metrics(repo: Path) -> None:
+    """About a minute, and must be: `dvc exp run` reruns every stage from ingest on another
+    corpus (English news), which is what it checks."""
     sh("dvc", "repro", cwd=repo)
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-q", "--allow-empty", "-m", "tiny baseline", cwd=repo)  # clean when the others restored it

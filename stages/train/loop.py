@@ -146,7 +146,7 @@ def one_step(parts: Parts, progress: Progress, p: Any, device: torch.device, ste
     set_lr(parts.optimizer, lr)
     local = p.batch_size // ctx.world  # this rank's rows of each batch
     batch = parts.task.sample(progress.rng, p.batch_size)  # the whole batch, the same on every rank
-    rows = batch[ctx.rank * local:(ctx.rank + 1) * local].to(device)
+    rows = batch[ctx.rank * local:(ctx.rank + 1) * local].to(device, copy=True)  # not a view holding every rank's
     del batch
     losses = train_step(parts, rows, p, device, step, meter if metering else None)
     step_loss = ctx.mean(sum(loss.item() for loss in losses))
