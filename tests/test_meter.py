@@ -73,6 +73,13 @@ def test_a_storage_resized_in_place_counts_its_new_size() -> None:
     with meter.phase(0, "backward"):
         gathered.untyped_storage().resize_(128 * 256 * 4)  # gathered again in backward: a temporary
     assert meter.current == {**dict.fromkeys(meter.current, 0), "temporaries": 128 * 1024}
+    with meter.phase(0, "forward"):
+        empty = torch.empty(0)  # FSDP's all-gather buffers start empty: nothing to count yet
+        assert meter.current["activations"] == 0
+        empty.untyped_storage().resize_(64 * 4)
+    assert meter.current["activations"] == 256
+    del empty
+    assert meter.current["activations"] == 0
     meter.close()
     gathered.untyped_storage().resize_(0)  # a closed meter is told of nothing
     assert meter.current["temporaries"] == 128 * 1024

@@ -150,10 +150,13 @@ class TensorMeter(TorchDispatchMode):
             self._update_peaks()
 
     def _resized(self, storage: torch.UntypedStorage) -> None:
-        """A counted storage resized in place: its new size counts, in the category of this
-        moment when it grows from nothing (a parameter gathered again)."""
+        """A storage resized in place: its new size counts, in the category of this moment when
+        it grows from nothing (a parameter gathered again, or a buffer made empty and filled)."""
         entry = self._live.get(id(storage))
-        if entry is None:
+        if entry is None:  # made empty, so never counted (nor freed): counted from now on
+            if storage.nbytes() > 0:
+                category = PHASE_CATEGORY.get(self.phase_name, "activations")
+                self._add(storage, "temporaries" if category == "optimizer" else category)
             return
         ref, old, category = entry
         size = storage.nbytes()
