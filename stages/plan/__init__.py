@@ -107,12 +107,10 @@ def key(*parts: str) -> str:
 
 def question(p: Params, arch: Any, workload: str) -> Any:
     """The question of `arch` and `workload` (one line if no run could answer it)."""
-    from stages.plan.dryrun import Question, check
+    from stages.plan.dryrun import Question
 
-    q = Question(arch, workload, p.batch_size, p.micro_batch_size, p.context, p.world_size, p.strategy,
-                 dict(p.train), p.prompt, p.dtype)
-    check(q)
-    return q
+    return Question(arch, workload, p.batch_size, p.micro_batch_size, p.context, p.world_size, p.strategy,
+                    dict(p.train), p.prompt, p.dtype)
 
 
 def flat(plan: dict[str, Any]) -> dict[str, Any]:
@@ -134,23 +132,19 @@ def flat(plan: dict[str, Any]) -> dict[str, Any]:
 def run(p: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     from stages.common.artifacts import atomic_dir, write_json
     from stages.plan.catalog import architecture
-    from stages.plan.dryrun import parameter_count
     from stages.plan.planner import plan
 
     plans, metrics = [], {}
     archs = [architecture(name) for name in p.architectures]  # every name checked before any dry run
-    for arch in archs:
-        question(p, arch, p.workloads[0])  # and every architecture's context
-    for arch in archs:
-        count = parameter_count(arch)
-        metrics[f"{key(arch.name)}_parameters"] = count
-        if arch.published_parameters is not None:
-            metrics[f"{key(arch.name)}_parameters_published"] = arch.published_parameters
-        for workload in p.workloads:
-            log.info("%s, %s:", arch.name, workload)
-            found = plan(question(p, arch, workload), p.devices, p.reserve_mib, p.max_seconds)
-            plans.append({**found, "parameters": count, "published_parameters": arch.published_parameters})
-            metrics.update(flat(found))
+    questions = [question(p, arch, workload) for arch in archs for workload in p.workloads]  # and every context
+    for q in questions:
+        log.info("%s, %s:", q.arch.name, q.workload)
+        found = plan(q, p.devices, p.reserve_mib, p.max_seconds)
+        plans.append({**found, "published_parameters": q.arch.published_parameters})
+        metrics[f"{key(q.arch.name)}_parameters"] = found["parameters"]
+        if q.arch.published_parameters is not None:
+            metrics[f"{key(q.arch.name)}_parameters_published"] = q.arch.published_parameters
+        metrics.update(flat(found))
     with atomic_dir(paths.out, "plan") as tmp:
         write_json(tmp / "plans.json", plans)
     metrics["plans"] = len(plans)

@@ -52,6 +52,9 @@ class Question:
     dtype: str = "bf16"  # inference: the weights' and the cache's dtype
     kv_bits: int = 0  # inference: 8 or 4 quantizes the cache
 
+    def __post_init__(self) -> None:
+        check(self)  # no question that no run could answer
+
 
 class Architecture_(Task):
     """Next-token prediction for a catalog architecture (the stock transformers class)."""
@@ -144,13 +147,21 @@ def inference(q: Question) -> dict[str, Any]:
     config = hf_config(q.arch, use_cache=True)
     with FakeTensorMode(), NeutralScalars():
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=DTYPES[q.dtype]).eval()
-        prefill = decode_peak(model, q.batch_size, q.prompt, q.prompt + 1, q.kv_bits)
-        last = decode_peak(model, q.batch_size, q.context - 1, q.context, q.kv_bits, decode_only=True)
+        found = generation_peaks(model, q)
+    return {**found, "kv_cache_predicted_mib": kv_cache_bytes(config, q.batch_size, q.context, DTYPES[q.dtype],
+                                                              q.kv_bits) / 2**20,
+            "seconds": time.perf_counter() - started}
+
+
+def generation_peaks(model: torch.nn.Module, q: Question) -> dict[str, Any]:
+    """`model`'s metered prefill of `q.prompt` tokens and its last decoding step (the cache full
+    at `q.context`): the larger peak's figures, both peaks and the full cache (fake tensors or
+    real ones)."""
+    prefill = decode_peak(model, q.batch_size, q.prompt, q.prompt + 1, q.kv_bits)
+    last = decode_peak(model, q.batch_size, q.context - 1, q.context, q.kv_bits, decode_only=True)
     worst = max((prefill, last), key=lambda r: r["peak_mib"])
     return {**worst, "prefill_peak_mib": prefill["peak_mib"], "decode_peak_mib": last["peak_mib"],
-            "kv_cache_predicted_mib": kv_cache_bytes(config, q.batch_size, q.context, DTYPES[q.dtype],
-                                                     q.kv_bits) / 2**20,
-            "seconds": time.perf_counter() - started}
+            "kv_cache_end_mib": last["kv_cache_end_mib"]}  # the cache once it holds the context
 
 
 def decode_peak(model: torch.nn.Module, batch: int, held: int, context: int, kv_bits: int,
@@ -171,7 +182,6 @@ def estimate(q: Question, changes: dict[str, Any] | None = None) -> dict[str, An
     """The dry run of `q` (and, training, the stack's `changes`)."""
     if q.workload not in WORKLOADS:
         raise StageError(f"plan: workload {q.workload!r}: one of {', '.join(WORKLOADS)}")
-    check(q)
     return inference(q) if q.workload == "inference" else training(q, changes)
 
 

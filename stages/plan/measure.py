@@ -5,7 +5,7 @@ estimate against, category by category.
 
 Training runs `max(2, meter_steps)` optimizer steps in this process, or on `world_size`
 ranks started on this machine (gloo, loopback) that return each rank's meter; inference
-prefills and decodes a randomly initialised model as evaluate meters it.
+runs the dry run's metered generations on a randomly initialised model.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from stages.common.distributed import Context, DistributedParams
 from stages.common.meter import TensorMeter
-from stages.plan.dryrun import DTYPES, Architecture_, Question, meta_of, train_params
+from stages.plan.dryrun import DTYPES, Architecture_, Question, generation_peaks, meta_of, train_params
 from stages.plan.catalog import hf_config
 
 SEED = 0
@@ -80,23 +80,14 @@ def _steps(q: Question, changes: dict[str, Any] | None, ctx: Context) -> dict[st
 
 
 def _inference(q: Question) -> dict[str, Any]:
-    """Prefill and the last decoding step of a randomly initialised model (dryrun.inference's
-    two metered runs), the larger peak's figures."""
+    """The dry run's two metered generations (dryrun.generation_peaks) on a randomly initialised
+    model, the larger peak's figures and the cache at the end."""
     from transformers import AutoModelForCausalLM
-
-    from stages.common.evalrows import GEN_CATEGORIES
-    from stages.common.generation import metered_generation
 
     torch.manual_seed(SEED)
     config = hf_config(q.arch, use_cache=True)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=DTYPES[q.dtype]).eval()
-    vocab = config.vocab_size
-    runs = []
-    with torch.no_grad():
-        for held, context, decode_only in ((q.prompt, q.prompt + 1, False), (q.context - 1, q.context, True)):
-            prompt = torch.randint(0, vocab, (q.batch_size, held))
-            runs.append(metered_generation(model, prompt, context, q.kv_bits, decode_only=decode_only))
-    worst = max(runs, key=lambda r: r["peak_mib"])
-    return {"mem_total_peak_mib": worst["peak_mib"], "mem_peak_phase": worst["peak_phase"],
-            **{f"mem_at_peak_{c}_mib": worst[f"{c}_mib"] for c in GEN_CATEGORIES},
-            "kv_cache_end_mib": runs[-1]["kv_cache_end_mib"]}
+    found = generation_peaks(model, q)
+    return {"mem_total_peak_mib": found["peak_mib"], "mem_peak_phase": found["phase"],
+            **{f"mem_at_peak_{c}_mib": mib for c, mib in found["by_category"].items()},
+            "kv_cache_end_mib": found["kv_cache_end_mib"]}

@@ -121,31 +121,32 @@ def inference_plan(search: Search) -> None:
             log.info("  %-60s %10.1f MiB (%.1f s)", key, found["peak_mib"], found["seconds"])
 
 
-def weights_floor(q: Question) -> tuple[float, str]:
-    """The fewest MiB per rank the weights can take under any stack the planner tries, and how
-    that is counted: 2 bytes a trained weight (no technique trains in fewer than 16 bits), split
-    by fsdp's ranks; 4 bits a frozen one (QLoRA's NormalFloat); inference, the asked dtype."""
-    from stages.plan.dryrun import DTYPES, parameter_count
-    from stages.train.budget import PARAM_BYTES_FLOOR
+def weights_floor(q: Question, count: int) -> tuple[float, str]:
+    """The fewest MiB per rank `count` weights can take under any stack the planner tries, and
+    how that is counted: trained, training's floor (stages.train.budget: 2 bytes, split by
+    fsdp's ranks); frozen, 4 bits (QLoRA's NormalFloat); inference, the asked dtype."""
+    from stages.plan.dryrun import DTYPES
+    from stages.train.budget import PARAM_BYTES_FLOOR, trained_weights_floor_mib
 
-    count = parameter_count(q.arch)
+    billions = f"{count / 1e9:,.2f} B weights at"
     if q.workload == "inference":
-        size, how = DTYPES[q.dtype].itemsize, f"{DTYPES[q.dtype].itemsize} bytes each in {q.dtype}"
-    elif q.workload in ("lora", "qlora"):
-        size, how = 0.5, "4 bits each, frozen in NormalFloat"
-    else:
-        size, how = PARAM_BYTES_FLOOR, f"{PARAM_BYTES_FLOOR} bytes each"
-    shards = q.world_size if q.strategy == "fsdp" and q.workload != "inference" else 1
-    return count * size / shards / 2**20, f"{count / 1e9:,.2f} B weights at {how}" + (
-        f", split over {shards} fsdp ranks" if shards > 1 else "")
+        return count * DTYPES[q.dtype].itemsize / 2**20, f"{billions} {DTYPES[q.dtype].itemsize} bytes each in {q.dtype}"
+    if q.workload in ("lora", "qlora"):
+        return count * 0.5 / 2**20, f"{billions} 4 bits each, frozen in NormalFloat"
+    sharded = f", split over {q.world_size} fsdp ranks" if q.strategy == "fsdp" and q.world_size > 1 else ""
+    return (trained_weights_floor_mib(count, q.world_size, q.strategy),
+            f"{billions} {PARAM_BYTES_FLOOR} bytes each{sharded}")
 
 
 def plan(q: Question, devices: dict[str, float], reserve_mib: float, max_seconds: float) -> dict[str, Any]:
     """Every device's answer to `q`: the stacks that fit, by cost, and every stack tried. A
     device that the weights alone overflow is answered at once, without a dry run."""
+    from stages.plan.dryrun import parameter_count
+
     search = Search(q, max_seconds)
     answers: dict[str, Any] = {}
-    floor, counted = weights_floor(q)
+    count = parameter_count(q.arch)
+    floor, counted = weights_floor(q, count)
     for device, gib in sorted(devices.items(), key=lambda item: -item[1]):  # the largest first: the fewest moves
         mib = gib * 1024
         if floor + reserve_mib > mib:
@@ -164,7 +165,8 @@ def plan(q: Question, devices: dict[str, float], reserve_mib: float, max_seconds
                                       for r in fitting]}
     from stages.plan.others import others
 
-    return {"question": question_record(q), "devices": answers, "tried": list(search.tried.values()),
+    return {"question": question_record(q), "parameters": count, "devices": answers,
+            "tried": list(search.tried.values()),
             "others": others(q) if q.workload != "inference" else {},
             "failed": search.failed,
             "reserve_mib": reserve_mib, "cost_source": COST_SOURCE if q.workload != "inference" else

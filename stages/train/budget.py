@@ -58,6 +58,12 @@ def meta_model(p: Any, meta: TokensMeta, task: Task | None = None) -> torch.nn.M
         return (task or LanguageModelling(meta)).make_model(p, dry_run=True)
 
 
+def trained_weights_floor_mib(count: int, world_size: int, strategy: str) -> float:
+    """The fewest MiB a rank's share of `count` trained weights can take: 2 bytes each, split
+    over the ranks by fsdp (whole on every rank otherwise)."""
+    return count * PARAM_BYTES_FLOOR / (world_size if strategy == "fsdp" else 1) / 2**20
+
+
 def check_parameters_fit(p: Any, model: torch.nn.Module, device: torch.device, sequence: int = 0) -> None:
     """Refuse at once a run that cannot fit whatever its techniques: a model (on the meta
     device) whose parameters alone, at 2 bytes each per rank, exceed what the machine can hold,
@@ -69,8 +75,7 @@ def check_parameters_fit(p: Any, model: torch.nn.Module, device: torch.device, s
     if found is None:
         return
     count = sum(q.numel() for q in {id(q): q for q in model.parameters()}.values())
-    shards = p.distributed.world_size if p.distributed.strategy == "fsdp" else 1
-    floor_mib = count * PARAM_BYTES_FLOOR / shards / 2**20
+    floor_mib = trained_weights_floor_mib(count, p.distributed.world_size, p.distributed.strategy)
     if floor_mib > found[0]:
         raise StageError(f"train.model: {count / 1e6:,.1f} M parameters need at least {floor_mib:,.0f} MiB "
                          f"per process (2 bytes each) before any gradient or activation, more than {found[1]}: "
