@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	touch $@
 
 repro: setup
-	$(BIN)/python -m stages.common.specials  # a FIFO or device among the dependencies: refused before DVC hashes it
+	$(BIN)/python -m stages.common.harness.specials  # a FIFO or device among the dependencies: refused before DVC hashes it
 	$(BIN)/dvc repro
 	$(BIN)/dvc push  # to the default remote (.dvc/config: a folder beside this clone)
 

@@ -6,7 +6,7 @@ tuned), jemalloc and tcmalloc, side by side in one run, each in fresh processes.
 Each setting runs `python -m stages train` (params.yaml's model and batch, `steps` steps, on
 data/tokens) and `python -m stages evaluate` (the trained model and `variants` of
 data/compressed) with `base.allocator` set to it: each stage executes itself again with the
-library loaded through LD_PRELOAD or glibc's tunables set (stages.common.allocator; their
+library loaded through LD_PRELOAD or glibc's tunables set (stages.common.harness.malloc; their
 workers inherit it):
 - glibc: as it comes;
 - glibc tuned: MALLOC_ARENA_MAX=2 (one arena per core instead of 8 per core), trim and mmap
@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from bench.common import ROOT, machine, params_file, run_stage
-from stages.common.allocator import NAMES, missing
+from stages.common.harness.malloc import NAMES, missing
 
 
 def main() -> int:

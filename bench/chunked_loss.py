@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from bench.common import ROOT, machine, require_tokens, training_parser
 from bench.step_speed import alternate
 from stages import train as stage
-from stages.common.loss import chunked_cross_entropy, hidden_and_head
-from stages.common.meter import TensorMeter
-from stages.common.params import load_params
-from stages.common.schema import CATEGORIES, TokensMeta, mem_key, read_typed
-from stages.common.windows import Windows
+from stages.common.core.params import load_params
+from stages.common.core.schema import CATEGORIES, TokensMeta, mem_key, read_typed
+from stages.common.memory.tensor_meter import TensorMeter
+from stages.common.modelling.loss import chunked_cross_entropy, hidden_and_head
+from stages.common.modelling.windows import Windows
 from stages.train.build import build
 from stages.train.estimate import predict_memory
 from stages.train.step import train_step

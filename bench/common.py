@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from stages.common.params import merged
-from stages.common.text import package_file
+from stages.common.core.params import merged
+from stages.common.text.records import package_file
 
 ROOT = Path(__file__).resolve().parent.parent
 

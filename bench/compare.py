@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, params_file, parse_training, run_stage, training_parser
-from stages.common import comparison
-from stages.common.params import load_params
-from stages.common.schema import CATEGORIES
+from stages.common.core.params import load_params
+from stages.common.core.schema import CATEGORIES
 from stages.compare import Params
+from stages.report import comparison
 
 log = logging.getLogger("bench.compare")
 

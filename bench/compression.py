@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, machine
-from stages.common.evalrows import eval_rows
+from stages.common.core.eval_results import eval_rows
 
 # (bytes ratio, perplexity ratio). The 50 % target is checked on both readings: the block
 # matrices pruned (prune50-int8) and every matrix, the tied embedding/head too (prune50-all-int8);

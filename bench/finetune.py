@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 
 from bench.common import ROOT, machine, params_file, run_stage
-from stages.common.params import load_params
-from stages.common.tuning import CATEGORIES
+from stages.common.core.params import load_params
 from stages.finetune import Params
+from stages.report.finetuning import CATEGORIES
 
 log = logging.getLogger("bench.finetune")
 

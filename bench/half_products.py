@@ -18,10 +18,10 @@ import time
 
 import stages  # noqa: F401  (the pins before torch loads)
 from bench.common import ROOT, machine
-from stages.common.halfmath import half_products_in_float
-from stages.common.loading import load_model_folder
-from stages.common.portable import pin_threads
-from stages.common.schema import TokensMeta, read_typed
+from stages.common.core.schema import TokensMeta, read_typed
+from stages.common.harness.portable import pin_threads
+from stages.common.modelling.halfmath import half_products_in_float
+from stages.common.weights.loading import load_model_folder
 from stages.evaluate import quality, windows
 
 

@@ -33,8 +33,8 @@ IMPORTS: dict[str, list[str]] = {
     "train": ["stages.train", "transformers.models.llama.modeling_llama", "torch._subclasses.fake_tensor"],
     "compress": ["stages.compress", "transformers.models.llama.modeling_llama"],
     "evaluate": ["stages.evaluate"],
-    "evaluate's fork server": ["stages.common.workers", "transformers.models.llama.modeling_llama",
-                               "transformers.models.gpt2.modeling_gpt2", "stages.common.loading"],
+    "evaluate's fork server": ["stages.common.harness.workers", "transformers.models.llama.modeling_llama",
+                               "transformers.models.gpt2.modeling_gpt2", "stages.common.weights.loading"],
     # the report reads every stage's Params for their defaults: it imports each stage module
     "report": ["stages.report", "stages.ingest", "stages.clean", "stages.tokenize", "stages.embed", "stages.train",
                "stages.compress", "stages.evaluate"],

@@ -5,7 +5,7 @@
 `base.portable` pins oneDNN's ISA to AVX2 (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA), so that an
 AVX-512 CPU runs the kernels an AVX2 one runs. Under a cap below AVX-512 VNNI, oneDNN's int8
 kernel adds pairs of u8 × s8 products in int16 (vpmaddubsw), which saturates: `torch._int_mm`
-then returns wrong sums. lmmem does not use `torch._int_mm` on CPU (stages.common.quant's
+then returns wrong sums. lmmem does not use `torch._int_mm` on CPU (stages.common.weights.quant's
 `int8_product` multiplies exactly in fp32 pieces); this bench shows why it must not, on the
 machine it runs on: each cap in a fresh process (the variables are read as torch loads),
 `torch._int_mm` and lmmem's product against an int64 product, on rows of 127 against values
@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 from bench.common import ROOT
-from stages.common.portable import MARK, PINS, cpu_model
+from stages.common.harness.portable import MARK, PINS, cpu_model
 
 CAPS = ["", "SSE41", "AVX2", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX512_CORE_AMX"]
 PROBE = """
@@ -39,7 +39,7 @@ for name, a, b in (("large same-sign", torch.full((16, 128), 127, dtype=torch.in
 }
 # lmmem's product after torch's: importing stages pins the kernels (base.portable), and oneDNN
 # reads its cap at its first use, not as torch loads
-from stages.common.quant import int8_product
+from stages.common.weights.quant import int8_product
 for name in ("large same-sign", "random"):
     row = out[name]
     row["lmmem_exact"] = bool(torch.equal(int8_product(row.pop("a"), row.pop("b")), row.pop("exact").float()))

@@ -6,12 +6,12 @@ side by side, metered, beside the KV cache's closed form.
 Each row builds params.yaml's model (train.model) with another head layout, untrained (what a
 tensor holds does not change its bytes), and meters greedy decoding with a KV cache from a
 `prompt`-token prompt until the cache holds `context` tokens, for `batch` sequences
-(stages/common/generation.py, the meter evaluate uses): the peak by category, the cache at
+(stages/common/modelling/generation.py, the meter evaluate uses): the peak by category, the cache at
 the end against 2 × layers × batch × context × KV heads × head size × 4 bytes, and each
 layout's cache and peak against multi-head's of the same head count.
 
 With --quantized FOLDER (a trained model): that model's generation with the exact cache and
-the int8 and int4 caches of stages/common/kvquant.py, as evaluate measures them
+the int8 and int4 caches of stages/common/modelling/kvquant.py, as evaluate measures them
 (`kv_quantization`: the cache metered and in closed form, the peak, the perplexity of 16
 validation windows read one position at a time through the cache), and ms per generated
 token at `batch` for each (16 tokens after an 8-token prompt, median of 5 after a warm-up).
@@ -26,9 +26,10 @@ import yaml
 
 import stages  # noqa: F401  (the pins before torch loads)
 from bench.common import ROOT, machine
-from stages.common.generation import kv_cache_bytes, kv_quantization, metered_generation, ms_per_token
-from stages.common.models import ModelParams, build_model
-from stages.common.portable import pin_threads
+from stages.common.harness.portable import pin_threads
+from stages.common.modelling.generation import (kv_cache_bytes, kv_quantization, metered_generation,
+                                                ms_per_token)
+from stages.common.modelling.models import ModelParams, build_model
 
 SPECIAL = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
 
@@ -75,9 +76,9 @@ def main() -> int:
 
 
 def quantized(args: argparse.Namespace) -> int:
-    from stages.common.loading import load_model_folder
-    from stages.common.schema import TokensMeta, read_typed
-    from stages.common.windows import Windows
+    from stages.common.core.schema import TokensMeta, read_typed
+    from stages.common.modelling.windows import Windows
+    from stages.common.weights.loading import load_model_folder
 
     tokens = ROOT / "data" / "tokens"
     meta = read_typed(tokens / "meta.json", TokensMeta)

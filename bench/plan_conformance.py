@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine
-from stages.common.errors import StageError
+from stages.common.core.errors import StageError
 from stages.plan.catalog import Architecture, _llama
 from stages.plan.dryrun import Question, estimate
 from stages.plan.measure import measure

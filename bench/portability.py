@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from bench.common import ROOT, machine
-from stages.common.portable import cpu_model
+from stages.common.harness.portable import cpu_model
 
 RAN = re.compile(r"Running stage '([\w@-]+)'")
 

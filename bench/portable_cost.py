@@ -31,11 +31,11 @@ sys.argv = ['-m', '--params', {params!r}]
 import stages  # the pins (or none) before torch loads
 import statistics, time, numpy as np, torch, torch.nn.functional as F
 from pathlib import Path
-from stages.common.models import build_model, logits_of
-from stages.common.params import load_params
-from stages.common.portable import pin_threads, provenance
-from stages.common.schema import TokensMeta, read_typed
-from stages.common.windows import Windows
+from stages.common.modelling.models import build_model, logits_of
+from stages.common.core.params import load_params
+from stages.common.harness.portable import pin_threads, provenance
+from stages.common.core.schema import TokensMeta, read_typed
+from stages.common.modelling.windows import Windows
 from stages.train.params import Params
 pin_threads()
 _, p = load_params(Path({params!r}), 'train', Params)

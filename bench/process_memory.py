@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from bench.common import ROOT, machine, params_file
-from stages.common.mapped import smaps
+from stages.common.memory.mapped import smaps
 
 
 def tree(root: int) -> list[int]:

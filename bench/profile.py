@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, params_file, parse_training, run_training, training_parser
-from stages.common.params import merged
+from stages.common.core.params import merged
 
 log = logging.getLogger("bench.profile")
 

@@ -1,5 +1,5 @@
 """The frozen NF4 base of QLoRA: bitsandbytes' Linear4bit against lmmem's FrozenLinear
-(stages.common.frozen), side by side on this CPU, on the default model's block matrices
+(stages.common.weights.frozen), side by side on this CPU, on the default model's block matrices
 (128 → 128, 128 → 384, 384 → 128) and a larger one (1024 → 4096).
 
     python -m bench.qlora_backends [--repeats 20]
@@ -20,7 +20,7 @@ import time
 import torch
 
 from bench.common import machine
-from stages.common.frozen import FrozenLinear
+from stages.common.weights.frozen import FrozenLinear
 
 SHAPES = [(128, 128), (128, 384), (384, 128), (1024, 4096)]  # (in, out)
 

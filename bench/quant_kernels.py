@@ -1,5 +1,5 @@
 """Weight-only quantized matmul on this CPU: ATen's packed kernels (what torchao calls on
-CPU) against dequantize-then-float-matmul (what stages.common.quant does) and plain fp32,
+CPU) against dequantize-then-float-matmul (what stages.common.weights.quant does) and plain fp32,
 for the default model's largest layer (the 19,590 × 256 output head) at 1 and 2048 rows.
 Its `_int_mm` column is a timing only: under oneDNN capped below AVX-512 VNNI (base.portable
 caps it at AVX2) `torch._int_mm` saturates on CPU (python -m bench.int_mm_isa).
@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from bench.common import machine, median_ms
-from stages.common.quant import Int4Linear, Int8Linear, quantize_int8_rows
+from stages.common.weights.quant import Int4Linear, Int8Linear, quantize_int8_rows
 
 
 def main() -> int:

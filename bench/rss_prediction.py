@@ -1,5 +1,5 @@
 """Peak RSS predicted from the tensor estimate: fit the runtime and allocator overhead of
-stages.common.rss on models of some sizes, check the prediction on models of other sizes, per
+stages.common.memory.rss_prediction on models of some sizes, check the prediction on models of other sizes, per
 allocator, each stage run in a fresh process under `base.allocator`.
 
     python -m bench.rss_prediction [--steps 40] [--allocators glibc jemalloc] [--out /tmp/lmmem-rss] [--reuse]
@@ -19,9 +19,9 @@ For each allocator (one not installed is named and skipped):
 - the data stages (ingest, clean, tokenize, embed, warmstart, domain) on the built-in corpus,
   and the report of the repository's pipeline: their peak − start, the overhead they are given
   (a fit to this one run, not a test; `--check-corpus` tests the data stages on another).
-The last lines are the OVERHEAD table for stages/common/rss.py. With `--check-corpus
+The last lines are the OVERHEAD table for stages/common/memory/rss_prediction.py. With `--check-corpus
 builtin:en-news`, only the data stages run, on that corpus, each with the prediction
-stages/common/rss.py makes: how far the built-in corpus's fit carries to another.
+stages/common/memory/rss_prediction.py makes: how far the built-in corpus's fit carries to another.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from bench.common import ROOT, machine, params_file, run_stage
-from stages.common.allocator import NAMES, missing
+from stages.common.harness.malloc import NAMES, missing
 
 FITTED = {"width 64": {"model": {"width": 64}}, "width 256": {"model": {"width": 256}},
           "width 192, batch 4": {"model": {"width": 192}, "batch_size": 4, "micro_batch_size": 4}}
@@ -106,7 +106,7 @@ def data_stages(allocator: str, out: Path, source: str = "", reuse: bool = False
 
 def data_check(allocators: list[str], source: str, out: Path) -> None:
     """The data stages on another corpus: the error of the prediction each stage records
-    (with the overhead stages/common/rss.py holds, fitted on the built-in corpus)."""
+    (with the overhead stages/common/memory/rss_prediction.py holds, fitted on the built-in corpus)."""
     print(f"\nThe data stages on {source}, with the overhead fitted on the built-in corpus:\n")
     print("| allocator | stage | start MiB | peak RSS MiB | predicted MiB | error |")
     print("|---|---|---|---|---|---|")
@@ -169,7 +169,7 @@ def main() -> int:
             table.setdefault(name, {})[allocator] = (round(extra, 1), 0.0, 0.0)
             print(f"| {allocator} | {name} | built-in corpus (fitted) | {m['rss_start_mib']:.1f} | 0 | 0 | "
                   f"{m['peak_rss_mib']:.1f} | | |", flush=True)
-    print("\nOVERHEAD for stages/common/rss.py:")
+    print("\nOVERHEAD for stages/common/memory/rss_prediction.py:")
     print(json.dumps(table, indent=1, sort_keys=True))
     return 0
 

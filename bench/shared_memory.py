@@ -4,10 +4,10 @@ weights each process holds through a mapping of the file rather than a copy.
     python -m bench.shared_memory [--models data/model data/compressed/int8] [--processes 3]
 
 For each model folder, `processes` fresh interpreters each load it with lmmem's loader
-(stages.common.loading: transformers' `from_pretrained` for a transformers folder, lmmem's
+(stages.common.weights.loading: transformers' `from_pretrained` for a transformers folder, lmmem's
 encoding for a compressed variant), run one forward pass of 8 × 128 tokens (every weight
 touched) and wait; while all of them are alive, each one's /proc/<pid>/smaps_rollup is read
-(stages/common/mapped.py). RSS counts a shared page in every process that maps it, PSS
+(stages/common/memory/mapped.py). RSS counts a shared page in every process that maps it, PSS
 divides it among them (their sum is what the processes take together), USS is what a
 process alone holds. "Mapped MiB" is the resident part of the folder's weight file mapped
 into each process: weights shared through the page cache rather than copied.
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from bench.common import ROOT, machine
-from stages.common.mapped import smaps
+from stages.common.memory.mapped import smaps
 
 CHILD = """
 import sys, json
@@ -31,9 +31,9 @@ import torch
 from pathlib import Path
 from transformers import AutoModelForCausalLM  # the libraries' own memory before the snapshot
 from transformers.models.llama import modeling_llama
-from stages.common.loading import load_model_folder
-from stages.common.mapped import file_backed_mib, smaps
-from stages.common.portable import pin_threads
+from stages.common.weights.loading import load_model_folder
+from stages.common.memory.mapped import file_backed_mib, smaps
+from stages.common.harness.portable import pin_threads
 pin_threads()
 folder = Path(sys.argv[1]).resolve()
 before = smaps()

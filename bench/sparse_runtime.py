@@ -1,5 +1,5 @@
 """Pruned weights at run time: decoded dense (as loaded today), kept as a bitmask and values
-(stages/common/sparse.py), or in torch's CSR layout, side by side on the committed pruned
+(stages/common/weights/sparse.py), or in torch's CSR layout, side by side on the committed pruned
 variants.
 
     python -m bench.sparse_runtime [--compressed data/compressed] [--variants prune50 prune50-all]
@@ -21,7 +21,7 @@ from typing import Any
 
 import stages  # noqa: F401  (the pins before torch loads)
 from bench.common import machine, median_ms
-from stages.common.portable import pin_threads
+from stages.common.harness.portable import pin_threads
 
 
 def csr_bytes(weight: Any, index_bytes: int) -> int:
@@ -41,11 +41,11 @@ def main() -> int:
     pin_threads()
     import torch
 
-    from stages.common.generation import forward_peak, metered_generation, ms_per_token
-    from stages.common.loading import load_model_folder
-    from stages.common.schema import TokensMeta, read_typed
-    from stages.common.sparse import BitmaskMatrix, pays, sparsify
-    from stages.common.windows import Windows
+    from stages.common.core.schema import TokensMeta, read_typed
+    from stages.common.modelling.generation import forward_peak, metered_generation, ms_per_token
+    from stages.common.modelling.windows import Windows
+    from stages.common.weights.loading import load_model_folder
+    from stages.common.weights.sparse import BitmaskMatrix, pays, sparsify
 
     meta = read_typed(args.tokens / "meta.json", TokensMeta)
     rows = next(iter(Windows(args.tokens / "validation.bin", meta.dtype, args.context).fixed_batches(1, 1)))

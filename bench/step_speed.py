@@ -25,9 +25,9 @@ import torch
 from bench.common import ROOT, machine, parse_training, training_parser
 from bench.train_grid import BASELINE, GRID
 from stages import train as stage
-from stages.common.params import load_params
-from stages.common.schema import TokensMeta, read_typed
-from stages.common.windows import Windows
+from stages.common.core.params import load_params
+from stages.common.core.schema import TokensMeta, read_typed
+from stages.common.modelling.windows import Windows
 from stages.train.build import build
 from stages.train.params import with_changes
 from stages.train.step import train_step

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, params_file, parse_training, run_training, training_parser
-from stages.common.schema import CATEGORIES
+from stages.common.core.schema import CATEGORIES
 from stages.train.techniques import REGISTRY
 
 log = logging.getLogger("bench.train_grid")

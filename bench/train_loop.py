@@ -28,11 +28,11 @@ import torch.nn.functional as F
 
 from bench.common import ROOT, machine, require_tokens, training_parser
 from stages import train as stage
-from stages.common.models import build_model, logits_of
-from stages.common.optim import lr_at
-from stages.common.params import load_params
-from stages.common.schema import TokensMeta, read_typed
-from stages.common.windows import Windows
+from stages.common.core.params import load_params
+from stages.common.core.schema import TokensMeta, read_typed
+from stages.common.modelling.models import build_model, logits_of
+from stages.common.modelling.optim import lr_at
+from stages.common.modelling.windows import Windows
 
 log = logging.getLogger("bench.train_loop")
 

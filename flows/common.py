@@ -25,8 +25,8 @@ import networkx as nx
 from prefect.settings import get_current_settings
 from pydantic import Field
 
-from stages.common.errors import StageError
-from stages.common.params import Section, read_params_file, validate_section
+from stages.common.core.errors import StageError
+from stages.common.core.params import Section, read_params_file, validate_section
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,7 +107,7 @@ def stage_plan(root: Path, targets: list[str] | None = None) -> StagePlan:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    from stages.common.specials import dvc_dependencies, problems, refusal
+    from stages.common.harness.specials import dvc_dependencies, problems, refusal
 
     if special := problems(dvc_dependencies(root), root):  # before DVC hashes one for ever
         raise StageError(refusal(special))

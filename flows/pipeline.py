@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.states import Completed, State
 
-from flows.common import (ROOT, STATE_NAMES, DvcFailed, announce_server, artifact_key, flow_params, markdown_table,
-                          metric_rows, read_metrics, retry_unless_refused, run_dvc, setup_logging, stage_plan)
-from stages.common.errors import StageError
-from stages.common.experiments import experiment_records
+from flows.common import (ROOT, STATE_NAMES, DvcFailed, announce_server, artifact_key, flow_params,
+                           markdown_table, metric_rows, read_metrics, retry_unless_refused, run_dvc,
+                           setup_logging, stage_plan)
+from stages.common.core.errors import StageError
+from stages.common.harness.experiments import experiment_records
 
 RAN_EXPERIMENT = re.compile(r"Ran experiment\(s\): ([\w.-]+)")
 # [file:]key.path=value as `dvc exp run -S` takes it; Hydra's + (add) and ++ (add or override) too

@@ -30,7 +30,7 @@ from typing import Any
 
 from prefect import serve
 
-from flows.common import ROOT, announce_server, flow_params, server_url, setup_logging
+from flows.common import ROOT, flow_params, server_url, setup_logging
 from flows.pipeline import pipeline
 from flows.plan import plan
 from flows.sweep import sweep

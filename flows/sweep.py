@@ -25,7 +25,6 @@ import csv
 import hashlib
 import itertools
 import json
-import logging
 import math
 import os
 import subprocess
@@ -41,11 +40,11 @@ from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import (ROOT, DvcFailed, FlowParams, announce_server, dvc_env, flow_params, markdown_table,
-                          retry_unless_refused, run_dvc, setup_logging)
+                           retry_unless_refused, run_dvc, setup_logging)
 from flows.pipeline import check_overrides
-from stages.common.errors import StageError
-from stages.common.experiments import experiment_records, yaml_load
-from stages.common.params import read_params_file, read_yaml_mapping
+from stages.common.core.errors import StageError
+from stages.common.core.params import read_params_file, read_yaml_mapping
+from stages.common.harness.experiments import experiment_records, yaml_load
 
 # The comparison's columns: (title, metrics file, key); a missing figure stays empty.
 COLUMNS = [

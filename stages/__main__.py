@@ -1,9 +1,9 @@
 """`python -m stages NAME [options]`: stage NAME (`python -m stages.NAME [options]`) run in a
 process forked from a warm interpreter that imported torch and transformers once
-(stages.common.warm). dvc.yaml runs the torch stages this way."""
+(stages.common.harness.warm). dvc.yaml runs the torch stages this way."""
 
 import sys
 
-from stages.common.warm import client
+from stages.common.harness.warm import client
 
 raise SystemExit(client(sys.argv[1:]))

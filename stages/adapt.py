@@ -29,12 +29,12 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, create_model
 
-from stages.common.errors import StageError
-from stages.common.models import build_model
-from stages.common.params import BaseParams, Section
-from stages.common.schema import TokensMeta, read_typed
-from stages.common.stage import stage_main
-from stages.common.windows import Windows, next_token_loss
+from stages.common.core.errors import StageError
+from stages.common.core.params import BaseParams, Section
+from stages.common.core.schema import TokensMeta, read_typed
+from stages.common.harness.stage import stage_main
+from stages.common.modelling.models import build_model
+from stages.common.modelling.windows import Windows, next_token_loss
 from stages.finetune import RunsSection, configured, run_section, trained_shape
 from stages.finetune.tasks import FINETUNE_CATEGORIES, param_category
 from stages.train.params import Params as TrainParams

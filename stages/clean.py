@@ -27,10 +27,10 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from stages.common.artifacts import SPLITS, JsonlWriter, atomic_dir, iter_jsonl, write_params
-from stages.common.errors import StageError
-from stages.common.params import BaseParams, Section
-from stages.common.stage import stage_main
+from stages.common.core.artifacts import SPLITS, JsonlWriter, atomic_dir, iter_jsonl, write_params
+from stages.common.core.errors import StageError
+from stages.common.core.params import BaseParams, Section
+from stages.common.harness.stage import stage_main
 
 log = logging.getLogger("lmmem.clean")
 

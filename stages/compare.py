@@ -28,9 +28,9 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from stages.common.errors import StageError
-from stages.common.params import BaseParams, Section, merged, validate_section
-from stages.common.stage import stage_main
+from stages.common.core.errors import StageError
+from stages.common.core.params import BaseParams, Section, merged, validate_section
+from stages.common.harness.stage import stage_main
 from stages.train.params import Params as TrainParams
 from stages.train.params import Paths as TrainPaths
 

@@ -32,13 +32,13 @@ from tqdm import tqdm
 
 from stages.clean import Params as CleanParams
 from stages.clean import clean_text, kept
-from stages.common.artifacts import SPLITS, atomic_dir, write_json, write_params
-from stages.common.errors import StageError
-from stages.common.params import BaseParams, Section
-from stages.common.schema import TokensMeta, read_typed
-from stages.common.segment import SegmentPool, batches
-from stages.common.stage import stage_main
-from stages.common.text import normalize, split_of
+from stages.common.core.artifacts import SPLITS, atomic_dir, write_json, write_params
+from stages.common.core.errors import StageError
+from stages.common.core.params import BaseParams, Section
+from stages.common.core.schema import TokensMeta, read_typed
+from stages.common.harness.stage import stage_main
+from stages.common.text.records import normalize, split_of
+from stages.common.text.segment import SegmentPool, batches
 from stages.ingest import Counts, Reader
 from stages.ingest import Params as IngestParams
 from stages.tokenize import Params as TokenizeParams

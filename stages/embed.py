@@ -24,12 +24,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from stages.common.artifacts import atomic_dir, read_json, write_json, write_params
-from stages.common.errors import StageError
-from stages.common.params import BaseParams, Section
-from stages.common.schema import TokensMeta, read_typed
-from stages.common.stage import stage_main
-from stages.common.text import package_file
+from stages.common.core.artifacts import atomic_dir, read_json, write_json, write_params
+from stages.common.core.errors import StageError
+from stages.common.core.params import BaseParams, Section
+from stages.common.core.schema import TokensMeta, read_typed
+from stages.common.harness.stage import stage_main
+from stages.common.text.records import package_file
 
 log = logging.getLogger("lmmem.embed")
 

@@ -14,7 +14,7 @@ Outputs in data/tokens/: <split>.txt, <split>.bin (ids, each document followed b
 <split>.labels.bin (int32 index into meta.json's labels per document, -1 for none), meta.json, vocab.json,
 and tokenizer.json with tokenizer_config.json, so `AutoTokenizer.from_pretrained` loads
 the vocabulary. That tokenizer splits on whitespace: give it text segmented by
-`stages.common.segment.Segmenter.segment` (jieba cannot live inside tokenizer.json).
+`stages.common.text.segment.Segmenter.segment` (jieba cannot live inside tokenizer.json).
 Against a gold-segmented corpus (the People's Daily 1998 corpus by default) it reports
 the segmenter's word precision, recall and F1.
 """
@@ -35,14 +35,14 @@ import numpy as np
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from stages.common.artifacts import SPLITS, atomic_dir, iter_jsonl, write_json, write_params
-from stages.common.errors import StageError
-from stages.common.memory import children_peak_rss_mib
-from stages.common.params import BaseParams, Section
-from stages.common.schema import TokensMeta
-from stages.common.segment import SegmentPool, batches
-from stages.common.stage import stage_main
-from stages.common.text import package_file, tagged_words
+from stages.common.core.artifacts import SPLITS, atomic_dir, iter_jsonl, write_json, write_params
+from stages.common.core.errors import StageError
+from stages.common.core.params import BaseParams, Section
+from stages.common.core.schema import TokensMeta
+from stages.common.harness.stage import stage_main
+from stages.common.memory.rss_meter import children_peak_rss_mib
+from stages.common.text.records import package_file, tagged_words
+from stages.common.text.segment import SegmentPool, batches
 
 log = logging.getLogger("lmmem.tokenize")
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stages.common.artifacts import atomic_dir, write_params
-from stages.common.errors import StageError
-from stages.common.params import BaseParams
-from stages.common.stage import stage_main
+from stages.common.core.artifacts import atomic_dir, write_params
+from stages.common.core.errors import StageError
+from stages.common.core.params import BaseParams
+from stages.common.harness.stage import stage_main
 
 VECTORS = "aligned.npy"
 

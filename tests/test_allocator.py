@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common import allocator
-from stages.common.allocator import LIBDIR, MARK, TUNED, environment, library
+from stages.common.harness import malloc
+from stages.common.harness.malloc import LIBDIR, MARK, TUNED, environment, library
 from tests.conftest import ROOT, one_error_line, read_metrics, run_cli, run_stage, sh, tiny_repo
 
 NEEDS = pytest.mark.skipif(library("jemalloc") is None or library("tcmalloc") is None,
@@ -37,14 +37,14 @@ def test_the_environment_sets_one_allocator_and_takes_back_a_parents() -> None:
     (["python", "-X", "importtime", "-m", "stages", "train"], True),
     (["python", "-mstages.train"], True),
     (["python", "-m", "pytest", "tests"], False),
-    (["python", "-m", "stages.common.warm", "--serve", "x.sock"], False),  # a helper, not a stage
+    (["python", "-m", "stages.common.harness.warm", "--serve", "x.sock"], False),  # a helper, not a stage
     (["python", "-c", "import stages"], False),
     (["python", "script.py", "-m", "stages.clean"], False),
 ])
 def test_only_a_stage_command_executes_itself_again(monkeypatch: pytest.MonkeyPatch, argv: list[str],
                                                      stage: bool) -> None:
     monkeypatch.setattr(sys, "orig_argv", argv)
-    assert allocator.stage_command() is stage
+    assert malloc.stage_command() is stage
 
 
 def ingest_args(work: Path, params: Path) -> list[str]:
@@ -74,7 +74,7 @@ def test_a_stage_runs_under_the_allocator_its_params_name(tmp_path: Path, params
     if name == "glibc-tuned":
         assert "MALLOC_ARENA_MAX=2" in metrics["machine_allocator"]
     else:
-        assert f"lib{allocator.LIBRARIES[name][0]}" in metrics["machine_allocator"]
+        assert f"lib{malloc.LIBRARIES[name][0]}" in metrics["machine_allocator"]
     # what the stage starts inherits it: a child of a process under `name`
     child = subprocess.run([sys.executable, "-c", show], cwd=ROOT, capture_output=True, text=True, timeout=60,
                            env={**environment(name, clean), "PYTHONPATH": str(ROOT)}).stdout.split()
@@ -163,14 +163,14 @@ def test_train_predicts_its_peak_rss_beside_the_measurement(tmp_path: Path, toke
 
 
 def test_the_prediction_adds_the_fitted_overhead_and_says_nothing_without_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages.common import rss
+    from stages.common.memory import rss_prediction
 
-    monkeypatch.setattr(rss, "OVERHEAD", {"train": {"glibc": (100.0, 1.5, 4.0)}})
+    monkeypatch.setattr(rss_prediction, "OVERHEAD", {"train": {"glibc": (100.0, 1.5, 4.0)}})
     # 200 + 100 + 1.5 × 300 + 4 × 10 = 790 MiB against 800 measured
-    assert rss.figures("train", "glibc", 200.0, 300.0, 10.0, 800.0, prefix="m_") == {
+    assert rss_prediction.figures("train", "glibc", 200.0, 300.0, 10.0, 800.0, prefix="m_") == {
         "m_rss_start_mib": 200.0, "m_rss_tensor_mib": 300.0, "m_rss_weights_mib": 10.0, "m_rss_predicted_mib": 790.0,
         "m_rss_prediction_error": pytest.approx(-0.0125)}
-    assert rss.figures("train", "jemalloc", 200.0, 300.0, 10.0, 800.0) == {
+    assert rss_prediction.figures("train", "jemalloc", 200.0, 300.0, 10.0, 800.0) == {
         "rss_start_mib": 200.0, "rss_tensor_mib": 300.0, "rss_weights_mib": 10.0}  # not fitted: no guess
 
 
@@ -186,7 +186,7 @@ def test_machine_allocator_names_what_actually_serves_malloc(tmp_path: Path, par
     params = with_allocator(params_file, name)
     clean = {k: v for k, v in os.environ.items() if k != MARK and not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
     if preload:
-        clean["LD_PRELOAD"] = allocator.library(preload) or ""
+        clean["LD_PRELOAD"] = malloc.library(preload) or ""
     done = subprocess.run([sys.executable, "-m", "stages.ingest", *ingest_args(tmp_path, params)], cwd=ROOT,
                           env={**clean, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stages.clean import Params, clean_text
-from stages.common.artifacts import iter_jsonl
+from stages.common.core.artifacts import iter_jsonl
 from tests.conftest import one_error_line, read_metrics, run_stage, write_jsonl
 
 

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from stages import compare
-from stages.common.errors import StageError
-from stages.common.schema import CATEGORIES
+from stages.common.core.errors import StageError
+from stages.common.core.schema import CATEGORIES
 from tests.conftest import ROOT, one_error_line, read_metrics, run_cli, run_stage, tiny_params
 
 
@@ -47,7 +47,7 @@ def test_a_configuration_is_the_train_section_its_keys_and_the_comparisons_lengt
 ])
 def test_a_comparison_that_cannot_be_made_is_refused_in_one_line(configs: dict[str, Any], changes: dict[str, Any],
                                                                   expected: str) -> None:
-    from stages.common.params import validate_section
+    from stages.common.core.params import validate_section
 
     tiny = tiny_params()
     with pytest.raises(StageError) as info:

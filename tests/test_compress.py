@@ -17,9 +17,9 @@ import torch
 import yaml
 from torch import nn
 
-from stages.common import quant, storage
-from stages.common.loading import load_model_folder
-from stages.common.models import logits_of
+from stages.common.modelling.models import logits_of
+from stages.common.weights import quant, storage
+from stages.common.weights.loading import load_model_folder
 from tests.conftest import ROOT, deep_update, one_error_line, read_metrics, run_stage, tiny_params
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 300, 12, 8, 1000, 64, 3, 2, 21, 77, 150, 9]])

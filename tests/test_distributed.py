@@ -18,8 +18,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import (ROOT, deep_update, kill_at_checkpoint, one_error_line, read_metrics, run_cli, run_stage,
-                            tiny_params, train_args)
+from tests.conftest import (ROOT, deep_update, kill_at_checkpoint, one_error_line, read_metrics, run_cli,
+                             run_stage, tiny_params, train_args)
 
 TIMING = {"seconds", "peak_rss_mib", "step_ms_median", "tokens_per_sec", "rss_start_mib", "rss_predicted_mib",
           "rss_prediction_error"}  # the process's memory: the machine's, as its times are

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.common.classify import scores
-from stages.common.evalrows import eval_rows
-from stages.common.generation import repetition
-from stages.common.workers import fresh_processes
+from stages.common.core.eval_results import eval_rows
+from stages.common.harness.workers import fresh_processes
+from stages.common.modelling.classify import scores
+from stages.common.modelling.generation import repetition
 from tests.conftest import deep_update, one_error_line, read_metrics, run_stage, tiny_params
 from tests.test_compress import trained_model
 
@@ -310,7 +310,7 @@ def test_a_thousand_label_corpus_gets_no_probe_and_no_megabyte_matrices(made: di
 
 
 def test_the_confusion_matrix_is_kept_up_to_fifty_labels_only() -> None:
-    from stages.common.classify import scores
+    from stages.common.modelling.classify import scores
 
     assert scores([0, 1, 1], [0, 1, 0], 2)["confusion"] == [[1, 0], [1, 1]]
     assert len(scores([0, 49], [0, 49], 50)["confusion"]) == 50

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.common.artifacts import OWNER_FILE, check_replaceable, writer_of
-from stages.common.errors import StageError
+from stages.common.core.artifacts import OWNER_FILE, check_replaceable, writer_of
+from stages.common.core.errors import StageError
 from tests.conftest import ROOT, one_error_line, read_metrics, run_cli
 
 CORPUS = "好评 质量 不错\n手机 很 好用\n"
@@ -199,7 +199,7 @@ def test_language_detection_of_a_huge_record_holds_no_list_of_matches() -> None:
     """A 200 MB line once took 5.7 GB here: every Han match collected just to be counted."""
     import tracemalloc
 
-    from stages.common.text import detect_lang
+    from stages.common.text.records import detect_lang
 
     text = "质量不错" * 250_000 + " good" * 1000  # a million Han characters
     tracemalloc.start()
@@ -275,7 +275,7 @@ def test_jieba_never_reads_a_cache_from_the_shared_temporary_folder(tmp_path: Pa
     import marshal
     import tempfile
 
-    from stages.common.segment import Segmenter
+    from stages.common.text.segment import Segmenter
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # jieba's default: tempfile.gettempdir()
     planted = {"我": 1000, "我们": 1000, "去": 1000, "蓝": 0, "蓝莓": 0, "蓝莓派": 0, "蓝莓派对": 10**8}
@@ -415,7 +415,7 @@ def alive(pid: int) -> bool:
 POOL_SCRIPTS = {
     "tokenize's segmenting pool": """
 import time
-from stages.common.segment import SegmentPool
+from stages.common.text.segment import SegmentPool
 pool = SegmentPool({"mode": "precise", "hmm": True, "user_dict": "", "stopwords": False}, 2)
 print(" ".join(str(p.pid) for p in pool._pool._pool), flush=True)
 time.sleep(600)
@@ -423,7 +423,7 @@ time.sleep(600)
     "evaluate's forked processes": """
 import os, time
 from pathlib import Path
-from stages.common.workers import fresh_processes
+from stages.common.harness.workers import fresh_processes
 def task(marker):
     Path(marker).write_text(str(os.getpid()))
     time.sleep(600)
@@ -513,7 +513,7 @@ def test_a_run_whose_estimate_exceeds_the_machines_memory_is_refused_with_what_f
     """Width 8192 x 8 layers once allocated until the machine ran out. Here a model sized to
     this machine: its parameters (2 bytes each) fit, its fp32 AdamW training (16 bytes per
     parameter) does not; the dry run's estimate is refused before anything is allocated."""
-    from stages.common.memory import available_mib
+    from stages.common.memory.rss_meter import available_mib
     from tests.conftest import run_stage, train_args
 
     found = available_mib()

@@ -78,7 +78,7 @@ def test_the_outputs_load_with_stock_transformers_and_peft(tuned: Path, tokens: 
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from stages.common.schema import TokensMeta, read_typed
+    from stages.common.core.schema import TokensMeta, read_typed
     from stages.finetune.tasks import Classification
 
     meta = read_typed(tokens / "meta.json", TokensMeta)
@@ -106,7 +106,7 @@ def test_the_outputs_load_with_stock_transformers_and_peft(tuned: Path, tokens: 
 
 
 def test_nf4_holds_a_weight_within_its_levels_and_the_gradient_reaches_the_input() -> None:
-    from stages.common.frozen import NF4, FrozenLinear, nf4_dequantize, nf4_quantize
+    from stages.common.weights.frozen import NF4, FrozenLinear, nf4_dequantize, nf4_quantize
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(96, 128, generator=g)
@@ -170,8 +170,8 @@ def test_a_corpus_a_classifier_cannot_learn_from_is_refused(tokens: Path, model:
 
 
 def test_the_train_stage_refuses_fine_tuning_methods(tmp_path: Path) -> None:
-    from stages.common.errors import StageError
-    from stages.common.params import validate_section
+    from stages.common.core.errors import StageError
+    from stages.common.core.params import validate_section
     from stages.train import Params
 
     with pytest.raises(StageError, match="tune and frozen_weights are fine-tuning methods"):
@@ -181,8 +181,8 @@ def test_the_train_stage_refuses_fine_tuning_methods(tmp_path: Path) -> None:
 def budget_only_adapters_meet(tokens: Path, model: Path, params: Path) -> float:
     """A budget that full fine-tuning cannot meet with every other move of the registry made,
     and that the same moves with the adapters meet: halfway between the two estimates."""
-    from stages.common.params import load_params
-    from stages.common.schema import TokensMeta, read_typed
+    from stages.common.core.params import load_params
+    from stages.common.core.schema import TokensMeta, read_typed
     from stages.finetune import Params, run_params
     from stages.finetune.tasks import Classification
     from stages.train.estimate import predict_memory
@@ -234,7 +234,7 @@ def test_a_test_split_that_cannot_score_two_classes_is_refused_and_a_partial_one
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import numpy as np
 
-    from stages.common.errors import StageError
+    from stages.common.core.errors import StageError
     from stages.finetune.tasks import scorable_classes
 
     labels = ["neg", "pos", "mixed"]

@@ -9,8 +9,8 @@ import copy
 import pytest
 import torch
 
-from stages.common.errors import StageError
-from stages.common.params import validate_section
+from stages.common.core.errors import StageError
+from stages.common.core.params import validate_section
 from stages.train import Params
 from stages.train.build import build
 from stages.train.step import train_step

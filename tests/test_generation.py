@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from stages.common.models import ModelParams, build_model
-from stages.common.generation import (cached_perplexity, generation_memory, kv_cache_bytes, kv_quantization,
-                                      largest_batch, metered_generation, tiled)
+from stages.common.modelling.generation import (cached_perplexity, generation_memory, kv_cache_bytes,
+                                                 kv_quantization, largest_batch, metered_generation, tiled)
+from stages.common.modelling.models import ModelParams, build_model
 
 MIB = 2**20
 

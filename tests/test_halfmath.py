@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from stages.common.halfmath import half_products_in_float
+from stages.common.modelling.halfmath import half_products_in_float
 
 
 class KernelDtypes(TorchDispatchMode):

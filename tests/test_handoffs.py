@@ -1,5 +1,5 @@
 """Typed hand-offs between stages: the tokens' meta.json and the evaluation's results.json are
-each one pydantic model (stages.common.schema) that writer and readers share; a missing or
+each one pydantic model (stages.common.core.schema) that writer and readers share; a missing or
 malformed file stops the reader with one line naming the file and the field."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.common.errors import StageError
-from stages.common.evalrows import EvalRow
-from stages.common.schema import TokensMeta, read_rows, read_typed
+from stages.common.core.errors import StageError
+from stages.common.core.eval_results import EvalRow
+from stages.common.core.schema import TokensMeta, read_rows, read_typed
 from tests.conftest import ROOT, one_error_line, run_stage, tiny_params
 
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.common.artifacts import SPLITS
+from stages.common.core.artifacts import SPLITS
 from tests.conftest import one_error_line, read_metrics, run_cli, run_stage
 
 

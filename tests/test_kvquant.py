@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from stages.common.kvquant import QuantizedKVCache, QuantizedKVLayer, dequantize, quantize
+from stages.common.modelling.kvquant import QuantizedKVCache, QuantizedKVLayer, dequantize, quantize
 
 
 @pytest.mark.parametrize("bits, top", [(8, 127), (4, 7)])

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.common.errors import StageError
-from stages.common.params import validate_section
+from stages.common.core.errors import StageError
+from stages.common.core.params import validate_section
 from stages.train import Params
 from stages.train.build import build
 from stages.train.step import train_step

@@ -1,4 +1,4 @@
-"""The chunked cross-entropy (stages/common/loss.py): the standard loss and gradients, and the
+"""The chunked cross-entropy (stages/common/modelling/loss.py): the standard loss and gradients, and the
 bytes it holds, counted by hand."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.common.loss import chunked, chunked_cross_entropy, chunked_distillation
-from stages.common.meter import TensorMeter
-from stages.common.models import ModelParams, build_model
-from stages.common.windows import next_token_loss
+from stages.common.memory.tensor_meter import TensorMeter
+from stages.common.modelling.loss import chunked, chunked_cross_entropy, chunked_distillation
+from stages.common.modelling.models import ModelParams, build_model
+from stages.common.modelling.windows import next_token_loss
 
 SPECIAL = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
 

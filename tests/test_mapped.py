@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages.common.mapped import file_backed_mib, mapped_tensors, smaps
+from stages.common.memory.mapped import file_backed_mib, mapped_tensors, smaps
 
 
 def test_mapped_tensors_are_the_file_and_writing_one_leaves_the_file(tmp_path: Path) -> None:
@@ -41,7 +41,7 @@ def test_rss_pss_and_uss_order_and_follow_private_memory() -> None:
 
 
 def test_lmmem_encoding_loads_its_dense_tensors_mapped_and_decodes_the_sparse_ones(tmp_path: Path) -> None:
-    from stages.common.storage import load_state, save_state
+    from stages.common.weights.storage import load_state, save_state
 
     torch.manual_seed(0)
     dense = torch.randn(256, 512)  # 0.5 MiB

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.common.meter import TensorMeter
+from stages.common.memory.tensor_meter import TensorMeter
 
 MIB = 2**20
 

@@ -12,9 +12,10 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from flows.common import FlowParams
-from stages import adapt, clean, compare, compress, domain, embed, evaluate, finetune, ingest, plan, report, tokenize, train
-from stages.common.errors import StageError
-from stages.common.params import BaseParams, load_params, validate_section
+from stages import (adapt, clean, compare, compress, domain, embed, evaluate, finetune, ingest, plan, report,
+                    tokenize, train)
+from stages.common.core.errors import StageError
+from stages.common.core.params import BaseParams, load_params, validate_section
 from tests.conftest import ROOT, TINY, one_error_line, run_cli, tiny_params
 
 STAGES = {"ingest": ingest, "clean": clean, "tokenize": tokenize, "embed": embed, "train": train,

@@ -26,7 +26,8 @@ STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", *COMPARE
 MODULES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compare", "finetune", "domain", "adapt",
            "compress", "evaluate", "plan", "report"]
 FOREACH = ("compare", "finetune", "adapt")
-PACKAGES = ("stages/train", "stages/finetune", "stages/plan")  # a dependency as a whole folder
+PACKAGES = ("stages/train", "stages/finetune", "stages/plan", "stages/report", "stages/compress", "stages/ingest",
+            "stages/evaluate")  # a dependency as a whole folder
 
 
 def ran(output: str) -> list[str]:
@@ -148,10 +149,10 @@ def test_a_word2vec_param_does_not_rerun_train_unless_train_starts_from_it(repo:
 
 
 @pytest.mark.parametrize("module, changed", [
-    ("stages/common/quant.py", ["compress", "evaluate"]),  # the report: through their outputs, once they run
-    ("stages/common/storage.py", ["compress", "evaluate"]),
-    ("stages/report.py", ["report"]),
-    ("stages/common/svg.py", ["report"]),
+    ("stages/common/weights/quant.py", ["compress", "evaluate"]),  # the report: through their outputs, once they run
+    ("stages/common/weights/storage.py", ["compress", "evaluate"]),
+    ("stages/report/__init__.py", ["report"]),
+    ("stages/report/charts.py", ["report"]),
 ])
 def test_editing_a_module_changes_only_the_stages_that_run_it(repo: Path, module: str, changed: list[str]) -> None:
     """Quantization or sparse-storage code: compress and evaluate, not train; the report or its
@@ -283,12 +284,12 @@ def test_a_stage_that_fails_under_dvc_repro_leaves_its_previous_outputs_and_metr
 
 
 def warm_stage(repo: Path) -> int | None:
-    """The pid of a stage process forked by the warm server (stages.common.warmserver) working in `repo`."""
+    """The pid of a stage process forked by the warm server (stages.common.harness.warmserver) working in `repo`."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
             server = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
-            if b"stages.common.warmserver" in server and os.readlink(stat.parent / "cwd") == str(repo):
+            if b"stages.common.harness.warmserver" in server and os.readlink(stat.parent / "cwd") == str(repo):
                 return int(stat.parent.name)
         except (OSError, IndexError, ValueError):
             continue
@@ -340,7 +341,7 @@ def test_a_stage_killed_under_dvc_repro_gets_its_outputs_back_from_its_watcher(r
             assert dvc.poll() is None and time.monotonic() < deadline, "train and its watcher were not seen running"
             time.sleep(0.2)
             client = stage_process(dvc.pid, "stages")
-            watcher = stage_process(client, "stages.common.restore") if client else None
+            watcher = stage_process(client, "stages.common.harness.restore") if client else None
             stage = warm_stage(repo)
         os.kill(stage, signal.SIGKILL)  # the stage's own process, as the OOM killer would choose it
         assert dvc.wait(timeout=120) != 0
@@ -362,22 +363,22 @@ def recorded_outputs_or_none(repo: Path, stage: str) -> dict[str, bytes] | None:
 
 def test_restore_puts_back_what_dvc_deleted_before_a_killed_stage(repo: Path) -> None:
     """A stage killed outright (SIGKILL, the OOM killer) cannot restore its outputs itself:
-    `python -m stages.common.restore` does, from DVC's cache, the metrics file included."""
+    `python -m stages.common.harness.restore` does, from DVC's cache, the metrics file included."""
     sh("dvc", "repro", cwd=repo)
     before = recorded_outputs(repo, "train")
     lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))["stages"]["train"]
     for out in lock["outs"]:  # what DVC deletes before it runs train
         path = repo / out["path"]
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out = sh(sys.executable, "-m", "stages.common.restore", "train", cwd=repo)
+    out = sh(sys.executable, "-m", "stages.common.harness.restore", "train", cwd=repo)
     assert "train: restored data/model (" in out and "train: restored data/metrics/train.json (1 file)" in out
     assert recorded_outputs(repo, "train") == before
     assert "up to date" in sh("dvc", "status", cwd=repo)
-    unknown = subprocess.run([sys.executable, "-m", "stages.common.restore", "trian"], cwd=repo,
+    unknown = subprocess.run([sys.executable, "-m", "stages.common.harness.restore", "trian"], cwd=repo,
                              capture_output=True, text=True, check=False)
     assert unknown.returncode == 2
     assert unknown.stderr.strip() == "lmmem restore: error: trian: dvc.lock records no outputs for it"
-    persisted = sh(sys.executable, "-m", "stages.common.restore", "report", cwd=repo)  # exits 0: checked
+    persisted = sh(sys.executable, "-m", "stages.common.harness.restore", "report", cwd=repo)  # exits 0: checked
     assert persisted.strip() == ("report: data/metrics/report.json, data/report persist (DVC leaves them in place): "
                                  "nothing to restore")
 
@@ -431,7 +432,7 @@ def test_experiment_on_english_news_lists_its_metrics(repo: Path) -> None:
 
 
 def test_dvc_yaml_declares_every_common_module_each_stage_imports() -> None:
-    from stages.common.sources import closure
+    from stages.common.harness.code_files import closure
 
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage in MODULES:
@@ -466,10 +467,10 @@ def test_training_does_not_run_quantization_storage_or_charts() -> None:
     """The narrow graph rests on what the stages import: training code reaches no
     quantization, sparse storage, model-folder loading or chart module, and the checkpoint
     fingerprint covers exactly what training runs."""
-    from stages.common.sources import closure
+    from stages.common.harness.code_files import closure
 
     train = {f.relative_to(ROOT).as_posix() for f in closure("stages.train")}
-    assert "stages/train/loop.py" in train and "stages/common/meter.py" in train
+    assert "stages/train/loop.py" in train and "stages/common/memory/tensor_meter.py" in train
     for module in ("quant", "storage", "loading", "svg", "classify"):
         assert f"stages/common/{module}.py" not in train
     for stage in ("compress", "evaluate"):

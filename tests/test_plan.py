@@ -64,7 +64,7 @@ def test_the_dry_run_equals_a_real_metered_run_of_the_architecture(qwen_like: Pa
 def test_inference_equals_a_real_metered_generation_and_the_cache_its_closed_form(kv_bits: int) -> None:
     from transformers import AutoModelForCausalLM
 
-    from stages.common.generation import metered_generation
+    from stages.common.modelling.generation import metered_generation
     from stages.plan.catalog import hf_config
 
     arch = architecture(str(TINY_CONFIG))

@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from bench.portability import compare
-from stages.common.portable import MARK, THREADS, has_avx2
-from stages.common.provenance import machine_rows, one_blas_list
+from stages.common.harness.portable import MARK, THREADS, has_avx2
+from stages.report.provenance import machine_rows, one_blas_list
 from tests.conftest import ROOT
 
 # a sum whose order depends on the vector width and the thread count (ATen's own reduction)
-PROBE = ("import hashlib, os, torch; from stages.common.portable import pin_threads; "
+PROBE = ("import hashlib, os, torch; from stages.common.harness.portable import pin_threads; "
          "torch.set_num_threads(int(os.environ.get('EMULATED_CORES', torch.get_num_threads()))); pin_threads(); "
          "x = torch.randn(2_560_000, generator=torch.Generator().manual_seed(0)); "
          "print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), x.sum().item().hex(), "

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from stages.common.comparison import front
-from stages.common.evalrows import MEASURED
+from stages.common.core.eval_results import MEASURED
+from stages.report.comparison import front
 from tests.conftest import ROOT, run_stage
 
 HOSTILE = "<script>alert(1)</script>"
@@ -68,7 +68,7 @@ def inputs(tmp_path: Path) -> dict[str, Path]:
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     params["evaluate"]["prompts"] = [HOSTILE, "质量"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
-    timeline = tmp_path / "timeline.csv"  # train's peak step, module by module, as stages.common.timeline writes it
+    timeline = tmp_path / "timeline.csv"  # train's peak step, module by module, as stages.common.memory.timeline writes it
     timeline.write_text("sample,step,phase,module,parameters_mib,layers.0_mib,lm_head_mib,(no module)_mib\n"
                         "0,1,forward,layers.0.mlp,10,2,0,0.5\n1,1,forward,lm_head,10,2,8,0.5\n"
                         "2,1,backward,layers.0,10,1,6,0\n", encoding="utf-8")

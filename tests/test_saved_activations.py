@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.common.errors import StageError
-from stages.common.windows import next_token_loss
+from stages.common.core.errors import StageError
+from stages.common.modelling.windows import next_token_loss
 from stages.train.build import build, forward_context
 from stages.train.techniques.saved_activations import TECHNIQUE, _pack_bf16, _pack_int8, _unpack
 from tests.training import CPU, META, batches, metered_against_estimate, params

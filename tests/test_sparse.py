@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from stages.common import generation
-from stages.common.meter import TensorMeter
-from stages.common.sparse import CHUNK_OUTPUT, BitmaskMatrix, SparseEmbedding, SparseLinear, bitmask_bytes, sparsify
+from stages.common.memory.tensor_meter import TensorMeter
+from stages.common.modelling import generation
+from stages.common.weights.sparse import (CHUNK_OUTPUT, BitmaskMatrix, SparseEmbedding, SparseLinear,
+                                          bitmask_bytes, sparsify)
 
 
 def half_zero(rows: int, cols: int) -> torch.Tensor:

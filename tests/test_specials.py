@@ -1,4 +1,4 @@
-"""Special files among a stage's dependencies (stages/common/specials.py): a FIFO, a device, a
+"""Special files among a stage's dependencies (stages/common/harness/specials.py): a FIFO, a device, a
 socket, or a link to one of them or to outside the repository, refused before DVC hashes
 the folder (it would read a FIFO or /dev/zero for ever): by `make repro`'s check, by the
 flows' status check, and by ingest, each in one line."""
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common.errors import StageError
+from stages.common.core.errors import StageError
 from tests.conftest import ROOT, one_error_line, run_stage
 
 DVC_YAML = {"stages": {"ingest": {"cmd": "true", "deps": ["data/corpus"], "outs": ["data/raw"]}}}
@@ -49,7 +49,7 @@ SPECIALS: dict[str, tuple[Callable[[Path], None], str]] = {
 
 
 def check(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "stages.common.specials", *args], cwd=root, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "stages.common.harness.specials", *args], cwd=root, capture_output=True,
                           text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
 
 
@@ -71,7 +71,7 @@ def test_make_repros_check_refuses_a_special_file_among_the_dependencies(project
 def test_the_makefile_checks_before_dvc_repro() -> None:
     recipe = (ROOT / "Makefile").read_text(encoding="utf-8").split("\nrepro: setup\n", 1)[1].split("\n\n", 1)[0]
     lines = [line.strip() for line in recipe.splitlines()]
-    assert lines.index("$(BIN)/python -m stages.common.specials  # a FIFO or device among the dependencies: "
+    assert lines.index("$(BIN)/python -m stages.common.harness.specials  # a FIFO or device among the dependencies: "
                        "refused before DVC hashes it") < lines.index("$(BIN)/dvc repro")
 
 

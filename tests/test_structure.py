@@ -11,7 +11,7 @@ import sys
 import networkx as nx
 import pytest
 
-from stages.common.sources import ROOT, imported_modules
+from stages.common.harness.code_files import ROOT, imported_modules
 
 
 def module_name(path: str) -> str:
@@ -34,14 +34,51 @@ def import_graph() -> nx.DiGraph:
 def test_no_import_circles() -> None:
     graph = import_graph()
     assert graph.number_of_nodes() > 40
-    assert graph.has_edge("stages.common.distill", "stages.common.windows")  # the walker sees real imports
+    assert graph.has_edge("stages.compress.distill", "stages.common.modelling.windows")  # the walker sees real imports
     assert list(nx.simple_cycles(graph)) == []
 
 
 def test_the_circle_check_can_fail() -> None:
     graph = import_graph()
-    graph.add_edge("stages.common.windows", "stages.common.distill")
+    graph.add_edge("stages.common.modelling.windows", "stages.compress.distill")
     assert list(nx.simple_cycles(graph))
+
+
+# stages/common's packages, bottom up: a package imports only from its own and lower layers
+# (stages/common/__init__.py says what each holds), and nothing of stages/common imports a stage.
+LAYERS = {"core": 0, "memory": 1, "text": 1, "modelling": 2, "weights": 3, "harness": 4}
+
+
+def layer_violations(graph: nx.DiGraph) -> list[str]:
+    found = []
+    for source, target in graph.edges:
+        if not source.startswith("stages.common.") or not target.startswith("stages."):
+            continue
+        low = source.split(".")[2]
+        if target == "stages.__init__":  # the watcher every stage's process starts (stages/__init__.py)
+            continue
+        if not target.startswith("stages.common."):
+            found.append(f"{source} imports the stage module {target}")
+        elif (high := target.split(".")[2]) != low and LAYERS.get(high, 99) >= LAYERS.get(low, -1):
+            found.append(f"{source} ({low}) imports {target} ({high})")
+    return found
+
+
+def test_each_common_package_imports_only_lower_layers() -> None:
+    graph = import_graph()
+    packages = {p.name for p in (ROOT / "stages" / "common").iterdir() if (p / "__init__.py").is_file()}
+    assert packages == set(LAYERS)  # a new package gets its layer here
+    assert not [f for f in (ROOT / "stages" / "common").glob("*.py") if f.name != "__init__.py"]  # none loose
+    assert graph.has_edge("stages.common.harness.stage", "stages.common.memory.rss_meter")
+    assert layer_violations(graph) == []
+
+
+def test_the_layer_check_can_fail() -> None:
+    graph = import_graph()
+    graph.add_edge("stages.common.core.params", "stages.common.modelling.models")
+    graph.add_edge("stages.common.memory.timeline", "stages.common.text.records")
+    graph.add_edge("stages.common.weights.quant", "stages.compress")
+    assert len(layer_violations(graph)) == 3
 
 
 MAX_LINES = 400
@@ -59,7 +96,7 @@ def test_no_module_over_400_lines() -> None:
 
 def test_the_length_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys.modules[__name__], "MAX_LINES", 300)
-    assert {"stages/compress.py", "stages/ingest.py", "stages/report.py"} <= set(long_modules())
+    assert {"stages/compress/__init__.py", "stages/ingest/__init__.py", "stages/report/__init__.py"} <= set(long_modules())
 
 
 def test_the_fault_catalog_names_a_test_that_exists_for_every_class() -> None:

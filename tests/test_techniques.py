@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common.errors import StageError
-from stages.common.params import validate_section
+from stages.common.core.errors import StageError
+from stages.common.core.params import validate_section
 from stages.train import Params
 from stages.train.techniques import REGISTRY, all_moves
 from tests.conftest import ROOT, tiny_params
@@ -61,7 +61,7 @@ from typing import Any
 
 from pydantic import Field
 
-from stages.common.params import Section
+from stages.common.core.params import Section
 from stages.train.techniques.base import Move, Technique
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.common.errors import StageError
-from stages.common.params import validate_section
-from stages.common.windows import next_token_loss
+from stages.common.core.errors import StageError
+from stages.common.core.params import validate_section
+from stages.common.modelling.windows import next_token_loss
 from stages.train import Params
 from stages.train.build import build
 from tests.conftest import deep_update, tiny_params

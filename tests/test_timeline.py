@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from stages.common.generation import metered_generation
-from stages.common.meter import TensorMeter
-from stages.common.models import ModelParams, build_model
-from stages.common.timeline import NO_MODULE, ModuleTimeline, group_of, short_name
+from stages.common.memory.tensor_meter import TensorMeter
+from stages.common.memory.timeline import NO_MODULE, ModuleTimeline, group_of, short_name
+from stages.common.modelling.generation import metered_generation
+from stages.common.modelling.models import ModelParams, build_model
 
 SPECIAL = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
 VOCAB, BATCH, CONTEXT = 300, 2, 16

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.common.artifacts import SPLITS
-from stages.common.segment import SegmentPool, Segmenter
+from stages.common.core.artifacts import SPLITS
+from stages.common.text.segment import Segmenter, SegmentPool
 from stages.tokenize import Params, SpecialTokens, build_vocab, gold_scores, save_hf_tokenizer
 from tests.conftest import one_error_line, read_metrics, run_stage, write_jsonl
 

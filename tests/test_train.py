@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import (deep_update, kill_at_checkpoint, one_error_line, read_metrics, run_cli, run_stage,
-                            tiny_params, train_args)
+from tests.conftest import (deep_update, kill_at_checkpoint, one_error_line, read_metrics, run_cli,
+                             run_stage, tiny_params, train_args)
 
 TIMING = {"seconds", "peak_rss_mib", "step_ms_median", "tokens_per_sec", "rss_start_mib", "rss_predicted_mib",
           "rss_prediction_error"}  # the process's memory: the machine's, as its times are
@@ -123,7 +123,7 @@ def test_memory_techniques_move_their_category(train: Callable[..., Any]) -> Non
 def test_gpt2_and_lstm(train: Callable[..., Any]) -> None:
     from transformers import AutoModelForCausalLM
 
-    from stages.common.models import load_lstm
+    from stages.common.modelling.models import load_lstm
 
     rc, m, model_dir = train("gpt2", model={"family": "gpt2"})
     assert rc == 0 and type(AutoModelForCausalLM.from_pretrained(str(model_dir))).__name__ == "GPT2LMHeadModel"
@@ -300,7 +300,7 @@ def test_a_checkpoint_of_other_code_is_not_resumed(tokens: Path, train: Callable
 def test_word2vec_initialisation(train: Callable[..., Any], tokens: Path) -> None:
     import numpy as np
 
-    from stages.common.models import ModelParams, build_model
+    from stages.common.modelling.models import ModelParams, build_model
     from stages.train.task import init_embedding_from_word2vec
 
     special = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}

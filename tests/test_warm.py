@@ -1,5 +1,5 @@
 """`python -m stages NAME`: a stage run in a process forked from a warm interpreter
-(stages/common/warm.py). A probe stage in a copy of the stages package reports what its
+(stages/common/harness/warm.py). A probe stage in a copy of the stages package reports what its
 process sees: whether torch was imported before it, its parent, working directory,
 arguments, environment and umask."""
 
@@ -47,10 +47,10 @@ if "--raise" in args:
     raise RuntimeError("probe failed")
 sys.exit(int(args[args.index("--code") + 1]) if "--code" in args else 0)
 '''
-FILES = ["stages/__init__.py", "stages/__main__.py", "stages/common/__init__.py", "stages/common/warm.py",
-         "stages/common/warmserver.py", "stages/common/warmsock.py",
-         "stages/common/lifetime.py", "stages/common/restore.py", "stages/common/portable.py",
-         "stages/common/allocator.py", "stages/common/errors.py"]
+FILES = ["stages/__init__.py", "stages/__main__.py", "stages/common/__init__.py", "stages/common/harness/warm.py",
+         "stages/common/harness/warmserver.py", "stages/common/harness/warmsock.py",
+         "stages/common/core/lifetime.py", "stages/common/harness/restore.py", "stages/common/harness/portable.py",
+         "stages/common/harness/malloc.py", "stages/common/core/errors.py"]
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""The warm server's trust boundary (stages/common/warmsock.py) and the paths that must not lose
+"""The warm server's trust boundary (stages/common/harness/warmsock.py) and the paths that must not lose
 a stage's status or outputs: a folder only its user can enter, a socket and a listener
 checked before the client sends anything, a server that serves only its own user, a start
 lock that times out, signals that act at once during a cold start, a server keyed by its
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.common.warmsock import Unsafe, check_folder, check_peer, check_socket
+from stages.common.harness.warmsock import Unsafe, check_folder, check_peer, check_socket
 from tests.conftest import GIT_IDENTITY
 from tests.test_warm import alive, env, gone, probe, probe_project, servers, sockets
 
@@ -40,7 +40,7 @@ def project(tmp_path: Path) -> Iterator[Path]:
 
 def socket_of(project: Path, **extra: str) -> Path:
     """The socket path the project's client would use under env(project, **extra), its folder not made."""
-    code = "from stages.common.warm import socket_name; print(socket_name())"
+    code = "from stages.common.harness.warm import socket_name; print(socket_name())"
     done = subprocess.run([sys.executable, "-c", code], cwd=project, env=env(project, **extra), capture_output=True,
                           text=True, timeout=120, check=True)
     base = Path(extra.get("LMMEM_WARM_DIR") or sockets(project))

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.common.meter import TensorMeter
-from stages.common.params import validate_section
-from stages.common.schema import SpecialIds, TokensMeta
+from stages.common.core.params import validate_section
+from stages.common.core.schema import SpecialIds, TokensMeta
+from stages.common.memory.tensor_meter import TensorMeter
 from stages.train import Params
 from stages.train.build import build
 from stages.train.estimate import predict_memory

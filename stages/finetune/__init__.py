@@ -33,9 +33,9 @@ from typing import Any, Literal
 
 from pydantic import Field, create_model, field_validator, model_validator
 
-from stages.common.errors import StageError
-from stages.common.params import BaseParams, Section, merged, validate_section
-from stages.common.stage import stage_main
+from stages.common.core.errors import StageError
+from stages.common.core.params import BaseParams, Section, merged, validate_section
+from stages.common.harness.stage import stage_main
 from stages.train.params import Params as TrainParams
 
 log = logging.getLogger("lmmem.finetune")
@@ -189,7 +189,7 @@ def run_section(section: RunsSection, rp: Any, paths: Any, base: BaseParams, tas
 
 
 def run(p: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
-    from stages.common.schema import TokensMeta, read_typed
+    from stages.common.core.schema import TokensMeta, read_typed
     from stages.finetune.tasks import Classification
 
     rp = run_params(p, paths.run, paths.model)

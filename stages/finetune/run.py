@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from stages.common.artifacts import atomic_dir, size_on_disk, write_params
-from stages.common.distributed import Context
-from stages.common.models import TOKENIZER_FILES
-from stages.common.params import BaseParams
+from stages.common.core.artifacts import atomic_dir, size_on_disk, write_params
+from stages.common.core.params import BaseParams
+from stages.common.modelling.models import TOKENIZER_FILES
 from stages.train.build import forward_context
+from stages.train.distributed import Context
 from stages.train.finish import estimate_errors, write_steps_csv
 from stages.train.launch import resolve_device
 from stages.train.loop import Trained, run_loop

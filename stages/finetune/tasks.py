@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.common.classify import Docs, scores
-from stages.common.errors import StageError
-from stages.common.schema import TokensMeta
+from stages.common.core.errors import StageError
+from stages.common.core.schema import TokensMeta
+from stages.common.modelling.classify import Docs, scores
 from stages.train.task import Task
 
 log = logging.getLogger("lmmem.finetune")

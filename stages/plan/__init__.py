@@ -33,9 +33,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from stages.common.errors import StageError
-from stages.common.params import BaseParams, Section
-from stages.common.stage import stage_main
+from stages.common.core.errors import StageError
+from stages.common.core.params import BaseParams, Section
+from stages.common.harness.stage import stage_main
 
 log = logging.getLogger("lmmem.plan")
 
@@ -130,7 +130,7 @@ def flat(plan: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(p: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
-    from stages.common.artifacts import atomic_dir, write_json
+    from stages.common.core.artifacts import atomic_dir, write_json
     from stages.plan.catalog import architecture
     from stages.plan.planner import plan
 
@@ -205,7 +205,7 @@ def ask(argv: list[str]) -> int:
                 raise StageError(f"--set {item!r}: KEY=VALUE")
             train[name] = yaml.safe_load(value)
         devices = {f"device-{i}": gib for i, gib in enumerate(args.device_gib or [80.0])}
-        from stages.common.params import validate_section
+        from stages.common.core.params import validate_section
 
         p = validate_section("plan", {"architectures": [args.arch], "workloads": [args.workload], "devices": devices,
                                       "train": train, **{k: getattr(args, k) for k in (
@@ -220,7 +220,7 @@ def ask(argv: list[str]) -> int:
         return 2
     print(json.dumps(found, indent=2, default=str) if args.json else render(found))
     if args.metrics:
-        from stages.common.artifacts import write_json
+        from stages.common.core.artifacts import write_json
 
         write_json(args.metrics, flat(found))
     return 0

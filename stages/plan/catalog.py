@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.common.errors import StageError
+from stages.common.core.errors import StageError
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ Workloads:
   held as stored or in 4-bit NormalFloat (QLoRA);
 - `inference`: a prompt of `prompt` tokens prefilled for `batch` sequences, then greedy
   decoding until the KV cache holds `context` tokens, the weights in `dtype` and the cache in
-  it or quantized to `kv_bits` (stages.common.kvquant). The prefill and the last decoding
+  it or quantized to `kv_bits` (stages.common.modelling.kvquant). The prefill and the last decoding
   step are metered (between them each step holds one more position: the peak of decoding is
   its last step), with transformers' DynamicCache as evaluate meters it.
 
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from stages.common.errors import StageError
-from stages.common.schema import TokensMeta, mem_key
+from stages.common.core.errors import StageError
+from stages.common.core.schema import TokensMeta, mem_key
 from stages.plan.catalog import Architecture, hf_config
 from stages.train.task import Task
 
@@ -79,7 +79,7 @@ class Architecture_(Task):
         return self.context + 1
 
     def loss(self, model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
-        from stages.common.windows import next_token_loss
+        from stages.common.modelling.windows import next_token_loss
 
         return next_token_loss(model, rows)
 
@@ -97,7 +97,7 @@ def shape(arch: Architecture, context: int) -> dict[str, Any]:
 
 def train_params(q: Question, changes: dict[str, Any] | None = None) -> Any:
     """The train section (finetune's run params for the tuned workloads) of `q` with `changes`."""
-    from stages.common.params import merged, validate_section
+    from stages.common.core.params import merged, validate_section
     from stages.finetune import RunParams
     from stages.train.params import Params as TrainParams
 
@@ -136,7 +136,7 @@ def inference(q: Question) -> dict[str, Any]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
 
-    from stages.common.generation import kv_cache_bytes
+    from stages.common.modelling.generation import kv_cache_bytes
     from stages.train.estimate import NeutralScalars
 
     if not 0 < q.prompt < q.context:
@@ -167,9 +167,9 @@ def generation_peaks(model: torch.nn.Module, q: Question) -> dict[str, Any]:
 def decode_peak(model: torch.nn.Module, batch: int, held: int, context: int, kv_bits: int,
                 decode_only: bool = False) -> dict[str, Any]:
     """Prefill `held` tokens, then decode until the cache holds `context`: the metered peak
-    (stages.common.generation), by category."""
-    from stages.common.evalrows import GEN_CATEGORIES
-    from stages.common.generation import metered_generation
+    (stages.common.modelling.generation), by category."""
+    from stages.common.core.eval_results import GEN_CATEGORIES
+    from stages.common.modelling.generation import metered_generation
 
     found = metered_generation(model, torch.zeros(batch, held, dtype=torch.long), context, kv_bits,
                                decode_only=decode_only)

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.common.distributed import Context, DistributedParams
-from stages.common.meter import TensorMeter
-from stages.plan.dryrun import DTYPES, Architecture_, Question, generation_peaks, meta_of, train_params
+from stages.common.memory.tensor_meter import TensorMeter
 from stages.plan.catalog import hf_config
+from stages.plan.dryrun import DTYPES, Architecture_, Question, generation_peaks, meta_of, train_params
+from stages.train.distributed import Context, DistributedParams
 
 SEED = 0
 
@@ -31,7 +31,7 @@ def measure(q: Question, changes: dict[str, Any] | None = None) -> dict[str, Any
         return _inference(q)
     if q.world_size == 1:
         return _steps(q, changes, Context())
-    from stages.common.distributed import launch_here
+    from stages.train.distributed import launch_here
 
     per_rank = launch_here(DistributedParams(nproc=q.world_size, strategy=q.strategy), _rank, q, changes)
     ranks = [per_rank[r] for r in range(q.world_size)]
@@ -43,7 +43,7 @@ def measure(q: Question, changes: dict[str, Any] | None = None) -> dict[str, Any
 
 def _rank(q: Question, changes: dict[str, Any] | None) -> dict[str, Any]:
     """One rank of a distributed measurement, in a process of its own."""
-    from stages.common.distributed import process_group
+    from stages.train.distributed import process_group
 
     torch.manual_seed(SEED)
     with process_group(DistributedParams(nproc=q.world_size, strategy=q.strategy), "cpu") as ctx:

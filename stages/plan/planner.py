@@ -14,7 +14,7 @@ bench/lean_optimizers measured them on this project's CPU (docs/BENCHMARKS.md; a
 `moves`). They are this CPU's ratios, not a GPU's: the ranking says so.
 
 Inference: the asked weights' dtype and the cache exact, then the cache quantized to int8
-and int4 (stages.common.kvquant: 1.00003 × and 0.9996 × the perplexity, 0.90 × and 1.04 ×
+and int4 (stages.common.modelling.kvquant: 1.00003 × and 0.9996 × the perplexity, 0.90 × and 1.04 ×
 the time per token of the exact cache, docs/BENCHMARKS.md).
 
 A device fits a stack when its per-rank peak plus `reserve_mib` (the CUDA context and the

@@ -10,11 +10,11 @@ bf16/fp16); cross-entropy on the next token; backward (recomputing each block's 
 under activation checkpointing); clip; optimizer step with the scheduled learning rate;
 gradients freed (`set_to_none`); each technique's step (pruning zeroes the pruned weights
 again). The first `meter_steps` optimizer steps run under the tensor meter
-(stages.common.meter) — exact bytes by category, but slower — and throughput is timed on
+(stages.common.memory.tensor_meter) — exact bytes by category, but slower — and throughput is timed on
 the steps after them. Before training, the dry run (stages.train.estimate) predicts the same
 figures on fake tensors, and a memory budget is checked against it (stages.train.budget).
 Every `checkpoint_every` steps the whole state goes to data/checkpoints/train
-(stages.common.checkpoint): a killed run started again resumes there and ends with the
+(stages.train.checkpoint): a killed run started again resumes there and ends with the
 same metrics as a run never stopped.
 
 Modules: params (the section), techniques (the registry), build (model, optimizer, scaler),
@@ -31,9 +31,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.common.params import BaseParams
-from stages.common.schema import TokensMeta, read_typed
-from stages.common.stage import stage_main
+from stages.common.core.params import BaseParams
+from stages.common.core.schema import TokensMeta, read_typed
+from stages.common.harness.stage import stage_main
 from stages.train.launch import resolve_device, run
 from stages.train.params import Params, Paths
 

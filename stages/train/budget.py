@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from stages.common.errors import StageError
-from stages.common.memory import available_mib
-from stages.common.schema import TokensMeta
+from stages.common.core.errors import StageError
+from stages.common.core.schema import TokensMeta
+from stages.common.memory.rss_meter import available_mib
 from stages.train.estimate import predict_memory
 from stages.train.params import with_changes
 from stages.train.task import LanguageModelling, Task

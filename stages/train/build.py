@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.common import distributed
-from stages.common.distributed import Context
-from stages.common.meter import TensorMeter
-from stages.common.schema import TokensMeta
+from stages.common.core.schema import TokensMeta
+from stages.common.memory.tensor_meter import TensorMeter
+from stages.train import distributed
+from stages.train.distributed import Context
 from stages.train.task import LanguageModelling, Task
 from stages.train.techniques import REGISTRY, State, optimizer_family
 

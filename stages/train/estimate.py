@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from stages.common import distributed
-from stages.common.distributed import Context
-from stages.common.meter import TensorMeter
-from stages.common.schema import TokensMeta, mem_key
+from stages.common.core.schema import TokensMeta, mem_key
+from stages.common.memory.tensor_meter import TensorMeter
+from stages.train import distributed
 from stages.train.build import build
+from stages.train.distributed import Context
 from stages.train.step import train_step
 from stages.train.task import Task
 from stages.train.techniques import REGISTRY

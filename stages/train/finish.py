@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 
-from stages.common import distributed
-from stages.common.artifacts import atomic_dir, size_on_disk, write_params
-from stages.common.distributed import Context
-from stages.common.memory import peak_rss_mib, start_rss_mib
-from stages.common.models import TOKENIZER_FILES, build_model, count_parameters
-from stages.common.params import BaseParams
-from stages.common.schema import TokensMeta, mem_key
-from stages.common.timeline import write_rows
+from stages.common.core.artifacts import atomic_dir, size_on_disk, write_params
+from stages.common.core.params import BaseParams
+from stages.common.core.schema import TokensMeta, mem_key
+from stages.common.memory.rss_meter import peak_rss_mib, start_rss_mib
+from stages.common.memory.timeline import write_rows
+from stages.common.modelling.models import TOKENIZER_FILES, build_model, count_parameters
+from stages.train import distributed
 from stages.train.build import Parts, Progress
+from stages.train.distributed import Context
 from stages.train.params import Paths
 from stages.train.techniques import REGISTRY
 
@@ -53,7 +53,7 @@ def finish(parts: Parts, progress: Progress, p: Any, paths: Paths, base: BasePar
     metrics.update(rank_figures(ranks, predicted))
     metrics.update(predicted)
     metrics.update(estimate_errors(metrics, predicted))
-    # the peak RSS predicted from the dry run's tensors and weights (stages.common.rss, by the stage's contract)
+    # the peak RSS predicted from the dry run's tensors and weights (stages.common.memory.rss_prediction, by the stage's contract)
     metrics["rss_tensor_mib"] = predicted.get("est_total_peak_mib", metrics.get(mem_key("total"), 0.0))
     weights = [c for c in parts.task.categories if c not in NOT_WEIGHTS]  # parameters; frozen, adapters, ...
     metrics["rss_weights_mib"] = sum(predicted.get(mem_key(c, "est_"), metrics.get(mem_key(c), 0.0)) for c in weights)
@@ -138,7 +138,7 @@ def rank_figures(ranks: list[dict[str, Any]], predicted: dict[str, Any]) -> dict
 
 def write_steps(paths: Paths, records: list[dict[str, Any]], device: torch.device,
                 timeline: list[dict[str, Any]]) -> None:
-    """steps.csv, and timeline.csv: the peak step module by module (stages.common.timeline)."""
+    """steps.csv, and timeline.csv: the peak step module by module (stages.common.memory.timeline)."""
     with atomic_dir(paths.plots, paths.writer) as tmp:
         write_steps_csv(tmp / "steps.csv", records, device, paths.step_timings)
         if timeline:

@@ -1,14 +1,14 @@
 """What the training code is, for the checkpoint's fingerprint: the source of every module a
 training run executes (stages.train and the lmmem modules it imports, read from the code by
-stages.common.sources), torch and transformers. A checkpoint made by other code is not
+stages.common.harness.code_files), torch and transformers. A checkpoint made by other code is not
 resumed; editing code that training does not run (the report's charts, int4) changes nothing."""
 
 from __future__ import annotations
 
 import torch
 
-from stages.common import checkpoint
-from stages.common.sources import closure
+from stages.common.harness.code_files import closure
+from stages.train import checkpoint
 
 
 def code_identity() -> dict[str, str]:

@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from stages.common import distributed
-from stages.common.distributed import Context
-from stages.common.errors import StageError
-from stages.common.memory import reset_peak_rss
-from stages.common.params import BaseParams
-from stages.common.stage import seed_everything, setup_logging
+from stages.common.core.errors import StageError
+from stages.common.core.params import BaseParams
+from stages.common.harness.stage import seed_everything, setup_logging
+from stages.common.memory.rss_meter import reset_peak_rss
+from stages.train import distributed
+from stages.train.distributed import Context
 from stages.train.loop import train
 from stages.train.params import Paths
 

@@ -14,18 +14,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages.common import checkpoint
-from stages.common.distributed import Context
-from stages.common.errors import StageError
-from stages.common.memory import current_rss_mib
-from stages.common.meter import TensorMeter
-from stages.common.timeline import ModuleTimeline
-from stages.common.optim import lr_at, set_lr
-from stages.common.params import BaseParams
-from stages.common.schema import TokensMeta, read_typed
-from stages.train import identity
+from stages.common.core.artifacts import file_digest
+from stages.common.core.errors import StageError
+from stages.common.core.params import BaseParams
+from stages.common.core.schema import TokensMeta, read_typed
+from stages.common.memory.rss_meter import current_rss_mib
+from stages.common.memory.tensor_meter import TensorMeter
+from stages.common.memory.timeline import ModuleTimeline
+from stages.common.modelling.optim import lr_at, set_lr
+from stages.train import checkpoint, identity
 from stages.train.budget import check_parameters_fit, describe, fit_budget, meta_model
 from stages.train.build import Parts, Progress, build, forward_context
+from stages.train.distributed import Context
 from stages.train.duration import say_duration
 from stages.train.estimate import predict_memory
 from stages.train.finish import finish
@@ -71,7 +71,7 @@ def run_loop(p: Any, task: Task, meta: TokensMeta, paths: Paths, base: BaseParam
     ctx = replace(ctx, strategy=p.distributed.strategy if ctx.enabled else ctx.strategy)
     parts = build(p, meta, device, base.seed, ctx=ctx, task=task)
     progress = Progress(np.random.default_rng(base.seed), metered=[{} for _ in range(ctx.world)])
-    fingerprint = checkpoint.fingerprint(base, p, meta, checkpoint.file_digest(paths.tokens / "train.bin"),
+    fingerprint = checkpoint.fingerprint(base, p, meta, file_digest(paths.tokens / "train.bin"),
                                          identity.code_identity())
     saves = p.checkpoint_every > 0 and ctx.strategy != "fsdp"
     if p.checkpoint_every and not saves:

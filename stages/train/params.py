@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import Field, create_model, model_validator
 
-from stages.common.models import ModelParams
-from stages.common.params import Section
+from stages.common.core.params import Section
+from stages.common.modelling.models import ModelParams
 from stages.train.techniques import REGISTRY, optimizer_names
 
 Optimizer = Literal[optimizer_names()]  # type: ignore[valid-type]

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from stages.common import distributed
-from stages.common.meter import TensorMeter
-from stages.common.optim import clip_gradients
+from stages.common.memory.tensor_meter import TensorMeter
+from stages.common.modelling.optim import clip_gradients
+from stages.train import distributed
 from stages.train.build import Parts, forward_context
 
 

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.common.errors import StageError
-from stages.common.models import build_model
-from stages.common.schema import CATEGORIES, TokensMeta
-from stages.common.windows import Windows, next_token_loss
+from stages.common.core.errors import StageError
+from stages.common.core.schema import CATEGORIES, TokensMeta
+from stages.common.modelling.models import build_model
+from stages.common.modelling.windows import Windows, next_token_loss
 
 
 class Task:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from stages.common.distributed import Context
+from stages.train.distributed import Context
 from stages.train.techniques.base import Move, Technique, standard_optimizer
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from stages.common.distributed import Context
+from stages.train.distributed import Context
 from stages.train.techniques.base import Technique
 
 

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from stages.common.params import Section
+from stages.common.core.params import Section
 
 if TYPE_CHECKING:
-    from stages.common.distributed import Context
+    from stages.train.distributed import Context
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,8 @@ def standard_optimizer(cls: type[torch.optim.Optimizer], kwargs: dict[str, Any],
                        ctx: Context, dry_run: bool) -> torch.optim.Optimizer:
     """`cls` over the model's trainable parameters, weight decay on matrices only. Under
     zero1 a ZeroRedundancyOptimizer of it; a dry run builds what this rank's shard holds."""
-    from stages.common import distributed
-    from stages.common.optim import param_groups
+    from stages.common.modelling.optim import param_groups
+    from stages.train import distributed
 
     groups = param_groups(trainable(model), p.weight_decay)
     if ctx.strategy == "zero1" and dry_run:

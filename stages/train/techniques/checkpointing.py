@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from stages.common.params import Section
+from stages.common.core.params import Section
 from stages.train.techniques.base import Move, State, Technique
 
 aten = torch.ops.aten

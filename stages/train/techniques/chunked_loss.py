@@ -1,5 +1,5 @@
 """The chunked loss: the next-token cross-entropy over `loss_chunk_tokens` positions at a
-time, its gradient computed in the same pass (stages.common.loss), so the (batch × context ×
+time, its gradient computed in the same pass (stages.common.modelling.loss), so the (batch × context ×
 vocabulary) logits and their gradient never exist whole. The loss and the gradients are the
 standard ones (to rounding); the products are the same, none computed twice."""
 
@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from stages.common.loss import chunked
-from stages.common.params import Section
+from stages.common.core.params import Section
+from stages.common.modelling.loss import chunked
 from stages.train.techniques.base import Move, Technique
 
 

@@ -10,7 +10,7 @@ train, and how the frozen ones are held.
   `lora_targets` layers, and the head if the task has one; the rest is frozen. Gradients and optimizer state
   exist for the adapters and the head only; activations are still kept through the body,
   for the gradient to reach the adapters of the first blocks.
-- `frozen_weights: int8 | nf4` holds the frozen body quantized (stages.common.frozen): QLoRA
+- `frozen_weights: int8 | nf4` holds the frozen body quantized (stages.common.weights.frozen): QLoRA
   is `tune: lora` with `frozen_weights: nf4`.
 
 The train stage trains from scratch: nothing there to freeze, so it refuses these keys.
@@ -24,8 +24,8 @@ from unittest import mock
 import torch
 from pydantic import Field
 
-from stages.common.errors import StageError
-from stages.common.params import Section
+from stages.common.core.errors import StageError
+from stages.common.core.params import Section
 from stages.train.techniques.base import Move, Technique
 
 HEADS = ("score",)  # the task heads a fine-tuning model adds (transformers' *ForSequenceClassification)
@@ -83,7 +83,7 @@ class Finetuning(Technique):
             for param in getattr(model, name).parameters():
                 param.requires_grad_(True)
         if p.frozen_weights != "keep":
-            from stages.common.frozen import freeze_quantized
+            from stages.common.weights.frozen import freeze_quantized
 
             freeze_quantized(model, p.frozen_weights, keep=tuple(heads))
         return None

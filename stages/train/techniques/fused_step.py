@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from stages.common.params import Section
+from stages.common.core.params import Section
 from stages.train.techniques.base import Technique
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from stages.common.distributed import Context
-from stages.common.params import Section
+from stages.common.core.params import Section
+from stages.train.distributed import Context
 from stages.train.techniques.base import Technique, trainable
 
 

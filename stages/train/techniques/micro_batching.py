@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from stages.common.distributed import Context
-from stages.common.params import Section
+from stages.common.core.params import Section
+from stages.train.distributed import Context
 from stages.train.techniques.base import Move, Technique
 
 # bench/train_grid: micro-batch 1 (four halvings of 16) ran at 0.694 x the baseline's

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from stages.common.params import Section
+from stages.common.core.params import Section
 from stages.train.techniques.base import Move, Technique
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

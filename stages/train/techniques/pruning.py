@@ -5,7 +5,7 @@ the model can recover between prunings, and stays at the final sparsity after.
 The masks exist from the start (one byte per prunable weight, counted as parameters by the
 meter) and are applied after every optimizer step, so a pruned weight stays exactly zero;
 the optimizer's state for it is kept but never takes effect. Which weights: see
-stages.common.pruning.prunable.
+stages.common.weights.pruning.prunable.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from stages.common.distributed import Context
-from stages.common.params import Section
-from stages.common.pruning import magnitude_mask, prunable, zero_fraction
+from stages.common.core.params import Section
+from stages.common.weights.pruning import magnitude_mask, prunable, zero_fraction
+from stages.train.distributed import Context
 from stages.train.techniques.base import State, Technique
 
 

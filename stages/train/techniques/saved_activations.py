@@ -23,8 +23,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from stages.common.errors import StageError
-from stages.common.params import Section
+from stages.common.core.errors import StageError
+from stages.common.core.params import Section
 from stages.train.techniques.base import Technique
 
 SMALL = 1 << 16  # bytes: smaller saved tensors stay as they are

@@ -1,4 +1,4 @@
-"""Training across processes and machines (stages.common.distributed: the launcher, ddp,
+"""Training across processes and machines (stages.train.distributed: the launcher, ddp,
 zero1 and fsdp): the settings, the combinations no strategy can run, and auto-fit's moves to
 a strategy that shards more. Wrapping the model and the per-rank dry run are the loop's and
 the estimator's (stages.train.build, stages.train.estimate), since every rank runs them."""
@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from stages.common.distributed import Context, DistributedParams
-from stages.common.params import Section
+from stages.common.core.params import Section
+from stages.train.distributed import Context, DistributedParams
 from stages.train.techniques.base import Move, Technique
 
 STRATEGIES = ("ddp", "zero1", "fsdp")  # each shards more than the one before

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from stages.common.distributed import Context
-from stages.common.optim import param_groups
+from stages.common.modelling.optim import param_groups
+from stages.train.distributed import Context
 from stages.train.techniques.base import State, Technique, trainable
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from stages.common.params import Section
+from stages.common.core.params import Section
 from stages.train.techniques.base import Move, State, Technique
 
 
@@ -59,7 +59,7 @@ class TiledMLP(Technique):
 
     def prepare(self, model: torch.nn.Module, p: Any, device: torch.device) -> State | None:
         if p.mlp_tiles > 1:
-            from stages.common.distributed import block_classes
+            from stages.train.distributed import block_classes
 
             blocks = block_classes(model)
             for module in model.modules():

@@ -1,0 +1,6 @@
+"""`python -m stages.report`: the report stage from the command line."""
+
+from stages.report import main
+
+if __name__ == "__main__":  # not when a spawned worker imports this as its parent's main module
+    raise SystemExit(main())
