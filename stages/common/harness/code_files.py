@@ -35,7 +35,7 @@ def imported_modules(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("stages", "flows"):
             package = ROOT / node.module.replace(".", "/")
-            for alias in node.names:  # `from stages.common import quant` names a module
+            for alias in node.names:  # `from stages.common.weights import quant` names a module
                 sub = f"{node.module}.{alias.name}"
                 named = (package / f"{alias.name}.py").is_file() or (package / alias.name).is_dir()
                 found.add(sub if named else init_of(node.module))  # `from stages import WATCHER`: its __init__
