@@ -243,7 +243,8 @@ def test_int8_product_equals_the_exact_integer_product_bit_for_bit() -> None:
 def test_int8_product_is_exact_in_a_pinned_stage_process() -> None:
     """The same check where lmmem runs it: a stage's process, its kernels pinned by base.portable
     (oneDNN's ISA to AVX2 on an AVX-512 CPU, where torch._int_mm is wrong)."""
-    code = ("import sys; sys.argv = ['-m']; import stages, os, torch; from stages.common.weights import quant; "
+    code = ("import sys; sys.orig_argv = [sys.executable, '-m', 'stages.compress']; sys.argv = ['-m']; "
+            "import stages, os, torch; from stages.common.weights import quant; "
             "torch.manual_seed(0); a = torch.full((4, 128), 127, dtype=torch.int8); "
             "b = torch.randint(124, 128, (6, 128), dtype=torch.int8); "
             "exact = (a.to(torch.int64) @ b.to(torch.int64).t()).float(); "

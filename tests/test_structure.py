@@ -5,8 +5,12 @@ stage's logic in it."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import networkx as nx
 import pytest
@@ -109,3 +113,39 @@ def test_the_fault_catalog_names_a_test_that_exists_for_every_class() -> None:
         assert named, row
         for file, test in named:
             assert f"def {test}(" in (ROOT / "tests" / file).read_text(encoding="utf-8"), f"{file}::{test}"
+
+
+IMPORT_CHECK = """
+import importlib, json, os, sys
+sys.orig_argv = json.loads(os.environ.pop("ORIG_ARGV", "null")) or sys.orig_argv
+import torch
+before, threads = dict(os.environ), torch.get_num_threads()
+for name in ("stages.common.weights.loading", "stages.train", "stages.plan.dryrun", "stages.evaluate", "stages"):
+    importlib.import_module(name)
+changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
+print(json.dumps({"changed": changed, "threads": [threads, torch.get_num_threads()],
+                  "watcher": sys.modules["stages"].WATCHER is not None}))
+"""
+
+
+def import_effects(tmp_path: Path, orig_argv: list[str] | None, allocator: str) -> dict:
+    """Import lmmem's library modules in a fresh interpreter, in a folder whose params.yaml asks
+    for pinned numerics and `allocator`, under DVC (DVC_STAGE set): what changed."""
+    (tmp_path / "params.yaml").write_text(f"base:\n  portable: true\n  allocator: {allocator}\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LMMEM_", "OMP_", "MKL_", "DNNL_", "ONEDNN_"))}
+    env.update(PYTHONPATH=str(ROOT), DVC_STAGE="train", ORIG_ARGV=json.dumps(orig_argv))
+    done = subprocess.run([sys.executable, "-c", IMPORT_CHECK], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_importing_lmmem_changes_no_variable_thread_count_or_allocator(tmp_path: Path) -> None:
+    """A notebook's `from stages.common.weights.loading import load_model_folder` pins nothing,
+    starts no watcher and executes nothing again; only a stage's own process does (below)."""
+    found = import_effects(tmp_path, None, "jemalloc")  # a stage would execute itself again
+    assert found == {"changed": [], "threads": [found["threads"][0]] * 2, "watcher": False}
+
+
+def test_a_stage_process_is_pinned_on_the_same_import(tmp_path: Path) -> None:
+    found = import_effects(tmp_path, [sys.executable, "-m", "stages.train"], "glibc")  # as `python -m stages.train`
+    assert {"LMMEM_PORTABLE", "OMP_NUM_THREADS", "LMMEM_WATCHED"} <= set(found["changed"]) and found["watcher"]
