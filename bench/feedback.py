@@ -7,7 +7,7 @@ committed HEAD:
 - `tiny`: `dvc repro` of the tiny profile (tests/params.tiny.yaml) with its stages' own
   seconds beside its wall time (bench.main_job), and their ratio, the orchestration overhead.
 
-    python -m bench.feedback [--parts tests ci tiny]
+    python -m bench.feedback [--parts tests ci tiny] [--workers 0 2]
 
 Run one at a time on a quiet machine: they share its cores.
 """
@@ -15,6 +15,7 @@ Run one at a time on a quiet machine: they share its cores.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -37,11 +38,12 @@ def clone(work: Path, name: str, venv: bool) -> Path:
     return target
 
 
-def timed(command: list[str], cwd: Path, log: Path) -> tuple[float, int, str]:
+def timed(command: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> tuple[float, int, str]:
     """Wall seconds, exit code and pytest's summary line of `command`, its output in `log`."""
     started = time.perf_counter()
     with log.open("w") as out:
-        code = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+        code = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, check=False,
+                              env={**os.environ, **(env or {})}).returncode
     seconds = time.perf_counter() - started
     found = SUMMARY.findall(log.read_text(errors="replace"))
     return seconds, code, found[-1][0] if found else "no pytest summary"
@@ -50,6 +52,9 @@ def timed(command: list[str], cwd: Path, log: Path) -> tuple[float, int, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=["tests", "ci", "tiny"], default=["tests", "ci", "tiny"])
+    parser.add_argument("--workers", nargs="+", default=None,
+                        help="`tests` once per pytest-xdist worker count given (`-n`; 0: one process), "
+                             "one after the other on the same clone; default: make test as it is")
     parser.add_argument("--keep", action="store_true", help="keep the clones and logs (their folder is printed)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lmmem-feedback-"))
@@ -58,8 +63,12 @@ def main() -> int:
     print(f"machine: {machine()}; commit {head}; logs in {work}\n", flush=True)
     print("| clock | wall s | exit | result |\n|---|---|---|---|", flush=True)
     if "tests" in args.parts:
-        seconds, code, said = timed(["make", "test"], clone(work, "tests", venv=True), work / "make-test.log")
-        print(f"| make test (the venv there) | {seconds:,.1f} ({seconds / 60:.1f} min) | {code} | {said} |", flush=True)
+        where = clone(work, "tests", venv=True)
+        for n in args.workers or [None]:
+            env, label = ({}, "make test") if n is None else ({"PYTEST_ADDOPTS": f"-n {n}"}, f"make test, `-n {n}`")
+            seconds, code, said = timed(["make", "test"], where, work / f"make-test-{n}.log", env)
+            print(f"| {label} (the venv there) | {seconds:,.1f} ({seconds / 60:.1f} min) | {code} | {said} |",
+                  flush=True)
     if "ci" in args.parts:
         apt = all(shutil.which(b) for b in ("chromium",))
         seconds, code, said = timed([".ci/run"], clone(work, "ci", venv=False), work / "ci.log")

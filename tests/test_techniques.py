@@ -71,7 +71,6 @@ class Fields(Section):
 
 class Example(Technique):
     name = "example"
-    order = 99
     Fields = Fields
     grid = {"example": {"example_cap": 1000}}
 

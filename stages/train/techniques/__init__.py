@@ -11,7 +11,8 @@ module's `TECHNIQUE = ...` instance. It declares
 - what it does in the dry run (`dry_run_modes`, and the `dry_run` flag its hooks get);
 - `moves(p)`: its auto-fit moves, each with the cost a benchmark measured.
 
-Adding a technique: a new module here with its `TECHNIQUE`, its keys in params.yaml (and
+Adding a technique: a new module here with its `TECHNIQUE` (placed in `ORDER` below where its
+hooks must run before another's), its keys in params.yaml (and
 tests/params.tiny.yaml) with the same comments as the fields' descriptions, and its test.
 The loop, the estimator, auto-fit, the report and the benchmark grid need no change.
 """
@@ -24,7 +25,31 @@ from typing import Any
 
 from stages.train.techniques.base import Move, State, Technique
 
-__all__ = ["REGISTRY", "Move", "State", "Technique", "all_moves", "optimizer_family", "optimizer_names"]
+__all__ = ["ORDER", "REGISTRY", "Move", "State", "Technique", "all_moves", "optimizer_family", "optimizer_names"]
+
+
+# The registry's order, in one place: the loop calls the hooks in it, and auto-fit breaks ties
+# between moves of the same measured cost by it. A technique not named here comes after these
+# (by name): a new one needs no entry unless its hooks must run before another's.
+ORDER = (
+    "finetuning",  # first of the model changes: adapters go on the model as the task made it
+    "distributed",  # the strategy and its refusals before anything sized per rank
+    "chunked_loss",  # its move before bf16's: the same cost, far more memory saved
+    "precision",
+    "micro_batching",
+    "activation_checkpointing",
+    "tiled_mlp",
+    "saved_activations",
+    "torch_optimizers",  # the optimizers: the built-in ones, then the lean ones
+    "adamw8bit",
+    "adafactor",
+    "galore",
+    "adam_mini",
+    "sparse_adam",
+    "optimizer_in_backward",  # the fused step wraps whichever optimizer is chosen
+    "pruning",
+    "allocator",
+)
 
 
 def _discover() -> tuple[Technique, ...]:
@@ -36,7 +61,7 @@ def _discover() -> tuple[Technique, ...]:
         technique = getattr(module, "TECHNIQUE", None)
         if isinstance(technique, Technique):
             found.append(technique)
-    return tuple(sorted(found, key=lambda t: (t.order, t.name)))
+    return tuple(sorted(found, key=lambda t: (ORDER.index(t.name) if t.name in ORDER else len(ORDER), t.name)))
 
 
 REGISTRY: tuple[Technique, ...] = _discover()

@@ -14,7 +14,6 @@ from stages.train.techniques.base import Move, Technique, standard_optimizer
 
 class Adafactor(Technique):
     name = "adafactor"
-    order = 52
     optimizers = ("adafactor",)
     grid = {"adafactor": {"optimizer": "adafactor"}}
 

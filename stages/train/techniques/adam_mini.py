@@ -17,7 +17,6 @@ from stages.train.techniques.base import Technique
 
 class AdamMini(Technique):
     name = "adam_mini"
-    order = 53
     optimizers = ("adam_mini",)
     grid = {"adam-mini": {"optimizer": "adam_mini"}}
 

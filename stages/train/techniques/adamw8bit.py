@@ -15,7 +15,6 @@ from stages.train.techniques.base import Move, Technique, standard_optimizer
 
 class AdamW8bit(Technique):
     name = "adamw8bit"
-    order = 51
     optimizers = ("adamw8bit",)
     grid = {"8-bit adamw": {"optimizer": "adamw8bit"}}
 

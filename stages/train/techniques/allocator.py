@@ -32,7 +32,6 @@ class Fields(Section):
 
 class Allocator(Technique):
     name = "allocator"
-    order = 70
     Fields = Fields
 
     def refuse(self, p: Any) -> str | None:

@@ -43,7 +43,6 @@ class Technique:
     """A memory technique; see the package docstring. Every hook's default does nothing."""
 
     name: ClassVar[str]
-    order: ClassVar[int]  # place in the registry: hooks run, ties between moves break, in this order
     Fields: ClassVar[type[Section] | None] = None
     optimizers: ClassVar[tuple[str, ...]] = ()  # the train.optimizer values this family provides
     columns: ClassVar[dict[str, float]] = {}  # per-step CSV columns it fills, with their value when off

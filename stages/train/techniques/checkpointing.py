@@ -57,7 +57,6 @@ def checkpoint_kwargs(policy: str) -> dict[str, Any]:
 
 class Checkpointing(Technique):
     name = "activation_checkpointing"
-    order = 40
     Fields = Fields
     grid = {"activation checkpointing": {"activation_checkpointing": True},
             "selective checkpointing (save matmuls)": {"activation_checkpointing": True,

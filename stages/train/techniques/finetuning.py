@@ -51,7 +51,6 @@ class Fields(Section):
 
 class Finetuning(Technique):
     name = "finetuning"
-    order = 5  # before every other model change: adapters go on the model as the task made it
     Fields = Fields
 
     def refuse(self, p: Any) -> str | None:

@@ -74,7 +74,6 @@ class InBackward(torch.optim.Optimizer):
 
 class FusedStep(Technique):
     name = "optimizer_in_backward"
-    order = 55
     Fields = Fields
     grid = {"optimizer step in backward": {"optimizer_in_backward": True, "grad_clip": 0.0}}
 

@@ -59,7 +59,6 @@ def compact_projections() -> None:
 
 class GaLore(Technique):
     name = "galore"
-    order = 52
     Fields = Fields
     optimizers = ("galore_adamw",)
     grid = {"galore adamw (rank 64)": {"optimizer": "galore_adamw"}}

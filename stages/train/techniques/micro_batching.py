@@ -28,7 +28,6 @@ class Fields(Section):
 
 class MicroBatching(Technique):
     name = "micro_batching"
-    order = 30
     Fields = Fields
     grid = {"micro-batch 4 (x4 accumulation)": {"micro_batch_size": 4},
             "micro-batch 1 (x16 accumulation)": {"micro_batch_size": 1}}

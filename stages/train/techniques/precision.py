@@ -24,7 +24,6 @@ class Fields(Section):
 
 class Precision(Technique):
     name = "precision"
-    order = 20
     Fields = Fields
     grid = {"bf16 autocast": {"precision": "bf16"}}
 

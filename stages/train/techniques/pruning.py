@@ -104,7 +104,6 @@ class Fields(Section):
 
 class Pruning(Technique):
     name = "pruning"
-    order = 60
     Fields = Fields
     columns = {"sparsity": 0.0}
     grid = {"pruning to 50 % (during the middle of training)": {"prune": {"final_sparsity": 0.5}}}

@@ -65,7 +65,6 @@ def _unpack(packed: Any) -> torch.Tensor:
 
 class SavedActivations(Technique):
     name = "saved_activations"
-    order = 45
     Fields = Fields
     grid = {"saved activations in bf16": {"saved_activations": "bf16"},
             "saved activations in int8": {"saved_activations": "int8"}}

@@ -33,7 +33,6 @@ class Fields(Section):
 
 class Sharding(Technique):
     name = "distributed"
-    order = 10
     Fields = Fields
 
     def refuse(self, p: Any) -> str | None:

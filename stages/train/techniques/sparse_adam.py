@@ -74,7 +74,6 @@ class SparseUpperBound(TorchDispatchMode):
 
 class SparseAdamTechnique(Technique):
     name = "sparse_adam"
-    order = 53
     optimizers = ("sparse_adam",)
     grid = {"untied embeddings, adamw": {"model": {"tie_embeddings": False}},
             "untied, sparse embedding gradients (sparse_adam)": {"optimizer": "sparse_adam",

@@ -46,7 +46,6 @@ def tile(mlp: torch.nn.Module, tiles: int, contiguous: bool = False) -> None:
 
 class TiledMLP(Technique):
     name = "tiled_mlp"
-    order = 42
     Fields = Fields
     grid = {"mlp in 4 tiles": {"mlp_tiles": 4}}
 

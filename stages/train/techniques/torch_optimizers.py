@@ -20,7 +20,6 @@ class Fields(Section):
 
 class TorchOptimizers(Technique):
     name = "torch_optimizers"
-    order = 50
     Fields = Fields
     optimizers = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
     grid = {"sgd (momentum)": {"optimizer": "sgd"}}
