@@ -134,7 +134,10 @@ def weights_floor(q: Question, count: int) -> tuple[float, str]:
     if q.workload in ("lora", "qlora"):
         return count * 0.5 / 2**20, f"{billions} 4 bits each, frozen in NormalFloat"
     sharded = f", split over {q.world_size} fsdp ranks" if q.strategy == "fsdp" and q.world_size > 1 else ""
-    return (trained_weights_floor_mib(count, q.world_size, q.strategy),
+    from stages.plan.dryrun import train_params
+    from stages.train.techniques import weight_shards
+
+    return (trained_weights_floor_mib(count, weight_shards(train_params(q))),
             f"{billions} {PARAM_BYTES_FLOOR} bytes each{sharded}")
 
 

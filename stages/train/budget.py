@@ -17,7 +17,7 @@ from stages.common.memory.rss_meter import available_mib
 from stages.train.estimate import predict_memory
 from stages.train.params import with_changes
 from stages.train.task import LanguageModelling, Task
-from stages.train.techniques import all_moves
+from stages.train.techniques import all_moves, rows_at_once, weight_shards
 
 log = logging.getLogger("lmmem.train")
 
@@ -58,10 +58,10 @@ def meta_model(p: Any, meta: TokensMeta, task: Task | None = None) -> torch.nn.M
         return (task or LanguageModelling(meta)).make_model(p, dry_run=True)
 
 
-def trained_weights_floor_mib(count: int, world_size: int, strategy: str) -> float:
+def trained_weights_floor_mib(count: int, shards: int) -> float:
     """The fewest MiB a rank's share of `count` trained weights can take: 2 bytes each, split
-    over the ranks by fsdp (whole on every rank otherwise)."""
-    return count * PARAM_BYTES_FLOOR / (world_size if strategy == "fsdp" else 1) / 2**20
+    over `shards` ranks (techniques.weight_shards: fsdp's world, 1 where each rank holds them whole)."""
+    return count * PARAM_BYTES_FLOOR / shards / 2**20
 
 
 def check_parameters_fit(p: Any, model: torch.nn.Module, device: torch.device, sequence: int = 0) -> None:
@@ -75,16 +75,17 @@ def check_parameters_fit(p: Any, model: torch.nn.Module, device: torch.device, s
     if found is None:
         return
     count = sum(q.numel() for q in {id(q): q for q in model.parameters()}.values())
-    floor_mib = trained_weights_floor_mib(count, p.distributed.world_size, p.distributed.strategy)
+    floor_mib = trained_weights_floor_mib(count, weight_shards(p))
     if floor_mib > found[0]:
         raise StageError(f"train.model: {count / 1e6:,.1f} M parameters need at least {floor_mib:,.0f} MiB "
                          f"per process (2 bytes each) before any gradient or activation, more than {found[1]}: "
                          f"choose fewer layers or a smaller width")
     m, sequence = p.model, sequence or p.model.context
-    tokens = p.micro_batch_size * sequence
-    floor_mib = (p.micro_batch_size * (sequence + 1) * 8 + tokens * m.width * m.layers * SAVED_BYTES_FLOOR) / 2**20
+    rows = rows_at_once(p)
+    tokens = rows * sequence
+    floor_mib = (rows * (sequence + 1) * 8 + tokens * m.width * m.layers * SAVED_BYTES_FLOOR) / 2**20
     if floor_mib > found[0]:
-        raise StageError(f"train.micro_batch_size: {p.micro_batch_size:,} sequences of {sequence:,} tokens need at "
+        raise StageError(f"train.micro_batch_size: {rows:,} sequences of {sequence:,} tokens need at "
                          f"least {floor_mib:,.0f} MiB for their token ids and each block's input before anything "
                          f"else, more than {found[1]}: choose a smaller micro_batch_size (batch_size can stay "
                          f"larger: the micro-batches accumulate)")

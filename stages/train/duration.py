@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from stages.train.techniques import flops_factor
+
 log = logging.getLogger("lmmem.train")
 
 EFFICIENCY = 0.5  # a training step's FLOP/s over a bare matmul's: 0.54 on the default model (BENCHMARKS.md)
@@ -53,8 +55,7 @@ def step_flops(p: Any, model: torch.nn.Module, sequence: int = 0) -> float:
     per_token = 6.0 * matmul_weights(model)
     if m.family != "lstm":
         per_token += 12.0 * m.layers * sequence * m.width  # scores and their weighted sum, forward and back
-    if getattr(p, "activation_checkpointing", False):
-        per_token *= 4 / 3  # the forward once more in the backward
+    per_token *= flops_factor(p)  # activation checkpointing: the forward once more in the backward
     return per_token * p.batch_size * sequence
 
 

@@ -18,7 +18,7 @@ from stages.train.build import build
 from stages.train.distributed import Context
 from stages.train.step import train_step
 from stages.train.task import Task
-from stages.train.techniques import REGISTRY
+from stages.train.techniques import REGISTRY, rows_at_once
 
 
 class NeutralScalars(TorchDispatchMode):
@@ -68,7 +68,7 @@ def dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Cont
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     rows_per_step = batch or p.batch_size
-    micro_batches = -(-rows_per_step // p.micro_batch_size)
+    micro_batches = -(-rows_per_step // rows_at_once(p))
     run = min(micro_batches, DRY_RUN_MICRO_BATCHES)
     with contextlib.ExitStack() as stack:
         stack.enter_context(FakeTensorMode())
@@ -83,7 +83,7 @@ def dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Cont
         kept = 0  # bytes of one micro-batch's kept loss
         for step in range(max(2, p.meter_steps)):
             rows = parts.task.fake_rows(rows_per_step, p, device)  # the whole batch's storage, counted once
-            losses = train_step(parts, rows[:run * p.micro_batch_size], p, device, step, meter)
+            losses = train_step(parts, rows[:run * rows_at_once(p)], p, device, step, meter)
             kept = losses[-1].untyped_storage().nbytes()
             del rows, losses
         meter.close()

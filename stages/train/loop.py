@@ -32,8 +32,7 @@ from stages.train.finish import finish
 from stages.train.params import Paths
 from stages.train.step import train_step
 from stages.train.task import LanguageModelling, Task
-from stages.train.techniques import REGISTRY
-from stages.train.techniques.sharding import batch_split_problem
+from stages.train.techniques import REGISTRY, no_checkpoints, world_problem
 
 log = logging.getLogger("lmmem.train")
 
@@ -65,7 +64,7 @@ def run_loop(p: Any, task: Task, meta: TokensMeta, paths: Paths, base: BaseParam
     started = {k: v for t in REGISTRY for k, v in t.start(p, device).items()}
     if p.threads:
         torch.set_num_threads(p.threads)
-    if (problem := batch_split_problem(p, ctx.world)) is not None:  # torchrun's world may not be params'
+    if (problem := world_problem(p, ctx.world)) is not None:  # torchrun's world may not be params'
         raise StageError(f"{stage}: {problem}")
     p, predicted, fitted = plan(p, task, meta, device, base.seed, ctx, stage)
     ctx = replace(ctx, strategy=p.distributed.strategy if ctx.enabled else ctx.strategy)
@@ -73,9 +72,10 @@ def run_loop(p: Any, task: Task, meta: TokensMeta, paths: Paths, base: BaseParam
     progress = Progress(np.random.default_rng(base.seed), metered=[{} for _ in range(ctx.world)])
     fingerprint = checkpoint.fingerprint(base, p, meta, file_digest(paths.tokens / "train.bin"),
                                          identity.code_identity())
-    saves = p.checkpoint_every > 0 and ctx.strategy != "fsdp"
-    if p.checkpoint_every and not saves:
-        log.info("fsdp: no resume checkpoints (the stage saves and resumes ddp, zero1 and one-process runs)")
+    why_not = no_checkpoints(p, ctx) if p.checkpoint_every else None
+    if why_not:
+        log.info(why_not)
+    saves = p.checkpoint_every > 0 and why_not is None
     start = resume(parts, progress, paths, fingerprint, ctx, p.steps) if saves else 0
     meter = TensorMeter(task.categories)
     parts.track(meter)

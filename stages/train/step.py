@@ -12,6 +12,7 @@ from stages.common.memory.tensor_meter import TensorMeter
 from stages.common.modelling.optim import clip_gradients
 from stages.train import distributed
 from stages.train.build import Parts, forward_context
+from stages.train.techniques import rows_at_once
 
 
 def train_step(parts: Parts, rows: torch.Tensor, p: Any, device: torch.device, step: int,
@@ -25,7 +26,7 @@ def train_step(parts: Parts, rows: torch.Tensor, p: Any, device: torch.device, s
     def phase(name: str) -> contextlib.AbstractContextManager[Any]:
         return meter.phase(step, name) if meter is not None else contextlib.nullcontext()
 
-    micros = rows.split(p.micro_batch_size)
+    micros = rows.split(rows_at_once(p))
     losses = []
     for i, micro in enumerate(micros):
         with distributed.no_sync(model, last=i + 1 == len(micros)):

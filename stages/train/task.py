@@ -22,6 +22,7 @@ from stages.common.core.errors import StageError
 from stages.common.core.schema import CATEGORIES, TokensMeta
 from stages.common.modelling.models import build_model
 from stages.common.modelling.windows import Windows, next_token_loss
+from stages.train.techniques import rows_at_once
 
 
 class Task:
@@ -111,7 +112,7 @@ class LanguageModelling(Task):
         model.eval()
         total, count = 0.0, 0
         for batch in self.val.fixed_batches(p.eval_batches, p.batch_size):
-            for rows in batch.split(p.micro_batch_size):
+            for rows in batch.split(rows_at_once(p)):
                 with forward():
                     loss = next_token_loss(model, rows.to(device))
                 total += loss.item() * rows.size(0)

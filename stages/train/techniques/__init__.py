@@ -25,7 +25,8 @@ from typing import Any
 
 from stages.train.techniques.base import Move, State, Technique
 
-__all__ = ["ORDER", "REGISTRY", "Move", "State", "Technique", "all_moves", "optimizer_family", "optimizer_names"]
+__all__ = ["ORDER", "REGISTRY", "Move", "State", "Technique", "all_moves", "flops_factor", "optimizer_family",
+           "no_checkpoints", "optimizer_names", "rows_at_once", "weight_shards", "world_problem"]
 
 
 # The registry's order, in one place: the loop calls the hooks in it, and auto-fit breaks ties
@@ -74,6 +75,35 @@ def optimizer_family(name: str) -> Technique:
 
 def optimizer_names() -> tuple[str, ...]:
     return tuple(name for t in REGISTRY for name in t.optimizers)
+
+
+def rows_at_once(p: Any) -> int:
+    """The most rows of a batch one forward and backward hold: the smallest bound a technique
+    sets (micro-batching's), or the whole batch."""
+    return min((r for t in REGISTRY if (r := t.rows_at_once(p)) is not None), default=p.batch_size)
+
+
+def weight_shards(p: Any) -> int:
+    """Over how many ranks each trained weight is split."""
+    return max(t.weight_shards(p) for t in REGISTRY)
+
+
+def flops_factor(p: Any) -> float:
+    """A step's arithmetic against a plain step's, every technique's factor together."""
+    factor = 1.0
+    for t in REGISTRY:
+        factor *= t.flops_factor(p)
+    return factor
+
+
+def no_checkpoints(p: Any, ctx: Any) -> str | None:
+    """The first technique's reason this run saves no resume checkpoints, or None."""
+    return next((found for t in REGISTRY if (found := t.no_checkpoints(p, ctx)) is not None), None)
+
+
+def world_problem(p: Any, world: int) -> str | None:
+    """The first technique's reason these params cannot run on `world` ranks, or None."""
+    return next((found for t in REGISTRY if (found := t.world_problem(p, world)) is not None), None)
 
 
 def all_moves(p: Any) -> list[Move]:

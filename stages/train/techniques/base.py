@@ -52,6 +52,29 @@ class Technique:
         """Why these params cannot run with this technique, or None."""
         return None
 
+    def world_problem(self, p: Any, world: int) -> str | None:
+        """Why these params cannot run on `world` ranks (known once the ranks start: torchrun's
+        world may not be the params'), or None."""
+        return None
+
+    def no_checkpoints(self, p: Any, ctx: Context) -> str | None:
+        """Why a run with this technique saves no resume checkpoints (said once), or None."""
+        return None
+
+    def rows_at_once(self, p: Any) -> int | None:
+        """The most rows of a batch one forward and backward hold, or None for no bound (the
+        loop, the step and the budget's floor take the smallest any technique sets)."""
+        return None
+
+    def weight_shards(self, p: Any) -> int:
+        """Over how many ranks each trained weight is split (1: whole on every rank)."""
+        return 1
+
+    def flops_factor(self, p: Any) -> float:
+        """A step's arithmetic against the same step without this technique (the duration
+        estimate multiplies them)."""
+        return 1.0
+
     def start(self, p: Any, device: torch.device) -> dict[str, Any]:
         """Process-wide settings before anything is built; returns figures for the metrics."""
         return {}

@@ -80,6 +80,9 @@ class Checkpointing(Technique):
                 every_n_layers=p.activation_checkpointing_every)
         return None
 
+    def flops_factor(self, p: Any) -> float:
+        return 4 / 3 if p.activation_checkpointing else 1.0  # the forward once more in the backward
+
     def moves(self, p: Any) -> list[Move]:
         # bench/train_grid: 0.855 x the baseline's tokens/s, the same perplexity (the same
         # products recomputed): cost 1.17

@@ -1,8 +1,8 @@
 """Gradient accumulation: each batch runs as batch_size / micro_batch_size forward and
 backward passes whose gradients add up before one optimizer step, so activations are held
-for a micro-batch at a time while the effective batch stays batch_size. The loop splits the
-batch (`rows.split(p.micro_batch_size)`); this module owns the setting, its checks and its
-auto-fit moves."""
+for a micro-batch at a time while the effective batch stays batch_size. The step splits the
+batch into rows of `rows_at_once` (stages.train.techniques.rows_at_once); this module owns the
+setting, its checks and its auto-fit moves."""
 
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ class MicroBatching(Technique):
             return (f"batch_size ({p.batch_size}) must be a multiple of micro_batch_size "
                     f"({p.micro_batch_size}): the effective batch must stay the same")
         return None
+
+    def rows_at_once(self, p: Any) -> int | None:
+        return p.micro_batch_size
 
     def moves(self, p: Any) -> list[Move]:
         moves, micro, cost = [], p.micro_batch_size, 1.0

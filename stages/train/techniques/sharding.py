@@ -19,10 +19,13 @@ STRATEGIES = ("ddp", "zero1", "fsdp")  # each shards more than the one before
 
 def batch_split_problem(p: Any, world: int) -> str | None:
     """Why `world` ranks cannot share each batch in whole micro-batches, or None."""
-    if p.batch_size % (world * p.micro_batch_size) == 0:
+    from stages.train.techniques import rows_at_once
+
+    rows = rows_at_once(p)
+    if p.batch_size % (world * rows) == 0:
         return None
     return (f"batch_size ({p.batch_size}) must be a multiple of distributed.nproc x nnodes x "
-            f"micro_batch_size ({world} x {p.micro_batch_size}): each rank takes an equal share of the "
+            f"micro_batch_size ({world} x {rows}): each rank takes an equal share of the "
             f"batch in whole micro-batches")
 
 
@@ -44,6 +47,17 @@ class Sharding(Technique):
         if d.strategy == "fsdp" and p.precision == "fp16":
             return "distributed.strategy fsdp: fp16's gradient scaler cannot see sharded gradients; use bf16"
         return None
+
+    def world_problem(self, p: Any, world: int) -> str | None:
+        return batch_split_problem(p, world)
+
+    def no_checkpoints(self, p: Any, ctx: Context) -> str | None:
+        if ctx.strategy == "fsdp":
+            return "fsdp: no resume checkpoints (the stage saves and resumes ddp, zero1 and one-process runs)"
+        return None
+
+    def weight_shards(self, p: Any) -> int:
+        return p.distributed.world_size if p.distributed.strategy == "fsdp" else 1
 
     def moves(self, p: Any) -> list[Move]:
         # sharding changes no number of the run, only what is communicated; bench/distributed
