@@ -22,7 +22,7 @@ from stages.common.core.schema import TokensMeta, read_typed
 from stages.common.harness.portable import pin_threads
 from stages.common.modelling.halfmath import half_products_in_float
 from stages.common.weights.loading import load_model_folder
-from stages.evaluate import quality, windows
+from stages.evaluate.quality import quality, windows
 
 
 def main() -> int:

@@ -1,77 +1,44 @@
 """evaluate: the trained model and every compressed variant measured the same way, side by
 side, each in a fresh process so that memory peaks do not mix.
 
-Per model: validation and test perplexity and next-token top-1/top-5 accuracy on the same
-fixed windows; load time; inference tensor peak (the tensor meter over one forward pass of
-a batch) and process peak RSS (reset after imports); latency in ms per generated token at
-batch 1 and at `latency_batch` (greedy, KV cache where the model has one; median of
-`latency_repeats` after a warm-up); seeded sampled and greedy generations of the same
-prompts, with the greedy ones' repetition (1 − distinct tokens / tokens); generation memory
-(transformers models): greedy decoding with a KV cache metered over `generation_batches` ×
-`generation_contexts`, the peak split into weights, KV cache, activations and logits, the
-cache beside its closed form, and per context the largest batch within
-`generation_budget_mib` (stages/common/modelling/generation.py); for the trained model, the int8 and
-int4 KV caches of `kv_cache_bits` beside the exact one (the cache's bytes and the peak at the
-grid's largest batch × context, the perplexity of a batch of validation windows read one
-position at a time through the cache, and the batched latency with it); pruned variants with
-their weights kept sparse in memory (stages/common/weights/sparse.py) beside their dense decoding:
-weight bytes, tensor peaks, one sequence's generation peak, latency at batch 1; and, on a labelled
-corpus, a sentiment probe: a logistic-regression head trained on the model's
-mean-pooled last hidden states (train split, body frozen) and scored on the test split,
-beside a bag-of-Word2Vec baseline with the same classifier.
-
-Outputs in data/eval/: results.json (everything per model but the figures of the machine:
-times, latency, RSS), table.csv (one row per model: the DVC plot of size against perplexity),
-generations.md (prompts × models): the same bytes on any machine (base.portable). Every
-figure, those of the machine too, as flat keys `<model>_<figure>` in data/metrics/evaluate.json. A variant that compress could not make,
-or that fails here, is a row with its status and reason; the others go on.
+Per model (stages/evaluate/): quality (perplexity, top-1/top-5 accuracy on the same windows),
+load time and inference memory, sampled and greedy generations, generation memory with a KV
+cache over a grid of batches × contexts and the quantized caches (generation.py), the
+sentiment probe on a labelled corpus (probe.py), pruned weights kept sparse at run time, the
+process's peak RSS (measure.py), then latency one model at a time (latency.py). Outputs in
+data/eval (outputs.py): the same bytes on any machine; every figure, those of the machine
+too, as `<model>_<figure>` in data/metrics/evaluate.json (metrics.py). A variant that
+compress could not make, or that fails here, is a row with its status and reason; the others
+go on. The params' descriptions (params.yaml) say what each setting trades.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from stages.common.core.artifacts import atomic_dir, read_json, size_on_disk, write_json, write_params
+from stages.common.core.artifacts import read_json, size_on_disk
 from stages.common.core.errors import StageError
-from stages.common.core.eval_results import MEASURED, EvalRow
 from stages.common.core.params import BaseParams, Section
 from stages.common.core.schema import TokensMeta, read_typed
 from stages.common.harness.portable import pinned_threads
 from stages.common.harness.stage import stage_main
-from stages.common.harness.workers import cores, fresh_processes, share_cores
-from stages.common.memory.rss_meter import peak_rss_mib, reset_peak_rss, start_rss_mib
-from stages.common.memory.timeline import write_rows
-from stages.common.modelling.classify import (Docs, fit_logistic, pooled_features, predict, probe_problem,
-                                              scores)
-from stages.common.modelling.generation import (forward_peak, generation_memory, generations, kv_quantization,
-                                                metered_generation, ms_per_token, tiled)
-from stages.common.modelling.halfmath import half_products_in_float
+from stages.common.harness.workers import cores, fresh_processes
+from stages.common.modelling.classify import probe_problem
 from stages.common.modelling.kvquant import BITS
-from stages.common.modelling.loss import logits_in_chunks
-from stages.common.modelling.models import LSTMLanguageModel
-from stages.common.modelling.windows import Windows, check_ids
-from stages.common.weights.loading import load_model_folder, weight_counts
-from stages.common.weights.sparse import sparse_figures, sparsify
-from stages.evaluate.metrics import row_metrics, tensor_peaks
+from stages.common.modelling.windows import check_ids
+from stages.evaluate.latency import LATENCY_PROMPT, latency
+from stages.evaluate.measure import TRAINED, measure
+from stages.evaluate.metrics import row_metrics
+from stages.evaluate.outputs import write_outputs
+from stages.evaluate.probe import word2vec_probe
 
 log = logging.getLogger("lmmem.evaluate")
-
-TRAINED = "model"  # the row of data/model, the reference of every ratio
-TIMELINE_STEPS = 2  # decode steps of the trained model's generation timeline, after its prefill
-LATENCY_PROMPT = 8  # tokens of validation text the latency's greedy generation starts from
-TABLE = ("name", "status", "bytes_on_disk", "size_ratio", "params", "nonzero_params", "val_ppl", "test_ppl",
-         "top1", "top5", "tensor_peak_mib", "greedy_repetition", "cls_accuracy", "cls_f1_macro")
 
 
 class Params(Section):
@@ -130,143 +97,6 @@ class Paths:
     out: Path = Path("data/eval")
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def windows(tokens: Path, split: str, dtype: str, context: int, batches: int, batch: int) -> list[torch.Tensor]:
-    """The same consecutive non-overlapping windows of context + 1 ids for every model."""
-    return list(Windows(tokens / f"{split}.bin", dtype, context).fixed_batches(batches, batch))
-
-
-# ----------------------------------------------------------------------------- one model
-
-
-@torch.no_grad()
-def quality(model: torch.nn.Module, batches: list[torch.Tensor], chunk: int = 0) -> dict[str, float]:
-    """Mean next-token loss (→ perplexity) and top-1/top-5 accuracy over the windows; the
-    logits `chunk` positions at a time (0: a batch's at once)."""
-    loss, top1, top5, count = 0.0, 0, 0, 0
-    for rows in batches:
-        for logits, target in logits_in_chunks(model, rows, chunk):
-            loss += F.cross_entropy(logits, target, reduction="sum").item()
-            best = logits.topk(5, dim=-1).indices
-            top1 += int((best[:, 0] == target).sum())
-            top5 += int((best == target[:, None]).any(-1).sum())
-            count += target.numel()
-            del logits
-    return {"ppl": math.exp(loss / count), "top1": top1 / count, "top5": top5 / count}
-
-
-def measure(name: str, folder: Path, params: Params, paths: Paths, context: int, seed: int,
-            threads: int) -> dict[str, Any]:
-    """Everything about one model but its latency; runs in a fresh process (beside another
-    model's, each on its share of the cores)."""
-    share_cores(threads)
-    reset_peak_rss()  # the imports are the same for every model: leave them out
-    torch.manual_seed(seed)
-    meta = read_typed(paths.tokens / "meta.json", TokensMeta)
-    started = time.perf_counter()
-    model = load_model_folder(folder)
-    result: dict[str, Any] = {"name": name, "status": "ok", "load_seconds": time.perf_counter() - started}
-    phases: dict[str, float] = {}
-    clock = time.perf_counter()
-    result["params"], result["nonzero_params"] = weight_counts(model)
-    for split in ("validation", "test"):
-        with half_products_in_float():  # bf16 and fp16 products through the fp32 kernel: same figures, 4 × faster
-            figures = quality(model, windows(paths.tokens, split, meta.dtype, context, params.eval_batches,
-                                             params.batch_size), params.loss_chunk_tokens)
-        prefix = "val" if split == "validation" else "test"
-        result.update({f"{prefix}_ppl": figures["ppl"], f"{prefix}_top1": figures["top1"],
-                       f"{prefix}_top5": figures["top5"]})
-    result["top1"], result["top5"] = result["test_top1"], result["test_top5"]
-    phases["quality"], clock = time.perf_counter() - clock, time.perf_counter()
-
-    rows = windows(paths.tokens, "validation", meta.dtype, context, 1, params.batch_size)[0]
-    summary = forward_peak(model, rows[:, :-1])[0]
-    result["tensor_peak_mib"] = summary["total_peak_mib"]
-    result["tensor_weights_mib"] = summary["parameters_peak_mib"]
-    result.update(generations(model, folder, params, seed))
-    if hasattr(model, "config") and not isinstance(model, LSTMLanguageModel):  # a KV cache to meter
-        result.update(generation_memory(model, rows, params.generation_batches, params.generation_contexts,
-                                        params.generation_prompt, params.generation_budget_mib))
-        if name == TRAINED and params.kv_cache_bits:
-            batch, context = max(params.generation_batches), max(params.generation_contexts)
-            exact = next(p for p in result["generation"] if (p["batch"], p["context"]) == (batch, context))
-            result["kv_quant"] = kv_quantization(model, rows, batch, context, params.generation_prompt,
-                                                 params.kv_cache_bits, exact)
-        if name == TRAINED:  # its largest generation again, module by module (data/eval/timeline.csv)
-            batch, context = max(params.generation_batches), max(params.generation_contexts)
-            result["timeline"] = metered_generation(model, tiled(rows[:, :params.generation_prompt], batch), context,
-                                                    by_module=TIMELINE_STEPS)["timeline"]
-    phases["inference peak and generation"], clock = time.perf_counter() - clock, time.perf_counter()
-    if params.classify and meta.labels:
-        with half_products_in_float():
-            result.update(probe(model, paths, params, meta, seed))
-        phases["probe"], clock = time.perf_counter() - clock, time.perf_counter()
-    if params.sparse_runtime and hasattr(model, "config") and not isinstance(model, LSTMLanguageModel):
-        result["sparse"] = sparse_figures(model, rows, max(params.generation_contexts), params.generation_prompt)
-        phases["sparse at run time"] = time.perf_counter() - clock  # last: the model is sparse from here on
-    result["rss_peak_mib"], result["rss_start_mib"] = peak_rss_mib(), start_rss_mib()
-    result["rss_tensor_mib"] = max(tensor_peaks(result))
-    result["seconds"] = time.perf_counter() - started
-    log.info("%s: %.1f s (%s)", name, result["seconds"], ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
-    return result
-
-
-def latency(folder: Path, params: Params, paths: Paths, context: int, threads: int, kv_bits: list[int],
-            sparse: bool) -> dict[str, Any]:
-    """ms per generated token at batch 1 and at latency_batch (greedy, median of the repeats
-    after a warm-up), at latency_batch with each quantized KV cache of `kv_bits`, and, `sparse`,
-    at batch 1 with the weights kept sparse, in a fresh process with the cores to itself: no
-    other work runs meanwhile."""
-    share_cores(threads)
-    meta = read_typed(paths.tokens / "meta.json", TokensMeta)
-    model = load_model_folder(folder)
-    started = time.perf_counter()
-    prompt = windows(paths.tokens, "validation", meta.dtype, context, 1, params.batch_size)[0][:1, :LATENCY_PROMPT]
-    found = {"ms_per_token_b1": ms_per_token(model, prompt, 1, params.latency_new_tokens, params.latency_repeats),
-             "ms_per_token_batch": ms_per_token(model, prompt, params.latency_batch, params.latency_new_tokens,
-                                                params.latency_repeats)}
-    for bits in kv_bits:
-        found[f"kv{bits}_ms_per_token"] = ms_per_token(model, prompt, params.latency_batch, params.latency_new_tokens,
-                                                       params.latency_repeats, bits)
-    if sparse and sparsify(model)["swapped"]:
-        found["sparse_ms_per_token_b1"] = ms_per_token(model, prompt, 1, params.latency_new_tokens,
-                                                       params.latency_repeats)
-    return {**found, "latency_seconds": time.perf_counter() - started}
-
-
-def probe_docs(paths: Paths, params: Params, meta: TokensMeta, seed: int
-               ) -> tuple[list[np.ndarray], list[int], list[np.ndarray], list[int]]:
-    """The probe's training documents (a seeded sample of the train split) and all labelled
-    test documents: the same for every model and for the baseline."""
-    train = Docs(paths.tokens, "train", meta.dtype).labelled(params.classify_train_docs,
-                                                               params.classify_max_tokens, seed)
-    test = Docs(paths.tokens, "test", meta.dtype).labelled(10**9, params.classify_max_tokens, seed)
-    return *train, *test
-
-
-def probe(model: torch.nn.Module, paths: Paths, params: Params, meta: TokensMeta, seed: int) -> dict[str, Any]:
-    train_docs, train_y, test_docs, test_y = probe_docs(paths, params, meta, seed)
-    n = len(meta.labels)
-    head = fit_logistic(pooled_features(model, train_docs), torch.tensor(train_y), n)
-    result = scores(test_y, predict(head, pooled_features(model, test_docs)), n)
-    return {f"cls_{k}": v for k, v in result.items()}
-
-
-def word2vec_probe(paths: Paths, params: Params, meta: TokensMeta, seed: int) -> dict[str, Any]:
-    """The baseline: each document as the mean of its words' Word2Vec vectors."""
-    vectors = torch.from_numpy(np.load(paths.embed / "aligned.npy")).float()
-    train_docs, train_y, test_docs, test_y = probe_docs(paths, params, meta, seed)
-    n = len(meta.labels)
-    head = fit_logistic(torch.stack([vectors[d].mean(0) for d in train_docs]), torch.tensor(train_y), n)
-    result = scores(test_y, predict(head, torch.stack([vectors[d].mean(0) for d in test_docs])), n)
-    return {"name": "word2vec-bow", "status": "ok", **{f"cls_{k}": v for k, v in result.items()}}
-
-
-# ----------------------------------------------------------------------------- run
-
-
 def models_to_evaluate(params: Params, paths: Paths) -> list[tuple[str, Path]]:
     made = sorted(d.name for d in paths.compressed.iterdir() if d.is_dir()) if paths.compressed.is_dir() else []
     unknown = [v for v in params.variants if v not in made]
@@ -281,7 +111,9 @@ def failure(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
+def context_of(params: Params, paths: Paths) -> int:
+    """The trained model's context, once every setting that must fit in it is checked: refused
+    before any model is loaded."""
     if not (paths.model / "params.json").is_file():
         raise StageError(f"{paths.model} holds no trained model (no params.json): run the train stage first")
     context = read_json(paths.model / "params.json")["train"]["model"]["context"]
@@ -295,19 +127,30 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                          f"evaluate.generation_batches: {params.generation_batches} needs two different sizes")
     for key, prompt_tokens, new_tokens in (("generate_tokens", prompt, params.generate_tokens),
                                            ("latency_new_tokens", LATENCY_PROMPT, params.latency_new_tokens)):
-        if prompt_tokens + new_tokens > context:  # refused before any model is loaded
+        if prompt_tokens + new_tokens > context:
             raise StageError(f"evaluate.{key}: {new_tokens} new tokens after a {prompt_tokens}-token prompt exceed "
                              f"the model's context of {context}; at most {context - prompt_tokens}")
+    return context
+
+
+def checked_tokens(params: Params, paths: Paths) -> tuple[TokensMeta, Params]:
+    """The tokens' meta, every split's ids checked once here (not as a failure of every model),
+    and the params without the probe where the labels cannot train one."""
     meta = read_typed(paths.tokens / "meta.json", TokensMeta)
-    for split in ("train", "validation", "test"):  # once here, not as a failure of every model
+    for split in ("train", "validation", "test"):
         check_ids(paths.tokens / f"{split}.bin", meta.dtype, meta.vocab_size)
     labels = np.fromfile(paths.tokens / "train.labels.bin", dtype=np.int32) if meta.labels else None
     if params.classify and labels is not None and (skip := probe_problem(labels, len(meta.labels),
                                                                           params.classify_train_docs)):
         log.warning("no sentiment probe: %s", skip)
         params = params.model_copy(update={"classify": False})
-    reference = size_on_disk(paths.model)
-    chosen = models_to_evaluate(params, paths)
+    return meta, params
+
+
+def measure_each(chosen: list[tuple[str, Path]], params: Params, paths: Paths, context: int,
+                 seed: int) -> dict[str, dict[str, Any]]:
+    """Every model's row: `workers` at a time, each in a fresh process on its share of the
+    cores; a variant compress could not make, or one that fails, is a row with its reason."""
     found: dict[str, dict[str, Any]] = {}
     for name, folder in chosen:
         if (folder / "unsupported.json").is_file():
@@ -319,7 +162,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     log.info("measuring %d models, %d at a time, each in a fresh process on %d threads ...", len(todo), workers,
              threads)
     with fresh_processes(workers) as pool:  # quality, inference peak, generations, probe
-        futures = {name: pool.submit(measure, name, folder, params, paths, context, base.seed, threads)
+        futures = {name: pool.submit(measure, name, folder, params, paths, context, seed, threads)
                    for name, folder in todo}
         for name, future in futures.items():
             try:
@@ -327,9 +170,17 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
             except Exception as exc:  # a broken variant is a row, not the end of the evaluation
                 found[name] = {"name": name, "status": "failed", "reason": failure(exc)}
                 log.warning("%s failed: %s", name, found[name]["reason"])
+    return found
+
+
+def time_each(found: dict[str, dict[str, Any]], chosen: list[tuple[str, Path]], params: Params, paths: Paths,
+              context: int) -> None:
+    """Each measured model's latency, one at a time with the cores to itself, and its size on
+    disk against the trained model's."""
     log.info("timing generation, one model at a time ...")
+    reference = size_on_disk(paths.model)
     with fresh_processes(1) as pool:
-        for name, folder in todo:
+        for name, folder in chosen:
             if found[name]["status"] != "ok":
                 continue
             try:
@@ -342,6 +193,14 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                 continue
             on_disk = size_on_disk(folder)
             found[name].update(bytes_on_disk=on_disk, size_ratio=on_disk / reference)
+
+
+def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
+    context = context_of(params, paths)
+    meta, params = checked_tokens(params, paths)
+    chosen = models_to_evaluate(params, paths)
+    found = measure_each(chosen, params, paths, context, base.seed)
+    time_each(found, chosen, params, paths, context)
     timeline = found[TRAINED].pop("timeline", [])  # not a figure: data/eval/timeline.csv
     rows = [found[name] for name, _ in chosen]
     if not any(row["status"] == "ok" for row in rows):  # keep the previous results: these say nothing
@@ -349,34 +208,13 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         raise StageError(f"no model could be measured ({len(rows)} tried; {reasons})")
     if params.classify and meta.labels:
         rows.append(word2vec_probe(paths, params, meta, base.seed))
-
     metrics: dict[str, Any] = {"models": len(rows)}
     for row in rows:
         metrics.update(row_metrics(row, base.allocator))
-    with atomic_dir(paths.out, "evaluate") as tmp:
-        if timeline:
-            write_rows(tmp / "timeline.csv", timeline)
-        write_json(tmp / "results.json", [EvalRow.model_validate({k: v for k, v in row.items() if k not in MEASURED})
-                                          for row in rows])  # the machine's figures: in the metrics
-        with (tmp / "table.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=TABLE, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        lines = ["# Generations", "", f"Sampled (seed {base.seed}, temperature {params.temperature}, "
-                 f"top-k {params.top_k}), then greedy (its repetition per model in results.json); "
-                 "prompt | continuation.", ""]
-        for i, prompt in enumerate(params.prompts):
-            lines += [f"## {prompt}", ""]
-            for key, title in (("generations", "Sampled:"), ("greedy", "Greedy:")):
-                lines += [title, "", *[f"- **{row['name']}**: {row[key][i]}" for row in rows if key in row], ""]
-        (tmp / "generations.md").write_text("\n".join(lines), encoding="utf-8")
-        write_params(tmp, base=base, evaluate=params)
-    failed = [r["name"] for r in rows if r["status"] == "failed"]
-    metrics["failed"] = len(failed)
+    write_outputs(paths.out, rows, timeline, params, base)
+    metrics["failed"] = sum(r["status"] == "failed" for r in rows)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     return stage_main("evaluate", Params, Paths, run, argv, doc=__doc__)
-
