@@ -130,6 +130,8 @@ def test_the_stage_writes_every_plan_and_its_figures(tmp_path: Path) -> None:
     assert m["tiny_llama_inference_large_fits"] is True and m["plans"] == 2
     gpt2 = plans[1]["tried"][0]  # the weights in bf16: 2 bytes each, the tied head once
     assert gpt2["by_category"]["weights"] * 2**20 == pytest.approx(124_439_808 * 2, rel=1e-3)
+    # a cached output: the same bytes on any machine, so no dry run's seconds in it
+    assert all("seconds" not in tried for plan in plans for tried in plan["tried"])
 
 
 def test_the_question_prints_a_plan() -> None:
