@@ -39,8 +39,9 @@ from stages.common.core.schema import TokensMeta, read_typed
 from stages.common.harness.stage import stage_main
 from stages.common.text.records import normalize, split_of
 from stages.common.text.segment import SegmentPool, batches
-from stages.ingest import Counts, Reader
 from stages.ingest import Params as IngestParams
+from stages.ingest.records import Counts
+from stages.ingest.sources import records
 from stages.tokenize import Params as TokenizeParams
 from stages.tokenize import write_ids
 
@@ -83,7 +84,7 @@ def cleaned(p: Params, counts: Counts, dropped: Counter[str]) -> Iterator[tuple[
     reading = p.ingest.model_copy(update={"source": p.domain.source, "label_field": ""})
     seen: set[bytes] = set()
     taken = 0
-    for rec in Reader(reading, counts).records():
+    for rec in records(reading, counts):
         text = clean_text(normalize(rec.text), p.clean, Counter())
         if not kept(text, p.clean, seen, dropped):
             continue

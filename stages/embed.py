@@ -121,9 +121,33 @@ def similarity_scores(wv: Any, path: Path) -> dict[str, float]:
     return out
 
 
-def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
+def train_word2vec(params: Params, corpus: Path, seed: int) -> Any:
+    """gensim's Word2Vec trained on `corpus` (a document a line, words separated by spaces)."""
     from gensim.models import Word2Vec
 
+    try:
+        return Word2Vec(
+            corpus_file=str(corpus), vector_size=params.vector_size, window=params.window,
+            min_count=params.min_count, sg=int(params.algorithm == "skipgram"),
+            negative=params.negative, hs=int(params.negative == 0), sample=params.sample,
+            alpha=params.alpha, epochs=params.epochs, workers=params.workers, seed=seed,
+        )
+    except RuntimeError as exc:  # gensim: "you must first build vocabulary before training"
+        raise StageError(f"Word2Vec could not train on {corpus}: {exc} (is embed.min_count too high?)") from None
+
+
+def nearest_words(wv: Any, params: Params) -> dict[str, list[list[Any]]]:
+    """Each probe word's nearest words with their cosine similarity (data/embed/neighbours.json)."""
+    neighbours: dict[str, list[list[Any]]] = {}
+    for word in params.probe_words:
+        if word in wv.key_to_index:
+            neighbours[word] = [[w, round(float(s), 4)] for w, s in wv.most_similar(word, topn=params.neighbours)]
+        else:
+            log.warning("probe word %r has no vector", word)
+    return neighbours
+
+
+def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     corpus = paths.tokens / "train.txt"
     meta = read_typed(paths.tokens / "meta.json", TokensMeta)
     vocab_file = read_json(paths.tokens / "vocab.json")
@@ -134,15 +158,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     similarity = _eval_file(params.similarity, SIMILARITY_BUILTIN, "wordsim353.tsv", "similarity")
 
     started = time.perf_counter()
-    try:
-        model = Word2Vec(
-            corpus_file=str(corpus), vector_size=params.vector_size, window=params.window,
-            min_count=params.min_count, sg=int(params.algorithm == "skipgram"),
-            negative=params.negative, hs=int(params.negative == 0), sample=params.sample,
-            alpha=params.alpha, epochs=params.epochs, workers=params.workers, seed=base.seed,
-        )
-    except RuntimeError as exc:  # gensim: "you must first build vocabulary before training"
-        raise StageError(f"Word2Vec could not train on {corpus}: {exc} (is embed.min_count too high?)") from None
+    model = train_word2vec(params, corpus, base.seed)
     train_seconds = time.perf_counter() - started
     wv = model.wv
     if len(wv) == 0:
@@ -165,12 +181,7 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     if similarity is not None:
         metrics.update(similarity_scores(wv, similarity))
 
-    neighbours: dict[str, list[list[Any]]] = {}
-    for word in params.probe_words:
-        if word in wv.key_to_index:
-            neighbours[word] = [[w, round(float(s), 4)] for w, s in wv.most_similar(word, topn=params.neighbours)]
-        else:
-            log.warning("probe word %r has no vector", word)
+    neighbours = nearest_words(wv, params)
     metrics["probes"] = len(params.probe_words)
     metrics["probes_found"] = len(neighbours)
 

@@ -27,7 +27,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -234,78 +234,96 @@ def _flush(ids: list[int], lengths: list[int], dtype: type, unk: int, ids_f: Any
     return n_tokens, n_unk
 
 
+@dataclass
+class Segmented:
+    """What pass 1 counted: the training split's words, documents and characters per split,
+    empty documents, and the labels in order of first appearance."""
+
+    train_counts: Counter[str] = field(default_factory=Counter)
+    docs: Counter[str] = field(default_factory=Counter)
+    chars: Counter[str] = field(default_factory=Counter)
+    empty: int = 0
+    label_index: dict[str, int] = field(default_factory=dict)  # label -> id
+
+
+def segment_splits(pool: SegmentPool, params: Params, paths: Paths, tmp: Path) -> Segmented:
+    """Pass 1: every split segmented into <split>.txt (a document a line), its label ids into
+    <split>.labels.bin, the training words counted."""
+    found = Segmented()
+    for split in SPLITS:
+        with (tmp / f"{split}.txt").open("w", encoding="utf-8", newline="\n") as out, \
+                (tmp / f"{split}.labels.bin").open("wb") as labels_f:
+
+            def texts(split: str = split, labels_f: Any = labels_f) -> Iterator[str]:
+                for rec in iter_jsonl(paths.clean / f"{split}.jsonl"):
+                    label = rec.get("label")
+                    lid = -1 if label is None else found.label_index.setdefault(label, len(found.label_index))
+                    labels_f.write(np.int32(lid).tobytes())
+                    found.chars[split] += len(rec["text"])
+                    yield rec["text"]
+
+            bar = tqdm(desc=f"tokenize {split}", unit=" docs", mininterval=2)
+            for lines, counts in pool.map(batches(texts(), params.batch_docs)):
+                for line in lines:
+                    out.write(line + "\n")
+                    found.empty += not line
+                found.docs[split] += len(lines)
+                if split == "train":
+                    found.train_counts.update(counts)
+                bar.update(len(lines))
+            bar.close()
+    return found
+
+
+def write_vocabulary_and_ids(tmp: Path, found: Segmented, params: Params, base: BaseParams,
+                             metrics: dict[str, Any]) -> tuple[list[str], Any]:
+    """Pass 2: the vocabulary from the training counts, every split's words as ids, the
+    tokenizer, vocab.json and meta.json; returns the vocabulary and the ids' dtype."""
+    vocab = build_vocab(found.train_counts, params)
+    index = {w: i for i, w in enumerate(vocab)}
+    dtype = np.uint16 if len(vocab) <= UINT16_LIMIT else np.uint32
+    sp = params.special_tokens
+    for split in SPLITS:
+        n_tokens, n_unk = write_ids(tmp / f"{split}.txt", tmp, split, index, dtype, index[sp.unk], index[sp.eos])
+        metrics[f"tokens_{split}"] = n_tokens
+        metrics[f"docs_{split}"] = found.docs[split]
+        metrics[f"unk_rate_{split}"] = n_unk / max(1, n_tokens - found.docs[split])
+    save_hf_tokenizer(tmp, vocab, sp)
+    write_json(tmp / "vocab.json", {"words": vocab, "train_counts": [found.train_counts.get(w, 0) for w in vocab]})
+    meta = TokensMeta(
+        dtype=np.dtype(dtype).name, vocab_size=len(vocab), labels=list(found.label_index),
+        special_tokens=sp.model_dump(), special_ids={k: index[v] for k, v in sp.model_dump().items()},
+        docs=dict(found.docs), tokens={s: metrics[f"tokens_{s}"] for s in SPLITS})
+    write_json(tmp / "meta.json", meta)
+    write_params(tmp, base=base, tokenize=params)
+    return vocab, dtype
+
+
 def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     gold = gold_path(params.gold)
     config = {"mode": params.jieba_mode, "hmm": params.hmm, "user_dict": params.user_dict,
               "stopwords": params.stopwords}
-    train_counts: Counter[str] = Counter()
-    docs: Counter[str] = Counter()
-    chars: Counter[str] = Counter()
-    empty = 0
-    label_index: dict[str, int] = {}  # label -> id, in order of first appearance
     metrics: dict[str, Any] = {}
     started = time.perf_counter()
     with SegmentPool(config, params.workers) as pool, atomic_dir(paths.out, "tokenize") as tmp:
-        # pass 1: segment every split, count the training words, write label ids
-        for split in SPLITS:
-            with (tmp / f"{split}.txt").open("w", encoding="utf-8", newline="\n") as out, \
-                    (tmp / f"{split}.labels.bin").open("wb") as labels_f:
-
-                def texts(split: str = split, labels_f: Any = labels_f) -> Iterator[str]:
-                    for rec in iter_jsonl(paths.clean / f"{split}.jsonl"):
-                        label = rec.get("label")
-                        lid = -1 if label is None else label_index.setdefault(label, len(label_index))
-                        labels_f.write(np.int32(lid).tobytes())
-                        chars[split] += len(rec["text"])
-                        yield rec["text"]
-
-                bar = tqdm(desc=f"tokenize {split}", unit=" docs", mininterval=2)
-                for lines, counts in pool.map(batches(texts(), params.batch_docs)):
-                    for line in lines:
-                        out.write(line + "\n")
-                        empty += not line
-                    docs[split] += len(lines)
-                    if split == "train":
-                        train_counts.update(counts)
-                    bar.update(len(lines))
-                bar.close()
+        found = segment_splits(pool, params, paths, tmp)
         segment_seconds = time.perf_counter() - started
-        if not train_counts:
+        if not found.train_counts:
             raise StageError("the training split has no words after tokenization")
         if gold is not None:
             metrics.update(gold_scores(pool, gold, params.gold_max_lines, params.batch_docs))
         pool.close()
+        vocab, dtype = write_vocabulary_and_ids(tmp, found, params, base, metrics)
 
-        vocab = build_vocab(train_counts, params)
-        index = {w: i for i, w in enumerate(vocab)}
-        dtype = np.uint16 if len(vocab) <= UINT16_LIMIT else np.uint32
-        sp = params.special_tokens
-
-        # pass 2: words to ids
-        for split in SPLITS:
-            n_tokens, n_unk = write_ids(tmp / f"{split}.txt", tmp, split, index, dtype,
-                                         index[sp.unk], index[sp.eos])
-            metrics[f"tokens_{split}"] = n_tokens
-            metrics[f"docs_{split}"] = docs[split]
-            metrics[f"unk_rate_{split}"] = n_unk / max(1, n_tokens - docs[split])
-
-        save_hf_tokenizer(tmp, vocab, sp)
-        write_json(tmp / "vocab.json", {"words": vocab, "train_counts": [train_counts.get(w, 0) for w in vocab]})
-        covered = sum(train_counts[w] for w in vocab[4:])
-        meta = TokensMeta(
-            dtype=np.dtype(dtype).name, vocab_size=len(vocab), labels=list(label_index),
-            special_tokens=sp.model_dump(), special_ids={k: index[v] for k, v in sp.model_dump().items()},
-            docs=dict(docs), tokens={s: metrics[f"tokens_{s}"] for s in SPLITS})
-        write_json(tmp / "meta.json", meta)
-        write_params(tmp, base=base, tokenize=params)
-
+    train_counts = found.train_counts
+    covered = sum(train_counts[w] for w in vocab[4:])
     metrics.update({
         "vocab_size": len(vocab), "train_word_types": len(train_counts),
         "train_token_coverage": covered / max(1, sum(train_counts.values())),
-        "docs_empty": empty, "dtype_bits": np.dtype(dtype).itemsize * 8,
+        "docs_empty": found.empty, "dtype_bits": np.dtype(dtype).itemsize * 8,
         "workers": params.workers, "peak_rss_workers_mib": children_peak_rss_mib(),
         "segment_seconds": segment_seconds,
-        "chars_per_sec": sum(chars.values()) / max(segment_seconds, 1e-9),
+        "chars_per_sec": sum(found.chars.values()) / max(segment_seconds, 1e-9),
     })
     log.info("vocabulary %d words; tokens %s", len(vocab), {s: metrics[f"tokens_{s}"] for s in SPLITS})
     return metrics

