@@ -267,6 +267,17 @@ def dvc_env(project: Path, **extra: str) -> dict[str, str]:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
+def logged_stage(log: Path, seconds: float = 120) -> int:
+    """The pid of the stage that wrote "started <pid>" first in its log (the probe's --log)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        lines = log.read_text().split() if log.is_file() else []
+        if len(lines) >= 2 and lines[0] == "started":
+            return int(lines[1])
+        time.sleep(0.05)
+    raise AssertionError(f"no stage logged its start in {log}")
+
+
 def client_of(dvc_pid: int, seconds: float = 120) -> int:
     """The `python -m stages probe` process under DVC."""
     deadline = time.monotonic() + seconds
@@ -303,7 +314,7 @@ def test_under_dvc_repro_no_kill_loses_the_outputs(dvc_project: Path, kill: str)
     if kill == "client at cold start":
         os.kill(client, signal.SIGTERM)
     else:
-        stage = stage_of(server)
+        stage = logged_stage(project / "runs.log")  # not the server's children: one may be an earlier stage's
         deadline = time.monotonic() + 60
         while (project / "out.txt").exists() and time.monotonic() < deadline:
             time.sleep(0.05)  # DVC deleted it before running the stage
