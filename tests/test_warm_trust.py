@@ -47,20 +47,6 @@ def socket_of(project: Path, **extra: str) -> Path:
     return base / f"lmmem-{os.getuid()}" / done.stdout.strip()
 
 
-def stage_of(server: int, seconds: float = 60) -> int:
-    """The stage a server forked (its only child)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        for entry in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                if int(entry.read_text().rsplit(")", 1)[1].split()[1]) == server:
-                    return int(entry.parent.name)
-            except (OSError, ValueError, IndexError):
-                continue
-        time.sleep(0.05)
-    raise AssertionError(f"server {server} forked no stage")
-
-
 def one_server(project: Path, seconds: float = 120) -> int:
     deadline = time.monotonic() + seconds
     while not (found := servers(sockets(project))) and time.monotonic() < deadline:
