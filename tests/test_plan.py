@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stages.common.harness.portable import cpu_model
 from stages.plan.catalog import CATALOG, architecture
 from stages.plan.dryrun import Question, estimate, parameter_count
 from stages.plan.measure import measure
@@ -50,13 +51,15 @@ def test_the_dry_run_equals_a_real_metered_run_of_the_architecture(qwen_like: Pa
     q = Question(architecture(str(qwen_like)), workload, batch_size=4, micro_batch_size=2, context=32,
                  world_size=world, strategy=strategy, train={"precision": "fp32", **stack})
     predicted, measured = estimate(q), measure(q)
-    assert predicted["peak_mib"] == pytest.approx(measured["mem_total_peak_mib"], rel=0.005)
+    said = (f"on {cpu_model()} ({torch.backends.cpu.get_cpu_capability()}): estimated {predicted['category_peaks']}, "
+            f"at the peak {predicted['by_category']}; measured {sorted(measured.items())}")  # what a failure shows
+    assert predicted["peak_mib"] == pytest.approx(measured["mem_total_peak_mib"], rel=0.005), said
     for category, mib in predicted["category_peaks"].items():
-        assert mib == pytest.approx(measured[f"mem_{category}_peak_mib"], rel=0.005, abs=1e-4), category
+        assert mib == pytest.approx(measured[f"mem_{category}_peak_mib"], rel=0.005, abs=1e-4), (category, said)
     for category, mib in predicted["by_category"].items():
-        assert mib == pytest.approx(measured[f"mem_at_peak_{category}_mib"], rel=0.005, abs=1e-4), category
+        assert mib == pytest.approx(measured[f"mem_at_peak_{category}_mib"], rel=0.005, abs=1e-4), (category, said)
     for key, mib in predicted["per_rank"].items():  # rank<r>_est_<category>_peak_mib
-        assert mib == pytest.approx(measured[key.replace("_est_", "_mem_")], rel=0.005), key
+        assert mib == pytest.approx(measured[key.replace("_est_", "_mem_")], rel=0.005), (key, said)
     assert len(predicted["per_rank"]) == (4 * world if world > 1 else 0)
 
 
