@@ -24,7 +24,7 @@ from stages.train.launch import resolve_device
 from stages.train.loop import Trained, run_loop
 from stages.train.params import Paths as TrainPaths
 from stages.train.techniques import REGISTRY
-from stages.train.techniques.finetuning import HEADS
+from stages.train.techniques.tune import HEADS
 
 log = logging.getLogger("lmmem.finetune")
 

@@ -1,5 +1,5 @@
-"""Fine-tuning methods (the finetune stage, which starts from a trained model): which weights
-train, and how the frozen ones are held.
+"""`train.tune`, the fine-tuning methods (the finetune stage, which starts from a trained
+model): which weights train, and how the frozen ones are held.
 
 - `tune: all`: every weight trains (full fine-tuning): weights, gradients and optimizer
   state for all of them.
