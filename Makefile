@@ -5,6 +5,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+TEST_WORKERS ?= 2  # `make test TEST_WORKERS=0`: one process
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(abspath $(BIN)):$(PATH)
@@ -28,8 +29,8 @@ repro: setup
 pull: setup
 	$(BIN)/dvc pull
 
-test: setup
-	$(BIN)/python -m pytest
+test: setup  # two workers (pytest-xdist), a module's tests in one of them: 1.35 x faster here (docs/BENCHMARKS.md)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(BIN)/python -m bench.streaming

@@ -53,8 +53,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=["tests", "ci", "tiny"], default=["tests", "ci", "tiny"])
     parser.add_argument("--workers", nargs="+", default=None,
-                        help="`tests` once per pytest-xdist worker count given (`-n`; 0: one process), "
-                             "one after the other on the same clone; default: make test as it is")
+                        help="`tests` once per pytest-xdist worker count given (make test TEST_WORKERS=N; 0: one "
+                             "process), one after the other on the same clone; default: make test as it is")
     parser.add_argument("--keep", action="store_true", help="keep the clones and logs (their folder is printed)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lmmem-feedback-"))
@@ -65,8 +65,9 @@ def main() -> int:
     if "tests" in args.parts:
         where = clone(work, "tests", venv=True)
         for n in args.workers or [None]:
-            env, label = ({}, "make test") if n is None else ({"PYTEST_ADDOPTS": f"-n {n}"}, f"make test, `-n {n}`")
-            seconds, code, said = timed(["make", "test"], where, work / f"make-test-{n}.log", env)
+            command = ["make", "test"] + ([] if n is None else [f"TEST_WORKERS={n}"])
+            label = "make test" if n is None else f"make test, {n} pytest-xdist workers"
+            seconds, code, said = timed(command, where, work / f"make-test-{n}.log")
             print(f"| {label} (the venv there) | {seconds:,.1f} ({seconds / 60:.1f} min) | {code} | {said} |",
                   flush=True)
     if "ci" in args.parts:

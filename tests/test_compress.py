@@ -236,8 +236,9 @@ def test_int8_product_equals_the_exact_integer_product_bit_for_bit() -> None:
         exact = a.to(torch.int64) @ b.to(torch.int64).t()
         assert int(exact[0, 0]) == 127 * int(b[0].to(torch.int64).sum())  # the reference itself, by hand
         assert torch.equal(quant.int8_product(a, b), exact.float())
-    plain = a.float() @ b.float().t()  # the product in one piece: not exact at k = 2100
-    assert not torch.equal(plain, exact.float())
+    # at k = 2100 the sums pass 2^24: fp32 holds them only rounded, so an fp32 accumulator over all
+    # features is exact only where its kernel happens to round each step as the whole sum rounds
+    assert (exact.abs() > 2**24).any() and (exact.float().to(torch.int64) != exact).any()
 
 
 def test_int8_product_is_exact_in_a_pinned_stage_process() -> None:

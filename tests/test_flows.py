@@ -237,11 +237,11 @@ def test_a_stage_that_crashes_is_retried(server: str, repo: Path) -> None:
     outputs come back each time (the workspace stays clean)."""
     from flows.pipeline import pipeline
 
-    module = repo / "stages" / "report.py"
+    module = repo / "stages" / "report" / "__init__.py"
     source = module.read_text(encoding="utf-8")
-    crash = "def run(*args, **kwargs):\n    raise RuntimeError('a crash')\n\n\n"
-    module.write_text(source.replace('if __name__ == "__main__":', crash + 'if __name__ == "__main__":'),
-                      encoding="utf-8")
+    crash = "\n\ndef run(*args, **kwargs):  # main() finds this one: the last `run` of the module\n" \
+            "    raise RuntimeError('a crash')\n"
+    module.write_text(source + crash, encoding="utf-8")
     try:
         state = pipeline(stages=["report"], root=str(repo), return_state=True)
     finally:

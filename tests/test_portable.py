@@ -42,7 +42,8 @@ def in_stage_process(params: Path, code: str, **env: str) -> str:
     """`code` run as a stage's process runs: the stages package imported first, with --params."""
     clean = {k: v for k, v in os.environ.items() if k != MARK and not k.startswith(("ATEN_", "MKL_", "OMP_",
                                                                                         "OPENBLAS_", "ONEDNN_"))}
-    script = f"import sys; sys.argv = ['-m', '--params', {str(params)!r}]; import stages; {code}"
+    script = (f"import sys; sys.orig_argv = [sys.executable, '-m', 'stages.train', '--params', {str(params)!r}]; "
+              f"sys.argv = ['-m', '--params', {str(params)!r}]; import stages; {code}")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**clean, **env}, capture_output=True,
                           text=True, check=True, timeout=300)
     return done.stdout.strip()

@@ -47,7 +47,8 @@ if "--raise" in args:
     raise RuntimeError("probe failed")
 sys.exit(int(args[args.index("--code") + 1]) if "--code" in args else 0)
 '''
-FILES = ["stages/__init__.py", "stages/__main__.py", "stages/common/__init__.py", "stages/common/harness/warm.py",
+FILES = ["stages/__init__.py", "stages/__main__.py", "stages/common/__init__.py", "stages/common/harness/__init__.py",
+         "stages/common/core/__init__.py", "stages/common/harness/warm.py",
          "stages/common/harness/warmserver.py", "stages/common/harness/warmsock.py",
          "stages/common/core/lifetime.py", "stages/common/harness/restore.py", "stages/common/harness/portable.py",
          "stages/common/harness/malloc.py", "stages/common/core/errors.py"]

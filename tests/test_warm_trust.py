@@ -40,7 +40,8 @@ def project(tmp_path: Path) -> Iterator[Path]:
 
 def socket_of(project: Path, **extra: str) -> Path:
     """The socket path the project's client would use under env(project, **extra), its folder not made."""
-    code = "from stages.common.harness.warm import socket_name; print(socket_name())"
+    code = ("import sys; sys.orig_argv = [sys.executable, '-m', 'stages', 'probe']; "  # as the client: a stage's pins
+            "from stages.common.harness.warm import socket_name; print(socket_name())")
     done = subprocess.run([sys.executable, "-c", code], cwd=project, env=env(project, **extra), capture_output=True,
                           text=True, timeout=120, check=True)
     base = Path(extra.get("LMMEM_WARM_DIR") or sockets(project))
