@@ -15,7 +15,6 @@ Run one at a time on a quiet machine: they share its cores.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -38,12 +37,11 @@ def clone(work: Path, name: str, venv: bool) -> Path:
     return target
 
 
-def timed(command: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> tuple[float, int, str]:
+def timed(command: list[str], cwd: Path, log: Path) -> tuple[float, int, str]:
     """Wall seconds, exit code and pytest's summary line of `command`, its output in `log`."""
     started = time.perf_counter()
     with log.open("w") as out:
-        code = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, check=False,
-                              env={**os.environ, **(env or {})}).returncode
+        code = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
     seconds = time.perf_counter() - started
     found = SUMMARY.findall(log.read_text(errors="replace"))
     return seconds, code, found[-1][0] if found else "no pytest summary"

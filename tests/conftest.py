@@ -55,6 +55,12 @@ def run_stage(name: str, args: list[str]) -> int:
     return module.main(args)
 
 
+def as_stage(module: str) -> str:
+    """Python code that makes a `python -c` process one started as `python -m <module>`: the
+    stages package then pins, restarts under its allocator and watches as a stage does."""
+    return f"import sys; sys.orig_argv = [sys.executable, '-m', {module!r}]; "
+
+
 def run_cli(name: str, args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m stages.<name>` in a fresh process, as DVC does."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -20,7 +20,7 @@ from torch import nn
 from stages.common.modelling.models import logits_of
 from stages.common.weights import quant, storage
 from stages.common.weights.loading import load_model_folder
-from tests.conftest import ROOT, deep_update, one_error_line, read_metrics, run_stage, tiny_params
+from tests.conftest import ROOT, as_stage, deep_update, one_error_line, read_metrics, run_stage, tiny_params
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 300, 12, 8, 1000, 64, 3, 2, 21, 77, 150, 9]])
 
@@ -244,7 +244,7 @@ def test_int8_product_equals_the_exact_integer_product_bit_for_bit() -> None:
 def test_int8_product_is_exact_in_a_pinned_stage_process() -> None:
     """The same check where lmmem runs it: a stage's process, its kernels pinned by base.portable
     (oneDNN's ISA to AVX2 on an AVX-512 CPU, where torch._int_mm is wrong)."""
-    code = ("import sys; sys.orig_argv = [sys.executable, '-m', 'stages.compress']; sys.argv = ['-m']; "
+    code = (as_stage("stages.compress") + "sys.argv = ['-m']; "
             "import stages, os, torch; from stages.common.weights import quant; "
             "torch.manual_seed(0); a = torch.full((4, 128), 127, dtype=torch.int8); "
             "b = torch.randint(124, 128, (6, 128), dtype=torch.int8); "

@@ -233,6 +233,8 @@ def failing_repro(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("stage, where, value, named", [
     ("ingest", "ingest.sample", 1.5, "sample"),  # refused by its params check
     ("clean", "clean.min_chars", 10**6, "min_chars"),  # more than max_chars
+    # refused inside its run, by the segmenting pool, once the output folder is open
+    ("tokenize", "tokenize.user_dict", "data/corpus/no-such-dict.txt", "tokenize.user_dict: no such file"),
     ("embed", "embed.window", -2, "window"),
     ("train", "train.steps", 0, "steps"),
     ("train", "train.batch_size", 10**9, "max_hours"),  # refused before the dry run: millions of hours

@@ -16,7 +16,7 @@ import yaml
 from bench.portability import compare
 from stages.common.harness.portable import MARK, THREADS, has_avx2
 from stages.report.provenance import machine_rows, one_blas_list
-from tests.conftest import ROOT
+from tests.conftest import ROOT, as_stage
 
 # a sum whose order depends on the vector width and the thread count (ATen's own reduction)
 PROBE = ("import hashlib, os, torch; from stages.common.harness.portable import pin_threads; "
@@ -42,8 +42,7 @@ def in_stage_process(params: Path, code: str, **env: str) -> str:
     """`code` run as a stage's process runs: the stages package imported first, with --params."""
     clean = {k: v for k, v in os.environ.items() if k != MARK and not k.startswith(("ATEN_", "MKL_", "OMP_",
                                                                                         "OPENBLAS_", "ONEDNN_"))}
-    script = (f"import sys; sys.orig_argv = [sys.executable, '-m', 'stages.train', '--params', {str(params)!r}]; "
-              f"sys.argv = ['-m', '--params', {str(params)!r}]; import stages; {code}")
+    script = as_stage("stages.train") + f"sys.argv = ['-m', '--params', {str(params)!r}]; import stages; {code}"
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**clean, **env}, capture_output=True,
                           text=True, check=True, timeout=300)
     return done.stdout.strip()

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from stages.common.harness.warmsock import Unsafe, check_folder, check_peer, check_socket
-from tests.conftest import GIT_IDENTITY
+from tests.conftest import GIT_IDENTITY, as_stage
 from tests.test_warm import alive, env, gone, probe, probe_project, servers, sockets
 
 NOBODY = 65534
@@ -40,8 +40,7 @@ def project(tmp_path: Path) -> Iterator[Path]:
 
 def socket_of(project: Path, **extra: str) -> Path:
     """The socket path the project's client would use under env(project, **extra), its folder not made."""
-    code = ("import sys; sys.orig_argv = [sys.executable, '-m', 'stages', 'probe']; "  # as the client: a stage's pins
-            "from stages.common.harness.warm import socket_name; print(socket_name())")
+    code = as_stage("stages") + "from stages.common.harness.warm import socket_name; print(socket_name())"  # the client's pins
     done = subprocess.run([sys.executable, "-c", code], cwd=project, env=env(project, **extra), capture_output=True,
                           text=True, timeout=120, check=True)
     base = Path(extra.get("LMMEM_WARM_DIR") or sockets(project))
