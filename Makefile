@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro pull test bench clean-venv
+.PHONY: setup repro pull test lint bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ pull: setup
 
 test: setup  # two workers (pytest-xdist), a module's tests in one of them: 1.35 x faster here (docs/BENCHMARKS.md)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+lint: setup  # pyproject.toml's [tool.ruff] rules: CI runs it beside the tests
+	$(BIN)/ruff check .
 
 bench: setup
 	$(BIN)/python -m bench.streaming

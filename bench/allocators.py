@@ -32,7 +32,8 @@ from stages.common.harness.malloc import NAMES, missing
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--variants", nargs="*", default=["int8", "prune50"])
     parser.add_argument("--out", type=Path, default=Path("/tmp/lmmem-alloc"))
@@ -40,8 +41,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     train = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["train"]
     print(f"machine: {machine()}; train {args.steps} steps, evaluate model + {', '.join(args.variants)}\n")
-    print("| allocator | train peak RSS MiB | × glibc | train s | evaluate peak RSS MiB (largest model) | × glibc | "
-          "evaluate s |")
+    print("| allocator | train peak RSS MiB | × glibc | train s | evaluate peak RSS MiB (largest model) | × "
+          "glibc | evaluate s |")
     print("|---|---|---|---|---|---|---|")
     base: tuple[float, float] | None = None
     for name in NAMES:
@@ -59,7 +60,8 @@ def main() -> int:
         trained = run_stage("train", params, out, tokens=ROOT / "data/tokens", embed=ROOT / "data/warmstart",
                             out=out / "model", plots=out / "plots", checkpoints=out / "ckpt")
         train_s, started = time.perf_counter() - started, time.perf_counter()
-        evaluated = run_stage("evaluate", params, out, model=out / "model", compressed=ROOT / "data/compressed",
+        evaluated = run_stage("evaluate", params, out, model=out / "model",
+                              compressed=ROOT / "data/compressed",
                               tokens=ROOT / "data/tokens", embed=ROOT / "data/embed", out=out / "eval")
         eval_s = time.perf_counter() - started
         assert trained["allocator"] == evaluated["allocator"] == name, (trained["machine_allocator"], name)

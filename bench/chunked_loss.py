@@ -42,7 +42,8 @@ log = logging.getLogger("bench.chunked_loss")
 MIB = 2**20
 
 
-def loss_side(model: torch.nn.Module, rows: torch.Tensor, chunk: int) -> tuple[float, float, dict[str, torch.Tensor]]:
+def loss_side(model: torch.nn.Module, rows: torch.Tensor,
+              chunk: int) -> tuple[float, float, dict[str, torch.Tensor]]:
     """(peak MiB the loss side makes, loss, gradients of the hidden states and of the head weight)."""
     with torch.no_grad():
         hidden, head = hidden_and_head(model, rows[:, :-1])
@@ -88,13 +89,14 @@ def main() -> int:
     name = {c: "standard" if c == 0 else f"chunk {c}" for c in configs}
     print(f"machine: {machine()}; torch threads {torch.get_num_threads()}; model {params.model.family} "
           f"{params.model.layers} x {params.model.width}, vocabulary {meta.vocab_size:,}, batch "
-          f"{params.batch_size} x {params.model.context} = {params.batch_size * params.model.context:,} positions\n")
+          f"{params.batch_size} x {params.model.context} = {params.batch_size * params.model.context:,} "
+          "positions\n")
 
     # 1. the loss side alone
     torch.manual_seed(base.seed)
     model = build(params, meta, torch.device("cpu"), base.seed).model
     side = {c: loss_side(model, rows, c) for c in configs}
-    ref_mib, ref_loss, ref_grads = side[0]
+    ref_mib, _, ref_grads = side[0]
     print("| loss side | peak MiB | x standard | loss | max abs. gradient difference (hidden, weight) |")
     print("|---|---|---|---|---|")
     for c, (mib, loss, g) in side.items():
@@ -126,7 +128,8 @@ def main() -> int:
         ms = statistics.median(seconds[c]) * 1000
         diff = max(abs(a - b) for a, b in zip(losses[c], losses[0], strict=True))
         print(f"| {name[c]} | {ms:,.0f} | {positions / ms * 1000:,.0f} | {ref_ms / ms:.3f} | "
-              f"{diff:.1e} |" if c else f"| standard | {ms:,.0f} | {positions / ms * 1000:,.0f} | 1.000 | - |")
+              f"{diff:.1e} |" if c
+              else f"| standard | {ms:,.0f} | {positions / ms * 1000:,.0f} | 1.000 | - |")
     return 0
 
 

@@ -85,7 +85,8 @@ def training_parser(doc: str | None, steps: int, only: bool = False) -> argparse
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--tokens", type=Path, default=ROOT / "data" / "tokens")
     if only:
-        parser.add_argument("--only", nargs="*", default=None, help="configuration names (the baseline always runs)")
+        parser.add_argument("--only", nargs="*", default=None,
+                            help="configuration names (the baseline always runs)")
     return parser
 
 

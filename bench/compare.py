@@ -7,8 +7,8 @@ stage's wall time (the comparison's share of the main job).
 
 Prints per configuration: the tensor peak by category and in total, × the baseline's, the
 dry run's largest error over the categories, tokens/s and the validation perplexity, each
-beside the baseline's; then the total wall time and the report's summary line (the leanest configuration within
-1.03 × the baseline's perplexity).
+beside the baseline's; then the total wall time and the report's summary line (the leanest configuration
+within 1.03 × the baseline's perplexity).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         params = params_file(Path(tmp), compare={"steps": args.steps} if args.steps else {})
         _, p = load_params(params, ("train", "compare"), Params)
-        names = [n for n in p.compare.configs if args.only is None or n == p.compare.baseline or n in args.only]
+        names = [n for n in p.compare.configs if args.only is None or n == p.compare.baseline
+                 or n in args.only]
         results: dict[str, dict[str, Any]] = {}
         seconds: dict[str, float] = {}
         for name in names:
@@ -45,18 +46,22 @@ def main() -> int:
                                       embed=args.tokens.parent / "embed", out=work / "out")
             seconds[name] = time.perf_counter() - started
     base = results[p.compare.baseline]
-    print(f"\nmachine: {machine()}; {p.compare.steps} optimizer steps of {p.train.batch_size} sequences each\n")
-    print("| configuration | " + " | ".join(CATEGORIES) + " | tensor peak MiB | × baseline | largest estimate error | "
+    print(f"\nmachine: {machine()}; {p.compare.steps} optimizer steps of {p.train.batch_size} sequences "
+          "each\n")
+    print("| configuration | " + " | ".join(CATEGORIES)
+          + " | tensor peak MiB | × baseline | largest estimate error | "
           "tokens/s | × baseline | val ppl | × baseline | stage wall s |")
     print("|---|" + "---|" * (len(CATEGORIES) + 8))
     worst = 0.0
     for name, m in results.items():
-        errors = [abs(m[f"est_error_{c}_peak_mib"]) for c in [*CATEGORIES, "total"] if f"est_error_{c}_peak_mib" in m]
+        errors = [abs(m[f"est_error_{c}_peak_mib"]) for c in [*CATEGORIES, "total"]
+                  if f"est_error_{c}_peak_mib" in m]
         worst = max(worst, *errors)
         cells = " | ".join(f"{m[f'mem_at_peak_{c}_mib']:.1f}" for c in CATEGORIES)
         print(f"| {name} | {cells} | {m['mem_total_peak_mib']:.1f} | "
               f"{m['mem_total_peak_mib'] / base['mem_total_peak_mib']:.3f} | {max(errors):.2%} | "
-              f"{m['tokens_per_sec']:.0f} | {m['tokens_per_sec'] / base['tokens_per_sec']:.3f} | {m['val_ppl']:.1f} | "
+              f"{m['tokens_per_sec']:.0f} | {m['tokens_per_sec'] / base['tokens_per_sec']:.3f} | "
+              f"{m['val_ppl']:.1f} | "
               f"{m['val_ppl'] / base['val_ppl']:.3f} | {seconds[name]:.1f} |")
     print(f"\nlargest estimate error over every configuration and category: {worst:.2%}")
     print(f"all {len(results)} stages: {sum(seconds.values()):.0f} s wall")

@@ -25,7 +25,8 @@ TARGETS = {"int8": (0.30, 1.01), "prune50-int8": (0.20, 1.10), "prune50-all-int8
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval", type=Path, default=ROOT / "data" / "eval")
     parser.add_argument("--metrics", type=Path, default=ROOT / "data" / "metrics" / "evaluate.json")
     args = parser.parse_args()
@@ -36,8 +37,9 @@ def main() -> int:
     rows: dict[str, dict[str, Any]] = {r["name"]: r for r in eval_rows(results, args.metrics)}
     base = rows["model"]
     print(f"machine: {machine()}\n")
-    print("| model | status | MiB on disk | × fp32 | weights (non-zero) | val ppl | × fp32 | test ppl | top-1 | "
-          "tensor peak MiB | × fp32 | RSS MiB | ms/token b1 | ms/token batch | probe acc | probe F1 |")
+    print("| model | status | MiB on disk | × fp32 | weights (non-zero) | val ppl | × fp32 | test ppl | "
+          "top-1 | tensor peak MiB | × fp32 | RSS MiB | ms/token b1 | ms/token batch | probe acc | "
+          "probe F1 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         if r["status"] != "ok" or "val_ppl" not in r:
@@ -46,7 +48,8 @@ def main() -> int:
             print(f"| {name} | {status} |" + " |" * 12 + probe)
             continue
         print(f"| {name} | ok | {r['bytes_on_disk'] / 2**20:.2f} | {r['size_ratio']:.3f} | "
-              f"{r['params']:,} ({r['nonzero_params']:,}) | {r['val_ppl']:.1f} | {r['val_ppl'] / base['val_ppl']:.3f} | "
+              f"{r['params']:,} ({r['nonzero_params']:,}) | {r['val_ppl']:.1f} | "
+              f"{r['val_ppl'] / base['val_ppl']:.3f} | "
               f"{r['test_ppl']:.1f} | {r['top1']:.3f} | {r['tensor_peak_mib']:.1f} | "
               f"{r['tensor_peak_mib'] / base['tensor_peak_mib']:.3f} | {r['rss_peak_mib']:.0f} | "
               f"{r['ms_per_token_b1']:.2f} | {r['ms_per_token_batch']:.2f} | "
@@ -64,9 +67,10 @@ def main() -> int:
     for name in ("structured25", "distill-half"):
         r = rows.get(name)
         if r is not None and r["status"] == "ok":
-            print(f"- {name}: {r['params'] / base['params']:.3f} × weights, {r['val_ppl'] / base['val_ppl']:.3f} × "
-                  f"perplexity, {r['tensor_peak_mib'] / base['tensor_peak_mib']:.3f} × inference tensor peak, "
-                  f"{r['ms_per_token_b1'] / base['ms_per_token_b1']:.3f} × batch-1 latency")
+            print(f"- {name}: {r['params'] / base['params']:.3f} × weights, "
+                  f"{r['val_ppl'] / base['val_ppl']:.3f} × "
+                  f"perplexity, {r['tensor_peak_mib'] / base['tensor_peak_mib']:.3f} × inference tensor "
+                  f"peak, {r['ms_per_token_b1'] / base['ms_per_token_b1']:.3f} × batch-1 latency")
     seconds = [r["seconds"] for r in rows.values() if "seconds" in r]
     if seconds:
         print(f"- evaluate: {sum(seconds) / 60:.1f} min over {len(seconds)} models "

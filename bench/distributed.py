@@ -41,12 +41,14 @@ def main() -> int:
         for i, (name, overrides) in enumerate(configs.items()):
             work = Path(tmp) / f"c{i}"
             work.mkdir()
-            train = {"steps": args.steps, "warmup_steps": args.steps // 10, "meter_steps": 2, "checkpoint_every": 0,
+            train = {"steps": args.steps, "warmup_steps": args.steps // 10, "meter_steps": 2,
+                     "checkpoint_every": 0,
                      "eval_every": args.steps,
                      "batch_size": 16, "micro_batch_size": micro, **overrides}
             params = params_file(work, train=train)
             log.info("%s ...", name)
-            results[name] = run_stage("train", params, work, tokens=args.tokens, embed=args.tokens.parent / "embed",
+            results[name] = run_stage("train", params, work, tokens=args.tokens,
+                                      embed=args.tokens.parent / "embed",
                                       out=work / "model", plots=work / "plots", checkpoints=work / "ckpt")
     single, ddp = results["one process"], results["ddp"]
     print(f"\nmachine: {machine()}; {args.steps} optimizer steps of 16 windows; {args.nproc} ranks (gloo)")
@@ -58,7 +60,8 @@ def main() -> int:
         ranks = range(args.nproc) if name != "one process" else [None]
         for rank in ranks:
             p = f"rank{rank}_" if rank is not None else ""
-            cells = " | ".join(f"{m[f'{p}mem_{c}_peak_mib']:.2f} / {m[f'{p}est_{c}_peak_mib']:.2f}" for c in SHARDED)
+            cells = " | ".join(f"{m[f'{p}mem_{c}_peak_mib']:.2f} / {m[f'{p}est_{c}_peak_mib']:.2f}"
+                               for c in SHARDED)
             total, est = m[f"{p}mem_total_peak_mib"], m[f"{p}est_total_peak_mib"]
             ratio = f"{total / ddp[f'rank{rank}_mem_total_peak_mib']:.3f}" if rank is not None else "-"
             rss = m[f"{p}peak_rss_mib"]
@@ -69,9 +72,10 @@ def main() -> int:
           "Δ vs one process | val loss | tokens/s |")
     print("|---|---|---|---|---|---|---|")
     for name, m in results.items():
-        print(f"| {name} | {m['mem_total_peak_mib']:.1f} | {m['mem_total_peak_mib'] / single['mem_total_peak_mib']:.3f} | "
-              f"{m['train_loss']:.5f} | {m['train_loss'] - single['train_loss']:+.1e} | {m['val_loss']:.5f} | "
-              f"{m.get('tokens_per_sec', math.nan):.0f} |")
+        print(f"| {name} | {m['mem_total_peak_mib']:.1f} | "
+              f"{m['mem_total_peak_mib'] / single['mem_total_peak_mib']:.3f} | "
+              f"{m['train_loss']:.5f} | {m['train_loss'] - single['train_loss']:+.1e} | {m['val_loss']:.5f} "
+              f"| {m.get('tokens_per_sec', math.nan):.0f} |")
     return 0
 
 

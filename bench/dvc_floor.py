@@ -48,7 +48,8 @@ def timed_repro(n: int, command: str, work: Path) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", type=int, default=20)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lmmem-dvc-floor-"))

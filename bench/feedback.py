@@ -33,7 +33,8 @@ def clone(work: Path, name: str, venv: bool) -> Path:
     subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True)
     if venv:
         (target / ".venv").symlink_to(ROOT / ".venv")
-        (ROOT / ".venv" / ".installed").touch()  # requirements.lock and pyproject.toml as installed: no reinstall
+        # requirements.lock and pyproject.toml as installed: no reinstall
+        (ROOT / ".venv" / ".installed").touch()
     return target
 
 
@@ -48,12 +49,16 @@ def timed(command: list[str], cwd: Path, log: Path) -> tuple[float, int, str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", choices=["tests", "ci", "tiny"], default=["tests", "ci", "tiny"])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=["tests", "ci", "tiny"],
+                        default=["tests", "ci", "tiny"])
     parser.add_argument("--workers", nargs="+", default=None,
-                        help="`tests` once per pytest-xdist worker count given (make test TEST_WORKERS=N; 0: one "
-                             "process), one after the other on the same clone; default: make test as it is")
-    parser.add_argument("--keep", action="store_true", help="keep the clones and logs (their folder is printed)")
+                        help="`tests` once per pytest-xdist worker count given (make test TEST_WORKERS=N; "
+                             "0: one process), one after the other on the same clone; default: make test as "
+                             "it is")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the clones and logs (their folder is printed)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lmmem-feedback-"))
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -71,17 +76,19 @@ def main() -> int:
     if "ci" in args.parts:
         apt = all(shutil.which(b) for b in ("chromium",))
         seconds, code, said = timed([".ci/run"], clone(work, "ci", venv=False), work / "ci.log")
-        print(f"| .ci/run (no venv; apt packages {'already here' if apt else 'installed by it'}) | {seconds:,.1f} "
+        print(f"| .ci/run (no venv; apt packages {'already here' if apt else 'installed by it'}) | "
+              f"{seconds:,.1f} "
               f"({seconds / 60:.1f} min) | {code} | {said} |", flush=True)
     if "tiny" in args.parts:
-        done = subprocess.run([sys.executable, "-m", "bench.main_job", "--params", "tests/params.tiny.yaml"], cwd=ROOT,
+        done = subprocess.run([sys.executable, "-m", "bench.main_job", "--params", "tests/params.tiny.yaml"],
+                              cwd=ROOT,
                               capture_output=True, text=True, check=False)
         (work / "tiny.md").write_text(done.stdout + done.stderr)
         wall = re.search(r"\*\*dvc repro\*\* \| \*\*([\d.]+)\*\*", done.stdout)
         own = sum(float(m) for m in re.findall(r"^\| [\w@-]+ \| [\d.-]+ \| ([\d.]+) \|$", done.stdout, re.M))
         ratio = float(wall.group(1)) / own if wall and own else float("nan")
-        print(f"| tiny profile's dvc repro | {wall.group(1) if wall else '?'} | {done.returncode} | stages' own "
-              f"{own:,.1f} s: overhead {ratio:.2f} x |", flush=True)
+        print(f"| tiny profile's dvc repro | {wall.group(1) if wall else '?'} | {done.returncode} | stages' "
+              f"own {own:,.1f} s: overhead {ratio:.2f} x |", flush=True)
         print("\n" + done.stdout)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -30,8 +30,10 @@ log = logging.getLogger("bench.finetune")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shared", type=json.loads, default=None, help="finetune.shared for every run (JSON)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", type=json.loads, default=None,
+                        help="finetune.shared for every run (JSON)")
     parser.add_argument("--only", nargs="+", default=None, help="these runs (and the baseline)")
     parser.add_argument("--model", type=Path, default=ROOT / "data" / "model")
     parser.add_argument("--tokens", type=Path, default=ROOT / "data" / "tokens")
@@ -44,7 +46,8 @@ def main() -> int:
             data["finetune"]["shared"] = args.shared
             params.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
         _, p = load_params(params, ("train", "finetune"), Params)
-        names = [n for n in p.finetune.runs if args.only is None or n == p.finetune.baseline or n in args.only]
+        names = [n for n in p.finetune.runs if args.only is None or n == p.finetune.baseline
+                 or n in args.only]
         results: dict[str, dict[str, Any]] = {}
         seconds: dict[str, float] = {}
         for name in names:
@@ -52,7 +55,8 @@ def main() -> int:
             work.mkdir()
             log.info("%s ...", name)
             started = time.perf_counter()
-            results[name] = run_stage("finetune", params, work, run=Path(name), tokens=args.tokens, model=args.model,
+            results[name] = run_stage("finetune", params, work, run=Path(name), tokens=args.tokens,
+                                      model=args.model,
                                       out=work / "out")
             seconds[name] = time.perf_counter() - started
     base = results[p.finetune.baseline]
@@ -61,15 +65,18 @@ def main() -> int:
         if evaluated.is_file() else None
     print(f"\nmachine: {machine()}; {p.finetune.steps} steps of {p.finetune.batch_size} documents, "
           f"shared: {json.dumps(p.finetune.shared)}\n")
-    print("| run | " + " | ".join(CATEGORIES) + " | tensor peak MiB | × full | largest estimate error | docs/s | "
+    print("| run | " + " | ".join(CATEGORIES)
+          + " | tensor peak MiB | × full | largest estimate error | docs/s | "
           "test accuracy | − full (points) | macro F1 | stage wall s |")
     print("|---|" + "---|" * (len(CATEGORIES) + 9))
     for name, m in results.items():
-        errors = [abs(m[f"est_error_{c}_peak_mib"]) for c in [*CATEGORIES, "total"] if f"est_error_{c}_peak_mib" in m]
+        errors = [abs(m[f"est_error_{c}_peak_mib"]) for c in [*CATEGORIES, "total"]
+                  if f"est_error_{c}_peak_mib" in m]
         cells = " | ".join(f"{m[f'mem_at_peak_{c}_mib']:.2f}" for c in CATEGORIES)
         print(f"| {name} | {cells} | {m['mem_total_peak_mib']:.2f} | "
               f"{m['mem_total_peak_mib'] / base['mem_total_peak_mib']:.3f} | {max(errors):.2%} | "
-              f"{m.get('docs_per_sec', 0):.0f} | {m['accuracy']:.4f} | {100 * (m['accuracy'] - base['accuracy']):+.2f} | "
+              f"{m.get('docs_per_sec', 0):.0f} | {m['accuracy']:.4f} | "
+              f"{100 * (m['accuracy'] - base['accuracy']):+.2f} | "
               f"{m['f1_macro']:.4f} | {seconds[name]:.1f} |")
     if w2v is not None:
         print(f"\nbag-of-Word2Vec baseline (data/eval/results.json): test accuracy {w2v['cls_accuracy']:.4f}")

@@ -65,7 +65,8 @@ def served_runs(repo: Path, api_url: str, repeats: int) -> list[float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -89,14 +90,17 @@ def main() -> int:
     print(f"\nmachine: {machine()}; tiny profile, 9 stages; Prefect server on loopback")
     print("\n| run | dvc repro s | flow s | flow − dvc s | flow / dvc |")
     print("|---|---|---|---|---|")
-    print(f"| whole pipeline from nothing | {full_bare:.1f} | {full_flow:.1f} | {full_flow - full_bare:+.1f} | "
+    print(f"| whole pipeline from nothing | {full_bare:.1f} | {full_flow:.1f} | "
+          f"{full_flow - full_bare:+.1f} | "
           f"{full_flow / full_bare:.2f} |")
     print(f"| no-op (all up to date), median of {args.repeats} | {nb:.1f} | {nf:.1f} | {nf - nb:+.1f} | "
           f"{nf / nb:.2f} |")
-    print(f"| no-op flow run in a served process (no start-up), median of {args.repeats} | {nb:.1f} | {ns:.1f} | "
+    print(f"| no-op flow run in a served process (no start-up), median of {args.repeats} | {nb:.1f} | "
+          f"{ns:.1f} | "
           f"{ns - nb:+.1f} | {ns / nb:.2f} |")
     print(f"\nno-op runs: dvc {', '.join(f'{t:.1f}' for t in noop_bare)}; "
-          f"flow {', '.join(f'{t:.1f}' for t in noop_flow)}; served {', '.join(f'{t:.1f}' for t in noop_served)}")
+          f"flow {', '.join(f'{t:.1f}' for t in noop_flow)}; served "
+          f"{', '.join(f'{t:.1f}' for t in noop_served)}")
     return 0
 
 

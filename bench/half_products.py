@@ -16,7 +16,7 @@ import argparse
 import statistics
 import time
 
-import stages  # noqa: F401  (the pins before torch loads)
+import stages  # noqa: F401 - the pins before torch loads
 from bench.common import ROOT, machine
 from stages.common.core.schema import TokensMeta, read_typed
 from stages.common.harness.portable import pin_threads
@@ -26,7 +26,8 @@ from stages.evaluate.quality import quality, windows
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["bf16", "fp16"])
     parser.add_argument("--batches", type=int, default=4, help="validation batches of 16 windows")
     parser.add_argument("--rounds", type=int, default=3)
@@ -37,7 +38,8 @@ def main() -> int:
         raise SystemExit("data/tokens holds no tokens: run `dvc repro compress` first")
     meta = read_typed(tokens / "meta.json", TokensMeta)
     print(f"machine: {machine()}\n")
-    print("| model | native s | through fp32 s | native ÷ fp32 | perplexity native | through fp32 | top-1 native | through fp32 |")
+    print("| model | native s | through fp32 s | native ÷ fp32 | perplexity native | through fp32 | top-1 "
+          "native | through fp32 |")
     print("|---|---|---|---|---|---|---|---|")
     for name in ["model", *args.variants]:
         folder = ROOT / "data" / "model" if name == "model" else ROOT / "data" / "compressed" / name
@@ -59,7 +61,8 @@ def main() -> int:
                 seconds[wide].append(time.perf_counter() - started)
         native, wide = statistics.median(seconds[False]), statistics.median(seconds[True])
         print(f"| {name} | {native:.2f} | {wide:.2f} | {native / wide:.2f} | {figures[False]['ppl']:.4f} | "
-              f"{figures[True]['ppl']:.4f} | {figures[False]['top1']:.5f} | {figures[True]['top1']:.5f} |", flush=True)
+              f"{figures[True]['ppl']:.4f} | {figures[False]['top1']:.5f} | {figures[True]['top1']:.5f} |",
+              flush=True)
     return 0
 
 

@@ -36,7 +36,8 @@ IMPORTS: dict[str, list[str]] = {
     "evaluate's fork server": ["stages.common.harness.workers", "transformers.models.llama.modeling_llama",
                                "transformers.models.gpt2.modeling_gpt2", "stages.common.weights.loading"],
     # the report reads every stage's Params for their defaults: it imports each stage module
-    "report": ["stages.report", "stages.ingest", "stages.clean", "stages.tokenize", "stages.embed", "stages.train",
+    "report": ["stages.report", "stages.ingest", "stages.clean", "stages.tokenize", "stages.embed",
+               "stages.train",
                "stages.compress", "stages.evaluate"],
 }
 DVC_STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compress", "evaluate", "report"]
@@ -73,7 +74,8 @@ def bare_dvc_repro(work: Path, repeats: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     print(f"machine: {machine()}; fastest of {args.repeats}\n")

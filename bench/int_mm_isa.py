@@ -34,9 +34,8 @@ for name, a, b in (("large same-sign", torch.full((16, 128), 127, dtype=torch.in
                     torch.randint(-127, 128, (24, 128), dtype=torch.int8))):
     exact = a.to(torch.int64) @ b.to(torch.int64).t()
     torch_mm = torch._int_mm(a, b.t()).to(torch.int64)
-    out[name] = {"a": a, "b": b, "exact": exact, "torch_exact": bool(torch.equal(torch_mm, exact)), "torch_00": int(torch_mm[0, 0]),
-                 "exact_00": int(exact[0, 0]),
-}
+    out[name] = {"a": a, "b": b, "exact": exact, "torch_exact": bool(torch.equal(torch_mm, exact)),
+                 "torch_00": int(torch_mm[0, 0]), "exact_00": int(exact[0, 0])}
 # lmmem's product after torch's: importing stages pins the kernels (base.portable), and oneDNN
 # reads its cap at its first use, not as torch loads
 from stages.common.weights.quant import int8_product
@@ -48,7 +47,8 @@ print(json.dumps(out))
 
 
 def probe(cap: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in (*PINS, MARK)}  # what this process pinned: not the probe's
+    # what this process pinned: not the probe's
+    env = {k: v for k, v in os.environ.items() if k not in (*PINS, MARK)}
     if cap:
         env.update(ONEDNN_MAX_CPU_ISA=cap, DNNL_MAX_CPU_ISA=cap)
     done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
@@ -61,13 +61,14 @@ def main() -> None:
     import torch
 
     print(f"CPU: {cpu_model()}; torch {torch.__version__}\n")
-    print("| oneDNN ISA cap | ATen capability | `_int_mm` exact (large same-sign) | `_int_mm` [0, 0] | exact [0, 0] "
-          "| `_int_mm` exact (random) | lmmem's `int8_product` exact (both) |")
+    print("| oneDNN ISA cap | ATen capability | `_int_mm` exact (large same-sign) | `_int_mm` [0, 0] | "
+          "exact [0, 0] | `_int_mm` exact (random) | lmmem's `int8_product` exact (both) |")
     print("|---|---|---|---|---|---|---|")
     for cap in CAPS:
         found = probe(cap)
         large, rand = found["large same-sign"], found["random"]
-        print(f"| {cap or '(none: the CPU decides)'} | {found['capability']} | {'yes' if large['torch_exact'] else 'NO'} "
+        print(f"| {cap or '(none: the CPU decides)'} | {found['capability']} | "
+              f"{'yes' if large['torch_exact'] else 'NO'} "
               f"| {large['torch_00']:,} | {large['exact_00']:,} | {'yes' if rand['torch_exact'] else 'NO'} "
               f"| {'yes' if large['lmmem_exact'] and rand['lmmem_exact'] else 'NO'} |")
 

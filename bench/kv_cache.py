@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-import stages  # noqa: F401  (the pins before torch loads)
+import stages  # noqa: F401 - the pins before torch loads
 from bench.common import ROOT, machine
 from stages.common.harness.portable import pin_threads
 from stages.common.modelling.generation import (kv_cache_bytes, kv_quantization, metered_generation,
@@ -35,12 +35,14 @@ SPECIAL = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=19590, help="the default corpus's vocabulary")
-    parser.add_argument("--quantized", type=Path, help="a trained model folder: its exact, int8 and int4 caches")
+    parser.add_argument("--quantized", type=Path,
+                        help="a trained model folder: its exact, int8 and int4 caches")
     args = parser.parse_args()
     pin_threads()
     import torch
@@ -49,10 +51,11 @@ def main() -> int:
         return quantized(args)
 
     model_params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["train"]["model"]
-    layouts = [(heads, kv) for heads in (model_params["heads"], 8) for kv in sorted({heads, heads // 2, 1}, reverse=True)]
+    layouts = [(heads, kv) for heads in (model_params["heads"], 8)
+               for kv in sorted({heads, heads // 2, 1}, reverse=True)]
     print(f"machine: {machine()}; batch {args.batch}, context {args.context}, prompt {args.prompt}\n")
-    print("| heads | KV heads | attention | peak MiB | weights | KV cache | activations | logits | KV closed form | "
-          "KV ÷ multi-head | peak ÷ multi-head |")
+    print("| heads | KV heads | attention | peak MiB | weights | KV cache | activations | logits | KV "
+          "closed form | KV ÷ multi-head | peak ÷ multi-head |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     reference: dict[int, tuple[float, float]] = {}
     for heads, kv in layouts:
@@ -69,7 +72,8 @@ def main() -> int:
         kv_ref, peak_ref = reference[heads]
         print(f"| {heads} | {kv} | {kind} | {point['peak_mib']:.2f} | {point['weights_mib']:.2f} | "
               f"{point['kv_cache_mib']:.2f} | {point['activations_mib']:.2f} | {point['logits_mib']:.2f} | "
-              f"{closed:.3f} | {point['kv_cache_end_mib'] / kv_ref:.3f} | {point['peak_mib'] / peak_ref:.3f} |",
+              f"{closed:.3f} | {point['kv_cache_end_mib'] / kv_ref:.3f} | "
+              f"{point['peak_mib'] / peak_ref:.3f} |",
               flush=True)
     return 0
 
@@ -87,15 +91,16 @@ def quantized(args: argparse.Namespace) -> int:
     points = kv_quantization(model, rows, args.batch, args.context, args.prompt, [8, 4])
     exact = points[0]
     print(f"machine: {machine()}; {args.quantized}, batch {args.batch}, context {args.context}\n")
-    print("| KV cache | KV MiB metered | closed form | × smaller | peak MiB | perplexity | × exact's | ms / token | "
-          "× exact's |")
+    print("| KV cache | KV MiB metered | closed form | × smaller | peak MiB | perplexity | × exact's | ms / "
+          "token | × exact's |")
     print("|---|---|---|---|---|---|---|---|---|")
     base_ms = None
     for p in points:
         ms = ms_per_token(model, rows[:1, :8], args.batch, 16, 5, p["bits"])
         base_ms = base_ms or ms
         print(f"| {p['bits'] or 'exact'} | {p['kv_cache_end_mib']:.4f} | {p['kv_cache_predicted_mib']:.4f} | "
-              f"{exact['kv_cache_end_mib'] / p['kv_cache_end_mib']:.2f} | {p['peak_mib']:.2f} | {p['ppl']:.3f} | "
+              f"{exact['kv_cache_end_mib'] / p['kv_cache_end_mib']:.2f} | {p['peak_mib']:.2f} | "
+              f"{p['ppl']:.3f} | "
               f"{p['ppl'] / exact['ppl']:.5f} | {ms:.2f} | {ms / base_ms:.2f} |", flush=True)
     return 0
 

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from bench.common import ROOT, machine
 
-STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compare", "finetune", "domain", "adapt",
+STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compare", "finetune", "domain",
+          "adapt",
           "compress", "evaluate", "plan", "report"]
 PER_ITEM = ("compare", "finetune", "adapt")  # foreach stages: one metrics file per item, summed as one row
 STARTED = re.compile(r"Running stage '([\w@-]+)'")  # compare@<name>: one per configuration, summed as compare
@@ -56,21 +57,23 @@ def run_pipeline(work: Path, ref: str, params: Path | None) -> Run:
     env = {"PATH": f"{env_bin}:/usr/bin:/bin", "DVC_NO_ANALYTICS": "1", "HOME": str(work)}
     run, marks, tail = Run(), [], []
     started = time.perf_counter()
-    with subprocess.Popen([f"{env_bin}/dvc", "repro"], cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    with subprocess.Popen([f"{env_bin}/dvc", "repro"], cwd=clone, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT,
                           text=True, env=env) as proc, (work / f"dvc-repro-{ref}.log").open("w") as log:
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            tail = (tail + [line])[-60:]
+            tail = [*tail, line][-60:]
             if (found := STARTED.search(line)):
                 marks.append((found.group(1), time.perf_counter()))
-                print(f"  {time.perf_counter() - started:7.1f} s  {found.group(1)}", file=sys.stderr, flush=True)
+                print(f"  {time.perf_counter() - started:7.1f} s  {found.group(1)}", file=sys.stderr,
+                      flush=True)
     run.wall = time.perf_counter() - started
     if proc.returncode != 0:
         print("".join(tail), file=sys.stderr)
         raise SystemExit(f"dvc repro of {ref} failed")
     ends = [t for _, t in marks[1:]] + [started + run.wall]
-    for (name, begin), end in zip(marks, ends):
+    for (name, begin), end in zip(marks, ends, strict=False):
         stage = name.split("@")[0]
         run.stage_wall[stage] = run.stage_wall.get(stage, 0.0) + end - begin
     for stage in STAGES:
@@ -93,11 +96,15 @@ def cell(value: float | None) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=Path, help="a params file copied over params.yaml (e.g. tests/params.tiny.yaml)")
-    parser.add_argument("--before", default="6503b04", help="commit whose committed metrics are the before column")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path,
+                        help="a params file copied over params.yaml (e.g. tests/params.tiny.yaml)")
+    parser.add_argument("--before", default="6503b04",
+                        help="commit whose committed metrics are the before column")
     parser.add_argument("--run-before", metavar="REF", help="also clone and run REF, after this commit's run")
-    parser.add_argument("--keep", action="store_true", help="keep the clones and dvc repro's log (their folder is printed)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the clones and dvc repro's log (their folder is printed)")
     args = parser.parse_args()
     params = args.params.resolve() if args.params else None
     work = Path(tempfile.mkdtemp(prefix="lmmem-main-job-"))
@@ -108,7 +115,8 @@ def main() -> int:
     print(f"machine: {machine()}; params: {args.params or 'params.yaml'}; "
           f"clones: {work if args.keep else '(removed)'}\n")
     if before is not None:
-        print(f"| stage | wall s ({head}) | own s ({head}) | wall s ({args.run_before}) | own s ({args.run_before}) |")
+        print(f"| stage | wall s ({head}) | own s ({head}) | wall s ({args.run_before}) | own s "
+              f"({args.run_before}) |")
         print("|---|---|---|---|---|")
         for stage in STAGES:
             print(f"| {stage} | {cell(now.stage_wall.get(stage))} | {cell(now.stage_seconds.get(stage))} | "
@@ -127,8 +135,10 @@ def main() -> int:
         for stage in STAGES:
             was = committed_seconds(args.before, stage)
             total_before += was or 0.0
-            print(f"| {stage} | {cell(now.stage_wall.get(stage))} | {cell(now.stage_seconds.get(stage))} | {cell(was)} |")
-        print(f"| **dvc repro** | **{now.wall:.1f}** ({now.wall / 60:.1f} min) | | {total_before:.1f} (sum) |")
+            print(f"| {stage} | {cell(now.stage_wall.get(stage))} | {cell(now.stage_seconds.get(stage))} | "
+                  f"{cell(was)} |")
+        print(
+            f"| **dvc repro** | **{now.wall:.1f}** ({now.wall / 60:.1f} min) | | {total_before:.1f} (sum) |")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -50,14 +50,17 @@ def cumulative(stats: pstats.Stats, suffix: str, function: str) -> tuple[float, 
 
 def own_seconds(clone: Path) -> tuple[float, int]:
     """The stages' own seconds (every metrics file's `seconds`) and how many stages wrote one."""
-    files = [f for f in (clone / "data" / "metrics").rglob("*.json") if "seconds" in json.loads(f.read_text())]
+    files = [f for f in (clone / "data" / "metrics").rglob("*.json")
+             if "seconds" in json.loads(f.read_text())]
     return sum(json.loads(f.read_text())["seconds"] for f in files), len(files)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("tests/params.tiny.yaml"))
-    parser.add_argument("--keep", action="store_true", help="keep the clone and the profile (their folder is printed)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the clone and the profile (their folder is printed)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lmmem-orchestration-"))
     clone = work / "clone"
@@ -71,8 +74,10 @@ def main() -> int:
     profile = work / "dvc-repro.prof"
     started = time.perf_counter()
     with (work / "dvc-repro.log").open("w") as log:
-        code = subprocess.run([str(venv / "python"), "-m", "cProfile", "-o", str(profile), str(venv / "dvc"), "repro"],
-                              cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        code = subprocess.run([str(venv / "python"), "-m", "cProfile", "-o", str(profile), str(venv / "dvc"),
+                               "repro"],
+                              cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              check=False).returncode
     wall = time.perf_counter() - started
     if code != 0:
         print((work / "dvc-repro.log").read_text()[-3000:])
@@ -91,9 +96,10 @@ def main() -> int:
           f"{(wall - accounted) / stages:,.2f} | {(wall - accounted) / wall:.1%} |")
     commands, _ = cumulative(stats, *PARTS["the commands (shell, process, stage)"])
     print(f"| **dvc repro, wall** | **{wall:,.1f}** | {wall / stages:,.2f} | 100 % |")
-    print(f"\nthe stages' own seconds: {own:,.1f}; inside the commands but outside them (shell, interpreter, warm "
-          f"fork, harness): {commands - own:,.1f} s ({(commands - own) / stages:.2f} a stage); "
-          f"wall / own: {wall / own:.2f} x (under the profiler: DVC's parts are slower than without it)")
+    print(f"\nthe stages' own seconds: {own:,.1f}; inside the commands but outside them (shell, "
+          f"interpreter, warm fork, harness): {commands - own:,.1f} s ({(commands - own) / stages:.2f} a "
+          f"stage); wall / own: {wall / own:.2f} x (under the profiler: DVC's parts are slower than without "
+          "it)")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -56,12 +56,15 @@ def deepspeed_gib(model: Any, path: str | None) -> dict[str, float] | None:
             "from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs as z3\n"
             "from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs as z2\n"
             "p, big = int(sys.argv[2]), int(sys.argv[3])\n"
-            "print(json.dumps({'zero2': z2(p, num_gpus_per_node=1, num_nodes=1, cpu_offload=False)[1], 'zero3': z3("
-            "p, big, num_gpus_per_node=1, num_nodes=1, cpu_offload=False, cpu_offload_params=False)[1]}))")
-    done = subprocess.run([sys.executable, "-c", code, path or "", str(params), str(largest)], capture_output=True,
+            "print(json.dumps({'zero2': z2(p, num_gpus_per_node=1, num_nodes=1, cpu_offload=False)[1], "
+            "'zero3': z3(p, big, num_gpus_per_node=1, num_nodes=1, cpu_offload=False, "
+            "cpu_offload_params=False)[1]}))")
+    done = subprocess.run([sys.executable, "-c", code, path or "", str(params), str(largest)],
+                          capture_output=True,
                           text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300, check=False)
     if done.returncode != 0:  # not installable or importable on this CPU: said in the table
-        print(f"deepspeed: not importable here ({done.stderr.strip().splitlines()[-1][:160]})", file=sys.stderr)
+        print(f"deepspeed: not importable here ({done.stderr.strip().splitlines()[-1][:160]})",
+              file=sys.stderr)
         return None
     return {k: v / GIB for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
@@ -70,8 +73,9 @@ def compare(archs: list[str], context: int, deepspeed: str | None) -> None:
     from stages.plan.catalog import CATALOG, hf_config, meta_model
     from stages.plan.dryrun import Question, estimate
 
-    print("| architecture | precision | checkpointing | lmmem total | lmmem weights+grads+state at the peak | lmmem "
-          "activations (their own peak) | accelerate 'Training using Adam' | DeepSpeed ZeRO-2 / ZeRO-3 states (1 GPU) | Korthikanti activations |")
+    print("| architecture | precision | checkpointing | lmmem total | lmmem weights+grads+state at the peak "
+          "| lmmem activations (their own peak) | accelerate 'Training using Adam' | DeepSpeed ZeRO-2 / "
+          "ZeRO-3 states (1 GPU) | Korthikanti activations |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in archs:
         arch = CATALOG[name]
@@ -87,8 +91,10 @@ def compare(archs: list[str], context: int, deepspeed: str | None) -> None:
                 cats = {k: v / 1024 for k, v in found["by_category"].items()}
                 states = cats["parameters"] + cats["gradients"] + cats["optimizer"]
                 ds_text = f"{ds['zero2']:,.2f} / {ds['zero3']:,.2f}" if ds else "not importable here"
-                print(f"| {name} | {precision} | {'full' if checkpointed else 'off'} | {found['peak_mib'] / 1024:,.2f} "
-                      f"({found['phase']}) | {states:,.2f} | {found['category_peaks']['activations'] / 1024:,.2f} | {acc[precision]:,.2f} | "
+                print(f"| {name} | {precision} | {'full' if checkpointed else 'off'} | "
+                      f"{found['peak_mib'] / 1024:,.2f} "
+                      f"({found['phase']}) | {states:,.2f} | "
+                      f"{found['category_peaks']['activations'] / 1024:,.2f} | {acc[precision]:,.2f} | "
                       f"{ds_text} | {korthikanti_gib(config, context, 1, checkpointed):,.2f} |", flush=True)
 
 
@@ -108,12 +114,15 @@ def times(archs: list[str]) -> None:
         context = min(2048, max_positions(architecture(name)))
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "stages.plan", "--arch", name, "--workload", "pretrain",
-                               "--device-gib", "80", "--batch-size", "8", "--micro-batch-size", "1", "--context",
-                               str(context), "--set", "precision=bf16", "--max-seconds", "280", "--json"], cwd=root,
+                               "--device-gib", "80", "--batch-size", "8", "--micro-batch-size", "1",
+                               "--context",
+                               str(context), "--set", "precision=bf16", "--max-seconds", "280", "--json"],
+                              cwd=root,
                               capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - started
         if done.returncode != 0:
-            print(f"| {name} | {context} | {seconds:,.1f} | failed: {done.stderr.strip().splitlines()[-1][:80]} | | |",
+            print(f"| {name} | {context} | {seconds:,.1f} | failed: "
+                  f"{done.stderr.strip().splitlines()[-1][:80]} | | |",
                   flush=True)
             continue
         import json
@@ -121,14 +130,16 @@ def times(archs: list[str]) -> None:
         plan = json.loads(done.stdout)
         answer = next(iter(plan["devices"].values()))
         best = answer["stacks"][0]["stack"] if answer["stacks"] else "nothing tried fits"
-        print(f"| {name} | {context} | {seconds:,.1f} | {len(plan['tried'])} | {best} | {plan['out_of_time']} |",
+        print(f"| {name} | {context} | {seconds:,.1f} | {len(plan['tried'])} | {best} | "
+              f"{plan['out_of_time']} |",
               flush=True)
 
 
 def main() -> int:
     from stages.plan.catalog import CATALOG
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="+", default=None)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--deepspeed", help="a folder DeepSpeed was installed into (pip install --target)")

@@ -39,7 +39,8 @@ log = logging.getLogger("bench.plan_conformance")
 FAMILIES = (
     Architecture("tiny-llama", "llama", _llama(512, 64, 176, 2, 4, 2, 256, 10000.0)),
     Architecture("tiny-qwen2", "qwen2", _llama(512, 64, 160, 2, 4, 1, 256, 1000000.0, tied=True, eps=1e-6)),
-    Architecture("tiny-mistral", "mistral", {**_llama(512, 64, 192, 2, 4, 2, 256, 10000.0), "sliding_window": 32}),
+    Architecture("tiny-mistral", "mistral",
+                 {**_llama(512, 64, 192, 2, 4, 2, 256, 10000.0), "sliding_window": 32}),
     Architecture("tiny-gpt2", "gpt2", {"vocab_size": 512, "n_positions": 256, "n_embd": 64, "n_layer": 2,
                                        "n_head": 4, "bos_token_id": 0, "eos_token_id": 0}),
 )
@@ -71,8 +72,9 @@ def cases(kinds: set[str]) -> list[tuple[str, Question, dict[str, Any]]]:
                 for checkpointing in (False, True):
                     for micro in (1, 2, 4):
                         q = Question(arch, **{**SHAPE, "micro_batch_size": micro})
-                        out.append((f"{arch.name} {precision} checkpointing={checkpointing} micro-batch {micro}", q,
-                                    {"precision": precision, "activation_checkpointing": checkpointing}))
+                        name = f"{arch.name} {precision} checkpointing={checkpointing} micro-batch {micro}"
+                        stack = {"precision": precision, "activation_checkpointing": checkpointing}
+                        out.append((name, q, stack))
         if "tuned" in kinds:
             out.append((f"{arch.name} full fine-tuning", Question(arch, "finetune", **SHAPE), {}))
             for workload in ("lora", "qlora"):
@@ -93,7 +95,8 @@ def cases(kinds: set[str]) -> list[tuple[str, Question, dict[str, Any]]]:
                     for batch, prompt, context in ((2, 16, 64), (4, 48, 128)):
                         q = Question(arch, "inference", batch_size=batch, context=context, prompt=prompt,
                                      dtype=dtype, kv_bits=kv_bits)
-                        out.append((f"{arch.name} inference {dtype} kv {kv_bits or dtype} {batch}x{context}", q, {}))
+                        out.append((f"{arch.name} inference {dtype} kv {kv_bits or dtype} {batch}x{context}",
+                                    q, {}))
     return out
 
 
@@ -159,19 +162,22 @@ def report(rows: list[dict[str, Any]], refused: list[tuple[str, str]], seconds: 
     for row in rows:
         for c, e in row["errors"].items():
             by_category[c.split(" (rank")[0]].append(e)
-    lines = [f"machine: {machine()}; {len(rows)} configurations compared, {len(refused)} refused by the planner, "
-             f"{seconds / 60:.1f} min", "",
-             "| category | comparisons | median abs error | 99th percentile | max abs error | under-estimates beyond 1 % |",
+    lines = [(f"machine: {machine()}; {len(rows)} configurations compared, {len(refused)} refused by the "
+              f"planner, {seconds / 60:.1f} min"), "",
+             ("| category | comparisons | median abs error | 99th percentile | max abs error | "
+              "under-estimates beyond 1 % |"),
              "|---|---|---|---|---|---|"]
     everything: list[float] = []
     for c, errs in by_category.items():
         absolute = [abs(e) for e in errs]
         everything += errs
-        lines.append(f"| {c} | {len(errs)} | {statistics.median(absolute):.3%} | {percentile(absolute, 99):.3%} | "
+        lines.append(f"| {c} | {len(errs)} | {statistics.median(absolute):.3%} | "
+                     f"{percentile(absolute, 99):.3%} | "
                      f"{max(absolute):.3%} | {sum(e < -0.01 for e in errs)} |")
     absolute = [abs(e) for e in everything]
     lines.append(f"| **all** | {len(everything)} | {statistics.median(absolute):.3%} | "
-                 f"{percentile(absolute, 99):.3%} | {max(absolute):.3%} | {sum(e < -0.01 for e in everything)} |")
+                 f"{percentile(absolute, 99):.3%} | {max(absolute):.3%} | "
+                 f"{sum(e < -0.01 for e in everything)} |")
     worst = sorted(rows, key=lambda r: -max(abs(e) for e in r["errors"].values()))[:10]
     lines += ["", "Largest errors:", "", "| configuration | category | error |", "|---|---|---|"]
     for row in worst:
@@ -184,7 +190,8 @@ def report(rows: list[dict[str, Any]], refused: list[tuple[str, str]], seconds: 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=("training", "tuned", "distributed", "inference"),
                         default=["training", "tuned", "distributed", "inference"])
     parser.add_argument("--json", type=Path, help="every configuration's errors, written here")

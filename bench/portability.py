@@ -5,10 +5,11 @@ the machine and the environment it ran under; `compare` reads two such files and
 first stage whose outputs differ (and every file that does).
 
     python -m bench.portability run --out here.json
-    python -m bench.portability run --out other.json --env ATEN_CPU_CAPABILITY=default OPENBLAS_CORETYPE=Prescott
-    python -m bench.portability compare here.json other.json
-    python -m bench.portability run train --params params.yaml --out train.json --env ATEN_CPU_CAPABILITY=default
-    python -m bench.portability lock train.json     # against the committed dvc.lock
+    python -m bench.portability run --out other.json --env ATEN_CPU_CAPABILITY=default
+    OPENBLAS_CORETYPE=Prescott python -m bench.portability compare here.json other.json
+    python -m bench.portability run train --params params.yaml --out train.json --env
+    ATEN_CPU_CAPABILITY=default python -m bench.portability lock train.json     # against the committed
+    dvc.lock
 
 `--portable off` runs with base.portable false (each library picks its kernels by the CPU,
 and the variables of `--env` emulate another CPU's choice); on (the default) the stages pin
@@ -87,19 +88,22 @@ def file_digests(clone: Path, paths: list[str]) -> dict[str, str]:
     return found
 
 
-def run(params: Path, env_extra: dict[str, str], work: Path, portable: bool, targets: list[str]) -> dict[str, Any]:
+def run(params: Path, env_extra: dict[str, str], work: Path, portable: bool,
+        targets: list[str]) -> dict[str, Any]:
     clone = work / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     (clone / ".venv").symlink_to(ROOT / ".venv")
     given = yaml.safe_load(params.read_text(encoding="utf-8"))
     given.setdefault("base", {})["portable"] = portable
-    (clone / "params.yaml").write_text(yaml.safe_dump(given, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    (clone / "params.yaml").write_text(yaml.safe_dump(given, allow_unicode=True, sort_keys=False),
+                                       encoding="utf-8")
     env_bin = str(ROOT / ".venv" / "bin")
     (work / "warm").mkdir(exist_ok=True)
     started = time.perf_counter()
     env = {"PATH": f"{env_bin}:/usr/bin:/bin", "DVC_NO_ANALYTICS": "1", "HOME": str(work), **env_extra,
            "LMMEM_WARM_DIR": str(work / "warm")}  # a server of its own: the environment is the experiment
-    done = subprocess.run([f"{env_bin}/dvc", "repro", *targets], cwd=clone, env=env, capture_output=True, text=True,
+    done = subprocess.run([f"{env_bin}/dvc", "repro", *targets], cwd=clone, env=env, capture_output=True,
+                          text=True,
                           check=False)
     if done.returncode != 0:
         print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
@@ -128,7 +132,8 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[str | None, dict[str,
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the tiny pipeline in a fresh clone and write the md5 of its outputs")
     r.add_argument("--out", type=Path, required=True)
@@ -139,7 +144,8 @@ def main() -> int:
     c = sub.add_parser("compare", help="name the first stage whose outputs differ between two runs")
     c.add_argument("first", type=Path)
     c.add_argument("second", type=Path)
-    k = sub.add_parser("lock", help="a run's outputs against the committed dvc.lock (run with --params params.yaml)")
+    k = sub.add_parser("lock",
+                       help="a run's outputs against the committed dvc.lock (run with --params params.yaml)")
     k.add_argument("run", type=Path)
     args = parser.parse_args()
     if args.command == "lock":
@@ -147,7 +153,8 @@ def main() -> int:
         committed = lock_hashes(ROOT)
         for stage, hashes in ran["lock"].items():
             same = committed.get(stage) == hashes
-            print(f"{stage}: {'the committed bytes' if same else f'differs: {hashes} against {committed.get(stage)}'}")
+            print(f"{stage}: "
+                  f"{'the committed bytes' if same else f'differs: {hashes} against {committed.get(stage)}'}")
         return 0 if all(committed.get(s) == h for s, h in ran["lock"].items()) else 1
     if args.command == "run":
         env_extra = dict(item.split("=", 1) for item in args.env)
@@ -166,7 +173,8 @@ def main() -> int:
     first, differ = compare(a, b)
     for side, data in (("first", a), ("second", b)):
         print(f"{side}: {data['cpu']}, capability {data['cpu_capability']}, {data.get('blas')}, "
-              f"{data.get('threads')} threads, portable {data.get('portable')}, env {data['env'] or 'as is'}, "
+              f"{data.get('threads')} threads, portable {data.get('portable')}, env "
+              f"{data['env'] or 'as is'}, "
               f"commit {data['commit']}")
     if first is None:
         print(f"the same bytes: every file of {len(a['stages'])} stages")

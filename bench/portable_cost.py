@@ -69,7 +69,8 @@ def embed_seconds(params: Path, tokens: Path, work: Path) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tokens", type=Path, default=ROOT / "data" / "tokens")
@@ -88,7 +89,8 @@ def main() -> int:
                 seconds, kernels[on] = train_step(files[on], args.tokens, args.steps)
                 step[on].append(seconds)
                 embed[on].append(embed_seconds(files[on], args.tokens, Path(tmp) / str(on)))
-                print(f"round {round_ + 1}, portable {on}: step {seconds * 1000:.0f} ms, embed {embed[on][-1]:.1f} s",
+                print(f"round {round_ + 1}, portable {on}: step {seconds * 1000:.0f} ms, embed "
+                      f"{embed[on][-1]:.1f} s",
                       flush=True)
     print(f"\nmachine: {machine()}\n")
     print("| portable | kernels | train step ms (median) | embed stage s (median) |")

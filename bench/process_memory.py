@@ -53,7 +53,8 @@ def role(pid: int, root: int, child: str) -> str:
     if pid == root:
         return "stage"
     try:
-        text = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        text = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0",
+                                                                           b" ").decode(errors="replace")
     except OSError:
         return "gone"
     for helper in ("resource_tracker", "forkserver"):
@@ -67,7 +68,8 @@ def sampled(args: list[str], child: str, log: Path) -> dict[str, Any]:
     at the summed peak."""
     with log.open("w") as out:
         stage = subprocess.Popen([sys.executable, "-m", f"stages.{args[0]}", *args[1:]], cwd=ROOT,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=subprocess.STDOUT)
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out,
+                                 stderr=subprocess.STDOUT)
     return follow(stage, child, log)
 
 
@@ -101,24 +103,28 @@ def follow(stage: subprocess.Popen[bytes], child: str, log: Path) -> dict[str, A
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("/tmp/lmmem-procmem"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     train = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["train"]
     params = params_file(args.out, tokenize={"workers": 2},
-                         train={"steps": args.steps, "warmup_steps": min(5, args.steps - 1), "micro_batch_size": 4,
+                         train={"steps": args.steps, "warmup_steps": min(5, args.steps - 1),
+                                "micro_batch_size": 4,
                                 "eval_every": args.steps, "checkpoint_every": args.steps,
                                 "prune": {**train["prune"], "start_step": 0, "end_step": args.steps - 1},
                                 "distributed": {**train["distributed"], "nproc": 2}})
     runs = {
-        ("tokenize, 2 workers", "worker"): ["tokenize", "--params", str(params), "--clean", "data/clean", "--out",
-                                str(args.out / "tokens"), "--metrics", str(args.out / "tokenize.json")],
-        ("train, 2 ranks (ddp)", "rank"): ["train", "--params", str(params), "--tokens", "data/tokens", "--embed",
-                                 "data/warmstart", "--out", str(args.out / "model"), "--plots",
-                                 str(args.out / "plots"), "--checkpoints", str(args.out / "ckpt"),
-                                 "--metrics", str(args.out / "train.json")],
+        ("tokenize, 2 workers",
+         "worker"): ["tokenize", "--params", str(params), "--clean", "data/clean", "--out",
+                     str(args.out / "tokens"), "--metrics", str(args.out / "tokenize.json")],
+        ("train, 2 ranks (ddp)",
+         "rank"): ["train", "--params", str(params), "--tokens", "data/tokens", "--embed",
+                   "data/warmstart", "--out", str(args.out / "model"), "--plots",
+                   str(args.out / "plots"), "--checkpoints", str(args.out / "ckpt"),
+                   "--metrics", str(args.out / "train.json")],
     }
     print(f"machine: {machine()}; train {args.steps} steps\n")
     print("| run | process | count | largest RSS MiB | largest PSS MiB | largest USS MiB |")
@@ -127,14 +133,16 @@ def main() -> int:
     for (name, child), command in runs.items():
         found = sampled(command, child, args.out / f"{command[0]}.log")
         for kind, figures in sorted(found["roles"].items()):
-            print(f"| {name} | {kind} | {found['counts'][kind]} | {figures['rss_mib']:.1f} | {figures['pss_mib']:.1f} | "
+            print(f"| {name} | {kind} | {found['counts'][kind]} | {figures['rss_mib']:.1f} | "
+                  f"{figures['pss_mib']:.1f} | "
                   f"{figures['uss_mib']:.1f} |", flush=True)
         totals.append((name, found["at_peak"]))
     print("\nAt the sample where the tree's summed RSS was largest:\n")
     print("| run | processes | RSS summed | PSS summed | USS summed | PSS ÷ RSS |")
     print("|---|---|---|---|---|---|")
     for name, peak in totals:
-        print(f"| {name} | {peak['processes']} | {peak['rss_mib']:.1f} | {peak['pss_mib']:.1f} | {peak['uss_mib']:.1f} | "
+        print(f"| {name} | {peak['processes']} | {peak['rss_mib']:.1f} | {peak['pss_mib']:.1f} | "
+              f"{peak['uss_mib']:.1f} | "
               f"{peak['pss_mib'] / peak['rss_mib']:.3f} |")
     return 0
 

@@ -110,11 +110,13 @@ def main() -> int:
                           "tokens_per_sec": m.get("tokens_per_sec", math.nan), "curve": points}
             log.info("%s: %d steps, val ppl %.1f", name, steps, m["val_ppl"])
     base = rows[CURRENT]["val_ppl"]
-    print(f"\nmachine: {machine()}; {args.seconds:.0f} s of training steps per candidate; tokens {args.tokens}\n")
+    print(f"\nmachine: {machine()}; {args.seconds:.0f} s of training steps per candidate; tokens "
+          f"{args.tokens}\n")
     print("| candidate | step ms | steps | tokens seen | tokens/s | loop s | val ppl | × old default |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['step_ms']:.0f} | {r['steps']} | {r['tokens']:,} | {r['tokens_per_sec']:.0f} | {r['loop_s']:.0f} | "
+        print(f"| {name} | {r['step_ms']:.0f} | {r['steps']} | {r['tokens']:,} | {r['tokens_per_sec']:.0f} "
+              f"| {r['loop_s']:.0f} | "
               f"{r['val_ppl']:.1f} | {r['val_ppl'] / base:.3f} |")
     print("\nCurves: validation perplexity at (training seconds so far):\n")
     for name, r in rows.items():

@@ -18,7 +18,8 @@ from stages.common.weights.quant import Int4Linear, Int8Linear, quantize_int8_ro
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -44,7 +45,8 @@ def main() -> int:
             cells = [median_ms(lambda: linear(x), args.repeats),
                      median_ms(lambda: torch._weight_int8pack_mm(x, q8, scale8), args.repeats),
                      median_ms(lambda: ours8(x), args.repeats),
-                     median_ms(lambda: torch._weight_int4pack_mm_for_cpu(x, packed4, group, scales_zeros), args.repeats),
+                     median_ms(lambda: torch._weight_int4pack_mm_for_cpu(x, packed4, group, scales_zeros),
+                               args.repeats),
                      median_ms(lambda: ours4(x), args.repeats),
                      median_ms(lambda: dynamic(x), args.repeats)]
             print(f"| {rows} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")

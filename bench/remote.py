@@ -24,7 +24,8 @@ from flows.common import dvc_env
 
 def dvc(*args: str, cwd: Path) -> tuple[float, str]:
     started = time.perf_counter()
-    result = subprocess.run(["dvc", *args], cwd=cwd, env=dvc_env(), capture_output=True, text=True, check=False)
+    result = subprocess.run(["dvc", *args], cwd=cwd, env=dvc_env(), capture_output=True, text=True,
+                            check=False)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"dvc {' '.join(args)} failed in {cwd}:\n{result.stdout}{result.stderr}")
@@ -41,12 +42,14 @@ def folder_bytes(folder: Path) -> int:
 
 
 def main() -> int:
-    if subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip():
+    if subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
+                      text=True).stdout.strip():
         raise SystemExit("commit first: the clone is made from HEAD")
     _, listing = dvc("remote", "list", cwd=ROOT)
     default = next((line.split()[1] for line in listing.splitlines() if "(default)" in line), None)
     if default is None or "://" in default:
-        raise SystemExit(f"this benchmark measures a local-folder default remote; `dvc remote list` says:\n{listing}")
+        raise SystemExit("this benchmark measures a local-folder default remote; `dvc remote list` "
+                         f"says:\n{listing}")
     push_s, push_out = dvc("push", cwd=ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         clone = Path(tmp) / "clone"
@@ -56,13 +59,15 @@ def main() -> int:
         repro_s, repro_out = dvc("repro", cwd=clone)
         ran = re.findall(r"Running stage '([\w-]+)'", repro_out)
         outputs = sum(folder_bytes(clone / "data" / d) for d in ("raw", "clean", "tokens", "embed", "model",
-                                                                   "compressed", "eval", "report"))
+                                                                 "compressed", "eval", "report"))
     print(f"\nmachine: {machine()}; remote {default} ({folder_bytes(Path(default)) / 2**20:.0f} MiB)")
     print("\n| step | seconds | what DVC said |")
     print("|---|---|---|")
     print(f"| dvc push (this clone) | {push_s:.1f} | {last(push_out)} |")
-    print(f"| dvc pull (fresh clone, {outputs / 2**20:.0f} MiB of outputs) | {pull_s:.1f} | {last(pull_out)} |")
-    print(f"| dvc repro (fresh clone) | {repro_s:.1f} | {last(repro_out)} (stages run: {', '.join(ran) or 'none'}) |")
+    print(f"| dvc pull (fresh clone, {outputs / 2**20:.0f} MiB of outputs) | {pull_s:.1f} | "
+          f"{last(pull_out)} |")
+    print(f"| dvc repro (fresh clone) | {repro_s:.1f} | {last(repro_out)} (stages run: "
+          f"{', '.join(ran) or 'none'}) |")
     return 0 if not ran else 1
 
 

@@ -1,6 +1,6 @@
 """Peak RSS predicted from the tensor estimate: fit the runtime and allocator overhead of
-stages.common.memory.rss_prediction on models of some sizes, check the prediction on models of other sizes, per
-allocator, each stage run in a fresh process under `base.allocator`.
+stages.common.memory.rss_prediction on models of some sizes, check the prediction on models of other sizes,
+per allocator, each stage run in a fresh process under `base.allocator`.
 
     python -m bench.rss_prediction [--steps 40] [--allocators glibc jemalloc] [--out /tmp/lmmem-rss] [--reuse]
 
@@ -73,25 +73,30 @@ def train_and_evaluate(name: str, allocator: str, train: dict[str, Any], steps: 
     params = params_file(
         work, base={"allocator": allocator},
         train={**train, "steps": steps, "warmup_steps": min(10, steps - 1), "eval_every": steps,
-               "checkpoint_every": steps, "prune": {**shipped["prune"], "start_step": 0, "end_step": steps - 1}},
+               "checkpoint_every": steps,
+               "prune": {**shipped["prune"], "start_step": 0, "end_step": steps - 1}},
         evaluate={"variants": []})
     trained = stage("train", params, work, reuse, tokens=ROOT / "data/tokens", embed=ROOT / "data/warmstart",
                     out=work / "model", plots=work / "plots", checkpoints=work / "ckpt")
     found = {"train": (trained["rss_start_mib"], trained["rss_tensor_mib"],
-                       trained.get("rss_weights_mib", trained["est_parameters_peak_mib"]), trained["peak_rss_mib"])}
+                       trained.get("rss_weights_mib", trained["est_parameters_peak_mib"]),
+                       trained["peak_rss_mib"])}
     if evaluate:
-        evaluated = stage("evaluate", params, work, reuse, model=work / "model", compressed=work / "no-variants",
+        evaluated = stage("evaluate", params, work, reuse, model=work / "model",
+                          compressed=work / "no-variants",
                           tokens=ROOT / "data/tokens", embed=ROOT / "data/embed", out=work / "eval")
         found["evaluate"] = (evaluated["model_rss_start_mib"], evaluated["model_rss_tensor_mib"],
                              evaluated["model_rss_weights_mib"], evaluated["model_rss_peak_mib"])
     return found
 
 
-def data_stages(allocator: str, out: Path, source: str = "", reuse: bool = False) -> dict[str, dict[str, Any]]:
+def data_stages(allocator: str, out: Path, source: str = "",
+                reuse: bool = False) -> dict[str, dict[str, Any]]:
     """Each data stage's metrics on the built-in corpus (or `source`)."""
     work = out / allocator / ("data" if not source else source.replace(":", "-"))
     work.mkdir(parents=True, exist_ok=True)
-    params = params_file(work, base={"allocator": allocator}, **({"ingest": {"source": source}} if source else {}))
+    params = params_file(work, base={"allocator": allocator},
+                         **({"ingest": {"source": source}} if source else {}))
     folders = {"ingest": {"out": work / "raw"}, "clean": {"raw": work / "raw", "out": work / "clean"},
                "tokenize": {"clean": work / "clean", "out": work / "tokens"},
                "embed": {"tokens": work / "tokens", "out": work / "embed"},
@@ -116,16 +121,19 @@ def data_check(allocators: list[str], source: str, out: Path) -> None:
         for stage, m in data_stages(allocator, out, source).items():
             error = m.get("rss_prediction_error")
             print(f"| {allocator} | {stage} | {m['rss_start_mib']:.1f} | {m['peak_rss_mib']:.1f} | "
-                  f"{m.get('rss_predicted_mib', '–')} | {'–' if error is None else f'{error:+.1%}'} |", flush=True)
+                  f"{m.get('rss_predicted_mib', '–')} | {'–' if error is None else f'{error:+.1%}'} |",
+                  flush=True)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--allocators", nargs="*", default=list(NAMES))
     parser.add_argument("--evaluate-under", nargs="*", default=["glibc"],
                         help="the allocators evaluate is fitted and checked under (a minute a configuration)")
-    parser.add_argument("--reuse", action="store_true", help="read a stage's metrics from an earlier run in --out "
+    parser.add_argument("--reuse", action="store_true",
+                        help="read a stage's metrics from an earlier run in --out "
                         "where there are some, instead of running it again")
     parser.add_argument("--out", type=Path, default=Path("/tmp/lmmem-rss"))
     parser.add_argument("--data-only", action="store_true", help="fit the data stages and the report only")
@@ -141,8 +149,8 @@ def main() -> int:
                               for a, m in fits.items()} for s in DATA_STAGES}, indent=1, sort_keys=True))
         return 0
     print(f"machine: {machine()}; train {args.steps} steps, evaluate the trained model alone\n")
-    print("| allocator | stage | configuration | start MiB | tensors MiB | weights MiB | peak RSS MiB | predicted MiB "
-          "| error |")
+    print("| allocator | stage | configuration | start MiB | tensors MiB | weights MiB | peak RSS MiB | "
+          "predicted MiB | error |")
     print("|---|---|---|---|---|---|---|---|---|")
     table: dict[str, dict[str, tuple[float, float]]] = {}
     for allocator in args.allocators:
@@ -156,13 +164,17 @@ def main() -> int:
                 for name, train in {**FITTED, **CHECKED}.items()}
         for kind in ("train", "evaluate") if allocator in args.evaluate_under else ("train",):
             # training copies its weights (a checkpoint, the saved model); evaluate's tensors hold them
-            overhead, per_tensor, per_weight = solve([runs[name][kind] for name in FITTED], weights=kind == "train")
-            table.setdefault(kind, {})[allocator] = (round(overhead, 1), round(per_tensor, 3), round(per_weight, 3))
+            overhead, per_tensor, per_weight = solve([runs[name][kind] for name in FITTED],
+                                                     weights=kind == "train")
+            table.setdefault(kind,
+                             {})[allocator] = (round(overhead, 1), round(per_tensor, 3), round(per_weight, 3))
             for name, figures in runs.items():
                 start, tensors, weights, peak = figures[kind]
                 predicted = start + overhead + per_tensor * tensors + per_weight * weights
-                print(f"| {allocator} | {kind} | {name} ({'fitted' if name in FITTED else 'checked'}) | {start:.1f} | "
-                      f"{tensors:.1f} | {weights:.1f} | {peak:.1f} | {predicted:.1f} | {predicted / peak - 1:+.1%} |",
+                print(f"| {allocator} | {kind} | {name} ({'fitted' if name in FITTED else 'checked'}) | "
+                      f"{start:.1f} | "
+                      f"{tensors:.1f} | {weights:.1f} | {peak:.1f} | {predicted:.1f} | "
+                      f"{predicted / peak - 1:+.1%} |",
                       flush=True)
         for name, m in data.items():
             extra = m["peak_rss_mib"] - m["rss_start_mib"]

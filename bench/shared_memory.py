@@ -55,14 +55,15 @@ def serve(folder: Path, processes: int) -> list[dict[str, float]]:
                 for _ in range(processes)]
     try:
         ready = [json.loads(child.stdout.readline()) for child in children]  # type: ignore[union-attr]
-        return [{**smaps(child.pid), **r} for child, r in zip(children, ready)]
+        return [{**smaps(child.pid), **r} for child, r in zip(children, ready, strict=False)]
     finally:
         for child in children:
             child.communicate("\n", timeout=60)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, nargs="+",
                         default=[ROOT / "data" / "model", ROOT / "data" / "compressed" / "int8"])
     parser.add_argument("--processes", type=int, default=3)
@@ -71,15 +72,19 @@ def main() -> int:
         if not any(folder.glob("*.safetensors")):
             raise SystemExit(f"{folder} holds no .safetensors file: run `dvc repro compress` first")
     print(f"machine: {machine()}; {args.processes} processes per model\n")
-    print("| model | weight files MiB | load adds RSS MiB | mapped MiB | RSS MiB | PSS MiB | USS MiB | RSS summed | PSS summed |")
+    print("| model | weight files MiB | load adds RSS MiB | mapped MiB | RSS MiB | PSS MiB | USS MiB | RSS "
+          "summed | PSS summed |")
     print("|---|---|---|---|---|---|---|---|---|")
     for folder in args.models:
         rows = serve(folder, args.processes)
         files = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
-        mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+        mean = {key: sum(r[key] for r in rows) / len(rows)
+                for key in ("load_rss_mib", "mapped_mib", "rss_mib", "pss_mib", "uss_mib")}
         print(f"| {folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder} | {files:.1f} | "
-              f"{mean('load_rss_mib'):.1f} | {mean('mapped_mib'):.1f} | {mean('rss_mib'):.1f} | {mean('pss_mib'):.1f} | "
-              f"{mean('uss_mib'):.1f} | {sum(r['rss_mib'] for r in rows):.1f} | {sum(r['pss_mib'] for r in rows):.1f} |",
+              f"{mean['load_rss_mib']:.1f} | {mean['mapped_mib']:.1f} | {mean['rss_mib']:.1f} | "
+              f"{mean['pss_mib']:.1f} | "
+              f"{mean['uss_mib']:.1f} | {sum(r['rss_mib'] for r in rows):.1f} | "
+              f"{sum(r['pss_mib'] for r in rows):.1f} |",
               flush=True)
     print("\n(each process's figure: the mean of the processes)")
     return 0

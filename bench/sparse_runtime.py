@@ -6,9 +6,9 @@ variants.
                                    [--tokens data/tokens] [--context 128] [--repeats 5]
 
 Per variant: the weights' bytes in each layout (the matrices the bitmask pays for in CSR, with
-torch's int64 indices and with int32 ones, the rest dense), and for dense and bitmask: the tensor peak of one forward pass of one sequence of
-`context` tokens, one sequence's generation peak (a 16-token prompt to `context` tokens, KV
-cache), the logits' largest difference, and ms per generated token at batch 1 (median of
+torch's int64 indices and with int32 ones, the rest dense), and for dense and bitmask: the tensor peak of one
+forward pass of one sequence of `context` tokens, one sequence's generation peak (a 16-token prompt to
+`context` tokens, KV cache), the logits' largest difference, and ms per generated token at batch 1 (median of
 `repeats`). Then one matrix of each kind (a block projection, the output head) timed as a
 product in the three layouts. Last, whether torch's 2:4 semi-structured sparsity runs here.
 """
@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import stages  # noqa: F401  (the pins before torch loads)
+import stages  # noqa: F401 - the pins before torch loads
 from bench.common import machine, median_ms
 from stages.common.harness.portable import pin_threads
 
@@ -31,7 +31,8 @@ def csr_bytes(weight: Any, index_bytes: int) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compressed", type=Path, default=Path("data/compressed"))
     parser.add_argument("--variants", nargs="+", default=["prune50", "prune50-all"])
     parser.add_argument("--tokens", type=Path, default=Path("data/tokens"))
@@ -51,8 +52,8 @@ def main() -> int:
     rows = next(iter(Windows(args.tokens / "validation.bin", meta.dtype, args.context).fixed_batches(1, 1)))
     one, prompt = rows[:, :-1], rows[:, :16]
     print(f"machine: {machine()}; one sequence of {args.context} tokens\n")
-    print("| variant | layout | weights MiB | forward peak MiB | generation peak MiB | × dense | logit diff | "
-          "ms / token |")
+    print("| variant | layout | weights MiB | forward peak MiB | generation peak MiB | × dense | logit diff "
+          "| ms / token |")
     print("|---|---|---|---|---|---|---|---|")
     kept: dict[str, torch.nn.Module] = {}
     for name in args.variants:
@@ -62,19 +63,22 @@ def main() -> int:
         dense_summary, dense_logits = forward_peak(model, one)
         dense_generation = metered_generation(model, prompt, args.context)["peak_mib"]
         dense_ms = ms_per_token(model, rows[:, :8], 1, 16, args.repeats)
-        print(f"| {name} | dense | {dense_summary['parameters_peak_mib']:.2f} | {dense_summary['total_peak_mib']:.2f} | "
+        print(f"| {name} | dense | {dense_summary['parameters_peak_mib']:.2f} | "
+              f"{dense_summary['total_peak_mib']:.2f} | "
               f"{dense_generation:.2f} | 1.000 | 0 | {dense_ms:.2f} |", flush=True)
         paying = {key: w for key, w in matrices.items() if pays(w)}
         others = sum(p.numel() * p.element_size() for p in model.parameters()) - \
             sum(w.numel() * w.element_size() for w in paying.values())  # dense in every layout
         for label, index_bytes in (("CSR, int64 indices (torch)", 8), ("CSR, int32 indices", 4)):
-            held = others + sum(csr_bytes(w, index_bytes) for w in paying.values())  # the same matrices as CSR
+            # the same matrices as CSR
+            held = others + sum(csr_bytes(w, index_bytes) for w in paying.values())
             print(f"| {name} | {label} | {held / 2**20:.2f} | – | – | – | – | – |")
         found = sparsify(model)
         summary, logits = forward_peak(model, one)
         generation = metered_generation(model, prompt, args.context)["peak_mib"]
         ms = ms_per_token(model, rows[:, :8], 1, 16, args.repeats)
-        print(f"| {name} | bitmask + values ({found['swapped']} modules) | {summary['parameters_peak_mib']:.2f} | "
+        print(f"| {name} | bitmask + values ({found['swapped']} modules) | "
+              f"{summary['parameters_peak_mib']:.2f} | "
               f"{summary['total_peak_mib']:.2f} | {generation:.2f} | {generation / dense_generation:.3f} | "
               f"{(logits - dense_logits).abs().max().item():.1e} | {ms:.2f} |", flush=True)
         kept[name] = model
@@ -83,21 +87,23 @@ def main() -> int:
     print("\n| matrix | shape | zeros | dense | bitmask + values | CSR (torch.sparse.mm) |")
     print("|---|---|---|---|---|---|")
     model = kept[args.variants[-1]]
-    for label, module in (("MLP up projection", model.model.layers[0].mlp.up_proj), ("output head", model.lm_head)):
+    for label, module in (("MLP up projection", model.model.layers[0].mlp.up_proj),
+                          ("output head", model.lm_head)):
         matrix: BitmaskMatrix = module.matrix
         weight = matrix.dense()
         csr = weight.to_sparse_csr()
         xs = torch.randn(args.context, weight.shape[1])
         zeros = 1 - int((weight != 0).sum()) / weight.numel()
         print(f"| {label} | {tuple(weight.shape)} | {zeros:.2f} | "
-              f"{median_ms(lambda: xs @ weight.T, args.repeats):.3f} | {median_ms(lambda: module(xs), args.repeats):.3f} | "
+              f"{median_ms(lambda: xs @ weight.T, args.repeats):.3f} | "
+              f"{median_ms(lambda: module(xs), args.repeats):.3f} | "
               f"{median_ms(lambda: torch.sparse.mm(csr, xs.T), args.repeats):.3f} |", flush=True)
     try:
         from torch.sparse import to_sparse_semi_structured
 
         to_sparse_semi_structured(torch.zeros(128, 128))
         semi = "ran"
-    except Exception as exc:  # noqa: BLE001 - the answer is the message
+    except Exception as exc:  # the answer is the message
         semi = f"refused: {str(exc).splitlines()[0][:160]}"
     print(f"\n2:4 semi-structured (torch.sparse.to_sparse_semi_structured) on this CPU: {semi}")
     return 0

@@ -51,7 +51,8 @@ def alternate(configs: dict[Any, Any], meta: TokensMeta, windows: Windows, seed:
                 out = train_step(parts[name], rows, p, CPU, repeat * steps + i, None)
                 seconds[name].append(time.perf_counter() - started)
                 losses[name].append(sum(x.item() for x in out))
-            logging.warning("round %d: %s %.0f ms/step", repeat, name, statistics.median(seconds[name]) * 1000)
+            logging.warning("round %d: %s %.0f ms/step", repeat, name,
+                            statistics.median(seconds[name]) * 1000)
     return seconds, losses
 
 

@@ -36,7 +36,8 @@ def measure(times: int, work: Path) -> dict[str, dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--times", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -49,7 +50,8 @@ def main() -> int:
         big = max(args.times)
         dedupe_params = params_file(Path(tmp) / f"x{big}", clean={"dedupe": True})
         data = Path(tmp) / f"x{big}" / "data"
-        dedupe = run_stage("clean", dedupe_params, Path(tmp) / "dedupe", raw=data / "raw", out=Path(tmp) / "dd")
+        dedupe = run_stage("clean", dedupe_params, Path(tmp) / "dedupe", raw=data / "raw",
+                           out=Path(tmp) / "dd")
 
     lo, hi = min(args.times), max(args.times)
     print(f"\nmachine: {machine()}")
@@ -58,7 +60,8 @@ def main() -> int:
     for times, r in results.items():
         for stage in ("ingest", "clean", "tokenize"):
             m = r[stage]
-            n = m.get("docs") or m.get("docs_out") or sum(m[f"docs_{s}"] for s in ("train", "validation", "test"))
+            n = m.get("docs") or m.get("docs_out") or sum(m[f"docs_{s}"]
+                                                          for s in ("train", "validation", "test"))
             workers = f"{m['peak_rss_workers_mib']:.1f}" if "peak_rss_workers_mib" in m else "-"
             print(f"| {stage} | {times}× | {r['corpus_mib']['value']:.1f} | {n} | {m['seconds']:.1f} | "
                   f"{n / m['seconds']:.0f} | {m['peak_rss_mib']:.1f} | {workers} |")

@@ -24,7 +24,8 @@ TARGET = 1.7
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--times", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -32,7 +33,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         corpus = replicated_corpus(work, args.times)
-        base = params_file(work, ingest={"source": str(corpus)}, clean={"dedupe": False}, tokenize={"gold": ""})
+        base = params_file(work, ingest={"source": str(corpus)}, clean={"dedupe": False},
+                           tokenize={"gold": ""})
         run_stage("ingest", base, work, out=work / "raw")
         docs = run_stage("clean", base, work, raw=work / "raw", out=work / "clean")["docs_out"]
         best: dict[int, dict] = {}
@@ -40,7 +42,8 @@ def main() -> int:
             for workers in (1, 2):
                 folder = work / f"w{workers}-{rep}"
                 folder.mkdir()
-                params = params_file(folder, ingest={"source": str(corpus)}, tokenize={"gold": "", "workers": workers})
+                params = params_file(folder, ingest={"source": str(corpus)},
+                                     tokenize={"gold": "", "workers": workers})
                 m = run_stage("tokenize", params, folder, clean=work / "clean", out=folder / "tokens")
                 log.info("workers=%d run %d: %.1f s (segmentation %.1f s)", workers, rep + 1,
                          m["seconds"], m["segment_seconds"])
@@ -54,7 +57,8 @@ def main() -> int:
               f"{m['chars_per_sec']:.0f} |")
     stage = best[1]["seconds"] / best[2]["seconds"]
     segment = best[1]["segment_seconds"] / best[2]["segment_seconds"]
-    print(f"\nspeed-up with 2 workers: whole stage {stage:.2f}×, segmentation {segment:.2f}× (target ≥ {TARGET}×)")
+    print(f"\nspeed-up with 2 workers: whole stage {stage:.2f}×, segmentation {segment:.2f}× (target ≥ "
+          f"{TARGET}×)")
     ok = stage >= TARGET
     print("target met" if ok else "TARGET MISSED")
     return 0 if ok else 1

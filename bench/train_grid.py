@@ -31,7 +31,7 @@ STACKS: dict[str, dict[str, Any]] = {
     "checkpointing + micro-batch 4 + 8-bit adamw": {"activation_checkpointing": True, "micro_batch_size": 4,
                                                     "optimizer": "adamw8bit"},
     "checkpointing + micro-batch 1 + adafactor": {"activation_checkpointing": True, "micro_batch_size": 1,
-                                                   "optimizer": "adafactor"},
+                                                  "optimizer": "adafactor"},
     "chunked loss + checkpointing + 8-bit adamw + step in backward": {
         "loss_chunk_tokens": 256, "activation_checkpointing": True, "optimizer": "adamw8bit",
         "optimizer_in_backward": True, "grad_clip": 0.0},
@@ -39,22 +39,26 @@ STACKS: dict[str, dict[str, Any]] = {
         "loss_chunk_tokens": 256, "activation_checkpointing": True, "mlp_tiles": 4, "optimizer": "adamw8bit",
         "optimizer_in_backward": True, "grad_clip": 0.0},
     "chunked loss + checkpointing + micro-batch 4 + 8-bit adamw": {
-        "loss_chunk_tokens": 256, "activation_checkpointing": True, "micro_batch_size": 4, "optimizer": "adamw8bit"},
+        "loss_chunk_tokens": 256, "activation_checkpointing": True, "micro_batch_size": 4,
+        "optimizer": "adamw8bit"},
 }
 # the baseline, each technique's own configurations (from the registry), then the stacks
-GRID: dict[str, dict[str, Any]] = {BASELINE: {}, **{name: overrides for t in REGISTRY for name, overrides in t.grid.items()},
+GRID: dict[str, dict[str, Any]] = {BASELINE: {}, **{name: overrides for t in REGISTRY
+                                                    for name, overrides in t.grid.items()},
                                    **STACKS}
 
 
 def main() -> int:
     args = parse_training(training_parser(__doc__, steps=500, only=True))
-    chosen = {name: o for name, o in GRID.items() if args.only is None or name == BASELINE or name in args.only}
+    chosen = {name: o for name, o in GRID.items() if args.only is None or name == BASELINE
+              or name in args.only}
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, overrides) in enumerate(chosen.items()):
             work = Path(tmp) / f"c{i}"
             work.mkdir()
-            train: dict[str, Any] = {"steps": args.steps, "meter_steps": 2, "checkpoint_every": 0, **overrides}
+            train: dict[str, Any] = {"steps": args.steps, "meter_steps": 2, "checkpoint_every": 0,
+                                     **overrides}
             if "prune" in overrides:  # keep the schedule inside shorter runs
                 train["prune"] = {**overrides["prune"], "start_step": args.steps // 10,
                                   "end_step": max(args.steps // 10 + 1, args.steps * 3 // 4)}
@@ -71,9 +75,11 @@ def main() -> int:
     for name, m in results.items():
         error = m["est_error_total_peak_mib"]
         worst = max(worst, abs(error))
-        print(f"| {name} | {m['mem_total_peak_mib']:.1f} | {m['mem_total_peak_mib'] / base['mem_total_peak_mib']:.3f} | "
+        print(f"| {name} | {m['mem_total_peak_mib']:.1f} | "
+              f"{m['mem_total_peak_mib'] / base['mem_total_peak_mib']:.3f} | "
               f"{m['est_total_peak_mib']:.1f} | {error:+.2%} | {m['peak_rss_mib']:.0f} | "
-              f"{m.get('tokens_per_sec', math.nan):.0f} | {m['val_ppl']:.1f} | {m['val_ppl'] / base['val_ppl']:.3f} |")
+              f"{m.get('tokens_per_sec', math.nan):.0f} | {m['val_ppl']:.1f} | "
+              f"{m['val_ppl'] / base['val_ppl']:.3f} |")
     print("\nEach category's own peak, measured / estimated (MiB):\n")
     print("| configuration | " + " | ".join(CATEGORIES) + " | largest category error |")
     print("|---|" + "---|" * (len(CATEGORIES) + 1))

@@ -53,7 +53,8 @@ def bare_loop(params: stage.Params, tokens: Path, seed: int) -> tuple[list[float
     for step in range(params.steps):
         started = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, params.lr, params.steps, params.warmup_steps, params.decay, params.min_lr_ratio)
+            group["lr"] = lr_at(step, params.lr, params.steps, params.warmup_steps, params.decay,
+                                params.min_lr_ratio)
         rows = windows.batch(windows.random_starts(rng, params.batch_size))
         logits = logits_of(model, rows[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
@@ -73,10 +74,11 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     require_tokens(args.tokens)
     base, params = load_params(ROOT / "params.yaml", "train", stage.Params)
-    if params.optimizer != "adamw" or params.micro_batch_size != params.batch_size or params.precision != "fp32" \
-            or params.activation_checkpointing or params.prune.enabled or not params.grad_clip:
-        raise SystemExit("the bare loop is fp32 AdamW, no accumulation, checkpointing or pruning, with clipping: "
-                         "params.yaml's train section must be that")
+    if params.optimizer != "adamw" or params.micro_batch_size != params.batch_size \
+            or params.precision != "fp32" or params.activation_checkpointing or params.prune.enabled \
+            or not params.grad_clip:
+        raise SystemExit("the bare loop is fp32 AdamW, no accumulation, checkpointing or pruning, with "
+                         "clipping: params.yaml's train section must be that")
     params = params.model_copy(update={"steps": args.steps, "checkpoint_every": 0, "eval_every": 10**6,
                                        "eval_batches": 1, "memory_budget_mib": 0.0})
     timed = slice(params.meter_steps + 1, None)  # the stage's timed steps: unmetered, after the first
@@ -98,7 +100,8 @@ def main() -> int:
                 raise SystemExit(f"the stage and the loop diverged: last loss {stage_loss} vs {loop_loss}")
     tokens_per_step = params.batch_size * params.model.context
     s, b = statistics.median(stage_ms), statistics.median(loop_ms)
-    print(f"\nmachine: {machine()}; torch threads {torch.get_num_threads()}; {args.steps} steps × {args.repeats}")
+    print(f"\nmachine: {machine()}; torch threads {torch.get_num_threads()}; {args.steps} steps × "
+          f"{args.repeats}")
     print("| | median ms/step | tokens/s |")
     print("|---|---|---|")
     print(f"| train stage | {s:.1f} | {tokens_per_step / s * 1000:.0f} |")

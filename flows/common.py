@@ -48,19 +48,21 @@ class FlowParams(Section):
         1, ge=0, le=10, description="a failed stage or sweep point is run again this many times")
     retry_delay_seconds: float = Field(5.0, ge=0.0, description="wait before a retry")
     concurrency: int = Field(
-        1, ge=1, description="sweep points run at once, each in its own temporary workspace (1 on a 2-core machine)")
+        1, ge=1,
+        description="sweep points run at once, each in its own temporary workspace (1 on a 2-core machine)")
     task_runner: Literal["threads", "dask"] = Field(
-        "threads", description="threads (this machine) or dask (prefect-dask: dask_address, else a LocalCluster)")
+        "threads",
+        description="threads (this machine) or dask (prefect-dask: dask_address, else a LocalCluster)")
     dask_address: str = Field(
         "", description='a running Dask scheduler, tcp://host:8786; "" = start a LocalCluster')
     schedule: str = Field(
         "", description='cron for the served pipeline deployment ("0 3 * * *"); "" = run on demand only')
     push: bool = Field(
-        True, description=("after a pipeline run, dvc push the outputs to the default DVC remote (.dvc/config); false = "
-        "keep them here"))
+        True, description=("after a pipeline run, dvc push the outputs to the default DVC remote "
+                           "(.dvc/config); false = keep them here"))
     max_sweep_hours: float = Field(24.0, gt=0.0, le=8760.0, description=(
-        "refuse, before any point runs, a sweep whose points would take longer at most (each point: the seconds "
-        "of the stages it can rerun, from the workspace's metrics)"))
+        "refuse, before any point runs, a sweep whose points would take longer at most (each point: the "
+        "seconds of the stages it can rerun, from the workspace's metrics)"))
 
 
 def flow_params(root: Path) -> FlowParams:
@@ -148,7 +150,8 @@ def retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:
 
 
 STAGE_ERROR = re.compile(r"^lmmem [\w-]+: error: ")
-LOG_LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")  # a stage's log line (stage.setup_logging)
+# a stage's log line (stage.setup_logging)
+LOG_LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 PROGRESS_EVERY = 60.0  # seconds: a progress bar still running is logged at most this often
 
 
@@ -228,7 +231,8 @@ def run_dvc(args: list[str], root: Path, log: logging.Logger | logging.LoggerAda
     failing)."""
     command = [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
     run = DvcRun(command, -1)
-    with subprocess.Popen(command, cwd=root, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    with subprocess.Popen(command, cwd=root, env=dvc_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as proc:
         assert proc.stdout is not None
         for line in output_lines(proc.stdout.fileno()):
             run.lines.append(line)
@@ -252,7 +256,8 @@ def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def read_metrics(root: Path, stage: str) -> dict[str, Any] | None:
-    """A stage's data/metrics/<stage>.json; a foreach stage's (compare@bf16) data/metrics/compare/bf16.json."""
+    """A stage's data/metrics/<stage>.json; a foreach stage's (compare@bf16)
+    data/metrics/compare/bf16.json."""
     path = root / "data" / "metrics" / f"{stage.replace('@', '/')}.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
@@ -286,5 +291,6 @@ def announce_server() -> None:
     if url:
         log.info("Prefect API: %s (runs, logs and artifacts are kept there)", url)
     else:
-        log.warning("no Prefect server configured (PREFECT_API_URL is unset): this run uses a temporary local "
-                    "server that stops with it; start one with `prefect server start` to keep runs and use the UI")
+        log.warning("no Prefect server configured (PREFECT_API_URL is unset): this run uses a temporary "
+                    "local server that stops with it; start one with `prefect server start` to keep runs "
+                    "and use the UI")

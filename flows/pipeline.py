@@ -31,8 +31,8 @@ from prefect.cache_policies import NONE
 from prefect.states import Completed, State
 
 from flows.common import (ROOT, STATE_NAMES, DvcFailed, announce_server, artifact_key, flow_params,
-                           markdown_table, metric_rows, read_metrics, retry_unless_refused, run_dvc,
-                           setup_logging, stage_plan)
+                          markdown_table, metric_rows, read_metrics, retry_unless_refused, run_dvc,
+                          setup_logging, stage_plan)
 from stages.common.core.errors import StageError
 from stages.common.harness.experiments import experiment_records
 
@@ -72,7 +72,8 @@ def stage_task(stage: str, root: str, with_dvc: bool = True) -> State:
 def experiment_task(root: str, overrides: list[str], targets: list[str], name: str) -> dict[str, str]:
     """The run as one DVC experiment in a temporary workspace; returns DVC's answer per stage."""
     log = get_run_logger()
-    args = ["exp", "run", "--temp", *[a for o in overrides for a in ("-S", o)], *(["--name", name] if name else []),
+    args = ["exp", "run", "--temp", *[a for o in overrides for a in ("-S", o)],
+            *(["--name", name] if name else []),
             *targets]
     run = run_dvc(args, Path(root), log)
     if run.returncode != 0:
@@ -139,7 +140,8 @@ def pipeline(stages: list[str] | None = None, overrides: list[str] | None = None
     else:
         acted: set[str] = set()
         for stage in order:
-            state = stage_task.with_options(**retry)(stage, root, plan.needs_dvc(stage, acted), return_state=True)
+            state = stage_task.with_options(**retry)(stage, root, plan.needs_dvc(stage, acted),
+                                                     return_state=True)
             if state.is_failed():
                 state.result()  # raises the task's error: the flow fails with DVC's message
             answers[stage] = state.result()
@@ -159,7 +161,8 @@ def pipeline(stages: list[str] | None = None, overrides: list[str] | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", nargs="*", default=None, help="stages to run (and what they depend on)")
     parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],
                         help="key.path=value: run as a DVC experiment with this param changed")

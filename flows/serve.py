@@ -90,14 +90,16 @@ def local_server(home: Path, startup_timeout: float = 300.0) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cron", default=None, help="the pipeline's schedule (default: flows.schedule)")
     parser.add_argument("--root", default=str(ROOT), help="the DVC repository the flows run in")
     args = parser.parse_args(argv)
     setup_logging()
     if server_url() is None:
-        print("error: serving needs a running Prefect server: `prefect config set PREFECT_SERVER_API_PORT=4200 "
-              "PREFECT_API_URL=http://127.0.0.1:4200/api`, then `prefect server start --host 127.0.0.1`")
+        print("error: serving needs a running Prefect server: `prefect config set "
+              "PREFECT_SERVER_API_PORT=4200 PREFECT_API_URL=http://127.0.0.1:4200/api`, then `prefect "
+              "server start --host 127.0.0.1`")
         return 1
     cron = args.cron if args.cron is not None else flow_params(Path(args.root)).schedule
     deployments = [

@@ -40,7 +40,7 @@ from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import (ROOT, DvcFailed, FlowParams, announce_server, dvc_env, flow_params, markdown_table,
-                           retry_unless_refused, run_dvc, setup_logging)
+                          retry_unless_refused, run_dvc, setup_logging)
 from flows.pipeline import check_overrides
 from stages.common.core.errors import StageError
 from stages.common.core.params import read_params_file, read_yaml_mapping
@@ -97,13 +97,15 @@ def grid_points(grid: dict[str, list[Any]]) -> list[list[str]]:
         raise StageError("sweep grid: every key needs a non-empty list of values")
     keys = list(grid)
     return [[f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-             for k, v in zip(keys, combo)] for combo in itertools.product(*(grid[k] for k in keys))]
+             for k, v in zip(keys, combo,
+                             strict=True)] for combo in itertools.product(*(grid[k] for k in keys))]
 
 
 def read_sweep_file(path: Path) -> list[list[str]]:
     data = read_yaml_mapping(path, "sweep file")  # a mapping, or a one-line error
     if set(data) - {"grid", "points"} or not data:
-        raise StageError(f"sweep file {path}: expected `grid:` and/or `points:`, got {', '.join(map(str, data))}")
+        raise StageError(f"sweep file {path}: expected `grid:` and/or `points:`, got "
+                         f"{', '.join(map(str, data))}")
     points = grid_points(data["grid"]) if "grid" in data else []
     return points + [list(p) for p in data.get("points") or []]
 
@@ -206,7 +208,8 @@ def run_points(root: str, points: list[list[str]], names: list[str], targets: li
     Every point runs to its end whatever the others do; returns the failed ones' messages."""
     runner = point_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds,
                                      retry_condition_fn=retry_unless_refused)
-    futures = {name: runner.submit(root, overrides, name, targets) for overrides, name in zip(points, names)}
+    futures = {name: runner.submit(root, overrides, name, targets)
+               for overrides, name in zip(points, names, strict=True)}
     failed = {}
     for name, future in futures.items():
         future.wait()
@@ -243,7 +246,8 @@ def comparison(root: Path, wanted: dict[str, list[str]], failed: dict[str, str])
     shown_columns = columns(base)
 
     def row(point: str, exp: dict[str, Any] | None, said: str) -> dict[str, Any]:
-        found: dict[str, Any] = {"point": point or "(workspace params)", "experiment": exp["name"] if exp else said}
+        found: dict[str, Any] = {"point": point or "(workspace params)", "experiment": exp["name"] if exp
+                                 else said}
         for title, file, key in shown_columns:
             value = exp.get("metrics", {}).get(file, {}).get(key) if exp else None
             found[title] = round(value, 4) if isinstance(value, float) and math.isfinite(value) else value
@@ -277,7 +281,8 @@ def point_seconds(root: Path, targets: list[str]) -> float:
 
 
 @flow(name="lmmem-sweep")
-def sweep(points: list[list[str]] | None = None, grid: dict[str, list[Any]] | None = None, sweep_file: str = "",
+def sweep(points: list[list[str]] | None = None, grid: dict[str, list[Any]] | None = None,
+          sweep_file: str = "",
           targets: list[str] | None = None, root: str = str(ROOT)) -> list[dict[str, Any]]:
     """Run each point (overrides) as a DVC experiment and compare them. Points come from
     `points`, from every combination of `grid`, and from a sweep file, in that order."""
@@ -304,8 +309,9 @@ def sweep(points: list[list[str]] | None = None, grid: dict[str, list[Any]] | No
              len(wanted) - len(todo), settings.concurrency, settings.task_runner)
     hours = point_seconds(here, list(targets or [])) * math.ceil(len(todo) / settings.concurrency) / 3600
     if hours > settings.max_sweep_hours:
-        raise StageError(f"sweep: {len(todo)} points would take up to {hours:,.1f} hours here (each up to the seconds "
-                         f"of the stages it can rerun), more than flows.max_sweep_hours ({settings.max_sweep_hours:g}): "
+        raise StageError(f"sweep: {len(todo)} points would take up to {hours:,.1f} hours here (each up to "
+                         "the seconds of the stages it can rerun), more than flows.max_sweep_hours "
+                         f"({settings.max_sweep_hours:g}): "
                          f"fewer points, --targets, or a larger max_sweep_hours")
     failed: dict[str, str] = {}
     if todo:
@@ -327,7 +333,8 @@ def sweep(points: list[list[str]] | None = None, grid: dict[str, list[Any]] | No
                                  description="the report with every experiment of this commit")
     if failed:  # after the comparison of the others: the sweep fails, naming the points
         raise DvcFailed(f"{len(failed)} of {len(wanted)} sweep points failed (the comparison has the rest): "
-                        + " | ".join(f"{' '.join(wanted[n])}: {m.splitlines()[0][:300]}" for n, m in failed.items()))
+                        + " | ".join(f"{' '.join(wanted[n])}: {m.splitlines()[0][:300]}"
+                                     for n, m in failed.items()))
     return rows
 
 
@@ -348,11 +355,14 @@ def sweep_report(root: Path, log: Any) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", nargs="*", default=[], help="key=v1,v2,... (every combination)")
     parser.add_argument("--point", nargs="*", action="append", default=[], help="one point: key=value ...")
-    parser.add_argument("--file", default="", help="a sweep file: {grid: {key: [values]}} and/or {points: [...]}")
-    parser.add_argument("--targets", nargs="*", default=None, help="stages each experiment runs (default all)")
+    parser.add_argument("--file", default="",
+                        help="a sweep file: {grid: {key: [values]}} and/or {points: [...]}")
+    parser.add_argument("--targets", nargs="*", default=None,
+                        help="stages each experiment runs (default all)")
     parser.add_argument("--root", default=str(ROOT))
     args = parser.parse_args(argv)
     setup_logging()

@@ -32,7 +32,8 @@ def main() -> None:
                 js = member.read().decode("utf-8")
             assert "{plot_divs}" not in js and "{scripts}" not in js
             scripts.append(f"<!-- {name} {version} (BSD-3-Clause) -->\n<script>{js}</script>")
-    page = ("<!DOCTYPE html>\n<html>\n<head>\n{refresh_tag}\n<meta charset=\"utf-8\">\n<title>lmmem plots</title>\n"
+    page = ("<!DOCTYPE html>\n<html>\n<head>\n{refresh_tag}\n<meta charset=\"utf-8\">\n<title>lmmem "
+            "plots</title>\n"
             + "\n".join(scripts) + "\n<style>table { border-spacing: 15px; }</style>\n</head>\n<body>\n"
             "{plot_divs}\n</body>\n</html>\n")
     OUT.write_text(page, encoding="utf-8")

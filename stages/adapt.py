@@ -57,19 +57,22 @@ RunParams.__doc__ = "One run of the adapt section: the train section's keys and 
 class Settings(RunsSection):
     """The `adapt` section."""
 
-    steps: int = Field(100, ge=2, description="optimizer steps of every run: more = lower new-domain perplexity, "
-                                              "longer runs, more forgetting")
+    steps: int = Field(100, ge=2,
+                       description="optimizer steps of every run: more = lower new-domain perplexity, "
+                       "longer runs, more forgetting")
     warmup_steps: int = Field(10, ge=0, description="linear warm-up of every run")
     batch_size: int = Field(8, ge=1, description="windows (of the model's context) per optimizer step")
-    eval_batches: int = Field(8, ge=1, description="validation batches (of batch_size windows) after the last step")
+    eval_batches: int = Field(8, ge=1,
+                              description="validation batches (of batch_size windows) after the last step")
     test_windows: int = Field(256, ge=1, description=(
         "windows of each test split (the new domain's, the original's) the perplexities are taken on"))
     shared: dict[str, Any] = Field(default_factory=lambda: dict(SHARED), description=(
-        "train keys laid over the train section for every run, before its own (the settings the methods share)"))
+        "train keys laid over the train section for every run, before its own (the settings the methods "
+        "share)"))
     runs: dict[str, dict[str, Any]] = Field(default_factory=lambda: {k: dict(v) for k, v in RUNS.items()},
                                             description=(
-        "name: train keys laid over the train section (tune, lora_*, frozen_weights, lr, ...); dvc.yaml makes "
-        "one stage per name; {} = no adaptation"))
+        "name: train keys laid over the train section (tune, lora_*, frozen_weights, lr, ...); dvc.yaml "
+        "makes one stage per name; {} = no adaptation"))
 
     def fixed(self) -> dict[str, Any]:
         return {**super().fixed(), "task": "domain"}
@@ -136,7 +139,8 @@ class DomainModelling(LanguageModelling):
         model.train()
         return math.exp(total / count)
 
-    def test_scores(self, model: torch.nn.Module, p: Any, device: torch.device, forward: Any) -> dict[str, Any]:
+    def test_scores(self, model: torch.nn.Module, p: Any, device: torch.device,
+                    forward: Any) -> dict[str, Any]:
         return {f"{name}_ppl": self.perplexity(model, windows, p, device, forward)
                 for name, windows in self.tests.items()}
 
@@ -146,7 +150,8 @@ class DomainModelling(LanguageModelling):
         return {f"base_{name}": value for name, value in before.items()}
 
     def summary(self, metrics: dict[str, Any]) -> str:
-        return (f"perplexity on the new domain {metrics['base_domain_ppl']:.2f} -> {metrics['domain_ppl']:.2f}, "
+        return (f"perplexity on the new domain {metrics['base_domain_ppl']:.2f} -> "
+                f"{metrics['domain_ppl']:.2f}, "
                 f"on the original {metrics['base_original_ppl']:.2f} -> {metrics['original_ppl']:.2f}")
 
 
@@ -154,8 +159,8 @@ def run_params(p: Params, name: str, model_folder: Path) -> Any:
     """Run `name` of the adapt section, over the trained model in `model_folder`."""
     shape = trained_shape(model_folder)
     if shape.get("family") == "lstm":
-        raise StageError("adapt: the lstm baseline is not a transformers model (its outputs could not load with "
-                         "AutoModelForCausalLM): adapt a llama or gpt2 model")
+        raise StageError("adapt: the lstm baseline is not a transformers model (its outputs could not load "
+                         "with AutoModelForCausalLM): adapt a llama or gpt2 model")
     return configured("adapt", p.adapt, p.train, name, shape, RunParams)
 
 
@@ -164,8 +169,10 @@ def run(p: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     meta = read_typed(paths.domain / "meta.json", TokensMeta)
     original = read_typed(paths.tokens / "meta.json", TokensMeta)
     if (meta.vocab_size, meta.special_ids) != (original.vocab_size, original.special_ids):
-        raise StageError(f"{paths.domain} was not made with {paths.tokens}'s vocabulary: rerun the domain stage")
-    task = DomainModelling(meta, paths.domain, paths.tokens, paths.model, rp.model.context, p.adapt.test_windows)
+        raise StageError(f"{paths.domain} was not made with {paths.tokens}'s vocabulary: rerun the domain "
+                         "stage")
+    task = DomainModelling(meta, paths.domain, paths.tokens, paths.model, rp.model.context,
+                           p.adapt.test_windows)
     return run_section(p.adapt, rp, paths, base, task)
 
 

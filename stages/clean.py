@@ -64,7 +64,8 @@ class Params(Section):
     remove_punctuation: bool = Field(
         False, description="true shrinks token counts; the language model then never sees punctuation")
     dedupe: bool = Field(
-        True, description="drop exact duplicates across splits (no test text also in train); keeps 8 B per document")
+        True, description="drop exact duplicates across splits (no test text also in train); keeps 8 B per "
+                          "document")
     min_chars: int = Field(2, ge=1, description="shorter documents are dropped (counted)")
     max_chars: int = Field(20_000, ge=1, description="longer documents are dropped (counted)")
 

@@ -63,7 +63,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
              "optimizer_in_backward": True, "grad_clip": 0.0},
     "lean-micro-batch-4": {"loss_chunk_tokens": 256, "activation_checkpointing": True, "micro_batch_size": 4,
                            "optimizer": "adamw8bit"},
-    "lean-tiled": {"loss_chunk_tokens": 256, "activation_checkpointing": True, "mlp_tiles": 4, "optimizer": "adamw8bit",
+    "lean-tiled": {"loss_chunk_tokens": 256, "activation_checkpointing": True, "mlp_tiles": 4,
+                   "optimizer": "adamw8bit",
                    "optimizer_in_backward": True, "grad_clip": 0.0},
 }
 NAME = r"^[a-z0-9][a-z0-9-]*$"  # a DVC stage name (compare@<name>) and a folder name
@@ -75,13 +76,15 @@ class Settings(Section):
     steps: int = Field(12, ge=2, description=(
         "optimizer steps per configuration, the same for all: more = perplexities further apart, "
         "each configuration proportionally longer"))
-    warmup_steps: int = Field(2, ge=0, description="linear warm-up of each configuration's run (its schedule's shape)")
+    warmup_steps: int = Field(2, ge=0,
+                              description="linear warm-up of each configuration's run (its schedule's shape)")
     meter_steps: int = Field(2, ge=1, description=(
         "the first N steps of each run under the tensor meter (slower, not timed); the rest give tokens/s"))
     eval_batches: int = Field(8, ge=1, description=(
         "validation batches after the last step: the same windows for every configuration"))
     baseline: str = Field("baseline", description="the configuration the report measures the others against")
-    configs: dict[str, dict[str, Any]] = Field(default_factory=lambda: json.loads(json.dumps(CONFIGS)), description=(
+    configs: dict[str, dict[str, Any]] = Field(default_factory=lambda: json.loads(json.dumps(CONFIGS)),
+                                               description=(
         "name: train keys laid over the train section; dvc.yaml makes one stage per name"))
 
     @field_validator("configs")
@@ -149,7 +152,7 @@ def run(p: Params, paths: Paths, base: BaseParams) -> dict[str, Any] | None:
     if metrics is None:  # a node without rank 0 of a configuration on several machines
         return None
     return {**metrics, "config": paths.config, "config_keys": json.dumps(p.compare.configs[paths.config],
-                                                                            sort_keys=True),
+                                                                         sort_keys=True),
             "baseline": p.compare.baseline}
 
 

@@ -39,7 +39,8 @@ SIMILARITY_BUILTIN = "builtin:wordsim353"
 
 class Params(Section):
     algorithm: Literal["skipgram", "cbow"] = Field(
-        "skipgram", description="skipgram: better for rare words, slower | cbow: faster, smoother for frequent words")
+        "skipgram",
+        description="skipgram: better for rare words, slower | cbow: faster, smoother for frequent words")
     vector_size: int = Field(
         100, ge=1, le=4096, description="wider vectors hold more, cost vector_size x vocabulary x 4 B")
     window: int = Field(5, ge=1, le=100, description="context words each side: larger = more topical, slower")
@@ -133,7 +134,8 @@ def train_word2vec(params: Params, corpus: Path, seed: int) -> Any:
             alpha=params.alpha, epochs=params.epochs, workers=params.workers, seed=seed,
         )
     except RuntimeError as exc:  # gensim: "you must first build vocabulary before training"
-        raise StageError(f"Word2Vec could not train on {corpus}: {exc} (is embed.min_count too high?)") from None
+        raise StageError(
+            f"Word2Vec could not train on {corpus}: {exc} (is embed.min_count too high?)") from None
 
 
 def nearest_words(wv: Any, params: Params) -> dict[str, list[list[Any]]]:
@@ -141,7 +143,8 @@ def nearest_words(wv: Any, params: Params) -> dict[str, list[list[Any]]]:
     neighbours: dict[str, list[list[Any]]] = {}
     for word in params.probe_words:
         if word in wv.key_to_index:
-            neighbours[word] = [[w, round(float(s), 4)] for w, s in wv.most_similar(word, topn=params.neighbours)]
+            neighbours[word] = [[w, round(float(s), 4)]
+                                for w, s in wv.most_similar(word, topn=params.neighbours)]
         else:
             log.warning("probe word %r has no vector", word)
     return neighbours
@@ -167,7 +170,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     matrix, found = aligned_matrix(wv, vocab, base.seed, meta.special_ids.pad)
     counts: list[int] = vocab_file["train_counts"]
     n_special = len(meta.special_ids.model_dump())
-    weighted = sum(c for w, c in zip(vocab[n_special:], counts[n_special:]) if w in wv.key_to_index)
+    weighted = sum(c for w, c in zip(vocab[n_special:], counts[n_special:], strict=False)
+                   if w in wv.key_to_index)
     metrics: dict[str, Any] = {
         "w2v_vocab_size": len(wv), "vector_size": params.vector_size,
         "vocab_coverage": found / len(vocab),

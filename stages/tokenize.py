@@ -70,23 +70,30 @@ class SpecialTokens(Section):
 
 class Params(Section):
     jieba_mode: Literal["precise", "search"] = Field(
-        "precise", description="precise: one segmentation | search: also sub-words of long words (more, overlapping tokens)")
+        "precise", description="precise: one segmentation | search: also sub-words of long words (more, "
+                               "overlapping tokens)")
     hmm: bool = Field(
         True, description="jieba's HMM finds words missing from its dictionary: better recall, slower")
     user_dict: str = Field(
-        "", description='a jieba user dictionary (word [freq] [tag] per line), best under data/corpus/; "" for none')
+        "", description='a jieba user dictionary (word [freq] [tag] per line), best under data/corpus/; "" '
+                        'for none')
     stopwords: bool = Field(
-        False, description="drop stopwords (stopwordsiso zh+en): good for Word2Vec, wrong for a language model")
+        False,
+        description="drop stopwords (stopwordsiso zh+en): good for Word2Vec, wrong for a language model")
     workers: int = Field(
-        2, ge=1, le=64, description="segmenting processes: about linear speed-up, each holds jieba's dictionary")
+        2, ge=1, le=64,
+        description="segmenting processes: about linear speed-up, each holds jieba's dictionary")
     batch_docs: int = Field(
-        256, ge=1, description="documents per task sent to a worker: larger = less overhead, more memory in flight")
+        256, ge=1,
+        description="documents per task sent to a worker: larger = less overhead, more memory in flight")
     vocab_min_count: int = Field(2, ge=1, description="words seen fewer times in train become <unk>")
     vocab_max_size: int = Field(
-        32000, ge=5, le=2**32 - 1, description="including the 4 special tokens; <= 65536 stores ids as uint16 (half the bytes)")
+        32000, ge=5, le=2**32 - 1,
+        description="including the 4 special tokens; <= 65536 stores ids as uint16 (half the bytes)")
     special_tokens: SpecialTokens = Field(default_factory=SpecialTokens, description="ids 0-3, in this order")
     gold: str = Field(
-        GOLD_BUILTIN, description="gold segmentation to score jieba against (People's Daily 1998); a path; '' for none")
+        GOLD_BUILTIN,
+        description="gold segmentation to score jieba against (People's Daily 1998); a path; '' for none")
     gold_max_lines: int = Field(
         0, ge=0, description="0 = the whole gold corpus (about 6 s); N = its first N lines")
 
@@ -118,7 +125,8 @@ def save_hf_tokenizer(folder: Path, vocab: list[str], sp: SpecialTokens) -> None
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token=sp.unk))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A:0 $B:1")
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (sp.pad, sp.unk, sp.bos, sp.eos)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in (sp.pad, sp.unk, sp.bos, sp.eos)])
     tok.save(str(folder / "tokenizer.json"))
     write_json(folder / "tokenizer_config.json", {
         "backend": "tokenizers", "tokenizer_class": "TokenizersBackend", "model_max_length": HF_NO_LIMIT,
@@ -162,7 +170,7 @@ def gold_scores(pool: SegmentPool, path: Path, max_lines: int, batch_docs: int) 
 
     bar = tqdm(desc="gold", unit=" lines", mininterval=2)
     for segmented, _ in pool.map(texts()):
-        for gold, line in zip(in_flight.popleft(), segmented):
+        for gold, line in zip(in_flight.popleft(), segmented, strict=False):
             pred = line.split(" ") if line else []
             if "".join(pred) != "".join(gold):  # a tokenizer rewrote characters: spans would not line up
                 misaligned += 1
@@ -197,7 +205,7 @@ def gold_path(gold: str) -> Path | None:
 
 
 def write_ids(txt: Path, out: Path, split: str, index: dict[str, int], dtype: type,
-               unk: int, eos: int, flush_tokens: int = 1 << 20) -> tuple[int, int]:
+              unk: int, eos: int, flush_tokens: int = 1 << 20) -> tuple[int, int]:
     """Map one split's words to ids in chunks of about `flush_tokens` (memory stays flat);
     returns (tokens written, unknown tokens)."""
     n_tokens = n_unk = 0
@@ -284,12 +292,14 @@ def write_vocabulary_and_ids(tmp: Path, found: Segmented, params: Params, base: 
     dtype = np.uint16 if len(vocab) <= UINT16_LIMIT else np.uint32
     sp = params.special_tokens
     for split in SPLITS:
-        n_tokens, n_unk = write_ids(tmp / f"{split}.txt", tmp, split, index, dtype, index[sp.unk], index[sp.eos])
+        n_tokens, n_unk = write_ids(tmp / f"{split}.txt", tmp, split, index, dtype, index[sp.unk],
+                                    index[sp.eos])
         metrics[f"tokens_{split}"] = n_tokens
         metrics[f"docs_{split}"] = found.docs[split]
         metrics[f"unk_rate_{split}"] = n_unk / max(1, n_tokens - found.docs[split])
     save_hf_tokenizer(tmp, vocab, sp)
-    write_json(tmp / "vocab.json", {"words": vocab, "train_counts": [found.train_counts.get(w, 0) for w in vocab]})
+    write_json(tmp / "vocab.json",
+               {"words": vocab, "train_counts": [found.train_counts.get(w, 0) for w in vocab]})
     meta = TokensMeta(
         dtype=np.dtype(dtype).name, vocab_size=len(vocab), labels=list(found.label_index),
         special_tokens=sp.model_dump(), special_ids={k: index[v] for k, v in sp.model_dump().items()},

@@ -42,7 +42,8 @@ class Paths:
 def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     source = paths.embed / VECTORS
     if params.init_from_word2vec and not source.is_file():
-        raise StageError(f"missing input {source}: run the embed stage first (train.init_from_word2vec is true)")
+        raise StageError(f"missing input {source}: run the embed stage first (train.init_from_word2vec is "
+                         "true)")
     with atomic_dir(paths.out, "warmstart") as tmp:
         if params.init_from_word2vec:
             shutil.copy(source, tmp / VECTORS)

@@ -71,8 +71,9 @@ def run_cli(name: str, args: list[str], cwd: Path | None = None) -> subprocess.C
 def train_args(work: Path, tokens: Path) -> list[str]:
     """The train stage's arguments for a run in `work` (its params.yaml there, every output
     under it) on the `tokens` fixture's data."""
-    return ["--params", str(work / "params.yaml"), "--tokens", str(tokens), "--embed", str(tokens.parent / "embed"),
-            "--out", str(work / "model"), "--plots", str(work / "plots"), "--checkpoints", str(work / "ckpt"),
+    return ["--params", str(work / "params.yaml"), "--tokens", str(tokens), "--embed", str(
+        tokens.parent / "embed"),
+        "--out", str(work / "model"), "--plots", str(work / "plots"), "--checkpoints", str(work / "ckpt"),
             "--metrics", str(work / "train.json")]
 
 
@@ -119,9 +120,11 @@ def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny profile's tokens and embeddings (data/tokens, data/embed), made once per run."""
     work = tmp_path_factory.mktemp("tokens")
     params = work / "params.yaml"
-    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"tokenize": {"gold": ""}}), allow_unicode=True))
+    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"tokenize": {"gold": ""}}),
+                                     allow_unicode=True))
     d = work / "data"
-    for stage, args in (("ingest", ["--out", d / "raw"]), ("clean", ["--raw", d / "raw", "--out", d / "clean"]),
+    for stage, args in (("ingest", ["--out", d / "raw"]),
+                        ("clean", ["--raw", d / "raw", "--out", d / "clean"]),
                         ("tokenize", ["--clean", d / "clean", "--out", d / "tokens"]),
                         ("embed", ["--tokens", d / "tokens", "--out", d / "embed"])):
         assert run_stage(stage, ["--params", str(params), "--metrics", str(d / f"{stage}.json"),
@@ -171,7 +174,8 @@ def tiny_repo(repo: Path, env: dict[str, str] | None = None) -> Path:
     params["finetune"]["baseline"] = WIRING_RUNS[0]
     params["adapt"]["runs"] = {name: params["adapt"]["runs"][name] for name in WIRING_ADAPT}
     params["adapt"]["baseline"] = WIRING_ADAPT[0]
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False),
+                                      encoding="utf-8")
     sh("git", "init", "-q", "-b", "main", cwd=repo, env=env)
     sh("dvc", "init", "-q", cwd=repo, env=env)
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # its plots template and default remote

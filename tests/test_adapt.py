@@ -45,8 +45,9 @@ def domain(tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny profile's domain corpus (People's Daily, its first 300 documents)."""
     work = tmp_path_factory.mktemp("domain")
     params = write_params(work / "params.yaml")
-    result = run_cli("domain", ["--params", str(params), "--tokens", str(tokens), "--out", str(work / "domain"),
-                                "--metrics", str(work / "domain.json")])
+    result = run_cli("domain",
+                     ["--params", str(params), "--tokens", str(tokens), "--out", str(work / "domain"),
+                      "--metrics", str(work / "domain.json")])
     assert result.returncode == 0, result.stderr
     return work / "domain"
 
@@ -75,7 +76,8 @@ def test_the_domain_corpus_is_in_the_trained_vocabulary(tokens: Path, domain: Pa
         assert len(docs.labels) == meta["docs"][split] > 0 and (docs.labels == -1).all()
         assert len(docs.ids) == metrics[f"tokens_{split}"] and (docs.ids[docs.offsets[1:] - 1] == eos).all()
         unknown = int((docs.ids == unk).sum())
-        assert metrics[f"unk_rate_{split}"] == pytest.approx(unknown / (len(docs.ids) - len(docs.labels)), abs=1e-6)
+        assert metrics[f"unk_rate_{split}"] == pytest.approx(unknown / (len(docs.ids) - len(docs.labels)),
+                                                             abs=1e-6)
     # a document reads back as People's Daily text: its known words, in order, are in the source
     source = "".join(line for line in open(_peoples_daily(), encoding="utf-8").read().split())
     docs = Docs(domain, "train", meta["dtype"])
@@ -173,8 +175,9 @@ def test_a_tied_embedding_is_quantized_once() -> None:
     assert torch.allclose(table(torch.tensor([5])), weight[5:6], atol=1e-6)
     # the table's bytes once: 96 x 64 weights at half a byte, a 4-byte absmax per 64
     table_bytes = 96 * 64 // 2 + 96 * 4
-    blocks = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if not n.startswith(("model.embed",
-                                                                                                   "lm_head")))
+    blocks = sum(b.numel() * b.element_size() for n, b in model.named_buffers()
+                 if not n.startswith(("model.embed",
+                                      "lm_head")))
     held = sum(b.numel() * b.element_size() for b in model.buffers())
     assert held == table_bytes + blocks
 
@@ -187,7 +190,8 @@ def test_a_tied_embedding_is_quantized_once() -> None:
     ({}, "nope", "adapt: no run 'nope' in adapt.runs (full, lora, qlora)"),
 ])
 def test_a_run_that_cannot_be_made_is_one_line_and_leaves_the_previous_outputs(
-        adapted: Path, tokens: Path, domain: Path, model: Path, tmp_path: Path, changes: dict[str, Any], run: str,
+        adapted: Path, tokens: Path, domain: Path, model: Path, tmp_path: Path, changes: dict[str, Any],
+        run: str,
         expected: str) -> None:
     params = write_params(tmp_path / "params.yaml", **changes)
     out, metrics = adapted / "adapt" / "full", adapted / "metrics" / "full.json"
@@ -204,15 +208,17 @@ def test_a_domain_corpus_too_small_to_split_is_refused(tokens: Path, tmp_path: P
     corpus = tmp_path / "news.txt"
     corpus.write_text("今天的新闻很多。\n", encoding="utf-8")
     params = write_params(tmp_path / "params.yaml", domain={"source": str(corpus)})
-    result = run_cli("domain", ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "domain"),
-                                "--metrics", str(tmp_path / "domain.json")])
+    result = run_cli("domain",
+                     ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "domain"),
+                      "--metrics", str(tmp_path / "domain.json")])
     assert result.returncode == 2
     line = one_error_line(result.stderr, "domain")
     assert f"domain.source {corpus}: 1 documents leave the" in line and "split(s) empty" in line
     assert not (tmp_path / "domain").exists() and not (tmp_path / "domain.json").exists()
 
 
-def test_a_domain_corpus_of_another_vocabulary_is_refused(adapted: Path, tokens: Path, domain: Path, model: Path,
+def test_a_domain_corpus_of_another_vocabulary_is_refused(adapted: Path, tokens: Path, domain: Path,
+                                                          model: Path,
                                                           tmp_path: Path) -> None:
     import shutil
 
@@ -228,12 +234,14 @@ def test_a_domain_corpus_of_another_vocabulary_is_refused(adapted: Path, tokens:
     assert not (tmp_path / "adapt").exists()
 
 
-def test_a_domain_corpus_in_another_language_is_refused_with_its_unknown_share(tokens: Path, tmp_path: Path) -> None:
+def test_a_domain_corpus_in_another_language_is_refused_with_its_unknown_share(tokens: Path,
+                                                                               tmp_path: Path) -> None:
     """English news against the Chinese reviews' vocabulary: nearly every word <unk>, whose
     perplexity would look better than the real domain's."""
     params = write_params(tmp_path / "params.yaml", domain={"source": "builtin:en-news"})
-    result = run_cli("domain", ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "domain"),
-                                "--metrics", str(tmp_path / "domain.json")])
+    result = run_cli("domain",
+                     ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "domain"),
+                      "--metrics", str(tmp_path / "domain.json")])
     assert result.returncode == 2
     line = one_error_line(result.stderr, "domain")
     share = float(line.split("builtin:en-news: ")[1].split("%")[0])
@@ -241,9 +249,10 @@ def test_a_domain_corpus_in_another_language_is_refused_with_its_unknown_share(t
     assert not (tmp_path / "domain").exists() and not (tmp_path / "domain.json").exists()
 
 
-def test_a_domain_corpus_that_is_the_training_corpus_is_refused_and_an_overlap_reported(domain: Path, tokens: Path,
-                                                                                       tmp_path: Path) -> None:
-    trained = [json.loads(line)["text"] for line in (tokens.parent / "clean" / "train.jsonl").open(encoding="utf-8")]
+def test_a_domain_corpus_that_is_the_training_corpus_is_refused_and_an_overlap_reported(
+        domain: Path, tokens: Path, tmp_path: Path) -> None:
+    trained = [json.loads(line)["text"]
+               for line in (tokens.parent / "clean" / "train.jsonl").open(encoding="utf-8")]
     corpus = tmp_path / "same.txt"
     corpus.write_text("\n".join(trained[:300]) + "\n", encoding="utf-8")
     params = write_params(tmp_path / "params.yaml", domain={"source": str(corpus)})
@@ -252,8 +261,8 @@ def test_a_domain_corpus_that_is_the_training_corpus_is_refused_and_an_overlap_r
     result = run_cli("domain", args)
     assert result.returncode == 2
     line = one_error_line(result.stderr, "domain")
-    assert f"{corpus}: 300 of its 300 documents (100%) are in the training corpus, more than domain.max_overlap " \
-           "(0.5)" in line
+    assert (f"{corpus}: 300 of its 300 documents (100%) are in the training corpus, more than "
+            "domain.max_overlap (0.5)") in line
     assert not (tmp_path / "domain").exists()
     shipped = json.loads((domain.parent / "domain.json").read_text())
     assert shipped["overlap_with_training"] == 0.0  # People's Daily shares no document with the reviews
@@ -261,5 +270,6 @@ def test_a_domain_corpus_that_is_the_training_corpus_is_refused_and_an_overlap_r
                       encoding="utf-8")  # the tiny profile reads 300 documents of a domain corpus
     result = run_cli("domain", args)
     assert result.returncode == 0, result.stderr
-    assert f"domain.source {corpus}: 100 of its 300 documents (33.3 %) are also in the training corpus" in result.stderr
+    said = f"domain.source {corpus}: 100 of its 300 documents (33.3 %) are also in the training corpus"
+    assert said in result.stderr
     assert json.loads((tmp_path / "domain.json").read_text())["overlap_with_training"] == pytest.approx(1 / 3)

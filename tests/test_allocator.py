@@ -42,7 +42,7 @@ def test_the_environment_sets_one_allocator_and_takes_back_a_parents() -> None:
     (["python", "script.py", "-m", "stages.clean"], False),
 ])
 def test_only_a_stage_command_executes_itself_again(monkeypatch: pytest.MonkeyPatch, argv: list[str],
-                                                     stage: bool) -> None:
+                                                    stage: bool) -> None:
     monkeypatch.setattr(sys, "orig_argv", argv)
     assert malloc.stage_command() is stage
 
@@ -51,7 +51,7 @@ def ingest_args(work: Path, params: Path) -> list[str]:
     return ["--params", str(params), "--out", str(work / "raw"), "--metrics", str(work / "ingest.json")]
 
 
-def with_allocator(params_file, name: str) -> Path:  # noqa: ANN001 - the conftest fixture
+def with_allocator(params_file, name: str) -> Path:  # the conftest fixture
     return params_file(base={"allocator": name}, ingest={"max_docs": 200})
 
 
@@ -61,7 +61,8 @@ def test_a_stage_runs_under_the_allocator_its_params_name(tmp_path: Path, params
     """Started under glibc as it comes, the stage executes itself again under `name`: its
     metrics say so, and tokenize's forked workers run under it too (they inherit it)."""
     params = with_allocator(params_file, name)
-    clean = {k: v for k, v in os.environ.items() if k != MARK and not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    clean = {k: v for k, v in os.environ.items() if k != MARK and not k.startswith("MALLOC_")
+             and k != "LD_PRELOAD"}
     show = ("import os, sys; sys.argv = ['-m']; import stages; "
             "maps = open('/proc/self/maps').read(); "
             "print(os.environ.get('LMMEM_ALLOCATOR'), os.environ.get('MALLOC_ARENA_MAX'), "
@@ -83,16 +84,19 @@ def test_a_stage_runs_under_the_allocator_its_params_name(tmp_path: Path, params
 
 
 @NEEDS
-def test_the_warm_interpreter_forks_the_stage_from_a_server_under_its_allocator(tmp_path: Path, params_file) -> None:
+def test_the_warm_interpreter_forks_the_stage_from_a_server_under_its_allocator(tmp_path: Path,
+                                                                                params_file) -> None:
     """`python -m stages NAME`: the client executes itself again under the allocator, and the
     server it starts (keyed by the allocator's variables) forks the stage under it too."""
     params = with_allocator(params_file, "tcmalloc")
-    done = subprocess.run([sys.executable, "-m", "stages", "ingest", *ingest_args(tmp_path, params)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "stages", "ingest", *ingest_args(tmp_path, params)],
+                          cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "LMMEM_WARM_DIR": str(tmp_path)},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "libtcmalloc_minimal" in read_metrics(tmp_path / "ingest.json")["machine_allocator"]
-    assert any(tmp_path.rglob("warm-*.sock")), done.stderr  # the stage ran in a forked process, not the client
+    # the stage ran in a forked process, not the client
+    assert any(tmp_path.rglob("warm-*.sock")), done.stderr
 
 
 def test_a_missing_library_is_one_line_before_any_work(tmp_path: Path, params_file) -> None:
@@ -106,21 +110,26 @@ def test_a_missing_library_is_one_line_before_any_work(tmp_path: Path, params_fi
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     line = one_error_line(result.stderr, "ingest")
-    assert line == f"lmmem ingest: error: base.allocator jemalloc: libjemalloc.so.2 is not in {LIBDIR}={empty}"
-    assert (tmp_path / "raw" / "previous.txt").read_text() == "kept" and not (tmp_path / "ingest.json").exists()
+    assert line == (f"lmmem ingest: error: base.allocator jemalloc: libjemalloc.so.2 is not in "
+                    f"{LIBDIR}={empty}")
+    assert (tmp_path / "raw" / "previous.txt").read_text() == "kept" and not (
+        tmp_path / "ingest.json").exists()
 
 
 def test_a_stage_called_in_this_process_under_another_allocator_is_refused(tmp_path: Path, params_file,
-                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+                                                                           capsys: pytest.CaptureFixture[
+                                                                               str]) -> None:
     """A test or a flow calling main() cannot change the allocator of a process already running."""
     params = with_allocator(params_file, "glibc-tuned")
     assert run_stage("ingest", ingest_args(tmp_path, params)) == 2
     line = one_error_line(capsys.readouterr().err, "ingest")
-    assert line.startswith("lmmem ingest: error: base.allocator glibc-tuned: this process started under glibc")
+    assert line.startswith(
+        "lmmem ingest: error: base.allocator glibc-tuned: this process started under glibc")
     assert not (tmp_path / "raw").exists()
 
 
-def test_under_dvc_repro_the_allocator_reruns_the_stages_and_a_missing_one_leaves_the_outputs(tmp_path: Path) -> None:
+def test_under_dvc_repro_the_allocator_reruns_the_stages_and_a_missing_one_leaves_the_outputs(
+        tmp_path: Path) -> None:
     repo = tiny_repo(tmp_path / "repo")
     sh("dvc", "repro", "ingest", cwd=repo)
     before = (repo / "data" / "metrics" / "ingest.json").read_bytes()
@@ -147,7 +156,8 @@ def test_under_dvc_repro_the_allocator_reruns_the_stages_and_a_missing_one_leave
     assert any((repo / "data" / "raw").iterdir())
 
 
-def test_train_predicts_its_peak_rss_beside_the_measurement(tmp_path: Path, tokens: Path, params_file) -> None:
+def test_train_predicts_its_peak_rss_beside_the_measurement(tmp_path: Path, tokens: Path,
+                                                            params_file) -> None:
     """The prediction is written beside the peak, from the start RSS and the dry run's tensors."""
     from tests.conftest import train_args
 
@@ -162,13 +172,15 @@ def test_train_predicts_its_peak_rss_beside_the_measurement(tmp_path: Path, toke
         metrics["rss_predicted_mib"] / metrics["peak_rss_mib"] - 1, abs=1e-3)
 
 
-def test_the_prediction_adds_the_fitted_overhead_and_says_nothing_without_one(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_prediction_adds_the_fitted_overhead_and_says_nothing_without_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     from stages.common.memory import rss_prediction
 
     monkeypatch.setattr(rss_prediction, "OVERHEAD", {"train": {"glibc": (100.0, 1.5, 4.0)}})
     # 200 + 100 + 1.5 × 300 + 4 × 10 = 790 MiB against 800 measured
     assert rss_prediction.figures("train", "glibc", 200.0, 300.0, 10.0, 800.0, prefix="m_") == {
-        "m_rss_start_mib": 200.0, "m_rss_tensor_mib": 300.0, "m_rss_weights_mib": 10.0, "m_rss_predicted_mib": 790.0,
+        "m_rss_start_mib": 200.0, "m_rss_tensor_mib": 300.0, "m_rss_weights_mib": 10.0,
+        "m_rss_predicted_mib": 790.0,
         "m_rss_prediction_error": pytest.approx(-0.0125)}
     assert rss_prediction.figures("train", "jemalloc", 200.0, 300.0, 10.0, 800.0) == {
         "rss_start_mib": 200.0, "rss_tensor_mib": 300.0, "rss_weights_mib": 10.0}  # not fitted: no guess
@@ -180,11 +192,12 @@ def test_the_prediction_adds_the_fitted_overhead_and_says_nothing_without_one(mo
     ("jemalloc", None, "jemalloc ("),
 ])
 def test_machine_allocator_names_what_actually_serves_malloc(tmp_path: Path, params_file, name: str,
-                                                            preload: str | None, expected: str) -> None:
+                                                             preload: str | None, expected: str) -> None:
     """A user's own LD_PRELOAD under base.allocator glibc (which leaves it alone) is found by
     asking the dynamic linker which object's malloc the process calls, and said."""
     params = with_allocator(params_file, name)
-    clean = {k: v for k, v in os.environ.items() if k != MARK and not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    clean = {k: v for k, v in os.environ.items() if k != MARK and not k.startswith("MALLOC_")
+             and k != "LD_PRELOAD"}
     if preload:
         clean["LD_PRELOAD"] = malloc.library(preload) or ""
     done = subprocess.run([sys.executable, "-m", "stages.ingest", *ingest_args(tmp_path, params)], cwd=ROOT,

@@ -56,7 +56,8 @@ def test_counts_of_changes() -> None:
 def write_raw(raw: Path, splits: dict[str, list[str]]) -> None:
     for split in ("train", "validation", "test"):
         write_jsonl(raw / f"{split}.jsonl",
-                    [{"text": t, "label": None, "lang": "en", "source": f"t:{i}"} for i, t in enumerate(splits.get(split, []))])
+                    [{"text": t, "label": None, "lang": "en", "source": f"t:{i}"}
+                     for i, t in enumerate(splits.get(split, []))])
 
 
 def clean(params: Path, tmp: Path) -> tuple[int, Path, Path]:
@@ -66,7 +67,8 @@ def clean(params: Path, tmp: Path) -> tuple[int, Path, Path]:
     return rc, out, metrics
 
 
-def test_duplicates_across_splits_and_length_filters(params_file: Callable[..., Path], tmp_path: Path) -> None:
+def test_duplicates_across_splits_and_length_filters(params_file: Callable[..., Path],
+                                                     tmp_path: Path) -> None:
     write_raw(tmp_path / "raw", {
         "train": ["Same text", "same  text", "x", "a long document " * 10, "kept one"],
         "validation": ["Ｓａｍｅ text", "another"],
@@ -77,9 +79,11 @@ def test_duplicates_across_splits_and_length_filters(params_file: Callable[..., 
     kept = {s: [r["text"] for r in iter_jsonl(out / f"{s}.jsonl")] for s in ("train", "validation", "test")}
     # "same  text" collapses to a different string ("same" lower-case) so it stays; "Ｓａｍｅ text"
     # becomes "Same text" under NFKC and is a duplicate of a training document
-    assert kept == {"train": ["Same text", "same text", "kept one"], "validation": ["another"], "test": ["final"]}
+    assert kept == {"train": ["Same text", "same text", "kept one"], "validation": ["another"],
+                    "test": ["final"]}
     m = read_metrics(metrics_path)
-    assert (m["dropped_duplicate"], m["dropped_too_short"], m["dropped_too_long"], m["dropped_empty"]) == (1, 1, 1, 1)
+    assert (m["dropped_duplicate"], m["dropped_too_short"], m["dropped_too_long"],
+            m["dropped_empty"]) == (1, 1, 1, 1)
     assert m["docs_in"] == 9 and m["docs_out"] == 5
     assert m["chars_after"] == sum(len(t) for v in kept.values() for t in v)
 

@@ -31,27 +31,34 @@ def test_a_configuration_is_the_train_section_its_keys_and_the_comparisons_lengt
     p = settings({"baseline": {}, "mine": {"model": {"layers": 1}, "precision": "bf16"}})
     mine, base = compare.configured(p, "mine"), compare.configured(p, "baseline")
     assert (mine.model.layers, mine.model.width, mine.model.context, mine.precision) == (1, 64, 32, "bf16")
-    assert (base.model.layers, base.precision, base.optimizer) == (2, "fp32", "adamw")  # the tiny train section
+    # the tiny train section
+    assert (base.model.layers, base.precision, base.optimizer) == (2, "fp32", "adamw")
     for tp in (mine, base):  # tiny compare: 4 steps, warm-up 2, 2 metered, 2 validation batches
-        assert (tp.steps, tp.warmup_steps, tp.meter_steps, tp.eval_every, tp.eval_batches, tp.checkpoint_every) \
+        assert (tp.steps, tp.warmup_steps, tp.meter_steps, tp.eval_every, tp.eval_batches,
+                tp.checkpoint_every) \
             == (4, 2, 2, 4, 2, 0)
-    assert (mine.lr, mine.batch_size) == (0.003, 8)  # what the configuration leaves alone is the train section's
+    # what the configuration leaves alone is the train section's
+    assert (mine.lr, mine.batch_size) == (0.003, 8)
 
 
 @pytest.mark.parametrize("configs, changes, expected", [
     ({"baseline": {}, "long": {"steps": 50}}, {},
      "configuration 'long' sets steps: the comparison sets steps, warmup_steps"),
-    ({"baseline": {}, "My Run": {}}, {}, "configuration name 'My Run': lowercase letters, digits and dashes only"),
-    ({"baseline": {}}, {"baseline": "fastest"}, "baseline 'fastest' is not one of the configurations (baseline)"),
+    ({"baseline": {}, "My Run": {}}, {},
+     "configuration name 'My Run': lowercase letters, digits and dashes only"),
+    ({"baseline": {}}, {"baseline": "fastest"},
+     "baseline 'fastest' is not one of the configurations (baseline)"),
     ({"baseline": {}}, {"meter_steps": 4}, "meter_steps (4) leaves no timed step of 4"),
 ])
-def test_a_comparison_that_cannot_be_made_is_refused_in_one_line(configs: dict[str, Any], changes: dict[str, Any],
-                                                                  expected: str) -> None:
+def test_a_comparison_that_cannot_be_made_is_refused_in_one_line(configs: dict[str, Any],
+                                                                 changes: dict[str, Any],
+                                                                 expected: str) -> None:
     from stages.common.core.params import validate_section
 
     tiny = tiny_params()
     with pytest.raises(StageError) as info:
-        validate_section("", {"train": tiny["train"], "compare": {**tiny["compare"], "configs": configs, **changes}},
+        validate_section("", {"train": tiny["train"],
+                              "compare": {**tiny["compare"], "configs": configs, **changes}},
                          compare.Params)
     assert expected in str(info.value) and "\n" not in str(info.value)
     assert str(info.value).startswith("params: compare")
@@ -112,7 +119,8 @@ def test_each_configuration_trains_and_is_measured_beside_its_estimate(compared:
 
 @pytest.mark.parametrize("change, expected", [
     ({}, "compare: no configuration 'nope' in compare.configs"),
-    ({"configs": {"baseline": {}, "nope": {"loss_chunk_tokens": -4}}}, "compare.configs.nope.loss_chunk_tokens"),
+    ({"configs": {"baseline": {}, "nope": {"loss_chunk_tokens": -4}}},
+     "compare.configs.nope.loss_chunk_tokens"),
 ])
 def test_a_failed_configuration_is_one_line_and_leaves_the_previous_outputs(
         compared: Path, tokens: Path, tmp_path: Path, change: dict[str, Any], expected: str) -> None:
@@ -146,14 +154,16 @@ def test_the_report_draws_every_configuration_against_the_baseline(compared: Pat
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     out = tmp_path / "report"
     assert run_stage("report", ["--metrics-dir", str(metrics), "--params-file", str(tmp_path / "params.yaml"),
-                                "--eval", str(tmp_path / "no-eval"), "--steps", str(tmp_path / "no-steps.csv"),
+                                "--eval", str(tmp_path / "no-eval"), "--steps",
+                                str(tmp_path / "no-steps.csv"),
                                 "--out", str(out), "--metrics", str(tmp_path / "report.json"),
                                 "--params", str(tmp_path / "params.yaml")]) == 0
     md = (out / "report.md").read_text(encoding="utf-8")
     base = read_metrics(metrics / "compare" / "baseline.json")
     lean = read_metrics(metrics / "compare" / "lean-tiled.json")
     section = md.split("## Techniques compared", 1)[1]
-    lines = {line.split(" | ")[0].lstrip("| "): line for line in section.splitlines() if line.startswith("| ")}
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in section.splitlines()
+             if line.startswith("| ")}
     assert "never-trained" not in lines and "| never-trained" not in md
     assert " | 1.000 | " in lines["baseline"] and "– (the train section)" in lines["baseline"]
     assert f" | {lean['mem_total_peak_mib'] / base['mem_total_peak_mib']:.3f} | " in lines["lean-tiled"]

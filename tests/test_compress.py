@@ -29,10 +29,12 @@ def trained_model(tokens: Path, folder: Path, **model: Any) -> Path:
     """A tiny model trained for the tiny profile's 30 steps."""
     folder.mkdir(parents=True, exist_ok=True)
     params = folder / "train.yaml"
-    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": {"model": model}}), allow_unicode=True))
-    assert run_stage("train", ["--params", str(params), "--tokens", str(tokens), "--out", str(folder / "model"),
-                               "--plots", str(folder / "plots"), "--checkpoints", str(folder / "ckpt"),
-                               "--metrics", str(folder / "train.json")]) == 0
+    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": {"model": model}}),
+                                     allow_unicode=True))
+    assert run_stage("train",
+                     ["--params", str(params), "--tokens", str(tokens), "--out", str(folder / "model"),
+                      "--plots", str(folder / "plots"), "--checkpoints", str(folder / "ckpt"),
+                      "--metrics", str(folder / "train.json")]) == 0
     return folder / "model"
 
 
@@ -59,7 +61,8 @@ def compress(tokens: Path, tmp_path: Path) -> Callable[..., tuple[int, dict[str,
     return go
 
 
-def test_every_variant_loads_and_predicts_like_the_trained_model(llama: Path, compress: Callable[..., Any]) -> None:
+def test_every_variant_loads_and_predicts_like_the_trained_model(llama: Path,
+                                                                 compress: Callable[..., Any]) -> None:
     from transformers import AutoModelForCausalLM
 
     rc, m, out = compress(llama)
@@ -84,10 +87,12 @@ def test_every_variant_loads_and_predicts_like_the_trained_model(llama: Path, co
         files = sum(f.stat().st_size for f in (out / variant).glob("*.safetensors"))
         assert m[f"{variant}_bytes_on_disk"] == files
         assert m[f"{variant}_size_ratio"] == pytest.approx(files / reference_bytes, rel=1e-5)
-    assert m["fp16_size_ratio"] < 0.51 and m["int8_size_ratio"] < 0.3 and m["int4_size_ratio"] < m["int8_size_ratio"]
+    assert m["fp16_size_ratio"] < 0.51 and m["int8_size_ratio"] < 0.3 and m["int4_size_ratio"] < m[
+        "int8_size_ratio"]
 
 
-def test_int8_replaces_every_linear_layer_and_the_embedding(llama: Path, compress: Callable[..., Any]) -> None:
+def test_int8_replaces_every_linear_layer_and_the_embedding(llama: Path,
+                                                            compress: Callable[..., Any]) -> None:
     rc, m, out = compress(llama, {"int8": {"method": "int8_weight_only", "embeddings": True}})
     assert rc == 0
     layers, per_layer = 2, 7  # tiny llama: q, k, v, o, gate, up, down in each block
@@ -105,7 +110,8 @@ def test_int8_replaces_every_linear_layer_and_the_embedding(llama: Path, compres
     assert m["int8_bytes_on_disk"] - header == weights + scales + norms
 
 
-def test_gpt2_conv1d_layers_are_quantized_too(tokens: Path, tmp_path: Path, compress: Callable[..., Any]) -> None:
+def test_gpt2_conv1d_layers_are_quantized_too(tokens: Path, tmp_path: Path,
+                                              compress: Callable[..., Any]) -> None:
     from transformers.pytorch_utils import Conv1D
 
     model_dir = trained_model(tokens, tmp_path / "gpt2", family="gpt2")
@@ -120,7 +126,8 @@ def test_gpt2_conv1d_layers_are_quantized_too(tokens: Path, tmp_path: Path, comp
 
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
-def test_magnitude_pruning_is_exact_and_the_file_shrinks(llama: Path, compress: Callable[..., Any], scope: str) -> None:
+def test_magnitude_pruning_is_exact_and_the_file_shrinks(llama: Path, compress: Callable[..., Any],
+                                                         scope: str) -> None:
     variants = {"p": {"method": "prune_magnitude", "sparsity": 0.6, "scope": scope, "embeddings": False},
                 "p-int8": {"method": "int8_weight_only", "embeddings": True, "base": "p"}}
     rc, m, out = compress(llama, variants)
@@ -165,7 +172,8 @@ def test_structured_pruning_rebuilds_smaller_blocks(llama: Path, compress: Calla
 
 @pytest.mark.parametrize("variants, message", [
     ({"x": {"method": "int8_weight_only", "base": "nope"}}, "variants.x.base: no variant named 'nope'"),
-    ({"a": {"method": "int8_weight_only", "base": "b"}, "b": {"method": "cast", "base": "a"}}, "is a cycle of bases"),
+    ({"a": {"method": "int8_weight_only", "base": "b"}, "b": {"method": "cast", "base": "a"}},
+     "is a cycle of bases"),
     ({"p": {"method": "prune_magnitude", "sparsity": 1.0}}, "sparsity: Input should be less than 1"),
     ({"x": {"method": "zip"}}, "compress.variants.x"),
     ({"Bad Name": {"method": "cast"}}, "variant name 'Bad Name'"),
@@ -180,7 +188,7 @@ def test_bad_requests_fail_in_one_line(llama: Path, compress: Callable[..., Any]
 
 
 def test_a_missing_or_corrupt_model_is_refused(compress: Callable[..., Any], tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, _ = compress(tmp_path / "nowhere")
     assert rc == 2 and "cannot load a model" in one_error_line(capsys.readouterr().err, "compress")
     broken = tmp_path / "broken"
@@ -194,7 +202,8 @@ def test_a_missing_or_corrupt_model_is_refused(compress: Callable[..., Any], tmp
 def test_a_variant_that_cannot_run_is_an_unsupported_row(llama: Path, compress: Callable[..., Any]) -> None:
     variants = {"int4": {"method": "int4_weight_only", "group_size": 256, "embeddings": False},  # 64 inputs
                 "int4-after": {"method": "cast", "base": "int4"},
-                "heads3": {"method": "prune_structured", "heads": 0.25, "neurons": 0.0},  # 3 heads of width 64
+                "heads3": {"method": "prune_structured", "heads": 0.25,
+                           "neurons": 0.0},  # 3 heads of width 64
                 "fp16": {"method": "cast", "dtype": "float16"}}
     rc, m, out = compress(llama, variants)
     assert rc == 0
@@ -262,7 +271,8 @@ def test_int8_product_is_exact_in_a_pinned_stage_process() -> None:
     (0.5, torch.int8, "bitmask"), (0.9, torch.int8, "dense"),
 ])
 def test_sparse_storage_picks_the_smallest_encoding_and_round_trips(tmp_path: Path, density: float,
-                                                                    dtype: torch.dtype, expected: str) -> None:
+                                                                    dtype: torch.dtype,
+                                                                    expected: str) -> None:
     torch.manual_seed(0)
     t = (torch.randn(96, 200) * 50).to(dtype)
     t[t == 0] = 1

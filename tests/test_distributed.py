@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import (ROOT, deep_update, kill_at_checkpoint, one_error_line, read_metrics, run_cli,
-                             run_stage, tiny_params, train_args)
+                            run_stage, tiny_params, train_args)
 
 TIMING = {"seconds", "peak_rss_mib", "step_ms_median", "tokens_per_sec", "rss_start_mib", "rss_predicted_mib",
           "rss_prediction_error"}  # the process's memory: the machine's, as its times are
@@ -34,7 +34,8 @@ LOSS_TOLERANCE = 1e-4
 
 def write_params(work: Path, **train: Any) -> None:
     work.mkdir(parents=True, exist_ok=True)
-    (work / "params.yaml").write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": {**BATCH, **train}})))
+    (work / "params.yaml").write_text(yaml.safe_dump(deep_update(tiny_params(),
+                                                                 {"train": {**BATCH, **train}})))
 
 
 def losses(work: Path) -> list[float]:
@@ -70,7 +71,8 @@ def test_two_ranks_follow_the_one_process_loss_curve(runs: dict[str, Any], strat
     assert one[-1] < one[0] - 1.0  # it did learn
     assert abs(metrics["val_loss"] - single["val_loss"]) < LOSS_TOLERANCE
     # rank 0 saved the whole model (gathered from the shards under fsdp), as one process does
-    a, b = load_file(single_dir / "model" / "model.safetensors"), load_file(work / "model" / "model.safetensors")
+    a, b = load_file(single_dir / "model" / "model.safetensors"), load_file(
+        work / "model" / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-4), key
@@ -78,7 +80,7 @@ def test_two_ranks_follow_the_one_process_loss_curve(runs: dict[str, Any], strat
 
 
 def test_the_chunked_loss_on_two_ranks_follows_the_one_process_curve(runs: dict[str, Any], tokens: Path,
-                                                                      tmp_path: Path) -> None:
+                                                                     tmp_path: Path) -> None:
     """DDP with the chunked loss (its gradients handed over in backward, the tied head's into
     the embedding's) steps as one process with the whole logits does."""
     single, single_dir = runs["single"]
@@ -113,7 +115,8 @@ def test_zero1_shards_the_optimizer_state_as_predicted(runs: dict[str, Any]) -> 
     # moment the largest, the tied embedding, is there twice
     weights = load_file(runs["single"][1] / "model" / "model.safetensors")
     largest = max(t.numel() * 4 for t in weights.values()) / 2**20
-    assert ddp["mem_gradients_peak_mib"] == pytest.approx(single["mem_gradients_peak_mib"] + largest, rel=1e-4)
+    assert ddp["mem_gradients_peak_mib"] == pytest.approx(single["mem_gradients_peak_mib"] + largest,
+                                                          rel=1e-4)
     assert ddp["est_gradients_peak_mib"] == pytest.approx(ddp["mem_gradients_peak_mib"], rel=1e-4)
     assert zero1["mem_total_peak_mib"] < ddp["mem_total_peak_mib"]
 
@@ -137,12 +140,15 @@ def test_fsdp_shards_parameters_gradients_and_optimizer(runs: dict[str, Any]) ->
     # the dry run is FSDP2's own sharding on a fake process group, made in a process of its
     # own (this run's rank 0 belongs to a process group already)
     for category in ("parameters", "gradients", "optimizer", "activations", "temporaries", "total"):
-        assert fsdp[f"est_{category}_peak_mib"] == pytest.approx(fsdp[f"mem_{category}_peak_mib"], rel=0.005), category
+        assert fsdp[f"est_{category}_peak_mib"] == pytest.approx(fsdp[f"mem_{category}_peak_mib"],
+                                                                 rel=0.005), category
 
 
-def test_over_budget_a_distributed_run_shards_more(runs: dict[str, Any], tokens: Path, tmp_path: Path) -> None:
+def test_over_budget_a_distributed_run_shards_more(runs: dict[str, Any], tokens: Path,
+                                                   tmp_path: Path) -> None:
     ddp, zero1 = runs["ddp"][0], runs["zero1"][0]
-    budget = round((ddp["est_total_peak_mib"] + zero1["est_total_peak_mib"]) / 2, 2)  # zero1 fits, ddp does not
+    # zero1 fits, ddp does not
+    budget = round((ddp["est_total_peak_mib"] + zero1["est_total_peak_mib"]) / 2, 2)
     work = tmp_path / "refused"
     write_params(work, distributed={"nproc": 2}, memory_budget_mib=budget)
     result = run_cli("train", train_args(work, tokens))
@@ -158,7 +164,8 @@ def test_over_budget_a_distributed_run_shards_more(runs: dict[str, Any], tokens:
     assert fitted["auto_fit_changes"] == "distributed.strategy=zero1" and fitted["dist_strategy"] == "zero1"
     assert fitted["rank1_mem_optimizer_peak_mib"] == zero1["rank1_mem_optimizer_peak_mib"]
     assert fitted["mem_total_peak_mib"] <= budget
-    assert yaml.safe_load((work / "model" / "params.json").read_text())["train"]["distributed"]["strategy"] == "zero1"
+    assert yaml.safe_load((work / "model" / "params.json").read_text())["train"]["distributed"][
+        "strategy"] == "zero1"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP over NCCL needs two CUDA devices")
@@ -175,7 +182,8 @@ def test_fsdp_on_cuda(tokens: Path, tmp_path: Path) -> None:  # pragma: no cover
     assert metrics["val_loss"] < 7.0
 
 
-def test_a_killed_zero1_run_resumes_to_the_same_metrics(runs: dict[str, Any], tokens: Path, tmp_path: Path) -> None:
+def test_a_killed_zero1_run_resumes_to_the_same_metrics(runs: dict[str, Any], tokens: Path,
+                                                        tmp_path: Path) -> None:
     uninterrupted, full_dir = runs["zero1"]
     work = tmp_path / "killed"
     write_params(work, distributed={"nproc": 2, "strategy": "zero1"}, checkpoint_every=5)
@@ -189,10 +197,12 @@ def test_a_killed_zero1_run_resumes_to_the_same_metrics(runs: dict[str, Any], to
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from the checkpoint at step {stopped_at}" in result.stderr
     resumed = read_metrics(work / "train.json")
-    skip = TIMING | {k for k in resumed if k.endswith(("peak_rss_mib", "rss_start_mib"))}  # each rank's RSS: timing-like
+    # each rank's RSS: timing-like
+    skip = TIMING | {k for k in resumed if k.endswith(("peak_rss_mib", "rss_start_mib"))}
     assert {k: v for k, v in resumed.items() if k not in skip} == \
         {k: v for k, v in uninterrupted.items() if k not in skip}
-    assert (work / "model" / "model.safetensors").read_bytes() == (full_dir / "model" / "model.safetensors").read_bytes()
+    assert (work / "model" / "model.safetensors").read_bytes() == (
+        full_dir / "model" / "model.safetensors").read_bytes()
 
 
 def test_two_nodes_meet_at_the_endpoint_and_rank_0_writes(tokens: Path, tmp_path: Path,
@@ -209,7 +219,8 @@ def test_two_nodes_meet_at_the_endpoint_and_rank_0_writes(tokens: Path, tmp_path
         write_params(work, distributed={"nproc": 1, "nnodes": 2, "rdzv_endpoint": endpoint, "strategy": "ddp",
                                         "rdzv_id": "two-nodes"})
         works.append(work)
-        procs.append(subprocess.Popen([sys.executable, "-m", "stages.train", *train_args(work, tokens)], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-m", "stages.train", *train_args(work, tokens)],
+                                      env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     errors = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errors)
@@ -218,7 +229,8 @@ def test_two_nodes_meet_at_the_endpoint_and_rank_0_writes(tokens: Path, tmp_path
     assert all((w / "model").exists() == (w in written) for w in works)
     metrics = read_metrics(written[0] / "train.json")
     assert metrics["dist_world_size"] == 2
-    assert max(abs(a - b) for a, b in zip(losses(written[0]), losses(runs["ddp"][1]), strict=True)) < LOSS_TOLERANCE
+    assert max(abs(a - b)
+               for a, b in zip(losses(written[0]), losses(runs["ddp"][1]), strict=True)) < LOSS_TOLERANCE
 
 
 @pytest.mark.parametrize(("train", "message"), [
@@ -227,18 +239,21 @@ def test_two_nodes_meet_at_the_endpoint_and_rank_0_writes(tokens: Path, tmp_path
     ({"distributed": {"nnodes": 2}}, "set rdzv_endpoint to host:port"),
     ({"distributed": {"nnodes": 2, "rdzv_endpoint": "no port"}}, "is not host:port"),
     ({"distributed": {"nnodes": 2, "rdzv_endpoint": "10.0.0.1:99999"}}, "the port must be 1 to 65535"),
-    ({"distributed": {"nproc": 2, "strategy": "fsdp"}, "prune": {"final_sparsity": 0.5}}, "prune with ddp or zero1"),
+    ({"distributed": {"nproc": 2, "strategy": "fsdp"}, "prune": {"final_sparsity": 0.5}},
+     "prune with ddp or zero1"),
     ({"distributed": {"nproc": 2, "strategy": "fsdp"}, "precision": "fp16"}, "use bf16"),
     ({"distributed": {"nproc": 2}, "optimizer": "sparse_adam", "model": {"tie_embeddings": False}},
      "sparse_adam cannot be distributed"),
     ({"distributed": {"strategy": "zero2"}}, "train.distributed.strategy: must be one of"),
 ])
 def test_impossible_distributed_settings_are_one_line(tokens: Path, tmp_path: Path, train: dict[str, Any],
-                                                      message: str, capsys: pytest.CaptureFixture[str]) -> None:
+                                                      message: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """Refused before any rank starts (the command's exit code and line: test_over_budget...)."""
     work = tmp_path / "bad"
     work.mkdir()
-    (work / "params.yaml").write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": {**BATCH, **train}})))
+    (work / "params.yaml").write_text(yaml.safe_dump(deep_update(tiny_params(),
+                                                                 {"train": {**BATCH, **train}})))
     assert run_stage("train", train_args(work, tokens)) == 2
     assert message in one_error_line(capsys.readouterr().err, "train")
     assert not (work / "model").exists() and not (work / "train.json").exists()
@@ -292,7 +307,8 @@ def test_a_one_machine_run_listens_and_talks_on_loopback_only(tokens: Path, tmp_
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = tmp_path / "train.log"
     with log.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "stages.train", *train_args(work, tokens)], cwd=ROOT, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "stages.train", *train_args(work, tokens)], cwd=ROOT,
+                                env=env,
                                 stdout=subprocess.DEVNULL, stderr=stderr)
         seen: set[tuple[str, str]] = set()
         while proc.poll() is None:

@@ -41,10 +41,12 @@ def made(tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     data["compress"]["variants"] = VARIANTS  # replaced, not merged with the profile's
     params.write_text(yaml.safe_dump(data, allow_unicode=True))
     assert run_stage("compress", ["--params", str(params), "--model", str(model), "--tokens", str(tokens),
-                                  "--out", str(work / "compressed"), "--metrics", str(work / "compress.json")]) == 0
+                                  "--out", str(work / "compressed"), "--metrics",
+                                  str(work / "compress.json")]) == 0
     shutil.copytree(work / "compressed" / "fp16", work / "compressed" / "broken")
     (work / "compressed" / "broken" / "model.safetensors").write_bytes(b"not a safetensors file")
-    return {"model": model, "compressed": work / "compressed", "tokens": tokens, "embed": tokens.parent / "embed",
+    return {"model": model, "compressed": work / "compressed", "tokens": tokens,
+            "embed": tokens.parent / "embed",
             "work": work}
 
 
@@ -97,13 +99,15 @@ def test_every_model_gets_a_row_measured_the_same_way(evaluated: tuple[dict[str,
     generations = (out / "generations.md").read_text()
     for prompt in tiny_params()["evaluate"]["prompts"]:
         assert f"## {prompt}" in generations
-    assert generations.count("- **int8**: ") == 2 * len(tiny_params()["evaluate"]["prompts"])  # sampled, greedy
+    # sampled, greedy
+    assert generations.count("- **int8**: ") == 2 * len(tiny_params()["evaluate"]["prompts"])
     # generation memory: the grid of tests/params.tiny.yaml, each KV cache its closed form; the tiny
     # model's at batch 8 × 32 tokens: 2 (K, V) × 2 layers × 8 × 32 × 4 heads × 16 values × 4 bytes
     for name in ("model", "fp16", "int8", "prune50"):
         r = rows[name]
         assert [(p["batch"], p["context"]) for p in r["generation"]] == [(1, 16), (8, 16), (1, 32), (8, 32)]
-        assert r["kv_cache_error"] == 0.0 and m[f"{name}_kv_cache_mib"] == r["generation"][-1]["kv_cache_end_mib"]
+        assert r["kv_cache_error"] == 0.0 and m[f"{name}_kv_cache_mib"] == r["generation"][-1][
+            "kv_cache_end_mib"]
         last = r["max_batch"][-1]
         assert last["context"] == 32 and last["checked_mib"] <= last["budget_mib"] == 4.0
         assert m[f"{name}_max_batch_t32"] == last["batch"] > 8
@@ -114,10 +118,15 @@ def test_every_model_gets_a_row_measured_the_same_way(evaluated: tuple[dict[str,
     quant = {p["bits"]: p for p in rows["model"]["kv_quant"]}
     assert list(quant) == [0, 8, 4] and all("kv_quant" not in rows[n] for n in ("fp16", "int8", "prune50"))
     assert [quant[b]["kv_cache_end_mib"] * 2**20 for b in (0, 8, 4)] == [262_144, 81_920, 49_152]
-    assert m["model_kv8_cache_saving"] == 3.2 and m["model_kv4_cache_saving"] == pytest.approx(262_144 / 49_152)
-    assert m["model_kv8_ppl_ratio"] == pytest.approx(1, abs=0.01) and m["model_kv4_ppl_ratio"] == pytest.approx(1, abs=0.1)
-    assert quant[0]["tokens"] == 16 * 32 and m["model_kv8_ms_per_token"] > 0 and m["model_kv4_ms_per_token"] > 0
-    # prune50 (half of each block matrix zeroed) kept sparse: 2 layers × 7 matrices, the same logits, fewer bytes
+    assert m["model_kv8_cache_saving"] == 3.2 and m["model_kv4_cache_saving"] == pytest.approx(
+        262_144 / 49_152)
+    assert m["model_kv8_ppl_ratio"] == pytest.approx(1,
+                                                     abs=0.01) and m["model_kv4_ppl_ratio"] == pytest.approx(
+                                                         1, abs=0.1)
+    assert quant[0]["tokens"] == 16 * 32 and m["model_kv8_ms_per_token"] > 0 and m[
+        "model_kv4_ms_per_token"] > 0
+    # prune50 (half of each block matrix zeroed) kept sparse: 2 layers × 7 matrices, the same logits, fewer
+    # bytes
     sparse = rows["prune50"]["sparse"]
     assert sparse["modules"] == 14 and sparse["max_logit_diff"] < 1e-4
     assert sparse["weights_mib"] < sparse["dense_weights_mib"] == rows["prune50"]["tensor_weights_mib"]
@@ -188,13 +197,15 @@ def test_unknown_variant_and_missing_model_are_refused(made: dict[str, Path], tm
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"generation_contexts": [16, 33]}, "evaluate.generation_contexts: [33] outside 8 (the prompt) to 32 (the "
-                                        "model's context)"),
+    ({"generation_contexts": [16, 33]},
+     ("evaluate.generation_contexts: [33] outside 8 (the prompt) to 32 (the "
+      "model's context)")),
     ({"generation_batches": [4, 4]}, "evaluate.generation_batches: [4, 4] needs two different sizes"),
     ({"kv_cache_bits": [8, 3]}, "evaluate.kv_cache_bits: [3] not a KV cache's bits; 8 or 4"),
 ])
 def test_a_generation_grid_the_model_cannot_hold_is_refused_before_any_model_loads(
-        made: dict[str, Path], evaluated: tuple[dict[str, Any], Path], tmp_path: Path, overrides: dict[str, Any],
+        made: dict[str, Path], evaluated: tuple[dict[str, Any], Path], tmp_path: Path,
+        overrides: dict[str, Any],
         message: str, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "eval"
     shutil.copytree(evaluated[1], out)
@@ -227,10 +238,12 @@ def test_ctrl_c_stops_the_evaluation_and_keeps_the_previous_results(
     shutil.copytree(evaluated[1], out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     params = tmp_path / "one-at-a-time.yaml"  # one worker: four models wait in the queue
-    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"evaluate": {"workers": 1}}), allow_unicode=True))
+    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"evaluate": {"workers": 1}}),
+                                     allow_unicode=True))
     stage = subprocess.Popen(
         [sys.executable, "-m", "stages.evaluate", "--params", str(params), "--model", str(made["model"]),
-         "--compressed", str(made["compressed"]), "--tokens", str(made["tokens"]), "--embed", str(made["embed"]),
+         "--compressed", str(made["compressed"]), "--tokens", str(made["tokens"]), "--embed",
+         str(made["embed"]),
          "--out", str(out), "--metrics", str(tmp_path / "eval.json")],
         stderr=subprocess.PIPE, text=True, start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal: tests run in
@@ -273,17 +286,21 @@ def test_the_lstm_baseline_is_evaluated_like_the_transformers(tokens: Path, tmp_
     params = tmp_path / "compress.yaml"
     params.write_text(yaml.safe_dump(data, allow_unicode=True))
     assert run_stage("compress", ["--params", str(params), "--model", str(model), "--tokens", str(tokens),
-                                  "--out", str(tmp_path / "compressed"), "--metrics", str(tmp_path / "c.json")]) == 0
-    made = {"model": model, "compressed": tmp_path / "compressed", "tokens": tokens, "embed": tokens.parent / "embed"}
+                                  "--out", str(tmp_path / "compressed"), "--metrics",
+                                  str(tmp_path / "c.json")]) == 0
+    made = {"model": model, "compressed": tmp_path / "compressed", "tokens": tokens,
+            "embed": tokens.parent / "embed"}
     rc, m = evaluate(made, tmp_path / "eval", classify=False)
     assert rc == 0
     assert (m["model_status"], m["int8_status"], m["structured_status"]) == ("ok", "ok", "unsupported")
     assert m["int8_val_ppl"] == pytest.approx(m["model_val_ppl"], rel=0.02)
-    # embedding and tied head in int8 (stored once); nn.LSTM's own matrices are not Linear layers and stay fp32
+    # embedding and tied head in int8 (stored once); nn.LSTM's own matrices are not Linear layers and stay
+    # fp32
     assert m["int8_bytes_on_disk"] < 0.6 * m["model_bytes_on_disk"] and m["model_ms_per_token_b1"] > 0
 
 
-def test_a_thousand_label_corpus_gets_no_probe_and_no_megabyte_matrices(made: dict[str, Path], capfd: Any) -> None:
+def test_a_thousand_label_corpus_gets_no_probe_and_no_megabyte_matrices(made: dict[str, Path],
+                                                                        capfd: Any) -> None:
     """1,000 labels over a few hundred training documents once made a 33 MB results.json (a
     1000 x 1000 confusion matrix per model) and a probe whose accuracy meant nothing, with no
     warning."""
@@ -300,8 +317,8 @@ def test_a_thousand_label_corpus_gets_no_probe_and_no_megabyte_matrices(made: di
     rc, metrics = evaluate({**made, "tokens": tokens}, out, variants=["fp16"])
     assert rc == 0
     err = capfd.readouterr().err
-    assert re.search(r"WARNING lmmem\S*: no sentiment probe: 1,000 labels and \d+ labelled training documents "
-                     r"\([\d.]+ a label; it needs at least 5 a label\)", err), err[-2000:]
+    assert re.search(r"WARNING lmmem\S*: no sentiment probe: 1,000 labels and \d+ labelled training "
+                     r"documents \([\d.]+ a label; it needs at least 5 a label\)", err), err[-2000:]
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows] == ["model", "fp16"] and all(r["status"] == "ok" for r in rows)
     assert all(r.get("cls_accuracy") is None and r.get("cls_confusion") is None for r in rows)
@@ -340,14 +357,16 @@ def write_a_nan(weights: Path) -> None:
     tensors[first] = tensors[first].clone()
     tensors[first].view(-1)[0] = float("nan")
     save_file(tensors, str(weights), metadata={"format": "pt"})
-    (weights.parent.parent / ".lmmem-out").unlink()  # as a folder written before digests: no digest to catch it
+    # as a folder written before digests: no digest to catch it
+    (weights.parent.parent / ".lmmem-out").unlink()
 
 
 @pytest.mark.parametrize("damage, reason", [
     (flip_a_byte, "does not match the digest written with it: the file is damaged"),
     (write_a_nan, "weight tensors hold NaN or infinite values"),
 ])
-def test_damaged_weights_are_a_failed_row_not_nan_figures(made: dict[str, Path], damage: Any, reason: str) -> None:
+def test_damaged_weights_are_a_failed_row_not_nan_figures(made: dict[str, Path], damage: Any,
+                                                          reason: str) -> None:
     """Weights with flipped bytes once loaded, gave NaN and exited 0."""
     compressed = damaged_copy(made, damage.__name__, damage)
     out = made["work"] / f"eval-{damage.__name__}"

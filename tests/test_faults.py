@@ -23,11 +23,14 @@ CORPUS = "好评 质量 不错\n手机 很 好用\n"
 
 
 def ingest(params: Path, out: Path, corpus: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    params.write_text(params.read_text().replace("builtin:zh-reviews", str(corpus)).replace("sample: 0.05", "sample: 1.0"))
-    return run_cli("ingest", ["--params", str(params), "--out", str(out), "--metrics", str(cwd / "ingest.json")], cwd=cwd)
+    params.write_text(params.read_text().replace("builtin:zh-reviews",
+                                                 str(corpus)).replace("sample: 0.05", "sample: 1.0"))
+    return run_cli("ingest", ["--params", str(params), "--out", str(out), "--metrics",
+                              str(cwd / "ingest.json")], cwd=cwd)
 
 
-def test_out_at_a_folder_holding_user_files_is_refused(params_file: Callable[..., Path], tmp_path: Path) -> None:
+def test_out_at_a_folder_holding_user_files_is_refused(params_file: Callable[..., Path],
+                                                       tmp_path: Path) -> None:
     """`--out data` once deleted all of data/, the user's corpus included, and exited 0."""
     mine = tmp_path / "data" / "corpus" / "mine.txt"
     mine.parent.mkdir(parents=True)
@@ -35,7 +38,8 @@ def test_out_at_a_folder_holding_user_files_is_refused(params_file: Callable[...
     result = ingest(params_file(), tmp_path / "data", mine, tmp_path)
     assert result.returncode == 2
     line = one_error_line(result.stderr, "ingest")
-    assert f"{tmp_path / 'data'}: not replaced with the ingest output" in line and "lmmem did not write" in line
+    assert f"{tmp_path / 'data'}: not replaced with the ingest output" in line
+    assert "lmmem did not write" in line
     assert mine.read_text(encoding="utf-8") == CORPUS
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["corpus"]  # no temporary folder left
     assert not (tmp_path / "ingest.json").exists()
@@ -47,10 +51,12 @@ def test_out_at_another_stages_output_is_refused(params_file: Callable[..., Path
     raw = tmp_path / "raw"
     assert ingest(params_file(), raw, corpus, tmp_path).returncode == 0
     before = {p.name: p.read_bytes() for p in raw.iterdir()}
-    result = run_cli("clean", ["--params", str(tmp_path / "params.yaml"), "--raw", str(raw), "--out", str(raw),
-                               "--metrics", str(tmp_path / "clean.json")], cwd=tmp_path)
+    result = run_cli("clean",
+                     ["--params", str(tmp_path / "params.yaml"), "--raw", str(raw), "--out", str(raw),
+                      "--metrics", str(tmp_path / "clean.json")], cwd=tmp_path)
     assert result.returncode == 2
-    assert "not replaced with the clean output, it was written by ingest" in one_error_line(result.stderr, "clean")
+    assert "not replaced with the clean output, it was written by ingest" in one_error_line(result.stderr,
+                                                                                            "clean")
     assert {p.name: p.read_bytes() for p in raw.iterdir()} == before
 
 
@@ -77,7 +83,8 @@ def test_a_stage_replaces_its_own_previous_output(params_file: Callable[..., Pat
     assert docs == 3
 
 
-def test_an_output_from_before_owner_files_is_known_by_dvc_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_output_from_before_owner_files_is_known_by_dvc_lock(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Folders made before owner files existed: dvc.lock (in the working directory) says whose they are."""
     old = tmp_path / "data" / "raw"
     old.mkdir(parents=True)
@@ -102,9 +109,12 @@ def test_an_empty_or_absent_out_is_fine(tmp_path: Path) -> None:
 
 def test_temporaries_of_a_killed_run_are_git_ignored() -> None:
     """A killed stage leaves `.<out>.tmp-*` (or `.<out>.old-*`) beside its output until its next run."""
-    for name in ("data/.raw.tmp-0123abcd", "data/plots/.train.old-0123abcd", "data/checkpoints/train/.latest.tmp-1"):
-        assert subprocess.run(["git", "check-ignore", "-q", name], cwd=ROOT, check=False).returncode == 0, name
-    assert subprocess.run(["git", "check-ignore", "-q", "data/corpus/mine.txt"], cwd=ROOT, check=False).returncode == 1
+    for name in ("data/.raw.tmp-0123abcd", "data/plots/.train.old-0123abcd",
+                 "data/checkpoints/train/.latest.tmp-1"):
+        assert subprocess.run(["git", "check-ignore", "-q", name], cwd=ROOT,
+                              check=False).returncode == 0, name
+    assert subprocess.run(["git", "check-ignore", "-q", "data/corpus/mine.txt"], cwd=ROOT,
+                          check=False).returncode == 1
 
 
 @pytest.fixture
@@ -124,7 +134,8 @@ def snapshot(work: Path) -> dict[str, bytes]:
 def ingest_with(params_text: bytes, work: Path) -> subprocess.CompletedProcess[str]:
     bad = work / "bad.yaml"
     bad.write_bytes(params_text)
-    return run_cli("ingest", ["--params", str(bad), "--out", str(work / "raw"), "--metrics", str(work / "ingest.json")],
+    return run_cli("ingest",
+                   ["--params", str(bad), "--out", str(work / "raw"), "--metrics", str(work / "ingest.json")],
                    cwd=work)
 
 
@@ -167,7 +178,8 @@ def test_warmup_longer_than_training_is_refused(params_file: Callable[..., Path]
     assert (tmp_path / "model" / "keep.txt").read_text() == "earlier output"
 
 
-def test_distillation_warmup_longer_than_its_steps_is_refused(params_file: Callable[..., Path], tmp_path: Path,
+def test_distillation_warmup_longer_than_its_steps_is_refused(params_file: Callable[..., Path],
+                                                              tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     from tests.conftest import run_stage
 
@@ -184,10 +196,11 @@ def test_distillation_warmup_longer_than_its_steps_is_refused(params_file: Calla
 
 
 def test_a_jsonl_record_with_a_lone_surrogate_is_counted_and_skipped(params_file: Callable[..., Path],
-                                                                      tmp_path: Path) -> None:
+                                                                     tmp_path: Path) -> None:
     """`"\\ud800"` is valid JSON but not text: once it crashed ingest, losing every other record."""
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text('{"text": "好 的 手机"}\n{"text": "坏 \\ud800 的"}\n{"text": "ok", "label": "\\udfff"}\n'
+    corpus.write_text('{"text": "好 的 手机"}\n{"text": "坏 \\ud800 的"}\n{"text": "ok", "label": '
+                      '"\\udfff"}\n'
                       '{"text": "质量 不错"}\n', encoding="utf-8")
     result = ingest(params_file(), tmp_path / "raw", corpus, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -214,7 +227,8 @@ def test_utf16_and_utf32_with_a_bom_are_text_not_binary(params_file: Callable[..
                                                         encoding: str) -> None:
     """Once reported as a binary file (its NUL bytes) and skipped."""
     corpus = tmp_path / "corpus.txt"
-    corpus.write_bytes("\ufeff".encode(encoding) + "好 的 手机\r\n质量 不错\nplain English\n".encode(encoding))
+    corpus.write_bytes("\ufeff".encode(encoding)
+                       + "好 的 手机\r\n质量 不错\nplain English\n".encode(encoding))
     result = ingest(params_file(), tmp_path / "raw", corpus, tmp_path)
     assert result.returncode == 0, result.stderr
     texts = sorted(json.loads(line)["text"] for f in (tmp_path / "raw").glob("*.jsonl")
@@ -222,17 +236,20 @@ def test_utf16_and_utf32_with_a_bom_are_text_not_binary(params_file: Callable[..
     assert texts == ["plain English", "好 的 手机", "质量 不错"]
 
 
-def test_utf16_that_breaks_off_is_one_line_naming_the_file(params_file: Callable[..., Path], tmp_path: Path) -> None:
+def test_utf16_that_breaks_off_is_one_line_naming_the_file(params_file: Callable[..., Path],
+                                                           tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes("\ufeff好 的\n".encode("utf-16-le") + b"\x00\xdc\x41\x00")  # a lone low surrogate
     result = ingest(params_file(), tmp_path / "raw", corpus, tmp_path)
     assert result.returncode == 2
     line = one_error_line(result.stderr, "ingest")
-    assert f"{corpus}: starts with a UTF-16 byte-order mark but is not valid UTF-16 (illegal encoding)" in line
+    assert (f"{corpus}: starts with a UTF-16 byte-order mark but is not valid UTF-16 "
+            "(illegal encoding)") in line
     assert not (tmp_path / "raw").exists()
 
 
-def test_a_file_with_nul_bytes_and_no_bom_is_still_binary(params_file: Callable[..., Path], tmp_path: Path) -> None:
+def test_a_file_with_nul_bytes_and_no_bom_is_still_binary(params_file: Callable[..., Path],
+                                                          tmp_path: Path) -> None:
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "a.txt").write_text("好 的 手机\n", encoding="utf-8")
@@ -242,7 +259,7 @@ def test_a_file_with_nul_bytes_and_no_bom_is_still_binary(params_file: Callable[
 
 
 def test_a_file_name_that_is_not_utf8_is_read_and_shown_escaped(params_file: Callable[..., Path],
-                                                                 tmp_path: Path) -> None:
+                                                                tmp_path: Path) -> None:
     """Once a traceback: the name's undecodable byte could not be written to the JSONL."""
     folder = tmp_path / "corpus"
     folder.mkdir()
@@ -257,19 +274,20 @@ def test_a_file_name_that_is_not_utf8_is_read_and_shown_escaped(params_file: Cal
 
 
 def test_a_csv_quote_never_closed_is_one_line_not_one_swallowing_field(params_file: Callable[..., Path],
-                                                                        tmp_path: Path) -> None:
+                                                                       tmp_path: Path) -> None:
     """Once every row after the quote became part of one document, with no count."""
     corpus = tmp_path / "corpus.csv"
     corpus.write_text('text,label\n"good one",pos\n"broken,neg\nnext row,pos\nlast,neg\n', encoding="utf-8")
     result = ingest(params_file(), tmp_path / "raw", corpus, tmp_path)
     assert result.returncode == 2
     line = one_error_line(result.stderr, "ingest")
-    assert f"{corpus}: malformed CSV at row 3: unexpected end of data (a quote opened there is never closed)" in line
+    assert (f"{corpus}: malformed CSV at row 3: unexpected end of data (a quote opened there is "
+            "never closed)") in line
     assert not (tmp_path / "raw").exists()
 
 
 def test_jieba_never_reads_a_cache_from_the_shared_temporary_folder(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Another local user could plant /tmp/jieba.cache (read with marshal, unchecked) and change
     every segmentation without DVC seeing it."""
     import marshal
@@ -318,8 +336,10 @@ def id_out_of_vocabulary(path: Path) -> None:
     (append_a_byte, "bytes, not a whole number of uint16 ids (truncated, or not a token file)"),
     (id_out_of_vocabulary, "id 60000 at position 1000 is outside the vocabulary (2533 ids in meta.json)"),
 ])
-def test_a_damaged_token_file_is_one_line_before_training(tokens: Path, tmp_path: Path, params_file: Callable[..., Path],
-                                                          capsys: pytest.CaptureFixture[str], damage: Callable[[Path], None],
+def test_a_damaged_token_file_is_one_line_before_training(tokens: Path, tmp_path: Path,
+                                                          params_file: Callable[..., Path],
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          damage: Callable[[Path], None],
                                                           message: str) -> None:
     from tests.conftest import run_stage, train_args
 
@@ -371,7 +391,8 @@ def test_an_unusable_checkpoint_is_set_aside_and_training_starts_afresh(
     damaged = {p.name: p.read_bytes() for p in (tmp_path / "ckpt" / "latest").iterdir()}
     assert run_stage("train", train_args(tmp_path, tokens)) == 0
     aside = list((tmp_path / "ckpt").glob("latest.corrupt-*"))
-    assert len(aside) == 1 and {p.name: p.read_bytes() for p in aside[0].iterdir()} == damaged  # kept as it was
+    # kept as it was
+    assert len(aside) == 1 and {p.name: p.read_bytes() for p in aside[0].iterdir()} == damaged
     warned = [line for line in capfd.readouterr().err.splitlines() if "is unusable" in line]
     assert len(warned) == 1 and "training starts afresh" in warned[0] and "WARNING" in warned[0], warned
     fresh, finished = read_metrics(tmp_path / "train.json"), read_metrics(finished_run / "train.json")
@@ -379,10 +400,11 @@ def test_an_unusable_checkpoint_is_set_aside_and_training_starts_afresh(
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("generate_tokens", 1_000_000_000, "evaluate.generate_tokens: 1000000000 new tokens after a 2-token prompt exceed "
-                                       "the model's context of 32; at most 30"),
-    ("latency_new_tokens", 25, "evaluate.latency_new_tokens: 25 new tokens after a 8-token prompt exceed "
-                               "the model's context of 32; at most 24"),
+    ("generate_tokens", 1_000_000_000,
+     ("evaluate.generate_tokens: 1000000000 new tokens after a 2-token prompt exceed "
+      "the model's context of 32; at most 30")),
+    ("latency_new_tokens", 25, ("evaluate.latency_new_tokens: 25 new tokens after a 8-token prompt exceed "
+                                "the model's context of 32; at most 24")),
 ])
 def test_generation_beyond_the_context_is_refused_before_any_model_loads(
         tokens: Path, tmp_path: Path, params_file: Callable[..., Path], capsys: pytest.CaptureFixture[str],
@@ -397,11 +419,14 @@ def test_generation_beyond_the_context_is_refused_before_any_model_loads(
     (tmp_path / "eval" / OWNER_FILE).write_text('{"writer": "evaluate"}')
     (tmp_path / "eval" / "results.json").write_text("[]")
     rc = run_stage("evaluate", ["--params", str(params), "--model", str(tmp_path / "model"), "--compressed",
-                                str(tmp_path / "none"), "--tokens", str(tokens), "--embed", str(tokens.parent / "embed"),
-                                "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "evaluate.json")])
+                                str(tmp_path / "none"), "--tokens", str(tokens), "--embed",
+                                str(tokens.parent / "embed"),
+                                "--out", str(tmp_path / "eval"), "--metrics",
+                                str(tmp_path / "evaluate.json")])
     assert rc == 2
     assert message in one_error_line(capsys.readouterr().err, "evaluate")
-    assert (tmp_path / "eval" / "results.json").read_text() == "[]" and not (tmp_path / "evaluate.json").exists()
+    assert (tmp_path / "eval" / "results.json").read_text() == "[]" and not (
+        tmp_path / "evaluate.json").exists()
 
 
 def alive(pid: int) -> bool:
@@ -473,15 +498,18 @@ def test_metrics_that_cannot_be_written_are_refused_before_the_output_is_replace
     blocker = tmp_path / "metrics"
     blocker.write_text("a file where the metrics folder should be")
     params = params_file()
-    params.write_text(params.read_text().replace("builtin:zh-reviews", str(corpus)).replace("sample: 0.05", "sample: 1.0"))
+    params.write_text(params.read_text().replace("builtin:zh-reviews",
+                                                 str(corpus)).replace("sample: 0.05", "sample: 1.0"))
     result = run_cli("ingest", ["--params", str(params), "--out", str(tmp_path / "raw"), "--metrics",
                                 str(blocker / "ingest.json")], cwd=tmp_path)
     assert result.returncode == 2
-    assert f"--metrics {blocker / 'ingest.json'}: cannot be written" in one_error_line(result.stderr, "ingest")
+    assert f"--metrics {blocker / 'ingest.json'}: cannot be written" in one_error_line(result.stderr,
+                                                                                       "ingest")
     assert not (tmp_path / "raw").exists() and blocker.read_text().startswith("a file")
 
 
-def test_an_output_folder_whose_files_dvc_lock_lists_is_known_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_output_folder_whose_files_dvc_lock_lists_is_known_too(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     plots = tmp_path / "data" / "plots" / "train"
     plots.mkdir(parents=True)
     (plots / "steps.csv").write_text("step\n")
@@ -494,7 +522,8 @@ def test_an_output_folder_whose_files_dvc_lock_lists_is_known_too(tmp_path: Path
 
 
 def test_a_model_whose_parameters_alone_cannot_fit_is_refused_before_the_dry_run(
-        tokens: Path, tmp_path: Path, params_file: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+        tokens: Path, tmp_path: Path, params_file: Callable[..., Path],
+        capsys: pytest.CaptureFixture[str]) -> None:
     """width 16384 x 128 layers once sat in the dry run for minutes: 412 G parameters are
     counted on the meta device and refused at once."""
     from tests.conftest import run_stage, train_args
@@ -504,12 +533,14 @@ def test_a_model_whose_parameters_alone_cannot_fit_is_refused_before_the_dry_run
     assert run_stage("train", train_args(tmp_path, tokens)) == 2
     line = one_error_line(capsys.readouterr().err, "train")
     assert "train.model: 412,4" in line and "M parameters need at least" in line, line
-    assert "more than this machine's available memory (" in line and "choose fewer layers or a smaller width" in line
+    assert "more than this machine's available memory (" in line
+    assert "choose fewer layers or a smaller width" in line
     assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
 
 
 def test_a_run_whose_estimate_exceeds_the_machines_memory_is_refused_with_what_fits(
-        tokens: Path, tmp_path: Path, params_file: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+        tokens: Path, tmp_path: Path, params_file: Callable[..., Path],
+        capsys: pytest.CaptureFixture[str]) -> None:
     """Width 8192 x 8 layers once allocated until the machine ran out. Here a model sized to
     this machine: its parameters (2 bytes each) fit, its fp32 AdamW training (16 bytes per
     parameter) does not; the dry run's estimate is refused before anything is allocated."""
@@ -524,7 +555,8 @@ def test_a_run_whose_estimate_exceeds_the_machines_memory_is_refused_with_what_f
     before = previous_train_output(tmp_path)
     assert run_stage("train", train_args(tmp_path, tokens)) == 2
     line = one_error_line(capsys.readouterr().err, "train")
-    assert "the estimated tensor peak is " in line and "MiB, more than this machine's available memory (" in line, line
+    assert "the estimated tensor peak is " in line, line
+    assert "MiB, more than this machine's available memory (" in line, line
     reported = float(line.split("available memory (")[1].split(" MiB")[0].replace(",", ""))
     assert 0.5 * found[0] < reported < 1.5 * found[0]
     assert "it fits with " in line or "nothing fits: " in line
@@ -541,8 +573,8 @@ def test_a_run_expected_to_take_hours_says_so_in_its_first_log_line(
     result = run_cli("train", train_args(tmp_path, tokens))
     assert result.returncode == 2
     logged = [line for line in result.stderr.splitlines() if re.match(r"^\d{4}-\d\d-\d\d \S+ [A-Z]+ ", line)]
-    assert re.search(r" WARNING lmmem\.train: train: 10,000,000 steps of \d+ x \d+ tokens: expected to take about "
-                     r"[\d.]+ hours here \(", logged[0]), logged[:3]
+    assert re.search(r" WARNING lmmem\.train: train: 10,000,000 steps of \d+ x \d+ tokens: expected to take "
+                     r"about [\d.]+ hours here \(", logged[0]), logged[:3]
     assert "more than train.memory_budget_mib=0.5" in one_error_line(result.stderr, "train")
 
 
@@ -551,7 +583,8 @@ def test_a_run_expected_to_take_hours_says_so_in_its_first_log_line(
     (8, "train.max_hours: the run is expected to take about "),
 ])
 def test_a_batch_of_a_billion_sequences_is_refused_before_the_dry_run(
-        tokens: Path, tmp_path: Path, params_file: Callable[..., Path], micro_batch_size: int, message: str) -> None:
+        tokens: Path, tmp_path: Path, params_file: Callable[..., Path], micro_batch_size: int,
+        message: str) -> None:
     """`batch_size: 1e9` once crashed with a traceback, then sat in the dry run for hours: in
     one micro-batch its token ids alone cannot fit; in micro-batches of 8 the run would take
     millions of hours (train.max_hours refuses it, and the dry run would walk at most 64 of its
@@ -588,7 +621,8 @@ def test_a_file_size_limit_reached_while_writing_is_one_line_naming_the_output(
                             timeout=600, check=False, preexec_fn=limited)
     assert result.returncode == 2, result.stderr[-2000:]
     line = one_error_line(result.stderr, "train")
-    assert re.search(r": the train output could not be written \(File too large\); what was there is kept$", line), line
+    assert re.search(r": the train output could not be written \(File too large\); what was there is kept$",
+                     line), line
     assert line.split("lmmem train: error: ")[1].startswith((str(tmp_path / "ckpt"), str(tmp_path / "model")))
     assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
     assert not list(tmp_path.glob("**/.*.tmp-*"))  # no temporary folder left behind
@@ -604,7 +638,8 @@ def test_a_record_limit_beyond_the_machines_memory_is_refused_before_reading(
     result = ingest_with(text.encode("utf-8"), raw.parent)
     assert result.returncode == 2
     line = one_error_line(result.stderr, "ingest")
-    assert "ingest.max_record_bytes=1,000,000,000,000: one record that long needs about 5,722,046 MiB" in line, line
+    assert ("ingest.max_record_bytes=1,000,000,000,000: one record that long needs about "
+            "5,722,046 MiB") in line, line
     assert "more than this machine's available memory (" in line and line.endswith("): lower it")
     assert snapshot(raw.parent) == before
 
@@ -620,5 +655,5 @@ def test_an_empty_split_is_flagged_where_it_is_made(params_file: Callable[..., P
     empty = [s for s in ("train", "validation", "test") if not metrics.get(f"docs_{s}")]
     assert empty
     for split in empty:
-        assert re.search(rf"WARNING lmmem\S*: the {split} split is empty \(2 documents in all\): stages that read it "
-                         r"will refuse it", result.stderr), result.stderr[-2000:]
+        assert re.search(rf"WARNING lmmem\S*: the {split} split is empty \(2 documents in all\): stages "
+                         r"that read it will refuse it", result.stderr), result.stderr[-2000:]

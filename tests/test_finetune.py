@@ -143,7 +143,8 @@ def test_a_run_that_cannot_be_made_is_one_line_and_leaves_the_previous_outputs(
     params = write_params(tmp_path / "params.yaml", **changes)
     out, metrics = tuned / "finetune" / "full", tuned / "metrics" / "full.json"
     before = {p: p.read_bytes() for p in [*out.rglob("*"), metrics] if p.is_file()}
-    args = ["--params", str(params), "--run", run, "--tokens", str(tokens), "--model", str(model), "--out", str(out),
+    args = ["--params", str(params), "--run", run, "--tokens", str(tokens), "--model", str(model), "--out",
+            str(out),
             "--metrics", str(metrics)]
     result = run_cli("finetune", args)
     assert result.returncode == 2
@@ -203,13 +204,15 @@ def budget_only_adapters_meet(tokens: Path, model: Path, params: Path) -> float:
                 continue
     cpu = torch.device("cpu")
     floor = predict_memory(with_changes(p, changes), meta, cpu, 0, task)["est_total_peak_mib"]
-    lora = predict_memory(with_changes(p, {**changes, "tune": "lora"}), meta, cpu, 0, task)["est_total_peak_mib"]
+    lora = predict_memory(with_changes(p, {**changes, "tune": "lora"}), meta, cpu, 0,
+                          task)["est_total_peak_mib"]
     assert lora < 0.8 * floor  # the adapters save beyond what every other technique saves
     return round((floor + lora) / 2, 3)
 
 
 @pytest.mark.parametrize("auto_fit", [False, True])
-def test_over_budget_auto_fit_moves_to_adapters(tokens: Path, model: Path, tmp_path: Path, auto_fit: bool) -> None:
+def test_over_budget_auto_fit_moves_to_adapters(tokens: Path, model: Path, tmp_path: Path,
+                                                auto_fit: bool) -> None:
     """Over a budget that only the adapters meet: without auto_fit the run stops and names the
     moves that fit, the adapters among them; with it, the run trains with them, under budget."""
     params = write_params(tmp_path / "params.yaml")
@@ -238,8 +241,9 @@ def test_a_test_split_that_cannot_score_two_classes_is_refused_and_a_partial_one
     from stages.finetune.tasks import scorable_classes
 
     labels = ["neg", "pos", "mixed"]
-    with pytest.raises(StageError, match=r"the test split of .* can score 1 of the 3 classes \('neg'\): accuracy "
-                                         r"and F1 need at least two"):
+    with pytest.raises(StageError,
+                       match=r"the test split of .* can score 1 of the 3 classes \('neg'\): accuracy "
+                       r"and F1 need at least two"):
         scorable_classes(np.array([0, 0, -1]), labels, tmp_path)
     with pytest.raises(StageError, match=r"can score 0 of the 3 classes \(none\)"):
         scorable_classes(np.array([-1, -1]), labels, tmp_path)

@@ -23,8 +23,10 @@ import yaml
 from tests.conftest import ROOT, WIRING_ADAPT, WIRING_CONFIGS, WIRING_RUNS, sh, tiny_repo
 
 pytestmark = pytest.mark.e2e
-STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", *[f"compare@{c}" for c in WIRING_CONFIGS],
-          *[f"finetune@{r}" for r in WIRING_RUNS], "domain", *[f"adapt@{r}" for r in WIRING_ADAPT], "compress",
+STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train",
+          *[f"compare@{c}" for c in WIRING_CONFIGS],
+          *[f"finetune@{r}" for r in WIRING_RUNS], "domain", *[f"adapt@{r}" for r in WIRING_ADAPT],
+          "compress",
           "evaluate", "plan", "report"]
 
 
@@ -68,8 +70,9 @@ def artifact(key: str) -> Any:
 
     async def read() -> Any:
         async with get_client() as client:
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                                sort=ArtifactSort.CREATED_DESC, limit=1)
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[
+                key])),
+                sort=ArtifactSort.CREATED_DESC, limit=1)
             return found[0] if found else None
 
     return asyncio.run(read())
@@ -81,7 +84,8 @@ def task_runs(flow_run_id: Any) -> list[Any]:
 
     async def read() -> list[Any]:
         async with get_client() as client:
-            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[
+                flow_run_id])))
 
     return asyncio.run(read())
 
@@ -103,7 +107,8 @@ def task_logs(task_run_id: Any) -> str:
 
     async def read() -> str:
         async with get_client() as client:
-            logs = await client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])))
+            logs = await client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[
+                task_run_id])))
             return "\n".join(entry.message for entry in logs)
 
     return asyncio.run(read())
@@ -115,7 +120,8 @@ def task_log_entries(task_run_id: Any) -> list[Any]:
 
     async def read() -> list[Any]:
         async with get_client() as client:
-            return await client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])))
+            return await client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[
+                task_run_id])))
 
     return asyncio.run(read())
 
@@ -131,12 +137,12 @@ def test_progress_bar_redraws_become_one_line_and_levels_are_kept() -> None:
     from flows.common import level_of, output_lines
 
     read, write = os.pipe()
-    os.write(write, "tokenize train:   0%|          | 0/9\rtokenize train:  44%|####4     | 4/9\r"
-                    "tokenize train: 100%|##########| 9/9\n2026-11-29 10:00:00,000 WARNING lmmem: low\n"
-                    "lmmem train: error: train.steps: 0\nERROR: failed to reproduce 'train'\n"
-                    "\ringest: 0 docs [00:00, ? docs/s]2026-11-29 10:00:01,000 WARNING lmmem.ingest: skipped\n"
-                    "no newline at the end"
-                    .encode())
+    os.write(write, b"tokenize train:   0%|          | 0/9\rtokenize train:  44%|####4     | 4/9\r"
+                    b"tokenize train: 100%|##########| 9/9\n2026-11-29 10:00:00,000 WARNING lmmem: low\n"
+                    b"lmmem train: error: train.steps: 0\nERROR: failed to reproduce 'train'\n"
+                    b"\ringest: 0 docs [00:00, ? docs/s]2026-11-29 10:00:01,000 WARNING lmmem.ingest: "
+                    b"skipped\nno newline at the end"
+             )
     os.close(write)
     lines = list(output_lines(read))
     os.close(read)
@@ -157,13 +163,15 @@ def test_pipeline_runs_every_stage_then_skips_every_stage(server: str, repo: Pat
     assert state.result() == {stage: "ran" for stage in STAGES}
     runs = {run.name: run for run in task_runs(state.state_details.flow_run_id)}
     assert {name: run.state.name for name, run in runs.items()} == {**{stage: "Ran" for stage in STAGES},
-                                                                     "dvc push": "Pushed"}
-    assert any(f.is_file() for f in (repo.parent / "lmmem-dvc-remote").rglob("*"))  # .dvc/config's default remote
+                                                                    "dvc push": "Pushed"}
+    # .dvc/config's default remote
+    assert any(f.is_file() for f in (repo.parent / "lmmem-dvc-remote").rglob("*"))
     train = artifact("train-metrics")
     rows = {row["metric"]: row["value"] for row in json.loads(train.data)}
     stored = json.loads((repo / "data" / "metrics" / "train.json").read_text())
     assert rows["val_ppl"] == pytest.approx(stored["val_ppl"]) and rows["steps"] == stored["steps"]
-    compared = {row["metric"]: row["value"] for row in json.loads(artifact("compare-chunked-loss-metrics").data)}
+    compared = {row["metric"]: row["value"]
+                for row in json.loads(artifact("compare-chunked-loss-metrics").data)}
     assert compared["mem_total_peak_mib"] == json.loads(
         (repo / "data" / "metrics" / "compare" / "chunked-loss.json").read_text())["mem_total_peak_mib"]
     from flows.common import PROGRESS_EVERY
@@ -202,7 +210,8 @@ def test_the_command_line_flow_prints_its_info_lines(server: str, repo: Path) ->
     """Prefect sets the root logger to WARNING: lmmem's INFO lines ("Prefect API: ...") once
     never printed."""
     env = {**os.environ, "PREFECT_API_URL": server, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--stages", "ingest", "--root", str(repo)],
+    result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--stages", "ingest", "--root",
+                             str(repo)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     said = result.stdout + result.stderr
     assert result.returncode == 0, said[-3000:]
@@ -239,8 +248,8 @@ def test_a_stage_that_crashes_is_retried(server: str, repo: Path) -> None:
 
     module = repo / "stages" / "report" / "__init__.py"
     source = module.read_text(encoding="utf-8")
-    crash = "\n\ndef run(*args, **kwargs):  # main() finds this one: the last `run` of the module\n" \
-            "    raise RuntimeError('a crash')\n"
+    crash = ("\n\ndef run(*args, **kwargs):  # main() finds this one: the last `run` of the module\n"
+             "    raise RuntimeError('a crash')\n")
     module.write_text(source + crash, encoding="utf-8")
     try:
         state = pipeline(stages=["report"], root=str(repo), return_state=True)
@@ -249,7 +258,8 @@ def test_a_stage_that_crashes_is_retried(server: str, repo: Path) -> None:
     assert state.is_failed()
     runs = {run.name: run for run in task_runs(state.state_details.flow_run_id)}
     assert runs["report"].state.is_failed()
-    assert runs["report"].run_count == yaml.safe_load((repo / "params.yaml").read_text())["flows"]["retries"] + 1
+    assert runs["report"].run_count == yaml.safe_load((repo / "params.yaml").read_text())["flows"][
+        "retries"] + 1
     assert {name: run.state.name for name, run in runs.items() if name != "report"} == {
         stage: "Skipped" for stage in STAGES if stage != "report"}
     assert "RuntimeError: a crash" in task_logs(runs["report"].id)
@@ -300,7 +310,8 @@ def test_a_sweep_longer_than_its_limit_is_refused_before_any_point_runs(server: 
     finally:
         sh("git", "checkout", "--", "params.yaml", cwd=repo)
     assert state.is_failed()
-    assert "sweep: 3 points would take up to" in state.message and "more than flows.max_sweep_hours" in state.message
+    assert "sweep: 3 points would take up to" in state.message
+    assert "more than flows.max_sweep_hours" in state.message
     assert len(point_runs()) == runs_before  # nothing ran
 
 
@@ -347,7 +358,8 @@ def test_sweep_on_a_dask_local_cluster(server: str, repo: Path) -> None:
     assert git_clean(repo) == ""
 
 
-def test_a_failed_sweep_point_keeps_the_others_and_the_comparison_accumulates(server: str, repo: Path) -> None:
+def test_a_failed_sweep_point_keeps_the_others_and_the_comparison_accumulates(server: str,
+                                                                              repo: Path) -> None:
     """One bad point once failed the whole sweep, left its good points uncompared and the old
     comparison.csv in place; and each sweep replaced comparison.csv with its own points."""
     from flows.sweep import sweep
@@ -362,7 +374,8 @@ def test_a_failed_sweep_point_keeps_the_others_and_the_comparison_accumulates(se
     assert points[:2] == ["train.steps=9", "train.steps=0"]
     assert rows[0]["experiment"].startswith("sweep-") and float(rows[0]["val ppl"]) > 0
     assert rows[1]["experiment"].startswith("failed: ") and "train.steps" in rows[1]["experiment"]
-    assert {"train.steps=6", "train.steps=7", "train.steps=8"} <= set(points[2:])  # the earlier sweeps' points
+    # the earlier sweeps' points
+    assert {"train.steps=6", "train.steps=7", "train.steps=8"} <= set(points[2:])
     failed = [run for run in point_runs() if run.state.is_failed()]
     assert len(failed) == 1 and failed[0].run_count == 1  # refused: not retried
     assert git_clean(repo) == ""
@@ -377,7 +390,8 @@ def test_served_deployment_triggered_through_the_api_completes(server: str, repo
 
     env = {**os.environ, "PREFECT_API_URL": server, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "flows.serve", "--root", str(repo)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -415,8 +429,8 @@ def test_served_deployment_triggered_through_the_api_completes(server: str, repo
     finally:
         stop_process_group(proc, signal.SIGINT)
     said = proc.stdout.read() if proc.stdout else ""
-    assert "serving lmmem-pipeline/pipeline (no schedule), lmmem-sweep/sweep and lmmem-plan/plan (on demand)" in said, \
-        said[-2000:]
+    assert ("serving lmmem-pipeline/pipeline (no schedule), lmmem-sweep/sweep and lmmem-plan/plan "
+            "(on demand)") in said, said[-2000:]
 
 
 def test_the_readme_server_steps_work_on_any_port(tmp_path: Path) -> None:
@@ -429,7 +443,8 @@ def test_the_readme_server_steps_work_on_any_port(tmp_path: Path) -> None:
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     steps = [ln.split("#")[0].strip() for ln in readme.splitlines()
-             if ln.startswith(("PORT=", "prefect config set PREFECT_SERVER_API_PORT", "prefect server start"))]
+             if ln.startswith(("PORT=", "prefect config set PREFECT_SERVER_API_PORT",
+                               "prefect server start"))]
     assert [s.split()[0] for s in steps] == ["PORT=4200", "prefect", "prefect"], steps
     port = free_port()
     script = "\n".join([f"PORT={port}", steps[1], f"exec {steps[2]}"])
@@ -444,11 +459,13 @@ def test_the_readme_server_steps_work_on_any_port(tmp_path: Path) -> None:
             deadline = time.monotonic() + 300
             while True:
                 try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=5) as response:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings",
+                                                timeout=5) as response:
                         settings = json.loads(response.read())
                         break
                 except OSError:
-                    assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                    assert proc.poll() is None and time.monotonic() < deadline, (
+                        tmp_path / "server.log").read_text()
                     time.sleep(1)
         finally:
             stop_process_group(proc)

@@ -51,7 +51,8 @@ def test_its_state_is_saved_and_restored() -> None:
     for step in range(2):
         train_step(first, rows[step], p, CPU, step, None)
     # copies, as a checkpoint on disk is (a state dict's tensors are the live ones)
-    saved_model, saved_optimizer = copy.deepcopy(first.raw.state_dict()), copy.deepcopy(first.optimizer.state_dict())
+    saved_model, saved_optimizer = copy.deepcopy(first.raw.state_dict()), copy.deepcopy(
+        first.optimizer.state_dict())
     second = build(p, META, CPU, seed=1)  # another initialisation, then the checkpoint
     second.raw.load_state_dict(saved_model)
     second.optimizer.load_state_dict(saved_optimizer)
@@ -74,5 +75,6 @@ def test_its_state_is_saved_and_restored() -> None:
 def test_what_needs_every_gradient_at_once_is_refused_in_one_line(train: dict, message: str) -> None:
     with pytest.raises(StageError) as info:
         validate_section("train", deep_update(tiny_params()["train"],
-                                              {"grad_clip": 0.0, "optimizer_in_backward": True, **train}), Params)
+                                              {"grad_clip": 0.0, "optimizer_in_backward": True, **train}),
+                         Params)
     assert message in str(info.value) and "\n" not in str(info.value)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from stages.common.modelling.generation import (cached_perplexity, generation_memory, kv_cache_bytes,
-                                                 kv_quantization, largest_batch, metered_generation, tiled)
+                                                kv_quantization, largest_batch, metered_generation, tiled)
 from stages.common.modelling.models import ModelParams, build_model
 
 MIB = 2**20
@@ -55,7 +55,8 @@ def test_the_peak_counts_the_value_tensor_growing_as_cache() -> None:
     assert point["activations_mib"] * MIB < 3 * 20 * 4 * 16 * 4  # the new value tensor is not counted here
 
 
-@pytest.mark.parametrize("bits, per_head", [(8, 16 + 4), (4, 8 + 4)])  # codes, and a 4-byte scale a token and head
+# codes, and a 4-byte scale a token and head
+@pytest.mark.parametrize("bits, per_head", [(8, 16 + 4), (4, 8 + 4)])
 def test_a_quantized_cache_is_metered_as_its_codes_and_scales(bits: int, per_head: int) -> None:
     model = llama(4)
     point = metered_generation(model, torch.randint(0, 50, (3, 5)), 20, kv_bits=bits)
@@ -75,12 +76,14 @@ def test_perplexity_through_the_cache_is_the_forward_pass_s_and_quantized_near_i
     with torch.no_grad():
         logits = model(input_ids=rows[:, :-1]).logits
     assert positions == 96
-    assert exact == pytest.approx(math.exp(F.cross_entropy(logits.reshape(-1, 300), rows[:, 1:].reshape(-1)).item()),
+    assert exact == pytest.approx(math.exp(F.cross_entropy(logits.reshape(-1, 300),
+                                                           rows[:, 1:].reshape(-1)).item()),
                                   rel=1e-5)
     points = kv_quantization(model, rows, 3, 20, 5, [8, 4])
     assert [p["bits"] for p in points] == [0, 8, 4] and points[0]["ppl"] == exact
     assert [p["kv_cache_end_mib"] * MIB for p in points] == [2 * 2 * 3 * 20 * 2 * n for n in (64, 20, 12)]
-    assert points[1]["ppl"] == pytest.approx(exact, rel=1e-3) and points[2]["ppl"] == pytest.approx(exact, rel=3e-2)
+    assert points[1]["ppl"] == pytest.approx(exact,
+                                             rel=1e-3) and points[2]["ppl"] == pytest.approx(exact, rel=3e-2)
 
 
 def test_the_largest_batch_fits_the_budget_and_the_next_does_not() -> None:
@@ -116,7 +119,8 @@ def test_kv_heads_divide_the_heads_and_shrink_the_key_value_projections() -> Non
         ModelParams(family="gpt2", width=64, heads=4, kv_heads=2)
     special = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
     for kv_heads, width in ((0, 64), (2, 32), (1, 16)):  # 4 heads of 16 values: K and V 4, 2 or 1 heads wide
-        model = build_model(ModelParams(width=64, heads=4, kv_heads=kv_heads, layers=1, context=16), 50, special)
+        model = build_model(ModelParams(width=64, heads=4, kv_heads=kv_heads, layers=1, context=16), 50,
+                            special)
         attention = model.model.layers[0].self_attn
         assert attention.k_proj.out_features == attention.v_proj.out_features == width
         assert attention.q_proj.out_features == 64

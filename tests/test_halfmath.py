@@ -21,7 +21,8 @@ class KernelDtypes(TorchDispatchMode):
         super().__init__()
         self.seen: list[torch.dtype] = []
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: Any = None) -> Any:
         if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
             self.seen.append(next(a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2).dtype)
         return func(*args, **(kwargs or {}))

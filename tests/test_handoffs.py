@@ -54,8 +54,9 @@ def test_train_given_a_malformed_meta_stops_in_one_line(tokens: Path, tmp_path: 
     (broken / "meta.json").write_text(json.dumps(meta))
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params(), allow_unicode=True))
-    rc = run_stage("train", ["--params", str(params), "--tokens", str(broken), "--out", str(tmp_path / "model"),
-                             "--plots", str(tmp_path / "plots"), "--metrics", str(tmp_path / "m.json")])
+    rc = run_stage("train",
+                   ["--params", str(params), "--tokens", str(broken), "--out", str(tmp_path / "model"),
+                    "--plots", str(tmp_path / "plots"), "--metrics", str(tmp_path / "m.json")])
     assert rc == 2
     line = one_error_line(capsys.readouterr().err, "train")
     assert f"{broken / 'meta.json'}: field vocab_size: Input should be a valid integer" in line
@@ -86,10 +87,12 @@ def test_the_report_given_malformed_results_stops_in_one_line(tmp_path: Path,
     metrics.mkdir()
     shutil.copy(ROOT / "data" / "metrics" / "train.json", metrics / "train.json")
     (tmp_path / "eval").mkdir()
-    (tmp_path / "eval" / "results.json").write_text(json.dumps([{"name": "model", "status": "ok", "val_ppl": "low"}]))
-    rc = run_stage("report", [f"--metrics-dir={metrics}", f"--eval={tmp_path / 'eval'}", f"--out={tmp_path / 'r'}",
-                              f"--metrics={tmp_path / 'r.json'}", "--steps", str(tmp_path / "none.csv"),
-                              "--params-file", str(ROOT / "params.yaml")])
+    (tmp_path / "eval" / "results.json").write_text(json.dumps([{"name": "model", "status": "ok",
+                                                                 "val_ppl": "low"}]))
+    rc = run_stage("report",
+                   [f"--metrics-dir={metrics}", f"--eval={tmp_path / 'eval'}", f"--out={tmp_path / 'r'}",
+                    f"--metrics={tmp_path / 'r.json'}", "--steps", str(tmp_path / "none.csv"),
+                    "--params-file", str(ROOT / "params.yaml")])
     assert rc == 2
     line = one_error_line(capsys.readouterr().err, "report")
     assert "results.json: record 0, field val_ppl: Input should be a valid number" in line

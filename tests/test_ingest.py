@@ -38,8 +38,10 @@ def test_builtin_zh_reviews_counts(params_file: Callable[..., Path], tmp_path: P
     assert json.loads((out / "params.json").read_text())["ingest"]["max_docs"] == 500
 
 
-def test_builtin_en_polarity_decodes_its_cp1252_lines(params_file: Callable[..., Path], tmp_path: Path) -> None:
-    rc, out, metrics_path = ingest(params_file(ingest={"source": "builtin:en-polarity", "sample": 1.0}), tmp_path)
+def test_builtin_en_polarity_decodes_its_cp1252_lines(params_file: Callable[..., Path],
+                                                      tmp_path: Path) -> None:
+    rc, out, metrics_path = ingest(params_file(ingest={"source": "builtin:en-polarity", "sample": 1.0}),
+                                   tmp_path)
     assert rc == 0
     m = read_metrics(metrics_path)
     assert m["docs"] == 200 and m["docs_label_pos"] == 100 and m["docs_label_neg"] == 100
@@ -73,7 +75,8 @@ def test_split_is_stable_when_documents_are_added(params_file: Callable[..., Pat
     assert set(before.values()) == set(SPLITS)  # 200 documents reach every split at 90/5/5
 
 
-def test_encodings_bom_gbk_gb18030_and_undecodable_lines(params_file: Callable[..., Path], tmp_path: Path) -> None:
+def test_encodings_bom_gbk_gb18030_and_undecodable_lines(params_file: Callable[..., Path],
+                                                         tmp_path: Path) -> None:
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "bom.txt").write_bytes("\ufeff第一行\n second line\n".encode("utf-8"))
@@ -93,7 +96,8 @@ def test_undecodable_line_stops_the_stage_when_asked(params_file: Callable[..., 
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     corpus = tmp_path / "c.txt"
     corpus.write_bytes("好\n".encode() + b"\xff\xfe\xff\n")
-    rc, out, metrics = ingest(params_file(ingest={"source": str(corpus), "on_decode_error": "fail"}), tmp_path)
+    rc, out, metrics = ingest(params_file(ingest={"source": str(corpus), "on_decode_error": "fail"}),
+                              tmp_path)
     assert rc == 2
     line = one_error_line(capsys.readouterr().err, "ingest")
     assert f"{corpus}:2: bytes decode in none of ['utf-8', 'gb18030']" in line
@@ -111,7 +115,8 @@ def test_jsonl_fields_and_bad_records(params_file: Callable[..., Path], tmp_path
         json.dumps(["a", "list"]),
         json.dumps({"body": "  second good  ", "stars": None}),
     ]) + "\n", encoding="utf-8")
-    params = params_file(ingest={"source": str(corpus), "text_field": "body", "label_field": "stars", "sample": 1.0})
+    params = params_file(ingest={"source": str(corpus), "text_field": "body", "label_field": "stars",
+                                 "sample": 1.0})
     rc, out, metrics_path = ingest(params, tmp_path)
     assert rc == 0
     got = sorted((d["text"], d["label"]) for d in docs(out))
@@ -122,12 +127,14 @@ def test_jsonl_fields_and_bad_records(params_file: Callable[..., Path], tmp_path
 
 def test_csv_with_named_columns(params_file: Callable[..., Path], tmp_path: Path) -> None:
     corpus = tmp_path / "c.csv"
-    corpus.write_text('id,review,sentiment\n1,"great, really",pos\n2,"multi\nline",neg\n3,,neg\n', encoding="utf-8")
+    corpus.write_text('id,review,sentiment\n1,"great, really",pos\n2,"multi\nline",neg\n3,,neg\n',
+                      encoding="utf-8")
     params = params_file(ingest={"source": str(corpus), "text_field": "review", "label_field": "sentiment",
                                  "sample": 1.0})
     rc, out, metrics_path = ingest(params, tmp_path)
     assert rc == 0
-    assert sorted((d["text"], d["label"]) for d in docs(out)) == [("great, really", "pos"), ("multi\nline", "neg")]
+    assert sorted((d["text"], d["label"])
+                  for d in docs(out)) == [("great, really", "pos"), ("multi\nline", "neg")]
     assert read_metrics(metrics_path)["skipped_empty_text"] == 1
 
 
@@ -144,7 +151,8 @@ def test_csv_without_the_text_column_is_refused(params_file: Callable[..., Path]
 
 def test_parquet(params_file: Callable[..., Path], tmp_path: Path) -> None:
     corpus = tmp_path / "c.parquet"
-    pq.write_table(pa.table({"text": ["一个 parquet 文档", "second", None], "label": ["a", "b", "c"]}), corpus)
+    pq.write_table(pa.table({"text": ["一个 parquet 文档", "second", None], "label": ["a", "b", "c"]}),
+                   corpus)
     rc, out, metrics_path = ingest(params_file(ingest={"source": str(corpus), "sample": 1.0}), tmp_path)
     assert rc == 0
     assert sorted(d["text"] for d in docs(out)) == ["second", "一个 parquet 文档"]
@@ -208,7 +216,8 @@ def test_unknown_extension_of_a_named_file(params_file: Callable[..., Path], tmp
     corpus.write_text("# hello\n", encoding="utf-8")
     rc, _, _ = ingest(params_file(ingest={"source": str(corpus)}), tmp_path)
     assert rc == 2
-    assert "cannot tell the format from the extension '.md'" in one_error_line(capsys.readouterr().err, "ingest")
+    assert "cannot tell the format from the extension '.md'" in one_error_line(capsys.readouterr().err,
+                                                                               "ingest")
 
 
 def test_a_50_mb_line_is_skipped_without_being_held(params_file: Callable[..., Path], tmp_path: Path) -> None:
@@ -257,16 +266,18 @@ def test_an_os_error_is_a_one_line_error(params_file: Callable[..., Path], tmp_p
 
 @pytest.mark.parametrize("unit", ["line", "file"])
 def test_no_byte_order_mark_of_any_encoding_reaches_data_raw(params_file: Callable[..., Path], tmp_path: Path,
-                                                            unit: str) -> None:
+                                                             unit: str) -> None:
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "gb18030.txt").write_bytes(b"\x84\x31\x95\x33" + "国标的字节序标记\n".encode("gb18030"))
     (folder / "utf8.txt").write_bytes(codecs.BOM_UTF8 + "带标记的一行\n".encode())
     (folder / "utf16.txt").write_bytes("十六位的一行\n".encode("utf-16"))  # its BOM first
     (folder / "utf8.csv").write_bytes(codecs.BOM_UTF8 + "text\n表格的一行\n".encode())
-    (folder / "gb.jsonl").write_bytes(b"\x84\x31\x95\x33" + json.dumps({"text": "对象的一行"}).encode("gb18030")
+    (folder / "gb.jsonl").write_bytes(b"\x84\x31\x95\x33"
+                                      + json.dumps({"text": "对象的一行"}).encode("gb18030")
                                       + b"\n")
-    rc, out, _ = ingest(params_file(ingest={"source": str(folder), "sample": 1.0, "txt_unit": unit}), tmp_path)
+    rc, out, _ = ingest(params_file(ingest={"source": str(folder), "sample": 1.0, "txt_unit": unit}),
+                        tmp_path)
     assert rc == 0
     texts = {d["text"] for d in docs(out)}
     assert texts == {"国标的字节序标记", "带标记的一行", "十六位的一行", "表格的一行", "对象的一行"}

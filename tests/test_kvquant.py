@@ -30,7 +30,8 @@ def test_the_cache_holds_a_byte_or_half_a_byte_a_value_and_a_scale_a_token() -> 
         for chunk in (12, 1, 7):  # a prompt, then positions one or more at a time
             keys, values = layer.update(torch.randn(3, 2, chunk, 64), torch.randn(3, 2, chunk, 64))
         assert keys.shape == values.shape == (3, 2, 20, 64) and layer.get_seq_length() == 20
-        assert layer.held_bytes() == 2 * per_tensor  # 8,160 (int8) or 4,320 (int4) for keys, the same for values
+        # 8,160 (int8) or 4,320 (int4) for keys, the same for values
+        assert layer.held_bytes() == 2 * per_tensor
     with pytest.raises(ValueError, match="head size 63 is odd"):
         QuantizedKVLayer(4).update(torch.randn(1, 1, 2, 63), torch.randn(1, 1, 2, 63))
     with pytest.raises(ValueError, match="KV cache bits: 3"):
@@ -56,7 +57,8 @@ def test_a_model_decoding_through_it_stays_near_the_exact_cache() -> None:
     exact = perplexity(DynamicCache())
     with torch.no_grad():  # the exact cache is the full forward pass, position by position
         full = model(input_ids=ids).logits[:, 8:39]
-    assert exact == pytest.approx(math.exp(F.cross_entropy(full.reshape(-1, 300), ids[:, 9:40].reshape(-1)).item()),
+    assert exact == pytest.approx(math.exp(F.cross_entropy(full.reshape(-1, 300),
+                                                           ids[:, 9:40].reshape(-1)).item()),
                                   rel=1e-4)
     assert perplexity(QuantizedKVCache(2, 8)) == pytest.approx(exact, rel=1e-3)
     assert perplexity(QuantizedKVCache(2, 4)) == pytest.approx(exact, rel=2e-2)

@@ -26,7 +26,8 @@ def test_galore_state_is_the_low_rank_moments_and_the_projection() -> None:
     rank = 16
     expected = 0
     for name, shape in shapes().items():
-        if len(shape) == 2 and "embed" not in name:  # projected: rank x the longer side, twice; the projection
+        # projected: rank x the longer side, twice; the projection
+        if len(shape) == 2 and "embed" not in name:
             rows, cols = shape
             expected += (2 * rank * max(rows, cols) + rank * min(rows, cols)) * 4
         else:  # the embedding and the norms: AdamW's two full moments
@@ -38,12 +39,16 @@ def test_galore_state_is_the_low_rank_moments_and_the_projection() -> None:
 
 
 def test_galore_projects_the_embedding_when_asked_and_steps_in_backward() -> None:
-    plain = metered_against_estimate(params(optimizer="galore_adamw", galore_rank=16)).category_peaks["optimizer"]
-    embedded = metered_against_estimate(params(optimizer="galore_adamw", galore_rank=16, galore_embeddings=True))
+    plain = metered_against_estimate(params(optimizer="galore_adamw",
+                                            galore_rank=16)).category_peaks["optimizer"]
+    embedded = metered_against_estimate(params(optimizer="galore_adamw", galore_rank=16,
+                                               galore_embeddings=True))
     vocab, width = shapes()["model.embed_tokens.weight"]
     # the embedding's 2 x 700 x 64 moments become 2 x 700 x 16, plus a 16 x 64 projection
-    assert plain - embedded.category_peaks["optimizer"] == (2 * vocab * width - 2 * vocab * 16 - 16 * width) * 4
-    fused = metered_against_estimate(params(optimizer="galore_adamw", galore_rank=16, optimizer_in_backward=True))
+    assert plain - embedded.category_peaks["optimizer"] == (
+        2 * vocab * width - 2 * vocab * 16 - 16 * width) * 4
+    fused = metered_against_estimate(params(optimizer="galore_adamw", galore_rank=16,
+                                            optimizer_in_backward=True))
     assert fused.category_peaks["optimizer"] == plain
 
 
@@ -73,11 +78,13 @@ def test_the_lean_optimizers_learn(optimizer: str) -> None:
 
 @pytest.mark.parametrize("changes, expected", [
     ({"optimizer": "adam_mini", "optimizer_in_backward": True},
-     "optimizer adam_mini with optimizer_in_backward: Adam-mini cannot be split into per-parameter optimizers"),
+     ("optimizer adam_mini with optimizer_in_backward: Adam-mini cannot be split into per-parameter "
+      "optimizers")),
     ({"optimizer": "adam_mini", "micro_batch_size": 4, "distributed": {"nproc": 2}},
      "optimizer adam_mini: one process only"),
     ({"optimizer": "galore_adamw", "micro_batch_size": 4, "distributed": {"nproc": 2, "strategy": "zero1"}},
-     "optimizer galore_adamw with distributed.strategy zero1: GaLore's SVD needs each matrix's whole gradient"),
+     ("optimizer galore_adamw with distributed.strategy zero1: GaLore's SVD needs each matrix's whole "
+      "gradient")),
 ])
 def test_what_they_cannot_do_is_refused_in_one_line(changes: dict[str, object], expected: str) -> None:
     with pytest.raises(StageError) as info:

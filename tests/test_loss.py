@@ -23,7 +23,8 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("tie", [True, False])
 def test_the_chunked_loss_is_the_standard_loss_and_gradient(family: str, tie: bool) -> None:
     torch.manual_seed(0)
-    model = build_model(ModelParams(family=family, layers=2, width=64, heads=4, context=32, tie_embeddings=tie),
+    model = build_model(ModelParams(family=family, layers=2, width=64, heads=4, context=32,
+                                    tie_embeddings=tie),
                         500, SPECIAL)
     rows = torch.randint(0, 500, (4, 33))
     logits = model(input_ids=rows[:, :-1]) if family == "lstm" else model(input_ids=rows[:, :-1]).logits
@@ -66,7 +67,8 @@ def test_micro_batch_scaling_reaches_the_gradients() -> None:
     expected = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
     (chunked_cross_entropy(hidden, weight, None, targets, 3) / 4).backward()
-    assert torch.allclose(hidden.grad, expected[0], atol=1e-7) and torch.allclose(weight.grad, expected[1], atol=1e-7)
+    assert torch.allclose(hidden.grad, expected[0],
+                          atol=1e-7) and torch.allclose(weight.grad, expected[1], atol=1e-7)
     with pytest.raises(ValueError, match="at least 1 row"):
         chunked_cross_entropy(hidden, weight, None, targets, 0)
 
@@ -129,7 +131,8 @@ def test_the_chunked_distillation_loss_is_kl_div_and_cross_entropy_on_the_whole_
     standard.backward()
     expected = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
-    loss = chunked_distillation(hidden, weight, None, targets, teacher_hidden, teacher_head, t, alpha, 5)  # 7 x 5 + 2
+    # 7 x 5 + 2
+    loss = chunked_distillation(hidden, weight, None, targets, teacher_hidden, teacher_head, t, alpha, 5)
     loss.backward()
     assert loss.item() == pytest.approx(standard.item(), rel=1e-5)
     assert torch.allclose(hidden.grad, expected[0], rtol=1e-4, atol=1e-7)

@@ -35,7 +35,8 @@ def test_shipped_params_files_validate(path: Path) -> None:
     for name in both.compare.configs:  # every shipped configuration is one train accepts
         compare.configured(both, name)
     _, tuning = load_params(path, ("train", "finetune"), finetune.Params)
-    assert {"full", "head", "lora", "qlora"} <= set(tuning.finetune.runs) and tuning.finetune.baseline == "full"
+    assert {"full", "head", "lora",
+            "qlora"} <= set(tuning.finetune.runs) and tuning.finetune.baseline == "full"
     _, adapting = load_params(path, ("train", "adapt"), adapt.Params)
     assert {"full", "lora", "qlora"} <= set(adapting.adapt.runs) and adapting.adapt.baseline == "full"
 
@@ -52,7 +53,8 @@ def test_every_key_of_params_yaml_has_a_comment() -> None:
 
 SECTIONS: dict[str, type[BaseModel]] = {"base": BaseParams, "flows": FlowParams, "compare": compare.Settings,
                                         "finetune": finetune.Settings, "domain": domain.Settings,
-                                        "adapt": adapt.Settings, **{name: module.Params for name, module in STAGES.items()}}
+                                        "adapt": adapt.Settings,
+                                        **{name: module.Params for name, module in STAGES.items()}}
 
 
 def yaml_comments(path: Path) -> dict[str, str]:
@@ -112,12 +114,13 @@ def test_params_yaml_comments_are_the_fields_descriptions() -> None:
     checked = 0
     for path, comment in comments.items():
         if "." not in path or path.startswith(("compress.variants.", "compare.configs.", "finetune.runs.",
-                                                                   "adapt.runs.")):
+                                               "adapt.runs.")):
             continue  # a section's own comment; the shipped variants and configurations are data, each
             # comment says what it trades
         info = field_at(path)
         assert info is not None, f"params.yaml: {path} is not a field of its section"
-        assert info.description == comment, f"{path}: params.yaml says {comment!r}, the field {info.description!r}"
+        assert info.description == comment, (f"{path}: params.yaml says {comment!r}, "
+                                             f"the field {info.description!r}")
         checked += 1
     assert checked >= 120  # 120 keys at the time of writing: a parser that found none would fail here
     assert comments["train.precision"].startswith("fp32 | bf16")  # the parser reads what a person reads
@@ -254,10 +257,14 @@ def test_a_params_file_over_a_megabyte_is_refused_unread(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("generation_batches", [0, 8], "evaluate.generation_batches.0: Input should be greater than or equal to 1 (got 0)"),
-    ("generation_batches", [-3, 8], "evaluate.generation_batches.0: Input should be greater than or equal to 1"),
-    ("generation_batches", [1, 10**12], "evaluate.generation_batches.1: Input should be less than or equal to 65536"),
-    ("generation_contexts", [0], "evaluate.generation_contexts.0: Input should be greater than or equal to 2"),
+    ("generation_batches", [0, 8],
+     "evaluate.generation_batches.0: Input should be greater than or equal to 1 (got 0)"),
+    ("generation_batches", [-3, 8],
+     "evaluate.generation_batches.0: Input should be greater than or equal to 1"),
+    ("generation_batches", [1, 10**12],
+     "evaluate.generation_batches.1: Input should be less than or equal to 65536"),
+    ("generation_contexts", [0],
+     "evaluate.generation_contexts.0: Input should be greater than or equal to 2"),
     ("generation_prompt", 10**9, "evaluate.generation_prompt: Input should be less than or equal to 65535"),
 ])
 def test_the_generation_grid_is_checked_with_the_params_before_any_work(tmp_path: Path, key: str, value: Any,

@@ -23,10 +23,12 @@ TUNED = [f"finetune@{name}" for name in WIRING_RUNS]  # one stage per fine-tunin
 ADAPTED = [f"adapt@{name}" for name in WIRING_ADAPT]  # one stage per domain-adaptation run (foreach)
 STAGES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", *COMPARED, *TUNED, "domain", *ADAPTED,
           "compress", "evaluate", "plan", "report"]
-MODULES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compare", "finetune", "domain", "adapt",
+MODULES = ["ingest", "clean", "tokenize", "embed", "warmstart", "train", "compare", "finetune", "domain",
+           "adapt",
            "compress", "evaluate", "plan", "report"]
 FOREACH = ("compare", "finetune", "adapt")
-PACKAGES = ("stages/train", "stages/finetune", "stages/plan", "stages/report", "stages/compress", "stages/ingest",
+PACKAGES = ("stages/train", "stages/finetune", "stages/plan", "stages/report", "stages/compress",
+            "stages/ingest",
             "stages/evaluate")  # a dependency as a whole folder
 
 
@@ -149,12 +151,14 @@ def test_a_word2vec_param_does_not_rerun_train_unless_train_starts_from_it(repo:
 
 
 @pytest.mark.parametrize("module, changed", [
-    ("stages/common/weights/quant.py", ["compress", "evaluate"]),  # the report: through their outputs, once they run
+    ("stages/common/weights/quant.py",
+     ["compress", "evaluate"]),  # the report: through their outputs, once they run
     ("stages/common/weights/storage.py", ["compress", "evaluate"]),
     ("stages/report/__init__.py", ["report"]),
     ("stages/report/charts.py", ["report"]),
 ])
-def test_editing_a_module_changes_only_the_stages_that_run_it(repo: Path, module: str, changed: list[str]) -> None:
+def test_editing_a_module_changes_only_the_stages_that_run_it(repo: Path, module: str,
+                                                              changed: list[str]) -> None:
     """Quantization or sparse-storage code: compress and evaluate, not train; the report or its
     charts: the report alone."""
     sh("dvc", "repro", cwd=repo)
@@ -169,12 +173,13 @@ def test_editing_the_training_loop_reruns_train_and_what_its_bytes_change(repo: 
     sh("dvc", "repro", cwd=repo)
     edited(repo, "stages/train/loop.py")
     try:
-        # the comparison, fine-tuning and adaptation run the train package, the plan dry-runs with it; the report
-        # lists train's params defaults
+        # the comparison, fine-tuning and adaptation run the train package, the plan dry-runs with it; the
+        # report lists train's params defaults
         assert dvc_changed(repo) == ["train", *COMPARED, *TUNED, *ADAPTED, "plan", "report"]
         # the same model bytes come out: compress and evaluate do not rerun
-        assert sorted(ran(sh("dvc", "repro", cwd=repo))) == sorted(["train", *COMPARED, *TUNED, *ADAPTED, "plan",
-                                                                     "report"])
+        assert sorted(ran(sh("dvc", "repro",
+                             cwd=repo))) == sorted(["train", *COMPARED, *TUNED, *ADAPTED, "plan",
+                                                    "report"])
     finally:
         restore(repo)
 
@@ -242,10 +247,12 @@ def failing_repro(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
     ("compare@chunked-loss", "compare.configs.chunked-loss", {"loss_chunk_tokens": -5},
      "compare.configs.chunked-loss.loss_chunk_tokens"),
     # one fine-tuning run: LoRA on a layer the model has not, refused once the model is read
-    ("finetune@qlora", "finetune.runs.qlora", {"tune": "lora", "frozen_weights": "nf4", "lora_targets": ["w_proj"]},
+    ("finetune@qlora", "finetune.runs.qlora",
+     {"tune": "lora", "frozen_weights": "nf4", "lora_targets": ["w_proj"]},
      "lora_targets: w_proj is not a Linear layer of this model"),
     # a domain-adaptation run: a language model has no head of its own to train alone
-    ("adapt@qlora", "adapt.runs.qlora", {"tune": "head"}, "tune head: this task's model has no head of its own"),
+    ("adapt@qlora", "adapt.runs.qlora", {"tune": "head"},
+     "tune head: this task's model has no head of its own"),
     ("domain", "domain.max_docs", -1, "max_docs"),
     # read and segmented, then refused: English news is mostly <unk> to the Chinese vocabulary
     ("domain", "domain.source", "builtin:en-news", "more than domain.max_unk_rate"),
@@ -269,7 +276,8 @@ def test_a_stage_that_fails_under_dvc_repro_leaves_its_previous_outputs_and_metr
     section[key] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
     try:
-        if "@" in stage:  # a configuration's own keys: its stage alone (and the report, which reads params.yaml)
+        # a configuration's own keys: its stage alone (and the report, which reads params.yaml)
+        if "@" in stage:
             assert dvc_changed(repo) == [stage, "report"]
         result = failing_repro(repo, stage)
         assert result.returncode != 0
@@ -286,12 +294,14 @@ def test_a_stage_that_fails_under_dvc_repro_leaves_its_previous_outputs_and_metr
 
 
 def warm_stage(repo: Path) -> int | None:
-    """The pid of a stage process forked by the warm server (stages.common.harness.warmserver) working in `repo`."""
+    """The pid of a stage process forked by the warm server (stages.common.harness.warmserver)
+    working in `repo`."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
             server = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
-            if b"stages.common.harness.warmserver" in server and os.readlink(stat.parent / "cwd") == str(repo):
+            if b"stages.common.harness.warmserver" in server and os.readlink(stat.parent / "cwd") == str(
+                    repo):
                 return int(stat.parent.name)
         except (OSError, IndexError, ValueError):
             continue
@@ -340,7 +350,8 @@ def test_a_stage_killed_under_dvc_repro_gets_its_outputs_back_from_its_watcher(r
         # of the interpreter, has nobody to see it) and DVC has deleted its outputs. DVC's command,
         # `python -m stages train`, starts the watcher and has the stage forked from the warm server
         while stage is None or watcher is None or (repo / "data" / "model").exists():
-            assert dvc.poll() is None and time.monotonic() < deadline, "train and its watcher were not seen running"
+            assert dvc.poll() is None and time.monotonic() < deadline, \
+                "train and its watcher were not seen running"
             time.sleep(0.2)
             client = stage_process(dvc.pid, "stages")
             watcher = stage_process(client, "stages.common.harness.restore") if client else None
@@ -380,9 +391,10 @@ def test_restore_puts_back_what_dvc_deleted_before_a_killed_stage(repo: Path) ->
                              capture_output=True, text=True, check=False)
     assert unknown.returncode == 2
     assert unknown.stderr.strip() == "lmmem restore: error: trian: dvc.lock records no outputs for it"
-    persisted = sh(sys.executable, "-m", "stages.common.harness.restore", "report", cwd=repo)  # exits 0: checked
-    assert persisted.strip() == ("report: data/metrics/report.json, data/report persist (DVC leaves them in place): "
-                                 "nothing to restore")
+    # exits 0: checked
+    persisted = sh(sys.executable, "-m", "stages.common.harness.restore", "report", cwd=repo)
+    assert persisted.strip() == ("report: data/metrics/report.json, data/report persist (DVC leaves them in "
+                                 "place): nothing to restore")
 
 
 def test_experiment_on_english_news_lists_its_metrics(repo: Path) -> None:
@@ -390,14 +402,16 @@ def test_experiment_on_english_news_lists_its_metrics(repo: Path) -> None:
     corpus (English news), which is what it checks."""
     sh("dvc", "repro", cwd=repo)
     sh("git", "add", "-A", cwd=repo)
-    sh("git", "commit", "-q", "--allow-empty", "-m", "tiny baseline", cwd=repo)  # clean when the others restored it
+    # clean when the others restored it
+    sh("git", "commit", "-q", "--allow-empty", "-m", "tiny baseline", cwd=repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["finetune"]["runs"] = {}  # news has no labels to learn: no fine-tuning (-S would merge, not empty)
     params["adapt"]["runs"] = {}  # nor a second domain in its language:
     params["domain"]["max_unk_rate"] = 1.0  # the Chinese domain corpus is mostly <unk> to it, and unused
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
     out = sh("dvc", "exp", "run", "-n", "news", "-S", "ingest.source=builtin:en-news",
-             "-S", "ingest.sample=1.0", "-S", "train.precision=bf16", "-S", "train.activation_checkpointing=true",
+             "-S", "ingest.sample=1.0", "-S", "train.precision=bf16", "-S",
+             "train.activation_checkpointing=true",
              "-S", "evaluate.variants=[int8]", cwd=repo)
     # no fine-tuning; the plan reads no data (its own params and code only): restored, not run
     assert sorted(ran(out)) == sorted(stage for stage in STAGES if stage not in [*TUNED, *ADAPTED, "plan"])
@@ -459,10 +473,12 @@ def test_dvc_yaml_declares_every_common_module_each_stage_imports() -> None:
         assert outs and all(o.startswith("data/") for o in outs)
     # a configuration reruns when its own keys or what every configuration shares change, no other's
     compare = pipeline["compare"]["do"]["params"]
-    assert "compare.configs.${key}" in compare and "compare.configs" not in compare and "compare" not in compare
+    assert "compare.configs.${key}" in compare
+    assert "compare.configs" not in compare and "compare" not in compare
     for section, runs in (("finetune", "runs"), ("adapt", "runs")):
         tuned = pipeline[section]["do"]["params"]
-        assert f"{section}.{runs}.${{key}}" in tuned and f"{section}.{runs}" not in tuned and section not in tuned
+        assert f"{section}.{runs}.${{key}}" in tuned
+        assert f"{section}.{runs}" not in tuned and section not in tuned
 
 
 def test_training_does_not_run_quantization_storage_or_charts() -> None:

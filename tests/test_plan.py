@@ -20,7 +20,8 @@ from tests.conftest import ROOT, one_error_line, read_metrics, run_cli
 
 TINY_CONFIG = ROOT / "stages" / "plan" / "tiny-llama.json"
 QWEN_LIKE = {"model_type": "qwen2", "vocab_size": 384, "hidden_size": 48, "intermediate_size": 128,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "max_position_embeddings": 128,
              "tie_word_embeddings": True}
 
 
@@ -33,7 +34,8 @@ def test_each_catalog_architecture_has_exactly_its_published_parameter_count(nam
 
 @pytest.fixture()
 def qwen_like(tmp_path: Path) -> Path:
-    path = tmp_path / "qwen-like.json"  # biases on q, k and v, a tied head: not the llama the train stage builds
+    # biases on q, k and v, a tied head: not the llama the train stage builds
+    path = tmp_path / "qwen-like.json"
     path.write_text(json.dumps(QWEN_LIKE), encoding="utf-8")
     return path
 
@@ -51,13 +53,16 @@ def test_the_dry_run_equals_a_real_metered_run_of_the_architecture(qwen_like: Pa
     q = Question(architecture(str(qwen_like)), workload, batch_size=4, micro_batch_size=2, context=32,
                  world_size=world, strategy=strategy, train={"precision": "fp32", **stack})
     predicted, measured = estimate(q), measure(q)
-    said = (f"on {cpu_model()} ({torch.backends.cpu.get_cpu_capability()}): estimated {predicted['category_peaks']}, "
-            f"at the peak {predicted['by_category']}; measured {sorted(measured.items())}")  # what a failure shows
+    said = (f"on {cpu_model()} ({torch.backends.cpu.get_cpu_capability()}): estimated "
+            f"{predicted['category_peaks']}, "
+            f"at the peak {predicted['by_category']}; measured {sorted(measured.items())}")
     assert predicted["peak_mib"] == pytest.approx(measured["mem_total_peak_mib"], rel=0.005), said
     for category, mib in predicted["category_peaks"].items():
-        assert mib == pytest.approx(measured[f"mem_{category}_peak_mib"], rel=0.005, abs=1e-4), (category, said)
+        assert mib == pytest.approx(measured[f"mem_{category}_peak_mib"], rel=0.005,
+                                    abs=1e-4), (category, said)
     for category, mib in predicted["by_category"].items():
-        assert mib == pytest.approx(measured[f"mem_at_peak_{category}_mib"], rel=0.005, abs=1e-4), (category, said)
+        assert mib == pytest.approx(measured[f"mem_at_peak_{category}_mib"], rel=0.005,
+                                    abs=1e-4), (category, said)
     for key, mib in predicted["per_rank"].items():  # rank<r>_est_<category>_peak_mib
         assert mib == pytest.approx(measured[key.replace("_est_", "_mem_")], rel=0.005), (key, said)
     assert len(predicted["per_rank"]) == (4 * world if world > 1 else 0)
@@ -74,7 +79,8 @@ def test_inference_equals_a_real_metered_generation_and_the_cache_its_closed_for
     q = Question(arch, "inference", batch_size=3, context=40, prompt=24, dtype="fp32", kv_bits=kv_bits)
     predicted = estimate(q)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hf_config(arch, use_cache=True), attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_config(hf_config(arch, use_cache=True),
+                                             attn_implementation="sdpa").eval()
     real = metered_generation(model, torch.randint(0, 512, (3, 24)), 40, kv_bits=kv_bits)
     assert predicted["peak_mib"] == pytest.approx(real["peak_mib"], rel=0.01)
     assert real["kv_cache_end_mib"] == pytest.approx(predicted["kv_cache_predicted_mib"], rel=0.01)
@@ -89,15 +95,16 @@ def test_a_plan_lists_the_stacks_that_fit_cheapest_first() -> None:
     tried = {r["stack"]: r for r in found["tried"]}
     asked = tried["as asked"]
     large, small = found["devices"]["large"], found["devices"]["small"]
-    assert large["fits"] and large["stacks"][0] == {"stack": "as asked", "cost": 1.0, "peak_mib": asked["peak_mib"]}
+    assert large["fits"] and large["stacks"][0] == {"stack": "as asked", "cost": 1.0,
+                                                    "peak_mib": asked["peak_mib"]}
     assert asked["peak_mib"] + 1.0 > 0.005 * 1024  # the small device needs moves
     assert small["fits"] and "as asked" not in [s["stack"] for s in small["stacks"]]
     for s in small["stacks"]:
         assert s["peak_mib"] + 1.0 <= 0.005 * 1024
     costs = [s["cost"] for s in small["stacks"]]
     assert costs == sorted(costs) and all(c >= 1.0 for c in costs)
-    # beside it, what others estimate: accelerate's bf16 'Training using Adam' is its largest figure, AdamW's two
-    # fp32 moments (8 bytes a parameter); Korthikanti et al.: s*b*h*(34 + 5*a*s/h) a layer, 16-bit
+    # beside it, what others estimate: accelerate's bf16 'Training using Adam' is its largest figure, AdamW's
+    # two fp32 moments (8 bytes a parameter); Korthikanti et al.: s*b*h*(34 + 5*a*s/h) a layer, 16-bit
     from transformers import AutoModelForCausalLM
 
     from stages.plan.catalog import hf_config
@@ -139,7 +146,8 @@ def test_the_stage_writes_every_plan_and_its_figures(tmp_path: Path) -> None:
 
 def test_the_question_prints_a_plan() -> None:
     done = run_cli("plan", ["--arch", str(TINY_CONFIG), "--workload", "pretrain", "--device-gib", "1",
-                            "--batch-size", "2", "--micro-batch-size", "2", "--context", "64", "--set", "precision=bf16",
+                            "--batch-size", "2", "--micro-batch-size", "2", "--context", "64", "--set",
+                            "precision=bf16",
                             "--reserve-mib", "1"])
     assert done.returncode == 0, done.stderr
     assert "device-0 (1,024 MiB, 1 held back): fits with as asked" in done.stdout
@@ -155,8 +163,8 @@ def test_the_question_prints_a_plan() -> None:
      "prompt (512) must be below context (128)"),
     (["--arch", "gpt2", "--batch-size", "2"], "batch_size (2) must be a multiple of micro_batch_size (8)"),
     (["--arch", "gpt2-xl", "--context", "2048", "--micro-batch-size", "1"],
-     "plan: context 2,048 is longer than gpt2-xl's 1,024 positions (its config's n_positions): ask for 1,024 tokens "
-     "or fewer"),
+     ("plan: context 2,048 is longer than gpt2-xl's 1,024 positions (its config's n_positions): ask "
+      "for 1,024 tokens or fewer")),
 ])
 def test_a_question_that_cannot_be_planned_is_one_line(args: list[str], expected: str) -> None:
     done = run_cli("plan", args)
@@ -165,7 +173,8 @@ def test_a_question_that_cannot_be_planned_is_one_line(args: list[str], expected
 
 
 def test_a_config_the_planner_cannot_build_is_one_line(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}), encoding="utf-8")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}),
+                                          encoding="utf-8")
     done = run_cli("plan", ["--arch", str(tmp_path)])
     assert done.returncode == 2
     assert "model_type 'bert' is not one the planner builds" in one_error_line(done.stderr, "plan")
@@ -176,8 +185,9 @@ def test_a_config_the_planner_cannot_build_is_one_line(tmp_path: Path) -> None:
     ({"architectures": ["llama-3-8b", "gpt2"], "context": 2048},  # the second's positions end at 1,024
      "plan: context 2,048 is longer than gpt2's 1,024 positions (its config's n_positions)"),
 ])
-def test_bad_plan_params_are_refused_before_any_work_and_keep_the_previous_outputs(tmp_path: Path, change: dict,
-                                                                                  expected: str) -> None:
+def test_bad_plan_params_are_refused_before_any_work_and_keep_the_previous_outputs(tmp_path: Path,
+                                                                                   change: dict,
+                                                                                   expected: str) -> None:
     import yaml
 
     from tests.conftest import tiny_params
@@ -207,8 +217,9 @@ def test_a_device_the_weights_alone_overflow_is_answered_without_a_dry_run() -> 
     answer = found["devices"]["H100"]
     assert not answer["fits"] and answer["stacks"] == [] and found["tried"] == [] and not found["out_of_time"]
     floor = 70_553_706_496 * 2 / 2**20  # the published count, 2 bytes each
-    assert answer["cannot_fit"] == (f"the weights alone need at least {floor:,.0f} MiB a rank (70.55 B weights at 2 "
-                                    f"bytes each), more than 81,920 MiB less 2,048 held back")
+    assert answer["cannot_fit"] == (f"the weights alone need at least {floor:,.0f} MiB a rank (70.55 B "
+                                    f"weights at 2 bytes each), more than 81,920 MiB less 2,048 held back")
     sharded = Question(CATALOG["llama-3-70b"], "pretrain", world_size=8, strategy="fsdp")
     assert weights_floor(sharded, 70_553_706_496)[0] == pytest.approx(floor / 8)
-    assert weights_floor(Question(CATALOG["llama-3-70b"], "qlora"), 70_553_706_496)[0] == pytest.approx(floor / 4)
+    assert weights_floor(Question(CATALOG["llama-3-70b"], "qlora"),
+                         70_553_706_496)[0] == pytest.approx(floor / 4)

@@ -20,8 +20,8 @@ from tests.conftest import ROOT, as_stage
 
 # a sum whose order depends on the vector width and the thread count (ATen's own reduction)
 PROBE = ("import hashlib, os, torch; from stages.common.harness.portable import pin_threads; "
-         "torch.set_num_threads(int(os.environ.get('EMULATED_CORES', torch.get_num_threads()))); pin_threads(); "
-         "x = torch.randn(2_560_000, generator=torch.Generator().manual_seed(0)); "
+         "torch.set_num_threads(int(os.environ.get('EMULATED_CORES', torch.get_num_threads()))); "
+         "pin_threads(); x = torch.randn(2_560_000, generator=torch.Generator().manual_seed(0)); "
          "print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), x.sum().item().hex(), "
          "hashlib.md5(torch.softmax(x.view(-1, 1000), -1).numpy().tobytes()).hexdigest())")
 
@@ -41,24 +41,30 @@ def params_file(tmp_path: Path, portable: bool | None) -> Path:
 def in_stage_process(params: Path, code: str, **env: str) -> str:
     """`code` run as a stage's process runs: the stages package imported first, with --params."""
     clean = {k: v for k, v in os.environ.items() if k != MARK and not k.startswith(("ATEN_", "MKL_", "OMP_",
-                                                                                        "OPENBLAS_", "ONEDNN_"))}
-    script = as_stage("stages.train") + f"sys.argv = ['-m', '--params', {str(params)!r}]; import stages; {code}"
+                                                                                    "OPENBLAS_",
+                                                                                    "ONEDNN_"))}
+    script = as_stage(
+        "stages.train") + f"sys.argv = ['-m', '--params', {str(params)!r}]; import stages; {code}"
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**clean, **env}, capture_output=True,
                           text=True, check=True, timeout=300)
     return done.stdout.strip()
 
 
 def test_pins_are_set_before_the_libraries_load_and_taken_back_when_off(tmp_path: Path) -> None:
-    show = "import os, json; print(json.dumps({k: os.environ.get(k) for k in ('ATEN_CPU_CAPABILITY', 'MKL_CBWR', " \
-           "'OPENBLAS_CORETYPE', 'OMP_NUM_THREADS', 'LMMEM_PORTABLE')}))"
-    on = json.loads(in_stage_process(params_file(tmp_path, None), show, OMP_NUM_THREADS="7"))  # the default: on
+    show = ("import os, json; print(json.dumps({k: os.environ.get(k) for k in ('ATEN_CPU_CAPABILITY', "
+            "'MKL_CBWR', 'OPENBLAS_CORETYPE', 'OMP_NUM_THREADS', 'LMMEM_PORTABLE')}))")
+    # the default: on
+    on = json.loads(in_stage_process(params_file(tmp_path, None), show, OMP_NUM_THREADS="7"))
     assert on["OMP_NUM_THREADS"] == str(THREADS) and on["LMMEM_PORTABLE"]
     if has_avx2():
-        assert (on["ATEN_CPU_CAPABILITY"], on["MKL_CBWR"], on["OPENBLAS_CORETYPE"]) == ("avx2", "AVX2,STRICT", "Haswell")
+        assert (on["ATEN_CPU_CAPABILITY"], on["MKL_CBWR"],
+                on["OPENBLAS_CORETYPE"]) == ("avx2", "AVX2,STRICT", "Haswell")
     # off: what a parent process pinned is taken back; a user's own variable is left alone
-    off = json.loads(in_stage_process(params_file(tmp_path, False), show, LMMEM_PORTABLE="MKL_CBWR,OMP_NUM_THREADS",
+    off = json.loads(in_stage_process(params_file(tmp_path, False), show,
+                                      LMMEM_PORTABLE="MKL_CBWR,OMP_NUM_THREADS",
                                       MKL_CBWR="AVX2,STRICT", OMP_NUM_THREADS="2", OPENBLAS_CORETYPE="Zen"))
-    assert off == {"ATEN_CPU_CAPABILITY": None, "MKL_CBWR": None, "OPENBLAS_CORETYPE": "Zen", "OMP_NUM_THREADS": None,
+    assert off == {"ATEN_CPU_CAPABILITY": None, "MKL_CBWR": None, "OPENBLAS_CORETYPE": "Zen",
+                   "OMP_NUM_THREADS": None,
                    "LMMEM_PORTABLE": None}
 
 
@@ -97,7 +103,8 @@ def test_the_report_shows_one_machine_or_each_with_its_stages() -> None:
     same = {"train": {"machine_cpu": "A", "machine_portable": True}, "evaluate": {"machine_cpu": "A",
                                                                                   "machine_portable": True}}
     assert machine_rows(same) == [["CPU", "A"], ["numerics pinned", "true"]]
-    mixed = {"train": {"machine_cpu": "A"}, "compress": {"machine_cpu": "B"}, "evaluate": {"machine_cpu": "A"}}
+    mixed = {"train": {"machine_cpu": "A"}, "compress": {"machine_cpu": "B"},
+             "evaluate": {"machine_cpu": "A"}}
     assert machine_rows(mixed) == [["CPU", "A (train, evaluate); B (compress)"]]
     blas = {"clean": {"machine_blas": "numpy: openblas Haswell"},
             "train": {"machine_blas": "torch: MKL; numpy: openblas Haswell"}, "report": {}}

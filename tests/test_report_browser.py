@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_report import inputs, report  # noqa: F401  (the fixture is used by name)
+from tests.test_report import inputs, report  # noqa: F401 - the fixture is used by name
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),

@@ -20,7 +20,8 @@ def test_packing_by_hand() -> None:
     assert kind == "bf16" and half.dtype == torch.bfloat16 and half.nbytes == 64 * 512 * 2
     assert torch.allclose(_unpack((kind, half)), t, rtol=2**-8, atol=0)  # bf16 keeps 8 bits of mantissa
     kind, q, scale = _pack_int8(t)
-    assert q.dtype == torch.int8 and q.nbytes + scale.nbytes == 64 * 512 + 64 * 4  # a byte each, a scale a row
+    # a byte each, a scale a row
+    assert q.dtype == torch.int8 and q.nbytes + scale.nbytes == 64 * 512 + 64 * 4
     assert (q.abs().amax(dim=-1) == 127).all()  # each row's largest magnitude maps to 127
     assert ((_unpack((kind, q, scale)) - t).abs() <= scale / 2 + 1e-7).all()  # within half a step
     weight = torch.nn.Parameter(torch.randn(512, 512))

@@ -26,7 +26,8 @@ def test_the_bitmask_form_decodes_to_the_same_matrix_and_holds_its_hand_counted_
     matrix = BitmaskMatrix(weight)
     assert torch.equal(matrix.dense(), weight)
     index = torch.tensor([36, 0, 5, 5, 17])
-    assert torch.equal(matrix.rows(index), weight[index]) and torch.equal(matrix.row_range(5, 30), weight[5:30])
+    assert torch.equal(matrix.rows(index),
+                       weight[index]) and torch.equal(matrix.row_range(5, 30), weight[5:30])
     nnz = int((weight != 0).sum())
     held = sum(b.numel() * b.element_size() for b in matrix.buffers())
     assert held == bitmask_bytes(weight) == 37 * 2 + nnz * 4 + 38 * 8

@@ -49,7 +49,8 @@ SPECIALS: dict[str, tuple[Callable[[Path], None], str]] = {
 
 
 def check(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "stages.common.harness.specials", *args], cwd=root, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "stages.common.harness.specials", *args], cwd=root,
+                          capture_output=True,
                           text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
 
 
@@ -69,10 +70,11 @@ def test_make_repros_check_refuses_a_special_file_among_the_dependencies(project
 
 
 def test_the_makefile_checks_before_dvc_repro() -> None:
-    recipe = (ROOT / "Makefile").read_text(encoding="utf-8").split("\nrepro: setup\n", 1)[1].split("\n\n", 1)[0]
+    recipe = (ROOT / "Makefile").read_text(encoding="utf-8").split("\nrepro: setup\n",
+                                                                   1)[1].split("\n\n", 1)[0]
     lines = [line.strip() for line in recipe.splitlines()]
-    assert lines.index("$(BIN)/python -m stages.common.harness.specials  # a FIFO or device among the dependencies: "
-                       "refused before DVC hashes it") < lines.index("$(BIN)/dvc repro")
+    assert lines.index("$(BIN)/python -m stages.common.harness.specials  # a FIFO or device among the "
+                       "dependencies: refused before DVC hashes it") < lines.index("$(BIN)/dvc repro")
 
 
 def test_the_flows_status_check_refuses_before_dvc_hashes(project: Path) -> None:

@@ -39,7 +39,8 @@ def import_graph() -> nx.DiGraph:
 def test_no_import_circles() -> None:
     graph = import_graph()
     assert graph.number_of_nodes() > 40
-    assert graph.has_edge("stages.compress.distill", "stages.common.modelling.windows")  # the walker sees real imports
+    # the walker sees real imports
+    assert graph.has_edge("stages.compress.distill", "stages.common.modelling.windows")
     assert list(nx.simple_cycles(graph)) == []
 
 
@@ -108,7 +109,7 @@ def test_no_function_over_60_lines() -> None:
 
 def test_the_function_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys.modules[__name__], "MAX_FUNCTION_LINES", 50)
-    assert "stages/domain.py:run" in long_functions()
+    assert "flows/sweep.py:sweep" in long_functions()
 
 
 MAX_LINES = 400
@@ -146,7 +147,8 @@ import importlib, json, os, sys
 sys.orig_argv = json.loads(os.environ.pop("ORIG_ARGV", "null")) or sys.orig_argv
 import torch
 before, threads = dict(os.environ), torch.get_num_threads()
-for name in ("stages.common.weights.loading", "stages.train", "stages.plan.dryrun", "stages.evaluate", "stages"):
+for name in ("stages.common.weights.loading", "stages.train", "stages.plan.dryrun", "stages.evaluate",
+             "stages"):
     importlib.import_module(name)
 changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
 print(json.dumps({"changed": changed, "threads": [threads, torch.get_num_threads()],
@@ -157,8 +159,10 @@ print(json.dumps({"changed": changed, "threads": [threads, torch.get_num_threads
 def import_effects(tmp_path: Path, orig_argv: list[str] | None, allocator: str) -> dict:
     """Import lmmem's library modules in a fresh interpreter, in a folder whose params.yaml asks
     for pinned numerics and `allocator`, under DVC (DVC_STAGE set): what changed."""
-    (tmp_path / "params.yaml").write_text(f"base:\n  portable: true\n  allocator: {allocator}\n", encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LMMEM_", "OMP_", "MKL_", "DNNL_", "ONEDNN_"))}
+    (tmp_path / "params.yaml").write_text(f"base:\n  portable: true\n  allocator: {allocator}\n",
+                                          encoding="utf-8")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LMMEM_", "OMP_", "MKL_", "DNNL_", "ONEDNN_"))}
     env.update(PYTHONPATH=str(ROOT), DVC_STAGE="train", ORIG_ARGV=json.dumps(orig_argv))
     done = subprocess.run([sys.executable, "-c", IMPORT_CHECK], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300, check=True)
@@ -173,5 +177,7 @@ def test_importing_lmmem_changes_no_variable_thread_count_or_allocator(tmp_path:
 
 
 def test_a_stage_process_is_pinned_on_the_same_import(tmp_path: Path) -> None:
-    found = import_effects(tmp_path, [sys.executable, "-m", "stages.train"], "glibc")  # as `python -m stages.train`
-    assert {"LMMEM_PORTABLE", "OMP_NUM_THREADS", "LMMEM_WATCHED"} <= set(found["changed"]) and found["watcher"]
+    # as `python -m stages.train`
+    found = import_effects(tmp_path, [sys.executable, "-m", "stages.train"], "glibc")
+    assert {"LMMEM_PORTABLE", "OMP_NUM_THREADS",
+            "LMMEM_WATCHED"} <= set(found["changed"]) and found["watcher"]

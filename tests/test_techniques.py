@@ -23,7 +23,8 @@ from tests.conftest import ROOT, tiny_params
 def test_every_technique_is_registered_once_with_described_params() -> None:
     names = [t.name for t in REGISTRY]
     assert len(names) == len(set(names))
-    assert {"precision", "chunked_loss", "activation_checkpointing", "micro_batching", "torch_optimizers", "adamw8bit",
+    assert {"precision", "chunked_loss", "activation_checkpointing", "micro_batching", "torch_optimizers",
+            "adamw8bit",
             "adafactor", "sparse_adam", "pruning", "allocator", "distributed"} <= set(names)
     modules = {p.stem for p in (ROOT / "stages" / "train" / "techniques").glob("*.py")} - {"__init__", "base"}
     assert {type(t).__module__.rsplit(".", 1)[1] for t in REGISTRY} == modules  # one module, one technique
@@ -43,8 +44,10 @@ def test_auto_fit_moves_come_cheapest_first_and_each_costs_at_least_one() -> Non
         {"optimizer": "adamw8bit"},
         {"activation_checkpointing": True}, {"micro_batch_size": 2}, {"micro_batch_size": 1},
         {"optimizer": "adafactor"}]
-    distributed = params.model_copy(update={"distributed": params.distributed.model_copy(update={"nproc": 2})})
-    assert all_moves(distributed)[0].changes == {"distributed.strategy": "zero1"}  # sharding changes no number
+    distributed = params.model_copy(update={"distributed": params.distributed.model_copy(update={
+        "nproc": 2})})
+    # sharding changes no number
+    assert all_moves(distributed)[0].changes == {"distributed.strategy": "zero1"}
 
 
 def test_a_technique_refusal_is_one_line_naming_it() -> None:
@@ -96,8 +99,8 @@ def test_adding_a_technique_is_one_new_module(tmp_path: Path) -> None:
     data = tiny_params()
     data["train"]["example_cap"] = 10  # the tiny profile trains 30 steps
     params.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
-    probe = ("import json; from stages.train import Params; from stages.train.techniques import REGISTRY, all_moves; "
-             "p = Params(); print(json.dumps({'fields': list(Params.model_fields), "
+    probe = ("import json; from stages.train import Params; from stages.train.techniques import REGISTRY, "
+             "all_moves; p = Params(); print(json.dumps({'fields': list(Params.model_fields), "
              "'names': [t.name for t in REGISTRY], 'moves': [m.changes for m in all_moves(p)]}))")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -105,7 +108,8 @@ def test_adding_a_technique_is_one_new_module(tmp_path: Path) -> None:
     seen = json.loads(out.stdout)
     assert "example_cap" in seen["fields"] and seen["names"][-1] == "example"
     assert {"example_cap": 0} in seen["moves"]
-    run = subprocess.run([sys.executable, "-m", "stages.train", "--params", str(params), "--out", str(tmp_path / "m"),
+    run = subprocess.run([sys.executable, "-m", "stages.train", "--params", str(params), "--out",
+                          str(tmp_path / "m"),
                           "--metrics", str(tmp_path / "m.json")], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300, check=False)
     assert run.returncode == 2

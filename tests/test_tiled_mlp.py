@@ -44,7 +44,8 @@ def test_the_mlp_intermediates_are_held_a_tile_at_a_time() -> None:
     assert whole - tiled >= layers * (intermediates - batch * context * width * 4)
     # inside checkpointed blocks: the recomputation's workspace in backward shrinks
     full = metered_against_estimate(params(activation_checkpointing=True)).category_peaks["temporaries"]
-    both = metered_against_estimate(params(activation_checkpointing=True, mlp_tiles=4)).category_peaks["temporaries"]
+    both = metered_against_estimate(params(activation_checkpointing=True,
+                                           mlp_tiles=4)).category_peaks["temporaries"]
     assert both < full
 
 

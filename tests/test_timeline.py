@@ -20,7 +20,8 @@ VOCAB, BATCH, CONTEXT = 300, 2, 16
 
 def tiny_llama(layers: int = 2) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(ModelParams(family="llama", layers=layers, width=32, heads=2, context=CONTEXT), VOCAB, SPECIAL)
+    return build_model(ModelParams(family="llama", layers=layers, width=32, heads=2, context=CONTEXT), VOCAB,
+                       SPECIAL)
 
 
 def test_names_drop_the_root_and_its_wrapper_and_group_by_block() -> None:
@@ -90,7 +91,8 @@ def test_the_timeline_changes_nothing_the_meter_counts_under_activation_checkpoi
     assert max(sum(s.bytes.values()) for s in timeline.samples) == peak
     # the recomputation is attributed to the blocks, in backward
     assert {s.module.split(".")[0] + "." + s.module.split(".")[1] for s in timeline.samples
-            if s.phase == "backward" and s.module.startswith("layers.")} == {"layers.0", "layers.1", "layers.2"}
+            if s.phase == "backward"
+            and s.module.startswith("layers.")} == {"layers.0", "layers.1", "layers.2"}
 
 
 def test_generation_by_block_keeps_the_prefill_and_the_last_steps_and_its_peak() -> None:
@@ -108,10 +110,11 @@ def test_generation_by_block_keeps_the_prefill_and_the_last_steps_and_its_peak()
     assert last["layers.0_mib"] > 0 and last["layers.1_mib"] > 0 and last["weights_mib"] > 0
 
 
-def test_train_writes_its_peak_step_module_by_module(tmp_path: Path, tokens: Path, params_file) -> None:  # noqa: ANN001
+def test_train_writes_its_peak_step_module_by_module(tmp_path: Path, tokens: Path, params_file) -> None:
     from tests.conftest import read_metrics, run_cli, train_args
 
-    params_file(train={"steps": 3, "warmup_steps": 1, "eval_every": 3, "checkpoint_every": 3, "meter_steps": 2})
+    params_file(train={"steps": 3, "warmup_steps": 1, "eval_every": 3, "checkpoint_every": 3,
+                       "meter_steps": 2})
     result = run_cli("train", train_args(tmp_path, tokens))
     assert result.returncode == 0, result.stderr
     metrics = read_metrics(tmp_path / "train.json")

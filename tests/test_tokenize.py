@@ -148,7 +148,8 @@ def test_two_workers_write_the_same_bytes_as_one(params_file: Callable[..., Path
         rc, out, _ = tokenize(params_file(tokenize={"workers": workers, "batch_docs": 16, "gold": ""}), work)
         assert rc == 0
         # params.json (and its digest in the owner file) records the workers: everything else is the same
-        outputs.append({p.name: p.read_bytes() for p in out.iterdir() if p.name not in ("params.json", ".lmmem-out")})
+        outputs.append({p.name: p.read_bytes() for p in out.iterdir()
+                        if p.name not in ("params.json", ".lmmem-out")})
     assert outputs[0] == outputs[1]
 
 
@@ -167,7 +168,8 @@ def test_a_vocabulary_over_65536_words_uses_uint32(params_file: Callable[..., Pa
     assert read_metrics(metrics_path)["vocab_size"] == 70_004
 
 
-def test_builtin_gold_score_matches_the_stored_figure(params_file: Callable[..., Path], tmp_path: Path) -> None:
+def test_builtin_gold_score_matches_the_stored_figure(params_file: Callable[..., Path],
+                                                      tmp_path: Path) -> None:
     """jieba 0.42.1 (precise, HMM) against the first 300 lines of People's Daily 1998."""
     write_clean(tmp_path / "clean", DOCS)
     rc, _, metrics_path = tokenize(params_file(tokenize={"gold_max_lines": 300}), tmp_path)
@@ -179,11 +181,12 @@ def test_builtin_gold_score_matches_the_stored_figure(params_file: Callable[...,
 
 
 def test_missing_user_dictionary_is_refused(params_file: Callable[..., Path], tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+                                            capsys: pytest.CaptureFixture[str]) -> None:
     write_clean(tmp_path / "clean", DOCS)
     rc, out, metrics = tokenize(params_file(tokenize={"user_dict": str(tmp_path / "no.txt")}), tmp_path)
     assert rc == 2
-    assert f"tokenize.user_dict: no such file: {tmp_path}/no.txt" in one_error_line(capsys.readouterr().err, "tokenize")
+    assert f"tokenize.user_dict: no such file: {tmp_path}/no.txt" in one_error_line(capsys.readouterr().err,
+                                                                                    "tokenize")
     assert not out.exists() and not metrics.exists()
 
 

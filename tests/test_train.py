@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from tests.conftest import (deep_update, kill_at_checkpoint, one_error_line, read_metrics, run_cli,
-                             run_stage, tiny_params, train_args)
+                            run_stage, tiny_params, train_args)
 
 TIMING = {"seconds", "peak_rss_mib", "step_ms_median", "tokens_per_sec", "rss_start_mib", "rss_predicted_mib",
           "rss_prediction_error"}  # the process's memory: the machine's, as its times are
@@ -51,11 +51,13 @@ def test_llama_trains_and_loads_with_stock_transformers(train: Callable[..., Any
     out = generate("这 本书", max_new_tokens=5, do_sample=True, return_tensors=True)
     assert len(out[0]["generated_token_ids"]) == 2 + 5
     steps = (model_dir.parent / "plots" / "steps.csv").read_text().splitlines()
-    assert steps[0] == "step,train_loss,val_loss,lr,step_ms,sparsity,rss_mib,tensor_peak_mib" and len(steps) == 1 + 30
+    assert steps[0] == "step,train_loss,val_loss,lr,step_ms,sparsity,rss_mib,tensor_peak_mib" and len(
+        steps) == 1 + 30
     with (model_dir.parent / "plots" / "steps.csv").open() as f:
         rows = list(csv.DictReader(f))
     # the metered steps (the first 2) carry their tensor peak, the largest of which is the run's
-    assert max(float(r["tensor_peak_mib"]) for r in rows[:2]) == pytest.approx(m["mem_total_peak_mib"], rel=1e-5)
+    assert max(float(r["tensor_peak_mib"])
+               for r in rows[:2]) == pytest.approx(m["mem_total_peak_mib"], rel=1e-5)
     assert all(r["tensor_peak_mib"] == "" for r in rows[2:])
     assert all(0 < float(r["rss_mib"]) < 4096 for r in rows)
 
@@ -79,7 +81,8 @@ def test_same_seed_same_model_and_metrics(train: Callable[..., Any]) -> None:
     rc1, m1, d1 = train("a")
     rc2, m2, d2 = train("b")
     assert rc1 == rc2 == 0
-    assert {k: v for k, v in m1.items() if k not in TIMING} == {k: v for k, v in m2.items() if k not in TIMING}
+    assert {k: v for k, v in m1.items()
+            if k not in TIMING} == {k: v for k, v in m2.items() if k not in TIMING}
     assert (d1 / "model.safetensors").read_bytes() == (d2 / "model.safetensors").read_bytes()
 
 
@@ -88,7 +91,8 @@ def test_memory_techniques_move_their_category(train: Callable[..., Any]) -> Non
     bf16 = train("bf16", precision="bf16")[1]
     fp16 = train("fp16", precision="fp16")[1]  # autocast with the gradient scaler
     ckpt = train("ckpt", activation_checkpointing=True)[1]
-    half = train("ckpt-half", activation_checkpointing=True, activation_checkpointing_every=2)[1]  # 1 block of 2
+    # 1 block of 2
+    half = train("ckpt-half", activation_checkpointing=True, activation_checkpointing_every=2)[1]
     keep_matmuls = train("ckpt-matmuls", activation_checkpointing=True,
                          activation_checkpointing_policy="save_matmuls")[1]
     micro = train("micro", micro_batch_size=2)[1]
@@ -97,7 +101,8 @@ def test_memory_techniques_move_their_category(train: Callable[..., Any]) -> Non
     # in this toy model the logits (batch x context x vocab) are most of the activations and
     # checkpointing cannot drop them: it removes the blocks' share, about a third here
     assert ckpt["mem_activations_peak_mib"] < 0.75 * base["mem_activations_peak_mib"]
-    assert ckpt["mem_activations_peak_mib"] < half["mem_activations_peak_mib"] < base["mem_activations_peak_mib"]
+    assert ckpt["mem_activations_peak_mib"] < half["mem_activations_peak_mib"] < base[
+        "mem_activations_peak_mib"]
     # selective: the matrix products kept, only pointwise work recomputed: between the two
     assert ckpt["mem_activations_peak_mib"] < keep_matmuls["mem_activations_peak_mib"] \
         < base["mem_activations_peak_mib"]
@@ -112,7 +117,8 @@ def test_memory_techniques_move_their_category(train: Callable[..., Any]) -> Non
     assert chunk["val_loss"] == pytest.approx(base["val_loss"], abs=1e-3)
     assert chunk["mem_total_peak_mib"] < 0.8 * base["mem_total_peak_mib"]
     assert chunk["mem_temporaries_peak_mib"] < 0.5 * base["mem_temporaries_peak_mib"]
-    for m in (base, bf16, fp16, ckpt, half, keep_matmuls, micro, adafactor, chunk):  # the dry run, every category
+    # the dry run, every category
+    for m in (base, bf16, fp16, ckpt, half, keep_matmuls, micro, adafactor, chunk):
         for category in ("total", "parameters", "gradients", "optimizer", "activations", "temporaries"):
             assert abs(m[f"est_error_{category}_peak_mib"]) < 0.02, (category, m)
     for m in (bf16, fp16, ckpt, micro):
@@ -126,7 +132,8 @@ def test_gpt2_and_lstm(train: Callable[..., Any]) -> None:
     from stages.common.modelling.models import load_lstm
 
     rc, m, model_dir = train("gpt2", model={"family": "gpt2"})
-    assert rc == 0 and type(AutoModelForCausalLM.from_pretrained(str(model_dir))).__name__ == "GPT2LMHeadModel"
+    assert rc == 0 and type(AutoModelForCausalLM.from_pretrained(str(
+        model_dir))).__name__ == "GPT2LMHeadModel"
     rc, m, model_dir = train("lstm", model={"family": "lstm"})
     assert rc == 0 and m["val_loss"] < 7.5
     model = load_lstm(model_dir)
@@ -140,8 +147,8 @@ def test_gpt2_and_lstm(train: Callable[..., Any]) -> None:
     ({"model": {"family": "lstm"}, "activation_checkpointing": True},
      "activation_checkpointing: the lstm baseline"),
     ({"activation_checkpointing_policy": "save_matmuls"},
-     "activation_checkpointing_policy save_matmuls chooses what checkpointing keeps: set activation_checkpointing: "
-     "true"),
+     ("activation_checkpointing_policy save_matmuls chooses what checkpointing keeps: set "
+      "activation_checkpointing: true")),
     ({"loss_chunk_tokens": 64, "micro_batch_size": 4, "distributed": {"nproc": 2, "strategy": "fsdp"}},
      "loss_chunk_tokens: fsdp keeps the output head's weight sharded"),
     ({"saved_activations": "cpu"}, "train.saved_activations cpu moves activations off an accelerator"),
@@ -152,17 +159,22 @@ def test_gpt2_and_lstm(train: Callable[..., Any]) -> None:
      "prune.end_step (30) must be below steps (30)"),
     ({"prune": {"final_sparsity": 0.5, "start_step": 10, "end_step": 10}},
      "end_step (10) must come after start_step (10)"),
-    ({"prune": {"final_sparsity": 0.3, "initial_sparsity": 0.5}}, "initial_sparsity (0.5) is above final_sparsity"),
-    ({"cuda_alloc_conf": "expandable_segment:True"}, "cuda_alloc_conf: 'expandable_segment:True' is not key:value"),
-    ({"optimizer": "lion"}, "train.optimizer: must be one of 'sgd', 'adam', 'adamw', 'adagrad', 'rmsprop', "
-                               "'adamw8bit', 'adafactor', 'galore_adamw', 'adam_mini' or 'sparse_adam' (got 'lion')"),
+    ({"prune": {"final_sparsity": 0.3, "initial_sparsity": 0.5}},
+     "initial_sparsity (0.5) is above final_sparsity"),
+    ({"cuda_alloc_conf": "expandable_segment:True"},
+     "cuda_alloc_conf: 'expandable_segment:True' is not key:value"),
+    ({"optimizer": "lion"}, ("train.optimizer: must be one of 'sgd', 'adam', 'adamw', 'adagrad', 'rmsprop', "
+                             "'adamw8bit', 'adafactor', 'galore_adamw', 'adam_mini' or 'sparse_adam' "
+                             "(got 'lion')")),
 ])
 def test_impossible_combinations_fail_before_training(tokens: Path, tmp_path: Path, train_params: dict,
-                                                      message: str, capsys: pytest.CaptureFixture[str]) -> None:
+                                                      message: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": train_params}), allow_unicode=True))
-    rc = run_stage("train", ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "model"),
-                             "--plots", str(tmp_path / "plots"), "--metrics", str(tmp_path / "m.json")])
+    rc = run_stage("train",
+                   ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "model"),
+                    "--plots", str(tmp_path / "plots"), "--metrics", str(tmp_path / "m.json")])
     assert rc == 2
     assert message in one_error_line(capsys.readouterr().err, "train")
     assert not (tmp_path / "model").exists() and not (tmp_path / "m.json").exists()
@@ -173,11 +185,14 @@ def test_cuda_requested_without_cuda_is_refused(tokens: Path, tmp_path: Path,
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"base": {"device": "cuda"}}), allow_unicode=True))
-    rc = run_stage("train", ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "model"),
-                             "--plots", str(tmp_path / "plots"), "--metrics", str(tmp_path / "m.json")])
+    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"base": {"device": "cuda"}}),
+                                     allow_unicode=True))
+    rc = run_stage("train",
+                   ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "model"),
+                    "--plots", str(tmp_path / "plots"), "--metrics", str(tmp_path / "m.json")])
     assert rc == 2
-    assert "base.device is cuda but no CUDA device is available" in one_error_line(capsys.readouterr().err, "train")
+    assert "base.device is cuda but no CUDA device is available" in one_error_line(capsys.readouterr().err,
+                                                                                   "train")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -197,7 +212,8 @@ def test_cuda_paths_report_cuda_memory(train: Callable[..., Any], tmp_path: Path
     {"optimizer": "sparse_adam", "model": {"tie_embeddings": False}},
     {"optimizer": "adamw8bit"},
 ], ids=["pruning", "sparse_adam", "adamw8bit"])
-def test_a_killed_run_resumes_to_the_same_metrics(tokens: Path, tmp_path: Path, technique: dict[str, Any]) -> None:
+def test_a_killed_run_resumes_to_the_same_metrics(tokens: Path, tmp_path: Path,
+                                                  technique: dict[str, Any]) -> None:
     """Both runs are `python -m stages.train` as DVC starts it: a fresh process each, the same
     libraries imported (kernels may round differently in a process that imported others)."""
     settings = {"steps": 120, "checkpoint_every": 5, "eval_every": 20, **technique}
@@ -224,15 +240,17 @@ def test_a_killed_run_resumes_to_the_same_metrics(tokens: Path, tmp_path: Path, 
     resumed = read_metrics(work / "train.json")
     assert {k: v for k, v in resumed.items() if k not in TIMING} == \
         {k: v for k, v in uninterrupted.items() if k not in TIMING}
-    assert (work / "model" / "model.safetensors").read_bytes() == (full_dir / "model.safetensors").read_bytes()
+    assert (work / "model" / "model.safetensors").read_bytes() == (
+        full_dir / "model.safetensors").read_bytes()
     assert (work / "plots" / "steps.csv").read_text().splitlines()[1:][-1].split(",")[:4] == \
         (full_dir.parent / "plots" / "steps.csv").read_text().splitlines()[-1].split(",")[:4]
     # the peak step module by module, metered before the kill: carried by the checkpoint
-    assert (work / "plots" / "timeline.csv").read_bytes() == (full_dir.parent / "plots" / "timeline.csv").read_bytes()
+    assert (work / "plots" / "timeline.csv").read_bytes() == (
+        full_dir.parent / "plots" / "timeline.csv").read_bytes()
 
 
 def test_a_checkpoint_of_other_params_is_not_resumed(tokens: Path, train: Callable[..., Any], tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, _ = train("first")
     assert rc == 0
     ckpt = tmp_path / "first" / "ckpt"
@@ -240,42 +258,50 @@ def test_a_checkpoint_of_other_params_is_not_resumed(tokens: Path, train: Callab
     rc, fresh, _ = train("fresh", lr=0.001)
     assert rc == 0
     params = tmp_path / "other.yaml"
-    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": {"lr": 0.001}}), allow_unicode=True))
+    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": {"lr": 0.001}}),
+                                     allow_unicode=True))
     capsys.readouterr()
     assert run_stage("train", ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "m"),
                                "--plots", str(tmp_path / "p"), "--checkpoints", str(ckpt),
                                "--metrics", str(tmp_path / "other.json")]) == 0
     assert "belongs to other params, data or code: starting afresh" in capsys.readouterr().err
     other = read_metrics(tmp_path / "other.json")
-    assert {k: v for k, v in other.items() if k not in TIMING} == {k: v for k, v in fresh.items() if k not in TIMING}
+    assert {k: v for k, v in other.items()
+            if k not in TIMING} == {k: v for k, v in fresh.items() if k not in TIMING}
 
 
-def test_a_rerun_of_a_finished_run_trains_and_measures_again(tokens: Path, train: Callable[..., Any], tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_rerun_of_a_finished_run_trains_and_measures_again(tokens: Path, train: Callable[..., Any],
+                                                             tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     """`dvc repro -f -s train` after a finished run: its checkpoint is at the last step; resuming
     it would train 0 steps and lose the timings. It trains again, the same numbers."""
     rc, first, _ = train("first")
-    assert rc == 0 and json.loads((tmp_path / "first" / "ckpt" / "latest" / "state.json").read_text())["step"] == 29
+    assert rc == 0 and json.loads((tmp_path / "first" / "ckpt" / "latest" / "state.json").read_text())[
+        "step"] == 29
     capsys.readouterr()
     assert run_stage("train", train_args(tmp_path / "first", tokens)) == 0
     assert "is of a finished run (step 30 of 30): training again from the start" in capsys.readouterr().err
     again = read_metrics(tmp_path / "first" / "train.json")
     assert set(again) == set(first)  # every metric: tokens_per_sec and step_ms_median too
     assert again["tokens_per_sec"] > 0 and again["step_ms_median"] > 0
-    assert {k: v for k, v in again.items() if k not in TIMING} == {k: v for k, v in first.items() if k not in TIMING}
+    assert {k: v for k, v in again.items()
+            if k not in TIMING} == {k: v for k, v in first.items() if k not in TIMING}
 
 
 def test_estimate_prints_the_prediction_and_writes_nothing(tokens: Path, tmp_path: Path) -> None:
     from tests.conftest import run_cli
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": {"optimizer": "sgd"}}), allow_unicode=True))
-    result = run_cli("train", ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "model"),
-                               "--metrics", str(tmp_path / "m.json"), "--estimate"])
+    params.write_text(yaml.safe_dump(deep_update(tiny_params(), {"train": {"optimizer": "sgd"}}),
+                                     allow_unicode=True))
+    result = run_cli("train",
+                     ["--params", str(params), "--tokens", str(tokens), "--out", str(tmp_path / "model"),
+                      "--metrics", str(tmp_path / "m.json"), "--estimate"])
     assert result.returncode == 0, result.stderr
     predicted = json.loads(result.stdout)
     params_bytes = 268928 * 4  # the tiny llama's parameters (see test_parameter_bytes_and_counts)
-    assert predicted["est_optimizer_peak_mib"] * 2**20 == pytest.approx(params_bytes, abs=16)  # one momentum buffer
+    # one momentum buffer
+    assert predicted["est_optimizer_peak_mib"] * 2**20 == pytest.approx(params_bytes, abs=16)
     assert predicted["est_gradients_peak_mib"] * 2**20 == pytest.approx(params_bytes, abs=16)
     assert predicted["est_total_peak_mib"] > predicted["est_activations_peak_mib"] > 0
     assert not (tmp_path / "model").exists() and not (tmp_path / "m.json").exists()
@@ -324,15 +350,16 @@ def test_word2vec_initialisation(train: Callable[..., Any], tokens: Path) -> Non
 
 
 def test_memory_budget_refuses_with_what_fits_or_fits_itself(tokens: Path, train: Callable[..., Any],
-                                                              tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+                                                             tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     rc, base, _ = train("base")
     assert rc == 0
     budget = round(0.7 * base["mem_total_peak_mib"], 1)  # about 9.4 MiB: the baseline does not fit
     rc, _, model_dir = train("refused", memory_budget_mib=budget)
     assert rc == 2
     line = one_error_line(capsys.readouterr().err, "train")
-    assert re.search(rf"the estimated tensor peak is [\d.]+ MiB, more than train\.memory_budget_mib={budget:g}; ",
+    assert re.search(r"the estimated tensor peak is [\d.]+ MiB, more than "
+                     rf"train\.memory_budget_mib={budget:g}; ",
                      line), line
     assert "it fits with " in line and "or set train.auto_fit: true" in line
     assert not model_dir.exists()
@@ -356,7 +383,8 @@ def test_eight_bit_adamw_and_sparse_embedding_gradients(train: Callable[..., Any
     rc, adamw, _ = train("adamw")
     rc8, adamw8, _ = train("adamw8bit", optimizer="adamw8bit", cuda_alloc_conf="expandable_segments:True")
     assert rc == rc8 == 0
-    assert adamw8["cuda_alloc_conf"] == ""  # allocator settings apply on CUDA only; the metrics say what was in force
+    # allocator settings apply on CUDA only; the metrics say what was in force
+    assert adamw8["cuda_alloc_conf"] == ""
     # bitsandbytes' block-wise 8-bit state: two uint8 moments per element and one fp32 absmax
     # per 256-element block each; tensors under 4096 elements keep two fp32 moments; the two
     # 256-entry fp32 quantisation maps are shared by all parameters
@@ -373,8 +401,10 @@ def test_eight_bit_adamw_and_sparse_embedding_gradients(train: Callable[..., Any
     # the embedding's gradient: one row per token of the batch (values + int64 indices)
     # instead of the whole vocab x width matrix
     saved = vocab * width * 4 - batch * context * (width * 4 + 8)
-    assert (dense["mem_gradients_peak_mib"] - sparse["mem_gradients_peak_mib"]) * 2**20 == pytest.approx(saved, abs=16)
-    assert sparse["mem_optimizer_peak_mib"] == dense["mem_optimizer_peak_mib"]  # SparseAdam's moments are dense
+    assert (dense["mem_gradients_peak_mib"] - sparse["mem_gradients_peak_mib"]) * 2**20 == pytest.approx(
+        saved, abs=16)
+    # SparseAdam's moments are dense
+    assert sparse["mem_optimizer_peak_mib"] == dense["mem_optimizer_peak_mib"]
     assert sparse["val_loss"] < 7.0
     for m in (adamw8, sparse):
         for category in ("total", "parameters", "gradients", "optimizer", "activations", "temporaries"):
@@ -384,7 +414,8 @@ def test_eight_bit_adamw_and_sparse_embedding_gradients(train: Callable[..., Any
 def test_gradual_magnitude_pruning(train: Callable[..., Any]) -> None:
     from safetensors.torch import load_file
 
-    schedule = {"final_sparsity": 0.5, "initial_sparsity": 0.0, "start_step": 4, "end_step": 20, "every": 4, "power": 3}
+    schedule = {"final_sparsity": 0.5, "initial_sparsity": 0.0, "start_step": 4, "end_step": 20, "every": 4,
+                "power": 3}
     rc, base, _ = train("dense")
     rcp, pruned, model_dir = train("pruned", prune=schedule)
     assert rc == rcp == 0

@@ -47,10 +47,12 @@ if "--raise" in args:
     raise RuntimeError("probe failed")
 sys.exit(int(args[args.index("--code") + 1]) if "--code" in args else 0)
 '''
-FILES = ["stages/__init__.py", "stages/__main__.py", "stages/common/__init__.py", "stages/common/harness/__init__.py",
+FILES = ["stages/__init__.py", "stages/__main__.py", "stages/common/__init__.py",
+         "stages/common/harness/__init__.py",
          "stages/common/core/__init__.py", "stages/common/harness/warm.py",
          "stages/common/harness/warmserver.py", "stages/common/harness/warmsock.py",
-         "stages/common/core/lifetime.py", "stages/common/harness/restore.py", "stages/common/harness/portable.py",
+         "stages/common/core/lifetime.py", "stages/common/harness/restore.py",
+         "stages/common/harness/portable.py",
          "stages/common/harness/malloc.py", "stages/common/core/errors.py"]
 
 
@@ -96,7 +98,8 @@ def env(project: Path, **extra: str) -> dict[str, str]:
 
 
 def probe(project: Path, *args: str, **extra: str) -> tuple[subprocess.CompletedProcess[str], dict]:
-    result = subprocess.run([sys.executable, "-m", "stages", "probe", *args], cwd=project, env=env(project, **extra),
+    result = subprocess.run([sys.executable, "-m", "stages", "probe", *args], cwd=project,
+                            env=env(project, **extra),
                             capture_output=True, text=True, timeout=600, check=False)
     return result, json.loads(result.stdout.splitlines()[0]) if result.stdout else {}
 
@@ -116,14 +119,16 @@ def gone(pid: int, seconds: float = 20) -> bool:
     return not alive(pid)
 
 
-def test_a_stage_runs_in_a_fork_of_one_warm_server_with_the_clients_arguments_and_world(project: Path) -> None:
+def test_a_stage_runs_in_a_fork_of_one_warm_server_with_the_clients_arguments_and_world(
+        project: Path) -> None:
     first, seen = probe(project, "--code", "3", "--flag")
     assert first.returncode == 3, first.stderr
     assert seen["torch_preloaded"] is True  # imported by the server before the fork
     logs = list(sockets(project).rglob("*.log"))  # the server's own errors: its warm-up ran clean
     assert logs and all("Traceback" not in log.read_text() for log in logs)
-    assert (seen["cwd"], seen["argv"], seen["value"], seen["name"]) == (str(project), ["--code", "3", "--flag"],
-                                                                       "seen", "__main__")
+    assert (seen["cwd"], seen["argv"], seen["value"],
+            seen["name"]) == (str(project), ["--code", "3", "--flag"],
+                              "seen", "__main__")
     assert seen["file"] == str(project / "stages" / "probe.py")
     assert "probe: to stderr" in first.stderr
     server = seen["ppid"]
@@ -149,8 +154,8 @@ def test_lmmem_warm_0_and_an_unusable_socket_folder_run_the_stage_in_a_new_inter
     assert "warning" not in fresh.stderr
     missing, seen = probe(project, LMMEM_WARM_DIR=str(project / "no-such-folder"))
     assert missing.returncode == 0 and seen["torch_preloaded"] is False
-    assert missing.stderr.startswith(f"lmmem: warning: no warm server: the warm server's folder cannot live in "
-                                     f"{project / 'no-such-folder'}: ")
+    assert missing.stderr.startswith("lmmem: warning: no warm server: the warm server's folder cannot live "
+                                     f"in {project / 'no-such-folder'}: ")
 
 
 def test_an_exception_is_a_traceback_and_exit_1(project: Path) -> None:
@@ -163,15 +168,18 @@ def test_an_exception_is_a_traceback_and_exit_1(project: Path) -> None:
     (["nope"], "lmmem: error: no stage 'nope' (no module stages.nope)"),
     ([], "usage: python -m stages NAME [options]"),
 ])
-def test_no_stage_or_an_unknown_one_is_one_line_and_exit_2(project: Path, args: list[str], expected: str) -> None:
+def test_no_stage_or_an_unknown_one_is_one_line_and_exit_2(project: Path, args: list[str],
+                                                           expected: str) -> None:
     result = subprocess.run([sys.executable, "-m", "stages", *args], cwd=project, env=env(project),
                             capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 2 and result.stderr.startswith(expected) and len(result.stderr.splitlines()) == 1
+    assert result.returncode == 2 and result.stderr.startswith(expected) and len(result.stderr.splitlines(
+        )) == 1
     assert servers(sockets(project)) == []  # nothing started for nothing to run
 
 
 def start_sleeping(project: Path) -> tuple[subprocess.Popen[str], dict]:
-    client = subprocess.Popen([sys.executable, "-m", "stages", "probe", "--sleep"], cwd=project, env=env(project),
+    client = subprocess.Popen([sys.executable, "-m", "stages", "probe", "--sleep"], cwd=project,
+                              env=env(project),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert client.stdout is not None
     return client, json.loads(client.stdout.readline())

@@ -40,8 +40,10 @@ def project(tmp_path: Path) -> Iterator[Path]:
 
 def socket_of(project: Path, **extra: str) -> Path:
     """The socket path the project's client would use under env(project, **extra), its folder not made."""
-    code = as_stage("stages") + "from stages.common.harness.warm import socket_name; print(socket_name())"  # the client's pins
-    done = subprocess.run([sys.executable, "-c", code], cwd=project, env=env(project, **extra), capture_output=True,
+    # the client's pins
+    code = as_stage("stages") + "from stages.common.harness.warm import socket_name; print(socket_name())"
+    done = subprocess.run([sys.executable, "-c", code], cwd=project, env=env(project, **extra),
+                          capture_output=True,
                           text=True, timeout=120, check=True)
     base = Path(extra.get("LMMEM_WARM_DIR") or sockets(project))
     return base / f"lmmem-{os.getuid()}" / done.stdout.strip()
@@ -57,7 +59,8 @@ def one_server(project: Path, seconds: float = 120) -> int:
 
 def start(project: Path, *args: str, **extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "stages", "probe", *args], cwd=project,
-                            env=env(project, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env(project, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 # ---------------------------------------------------------------- the folder, the socket, the peer
@@ -88,14 +91,15 @@ def test_the_socket_is_private_whatever_the_umask(project: Path) -> None:
     (lambda f: f.write_text(""), "is not a folder (a link or a file holds its name)"),
 ])
 def test_an_untrusted_folder_is_one_line_and_the_stage_runs_in_a_new_interpreter(project: Path, make,
-                                                                                  expected: str) -> None:
+                                                                                 expected: str) -> None:
     folder = sockets(project) / f"lmmem-{os.getuid()}"
     make(folder)
     os.chmod(folder, 0o755) if folder.is_dir() and not folder.is_symlink() else None
     result, seen = probe(project, "--code", "3")
     assert result.returncode == 3 and seen["torch_preloaded"] is False
     warning = result.stderr.splitlines()[0]
-    assert warning == f"lmmem: warning: no warm server: {folder} {expected}: stages.probe runs in a new interpreter"
+    assert warning == (f"lmmem: warning: no warm server: {folder} {expected}: stages.probe runs in a new "
+                       "interpreter")
     assert servers(sockets(project)) == []
 
 
@@ -153,8 +157,9 @@ def test_a_start_lock_held_too_long_is_one_line_and_a_new_interpreter(project: P
         result, seen = probe(project, "--code", "5", LMMEM_WARM_WAIT="1")
         assert time.monotonic() - started < 30
     assert result.returncode == 5 and seen["torch_preloaded"] is False
-    assert result.stderr.splitlines()[0] == (f"lmmem: warning: no warm server: another client held the start lock "
-                                             f"{path}.lock for 1 s: stages.probe runs in a new interpreter")
+    assert result.stderr.splitlines()[0] == ("lmmem: warning: no warm server: another client held the "
+                                             f"start lock {path}.lock for 1 s: stages.probe runs in a new "
+                                             "interpreter")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -182,8 +187,8 @@ def test_a_signal_during_a_cold_start_ends_the_client_at_once_and_its_server(pro
     server = one_server(project)  # importing torch: seconds before it listens
     client.send_signal(sig)
     assert client.wait(timeout=10) == 128 + sig
-    assert client.communicate()[1].strip() == f"lmmem: {signal.Signals(sig).name} before stage probe started: " \
-                                              "it did not run"
+    said = client.communicate()[1].strip()
+    assert said == f"lmmem: {signal.Signals(sig).name} before stage probe started: it did not run"
     assert gone(server)  # not left importing for nobody
     assert not log.exists()
     result, seen = probe(project)  # the next run starts one
@@ -244,7 +249,8 @@ def dvc_project(project: Path) -> Path:
 
 
 def dvc(project: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["dvc", *args], cwd=project, env=dvc_env(project, **extra), capture_output=True, text=True,
+    return subprocess.run(["dvc", *args], cwd=project, env=dvc_env(project, **extra), capture_output=True,
+                          text=True,
                           timeout=600, check=False)
 
 
@@ -333,7 +339,8 @@ def nobody_python() -> str | None:
         return None
     for candidate in (sys.executable, "/usr/bin/python3"):
         try:
-            done = subprocess.run([candidate, "-c", "print(1)"], user=NOBODY, group=NOBODY, capture_output=True,
+            done = subprocess.run([candidate, "-c", "print(1)"], user=NOBODY, group=NOBODY,
+                                  capture_output=True,
                                   text=True, timeout=60, check=False)
         except (OSError, subprocess.SubprocessError):
             continue
@@ -343,7 +350,8 @@ def nobody_python() -> str | None:
 
 
 NOBODY_PYTHON = nobody_python()
-as_second_user = pytest.mark.skipif(NOBODY_PYTHON is None, reason="a second local user needs root (CI has it)")
+as_second_user = pytest.mark.skipif(NOBODY_PYTHON is None,
+                                    reason="a second local user needs root (CI has it)")
 
 LISTEN = '''import os, socket, sys, time
 path, log, drop = sys.argv[1], sys.argv[2], sys.argv[3] == "drop"
@@ -439,7 +447,8 @@ def test_a_listener_of_another_user_gets_a_connection_and_not_a_byte(project: Pa
     path.parent.mkdir(mode=0o700)
     log = Path(tempfile.mkdtemp(prefix="lmmem-log-")) / "received.log"
     os.chmod(log.parent, 0o777)
-    attacker = subprocess.Popen([sys.executable, "-c", LISTEN, str(path), str(log), "drop"], stdout=subprocess.PIPE,
+    attacker = subprocess.Popen([sys.executable, "-c", LISTEN, str(path), str(log), "drop"],
+                                stdout=subprocess.PIPE,
                                 text=True)
     assert attacker.stdout is not None and attacker.stdout.readline().strip() == "listening"
     try:
@@ -448,8 +457,8 @@ def test_a_listener_of_another_user_gets_a_connection_and_not_a_byte(project: Pa
         attacker.kill()
     assert result.returncode == 0 and seen["torch_preloaded"] is False
     assert result.stderr.splitlines()[0] == (
-        f"lmmem: warning: no warm server: the process listening at {path} runs as uid {NOBODY}, not as this user "
-        "(uid 0): stages.probe runs in a new interpreter")
+        f"lmmem: warning: no warm server: the process listening at {path} runs as uid {NOBODY}, not as this "
+        "user (uid 0): stages.probe runs in a new interpreter")
     assert log.read_text() == "connection 0 bytes\n"
     shutil.rmtree(log.parent, ignore_errors=True)
 
@@ -469,7 +478,8 @@ def test_another_user_who_reaches_the_socket_runs_nothing(project: Path, shared_
     out, err = attacker.communicate(timeout=60)
     connected, replied = out.splitlines()
     assert connected == "connected", err  # it reached the socket
-    assert replied in [f"reply {r} status b''" for r in ("b''", "ConnectionResetError", "BrokenPipeError")], err
+    assert replied in [f"reply {r} status b''" for r in ("b''", "ConnectionResetError",
+                                                         "BrokenPipeError")], err
     assert not target.exists()
     assert f"lmmem warm server: refused a connection from uid {NOBODY} (serves uid 0 only)" in \
         Path(f"{path}.log").read_text()
@@ -484,7 +494,8 @@ def test_another_user_cannot_open_the_start_lock(project: Path) -> None:
     probe(project)
     path = socket_of(project)
     os.chmod(sockets(project), 0o755)  # even with the base open, the private folder is not
-    opened = subprocess.run([NOBODY_PYTHON, "-c", f"open({str(path)!r} + '.lock')"], user=NOBODY, group=NOBODY,
+    opened = subprocess.run([NOBODY_PYTHON, "-c", f"open({str(path)!r} + '.lock')"], user=NOBODY,
+                            group=NOBODY,
                             capture_output=True, text=True, timeout=60, check=False)
     assert opened.returncode != 0 and "PermissionError" in opened.stderr
 
@@ -495,6 +506,7 @@ def test_a_socket_path_too_long_for_unix_is_one_line_and_a_new_interpreter(proje
     result, seen = probe(project, "--code", "6", LMMEM_WARM_DIR=str(deep))
     assert result.returncode == 6 and seen["torch_preloaded"] is False
     warning = result.stderr.splitlines()[0]
-    assert warning.startswith(f"lmmem: warning: no warm server: the socket path {deep}/lmmem-{os.getuid()}/warm-")
-    assert warning.endswith("more than a Unix socket's 107: set LMMEM_WARM_DIR to a shorter folder: stages.probe runs "
-                            "in a new interpreter")
+    assert warning.startswith("lmmem: warning: no warm server: the socket path "
+                              f"{deep}/lmmem-{os.getuid()}/warm-")
+    assert warning.endswith("more than a Unix socket's 107: set LMMEM_WARM_DIR to a shorter folder: "
+                            "stages.probe runs in a new interpreter")

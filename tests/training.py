@@ -17,8 +17,9 @@ from stages.train.step import train_step
 from tests.conftest import deep_update, tiny_params
 
 VOCAB, WIDTH = 700, 64  # the tiny model (2 blocks of width 64) over a 700-word vocabulary
-META = TokensMeta(dtype="uint16", vocab_size=VOCAB, special_tokens={"pad": "<pad>", "unk": "<unk>", "bos": "<s>",
-                                                                     "eos": "</s>"},
+META = TokensMeta(dtype="uint16", vocab_size=VOCAB,
+                  special_tokens={"pad": "<pad>", "unk": "<unk>", "bos": "<s>",
+                                  "eos": "</s>"},
                   special_ids=SpecialIds(pad=0, unk=1, bos=2, eos=3), docs={}, tokens={})
 CPU = torch.device("cpu")
 

@@ -86,7 +86,8 @@ class PruneStructured(Section):
     base: str = ""
 
 
-Variant = Annotated[Cast | Quantize | PruneMagnitude | PruneStructured | Distill, Field(discriminator="method")]
+Variant = Annotated[Cast | Quantize | PruneMagnitude | PruneStructured | Distill, Field(
+    discriminator="method")]
 
 
 def shipped_variants() -> dict[str, Any]:
@@ -186,7 +187,8 @@ def quantize(made: Made, spec: Quantize) -> Made:
     fallbacks = [entry["fallback"] for entry in record.values() if "fallback" in entry]
     if scheme == "int4" and not any(entry["kind"] == "int4" for entry in record.values()):
         raise Unsupported(f"{spec.method}: no layer fits the int4 kernel ({fallbacks[0]})")
-    return Made(model, True, record, {"layers_quantized": len(record), "layers_int8_fallback": len(fallbacks)})
+    return Made(model, True, record,
+                {"layers_quantized": len(record), "layers_int8_fallback": len(fallbacks)})
 
 
 def prune_magnitude(made: Made, spec: PruneMagnitude) -> Made:
@@ -196,7 +198,8 @@ def prune_magnitude(made: Made, spec: PruneMagnitude) -> Made:
     targets = [p for _, p in prunable(model)]
     if spec.embeddings:
         seen = {id(p) for p in targets}
-        targets += [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and id(m.weight) not in seen]
+        targets += [m.weight for m in model.modules() if isinstance(m, nn.Embedding)
+                    and id(m.weight) not in seen]
         head = output_head(model)
         if head is not None and all(head.weight is not p for p in targets):
             targets.append(head.weight)
@@ -233,9 +236,9 @@ def prune_structured(made: Made, spec: PruneStructured) -> Made:
         raise Unsupported("prune_structured: nothing would be left of the attention or the MLP")
     if config.hidden_size % keep_heads:  # transformers' LlamaConfig refuses other head counts
         allowed = [f"{1 - k / n_heads:g}" for k in range(1, n_heads) if config.hidden_size % k == 0]
-        raise Unsupported(f"prune_structured: {keep_heads} heads left of {n_heads}, but stock llama needs the width "
-                          f"({config.hidden_size}) to be a multiple of the head count; heads fractions that "
-                          f"work: {', '.join(allowed) or 'none'}")
+        raise Unsupported(f"prune_structured: {keep_heads} heads left of {n_heads}, but stock llama needs "
+                          f"the width ({config.hidden_size}) to be a multiple of the head count; heads "
+                          f"fractions that work: {', '.join(allowed) or 'none'}")
 
     def rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
         out = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None)
@@ -353,7 +356,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                 figures["size_ratio"] = figures["bytes_on_disk"] / reference
                 figures["status"] = "ok"
                 made[name] = result
-                log.info("%s: %.2f MiB on disk (%.3f x the trained model)", name, figures["bytes_on_disk"] / 2**20,
+                log.info("%s: %.2f MiB on disk (%.3f x the trained model)", name,
+                         figures["bytes_on_disk"] / 2**20,
                          figures["size_ratio"])
             except Unsupported as exc:
                 made[name] = None

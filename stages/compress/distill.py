@@ -51,7 +51,8 @@ class Distill(Section):
         return self
 
 
-def train_student(teacher: nn.Module, spec: Distill, tokens: Path, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+def train_student(teacher: nn.Module, spec: Distill, tokens: Path,
+                  seed: int) -> tuple[nn.Module, dict[str, Any]]:
     """The trained student (eval mode, KV cache on) and its figures: its blocks and final loss.
     `teacher` is a float llama model; `tokens` the tokenize stage's folder (train windows)."""
     config = teacher.config
@@ -86,7 +87,8 @@ def train_student(teacher: nn.Module, spec: Distill, tokens: Path, seed: int) ->
         with torch.no_grad():
             target_hidden, target_head = hidden_and_head(teacher, rows[:, :-1])
         hidden, head = hidden_and_head(student, rows[:, :-1])
-        hidden, target_hidden = hidden.reshape(-1, hidden.size(-1)), target_hidden.reshape(-1, target_hidden.size(-1))
+        hidden, target_hidden = hidden.reshape(-1, hidden.size(-1)), target_hidden.reshape(
+            -1, target_hidden.size(-1))
         loss = chunked_distillation(hidden, head.weight, head.bias, rows[:, 1:].reshape(-1), target_hidden,
                                     target_head, t, spec.alpha, spec.loss_chunk_tokens or hidden.size(0))
         loss.backward()

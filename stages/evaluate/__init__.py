@@ -43,29 +43,33 @@ log = logging.getLogger("lmmem.evaluate")
 
 class Params(Section):
     variants: list[str] = Field(
-        default_factory=list, description="compressed variants to evaluate beside the trained model; [] = all of data/compressed")
+        default_factory=list,
+        description="compressed variants to evaluate beside the trained model; [] = all of data/compressed")
     batch_size: int = Field(
         16, ge=1, description="windows per batch for perplexity, accuracy and the inference memory peak")
     eval_batches: int = Field(
         16, ge=1, description="batches of validation and of test windows (the same for every model)")
     loss_chunk_tokens: int = Field(256, ge=0, description=(
-        "perplexity and accuracy over N positions' logits at a time (the full batch's never held); 0 = all at once"))
+        "perplexity and accuracy over N positions' logits at a time (the full batch's never held); 0 = all "
+        "at once"))
     latency_batch: int = Field(
         8, ge=1, description="the batched latency's batch size (batch 1 is always measured)")
     latency_new_tokens: int = Field(16, ge=1, description="greedy tokens generated per latency measurement")
     latency_repeats: int = Field(
         3, ge=1, description="timed repeats after one warm-up; the median is reported")
     prompts: list[str] = Field(
-        default_factory=lambda: ["这 本书", "质量"], description="generation prompts, words separated by spaces (the tokenizer's pre-tokenization)")
+        default_factory=lambda: ["这 本书", "质量"],
+        description="generation prompts, words separated by spaces (the tokenizer's pre-tokenization)")
     generate_tokens: int = Field(20, ge=1, description="sampled tokens per prompt and model")
     temperature: float = Field(
         0.8, gt=0.0, description="sampling temperature: lower = more conservative text")
     top_k: int = Field(20, ge=1, description="sample among the k most likely tokens")
     classify: bool = Field(
-        True, description=("sentiment probe on labelled corpora (a head on each model's frozen body) and a Word2Vec "
-        "baseline"))
+        True, description=("sentiment probe on labelled corpora (a head on each model's frozen body) and a "
+                           "Word2Vec baseline"))
     classify_train_docs: int = Field(
-        2000, ge=10, description="labelled training documents for the probe: more = better head, slower (features of each)")
+        2000, ge=10, description="labelled training documents for the probe: more = better head, slower "
+                                 "(features of each)")
     classify_max_tokens: int = Field(64, ge=1, description="each document cut to its first N tokens")
     generation_batches: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
         default_factory=lambda: [1, 8], min_length=2, description=(
@@ -74,7 +78,8 @@ class Params(Section):
     generation_contexts: list[Annotated[int, Field(ge=2, le=65536)]] = Field(
         default_factory=lambda: [32, 128], min_length=1, description=(
         "tokens the KV cache holds when the metered generation ends: the cache grows linearly with them"))
-    generation_prompt: int = Field(16, ge=1, le=65535, description="prompt tokens (validation text) the metered generation starts from")
+    generation_prompt: int = Field(16, ge=1, le=65535, description="prompt tokens (validation text) the "
+                                                                   "metered generation starts from")
     generation_budget_mib: float = Field(32.0, gt=0, description=(
         "the tensor memory (weights, KV cache, activations, logits) the largest batch per context must fit"))
     kv_cache_bits: list[int] = Field(default_factory=lambda: [8, 4], description=(
@@ -82,7 +87,8 @@ class Params(Section):
         "memory, perplexity and latency are measured with, beside the exact cache; [] = none"))
     sparse_runtime: bool = Field(True, description=(
         "pruned variants also measured with their weights kept sparse in memory (a bitmask and the non-zero "
-        "values, decoded a layer at a time): tensor peaks, generation peak and latency beside the dense decoding"))
+        "values, decoded a layer at a time): tensor peaks, generation peak and latency beside the dense "
+        "decoding"))
     workers: int = Field(2, ge=1, le=64, description=(
         "models measured at once, each in its own process on its share of the cores; latency is timed "
         "one model at a time"))
@@ -98,7 +104,8 @@ class Paths:
 
 
 def models_to_evaluate(params: Params, paths: Paths) -> list[tuple[str, Path]]:
-    made = sorted(d.name for d in paths.compressed.iterdir() if d.is_dir()) if paths.compressed.is_dir() else []
+    made = sorted(d.name for d in paths.compressed.iterdir()
+                  if d.is_dir()) if paths.compressed.is_dir() else []
     unknown = [v for v in params.variants if v not in made]
     if unknown:
         raise StageError(f"evaluate.variants: no variant named {', '.join(map(repr, unknown))} in "
@@ -120,16 +127,18 @@ def context_of(params: Params, paths: Paths) -> int:
     prompt = max(len(p.split()) for p in params.prompts) if params.prompts else 0
     too_long = [c for c in params.generation_contexts if not params.generation_prompt <= c <= context]
     if unknown := [b for b in params.kv_cache_bits if b not in BITS]:
-        raise StageError(f"evaluate.kv_cache_bits: {unknown} not a KV cache's bits; {' or '.join(map(str, BITS))}")
+        raise StageError(f"evaluate.kv_cache_bits: {unknown} not a KV cache's bits; "
+                         f"{' or '.join(map(str, BITS))}")
     if too_long or len(set(params.generation_batches)) < 2:
         raise StageError(f"evaluate.generation_contexts: {too_long} outside {params.generation_prompt} "
                          f"(the prompt) to {context} (the model's context)" if too_long else
-                         f"evaluate.generation_batches: {params.generation_batches} needs two different sizes")
+                         f"evaluate.generation_batches: {params.generation_batches} needs two different "
+                         "sizes")
     for key, prompt_tokens, new_tokens in (("generate_tokens", prompt, params.generate_tokens),
                                            ("latency_new_tokens", LATENCY_PROMPT, params.latency_new_tokens)):
         if prompt_tokens + new_tokens > context:
-            raise StageError(f"evaluate.{key}: {new_tokens} new tokens after a {prompt_tokens}-token prompt exceed "
-                             f"the model's context of {context}; at most {context - prompt_tokens}")
+            raise StageError(f"evaluate.{key}: {new_tokens} new tokens after a {prompt_tokens}-token prompt "
+                             f"exceed the model's context of {context}; at most {context - prompt_tokens}")
     return context
 
 
@@ -141,7 +150,7 @@ def checked_tokens(params: Params, paths: Paths) -> tuple[TokensMeta, Params]:
         check_ids(paths.tokens / f"{split}.bin", meta.dtype, meta.vocab_size)
     labels = np.fromfile(paths.tokens / "train.labels.bin", dtype=np.int32) if meta.labels else None
     if params.classify and labels is not None and (skip := probe_problem(labels, len(meta.labels),
-                                                                          params.classify_train_docs)):
+                                                                         params.classify_train_docs)):
         log.warning("no sentiment probe: %s", skip)
         params = params.model_copy(update={"classify": False})
     return meta, params
@@ -158,8 +167,10 @@ def measure_each(chosen: list[tuple[str, Path]], params: Params, paths: Paths, c
                            "reason": read_json(folder / "unsupported.json")["reason"]}
     todo = [(name, folder) for name, folder in chosen if name not in found]
     workers = min(params.workers, len(todo)) or 1
-    threads = max(1, (pinned_threads() or cores()) // workers)  # the figures depend on the count (base.portable)
-    log.info("measuring %d models, %d at a time, each in a fresh process on %d threads ...", len(todo), workers,
+    # the figures depend on the count (base.portable)
+    threads = max(1, (pinned_threads() or cores()) // workers)
+    log.info("measuring %d models, %d at a time, each in a fresh process on %d threads ...", len(todo),
+             workers,
              threads)
     with fresh_processes(workers) as pool:  # quality, inference peak, generations, probe
         futures = {name: pool.submit(measure, name, folder, params, paths, context, seed, threads)

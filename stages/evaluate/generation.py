@@ -49,6 +49,7 @@ def generation_figures(model: torch.nn.Module, folder: Path, rows: torch.Tensor,
         result["kv_quant"] = kv_quantization(model, rows, batch, context, params.generation_prompt,
                                              params.kv_cache_bits, exact)
     if reference:  # its largest generation again, module by module (data/eval/timeline.csv)
-        result["timeline"] = metered_generation(model, tiled(rows[:, :params.generation_prompt], batch), context,
+        result["timeline"] = metered_generation(model, tiled(rows[:, :params.generation_prompt], batch),
+                                                context,
                                                 by_module=TIMELINE_STEPS)["timeline"]
     return result

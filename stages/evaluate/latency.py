@@ -29,12 +29,16 @@ def latency(folder: Path, params: Params, paths: Paths, context: int, threads: i
     meta = read_typed(paths.tokens / "meta.json", TokensMeta)
     model = load_model_folder(folder)
     started = time.perf_counter()
-    prompt = windows(paths.tokens, "validation", meta.dtype, context, 1, params.batch_size)[0][:1, :LATENCY_PROMPT]
-    found = {"ms_per_token_b1": ms_per_token(model, prompt, 1, params.latency_new_tokens, params.latency_repeats),
-             "ms_per_token_batch": ms_per_token(model, prompt, params.latency_batch, params.latency_new_tokens,
+    prompt = windows(paths.tokens, "validation", meta.dtype, context, 1,
+                     params.batch_size)[0][:1, :LATENCY_PROMPT]
+    found = {"ms_per_token_b1": ms_per_token(model, prompt, 1, params.latency_new_tokens,
+                                             params.latency_repeats),
+             "ms_per_token_batch": ms_per_token(model, prompt, params.latency_batch,
+                                                params.latency_new_tokens,
                                                 params.latency_repeats)}
     for bits in kv_bits:
-        found[f"kv{bits}_ms_per_token"] = ms_per_token(model, prompt, params.latency_batch, params.latency_new_tokens,
+        found[f"kv{bits}_ms_per_token"] = ms_per_token(model, prompt, params.latency_batch,
+                                                       params.latency_new_tokens,
                                                        params.latency_repeats, bits)
     if sparse and sparsify(model)["swapped"]:
         found["sparse_ms_per_token_b1"] = ms_per_token(model, prompt, 1, params.latency_new_tokens,

@@ -54,10 +54,12 @@ def measure(name: str, folder: Path, params: Params, paths: Paths, context: int,
             result.update(probe(model, paths, params, meta, seed))
         phases["probe"], clock = time.perf_counter() - clock, time.perf_counter()
     if params.sparse_runtime and has_kv_cache(model):
-        result["sparse"] = sparse_figures(model, rows, max(params.generation_contexts), params.generation_prompt)
+        result["sparse"] = sparse_figures(model, rows, max(params.generation_contexts),
+                                          params.generation_prompt)
         phases["sparse at run time"] = time.perf_counter() - clock  # last: the model is sparse from here on
     result["rss_peak_mib"], result["rss_start_mib"] = peak_rss_mib(), start_rss_mib()
     result["rss_tensor_mib"] = max(tensor_peaks(result))
     result["seconds"] = time.perf_counter() - started
-    log.info("%s: %.1f s (%s)", name, result["seconds"], ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+    log.info("%s: %.1f s (%s)", name, result["seconds"],
+             ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     return result

@@ -23,17 +23,20 @@ def tensor_peaks(result: dict[str, Any]) -> list[float]:
 
 def row_metrics(row: dict[str, Any], allocator: str) -> dict[str, Any]:
     """One model's flat figures for data/metrics/evaluate.json, `<model>_<figure>`: its row's
-    numbers, the predicted peak RSS of its process (stages.common.memory.rss_prediction), the largest batch per
-    context, the generation's peak and cache, each quantized cache against the exact one, the
+    numbers, the predicted peak RSS of its process (stages.common.memory.rss_prediction), the largest batch
+    per context, the generation's peak and cache, each quantized cache against the exact one, the
     sparse run against the dense decoding."""
     metrics: dict[str, Any] = {}
     for key, value in row.items():
         if key not in ("name", "generations", "greedy", "reason", "cls_confusion", "generation", "max_batch",
                        "kv_quant", "sparse") and value is not None:
             metrics[f"{row['name']}_{key}"] = value
-    if "rss_start_mib" in row:  # its process's peak RSS predicted from its tensors (stages.common.memory.rss_prediction)
-        metrics.update(rss_prediction.figures("evaluate", allocator, row["rss_start_mib"], row["rss_tensor_mib"],
-                                   row["tensor_weights_mib"], row["rss_peak_mib"], prefix=f"{row['name']}_"))
+    # its process's peak RSS predicted from its tensors (stages.common.memory.rss_prediction)
+    if "rss_start_mib" in row:
+        metrics.update(rss_prediction.figures("evaluate", allocator, row["rss_start_mib"],
+                                              row["rss_tensor_mib"],
+                                              row["tensor_weights_mib"], row["rss_peak_mib"],
+                                              prefix=f"{row['name']}_"))
     for fit in row.get("max_batch") or []:
         metrics[f"{row['name']}_max_batch_t{fit['context']}"] = fit["batch"]
     if row.get("generation"):
@@ -47,7 +50,8 @@ def row_metrics(row: dict[str, Any], allocator: str) -> dict[str, Any]:
         metrics[f"{key}_ppl_ratio"] = point["ppl"] / exact["ppl"]
     if sparse := row.get("sparse"):
         metrics[f"{row['name']}_sparse_weights_mib"] = sparse["weights_mib"]
-        metrics[f"{row['name']}_sparse_forward_peak_ratio"] = sparse["forward_peak_mib"] / row["tensor_peak_mib"]
+        metrics[f"{row['name']}_sparse_forward_peak_ratio"] = sparse["forward_peak_mib"] / row[
+            "tensor_peak_mib"]
         metrics[f"{row['name']}_sparse_generation_peak_b1_ratio"] = (sparse["generation_peak_b1_mib"]
                                                                      / sparse["dense_generation_peak_b1_mib"])
     return metrics

@@ -25,19 +25,21 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], timeline: list[dict[str
     with atomic_dir(out, "evaluate") as tmp:
         if timeline:
             write_rows(tmp / "timeline.csv", timeline)
-        write_json(tmp / "results.json", [EvalRow.model_validate({k: v for k, v in row.items() if k not in MEASURED})
-                                          for row in rows])  # the machine's figures: in the metrics
+        write_json(tmp / "results.json",
+                   [EvalRow.model_validate({k: v for k, v in row.items() if k not in MEASURED})
+                    for row in rows])  # the machine's figures: in the metrics
         with (tmp / "table.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=TABLE, extrasaction="ignore")
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        lines = ["# Generations", "", f"Sampled (seed {base.seed}, temperature {params.temperature}, "
+        lines = ["# Generations", "", (f"Sampled (seed {base.seed}, temperature {params.temperature}, "
                  f"top-k {params.top_k}), then greedy (its repetition per model in results.json); "
-                 "prompt | continuation.", ""]
+                                       "prompt | continuation."), ""]
         for i, prompt in enumerate(params.prompts):
             lines += [f"## {prompt}", ""]
             for key, title in (("generations", "Sampled:"), ("greedy", "Greedy:")):
-                lines += [title, "", *[f"- **{row['name']}**: {row[key][i]}" for row in rows if key in row], ""]
+                lines += [title, "", *[f"- **{row['name']}**: {row[key][i]}" for row in rows if key in row],
+                          ""]
         (tmp / "generations.md").write_text("\n".join(lines), encoding="utf-8")
         write_params(tmp, base=base, evaluate=params)

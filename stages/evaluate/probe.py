@@ -21,12 +21,13 @@ def probe_docs(paths: Paths, params: Params, meta: TokensMeta, seed: int
     """The probe's training documents (a seeded sample of the train split) and all labelled
     test documents: the same for every model and for the baseline."""
     train = Docs(paths.tokens, "train", meta.dtype).labelled(params.classify_train_docs,
-                                                               params.classify_max_tokens, seed)
+                                                             params.classify_max_tokens, seed)
     test = Docs(paths.tokens, "test", meta.dtype).labelled(10**9, params.classify_max_tokens, seed)
     return *train, *test
 
 
-def probe(model: torch.nn.Module, paths: Paths, params: Params, meta: TokensMeta, seed: int) -> dict[str, Any]:
+def probe(model: torch.nn.Module, paths: Paths, params: Params, meta: TokensMeta,
+          seed: int) -> dict[str, Any]:
     train_docs, train_y, test_docs, test_y = probe_docs(paths, params, meta, seed)
     n = len(meta.labels)
     head = fit_logistic(pooled_features(model, train_docs), torch.tensor(train_y), n)

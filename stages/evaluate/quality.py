@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from stages.evaluate import Params, Paths
 
 
-def windows(tokens: Path, split: str, dtype: str, context: int, batches: int, batch: int) -> list[torch.Tensor]:
+def windows(tokens: Path, split: str, dtype: str, context: int, batches: int,
+            batch: int) -> list[torch.Tensor]:
     """The same consecutive non-overlapping windows of context + 1 ids for every model."""
     return list(Windows(tokens / f"{split}.bin", dtype, context).fixed_batches(batches, batch))
 
@@ -39,11 +40,13 @@ def quality(model: torch.nn.Module, batches: list[torch.Tensor], chunk: int = 0)
     return {"ppl": math.exp(loss / count), "top1": top1 / count, "top5": top5 / count}
 
 
-def quality_figures(model: torch.nn.Module, params: Params, paths: Paths, dtype: str, context: int) -> dict[str, float]:
+def quality_figures(model: torch.nn.Module, params: Params, paths: Paths, dtype: str,
+                    context: int) -> dict[str, float]:
     """val_* and test_* perplexity and accuracy, and the test split's as top1 and top5."""
     result: dict[str, float] = {}
     for split in ("validation", "test"):
-        with half_products_in_float():  # bf16 and fp16 products through the fp32 kernel: same figures, 4 × faster
+        # bf16 and fp16 products through the fp32 kernel: same figures, 4 × faster
+        with half_products_in_float():
             figures = quality(model, windows(paths.tokens, split, dtype, context, params.eval_batches,
                                              params.batch_size), params.loss_chunk_tokens)
         prefix = "val" if split == "validation" else "test"

@@ -41,7 +41,8 @@ from stages.train.params import Params as TrainParams
 log = logging.getLogger("lmmem.finetune")
 
 # the keys the finetune section sets for every run: the same length and measurement for all
-FIXED = ("steps", "warmup_steps", "batch_size", "meter_steps", "eval_every", "eval_batches", "checkpoint_every",
+FIXED = ("steps", "warmup_steps", "batch_size", "meter_steps", "eval_every", "eval_batches",
+         "checkpoint_every",
          "init_from_word2vec", "model", "task", "max_tokens")
 RUNS: dict[str, dict[str, Any]] = {
     "full": {"lr": 0.0003},
@@ -63,7 +64,8 @@ class RunsSection(Section):
     """What a section of fine-tuning runs holds (finetune, adapt): the run length and the
     measurement, the same for every run, the settings they share, and the runs."""
 
-    steps: int = Field(150, ge=2, description="optimizer steps of every run: more = better scores, longer runs")
+    steps: int = Field(150, ge=2,
+                       description="optimizer steps of every run: more = better scores, longer runs")
     warmup_steps: int = Field(15, ge=0, description="linear warm-up of every run")
     batch_size: int = Field(16, ge=1, description="documents per optimizer step")
     meter_steps: int = Field(2, ge=1, description=(
@@ -72,10 +74,12 @@ class RunsSection(Section):
         "validation batches (of batch_size documents) after the last step; the test split is scored whole"))
     baseline: str = Field("full", description="the run the report measures the others against")
     shared: dict[str, Any] = Field(default_factory=lambda: dict(SHARED), description=(
-        "train keys laid over the train section for every run, before its own (the settings the methods share)"))
-    runs: dict[str, dict[str, Any]] = Field(default_factory=lambda: json.loads(json.dumps(RUNS)), description=(
-        "name: train keys laid over the train section (tune, lora_*, frozen_weights, lr, ...); dvc.yaml makes "
-        "one stage per name"))
+        "train keys laid over the train section for every run, before its own (the settings the methods "
+        "share)"))
+    runs: dict[str, dict[str, Any]] = Field(default_factory=lambda: json.loads(json.dumps(RUNS)),
+                                            description=(
+        "name: train keys laid over the train section (tune, lora_*, frozen_weights, lr, ...); dvc.yaml "
+        "makes one stage per name"))
 
     @field_validator("runs")
     @classmethod
@@ -101,7 +105,8 @@ class RunsSection(Section):
     @model_validator(mode="after")
     def _checks(self) -> RunsSection:
         if self.runs and self.baseline not in self.runs:  # no runs: fine-tuning off (a corpus without labels)
-            raise ValueError(f"baseline {self.baseline!r} is not one of the runs ({', '.join(self.runs) or 'none'})")
+            raise ValueError(f"baseline {self.baseline!r} is not one of the runs "
+                             f"({', '.join(self.runs) or 'none'})")
         if self.meter_steps >= self.steps:
             raise ValueError(f"meter_steps ({self.meter_steps}) leaves no timed step of {self.steps}")
         if self.warmup_steps > self.steps:
@@ -171,8 +176,8 @@ def run_params(p: Params, name: str, model_folder: Path) -> Any:
     """Run `name` of the finetune section, over the trained model in `model_folder`."""
     shape = trained_shape(model_folder)
     if p.finetune.max_tokens > shape.get("context", p.finetune.max_tokens):
-        raise StageError(f"finetune.max_tokens ({p.finetune.max_tokens}) is more than the trained model's context "
-                         f"({shape['context']})")
+        raise StageError(f"finetune.max_tokens ({p.finetune.max_tokens}) is more than the trained model's "
+                         f"context ({shape['context']})")
     return configured("finetune", p.finetune, p.train, name, shape, RunParams)
 
 

@@ -38,7 +38,10 @@ def finetune(p: Any, paths: Any, base: BaseParams, task: Any) -> dict[str, Any]:
     done = run_loop(p, task, meta, train_paths, base, Context(), device, stage=paths.stage)
     p = done.p
     model = done.parts.raw
-    forward = lambda: forward_context(p, device)  # noqa: E731
+
+    def forward() -> Any:
+        return forward_context(p, device)
+
     test = {**task.test_scores(model, p, device, forward), **task.reference_scores(p, device, forward)}
     metrics = run_metrics(done, test)
     if hasattr(task, "test_classes"):  # the classes the test split could score (stages.finetune.tasks)

@@ -28,7 +28,8 @@ from stages.train.task import Task
 
 log = logging.getLogger("lmmem.finetune")
 
-FINETUNE_CATEGORIES = ("frozen", "trainable", "adapters", "gradients", "optimizer", "activations", "temporaries")
+FINETUNE_CATEGORIES = ("frozen", "trainable", "adapters", "gradients", "optimizer", "activations",
+                       "temporaries")
 MIN_DOCS_PER_LABEL = 5
 
 
@@ -58,12 +59,13 @@ def scorable_classes(test_labels: np.ndarray, labels: list[str], tokens: Path) -
     present = np.unique(test_labels[test_labels >= 0])
     if present.size < 2:
         held = ", ".join(repr(labels[int(i)]) for i in present) or "none"
-        raise StageError(f"finetune task classify: the test split of {tokens} can score {present.size} of the "
-                         f"{len(labels)} classes ({held}): accuracy and F1 need at least two; a larger corpus, or "
-                         f"other ingest.split fractions")
+        raise StageError(f"finetune task classify: the test split of {tokens} can score {present.size} of "
+                         f"the {len(labels)} classes ({held}): accuracy and F1 need at least two; a larger "
+                         f"corpus, or other ingest.split fractions")
     if present.size < len(labels):
         missing = [labels[i] for i in sorted(set(range(len(labels))) - {int(i) for i in present})]
-        log.warning("finetune task classify: the test split scores %d of the %d classes (none of %s)", present.size,
+        log.warning("finetune task classify: the test split scores %d of the %d classes (none of %s)",
+                    present.size,
                     len(labels), ", ".join(map(repr, missing[:5])))
     return int(present.size)
 
@@ -92,8 +94,8 @@ class Classification(Task):
         labelled = self.train.labels[self.train.labels >= 0]
         if not self.labels or labelled.size == 0:
             raise StageError(f"finetune task classify: {tokens} has no labelled training documents (ingest's "
-                             f"label_field names the labels): use a corpus with labels, or no fine-tuning runs "
-                             f"(finetune.runs: {{}})")
+                             "label_field names the labels): use a corpus with labels, or no fine-tuning "
+                             f"runs (finetune.runs: {{}})")
         present = np.unique(labelled)
         if present.size < 2:
             raise StageError(f"finetune task classify: every labelled training document has the label "
@@ -101,8 +103,8 @@ class Classification(Task):
         counts = np.bincount(labelled, minlength=len(self.labels))
         if counts.min() < MIN_DOCS_PER_LABEL:
             rare = [self.labels[i] for i in np.flatnonzero(counts < MIN_DOCS_PER_LABEL)]
-            raise StageError(f"finetune task classify: label(s) {', '.join(map(repr, rare[:5]))} have fewer than "
-                             f"{MIN_DOCS_PER_LABEL} training documents: too few to learn or to score")
+            raise StageError(f"finetune task classify: label(s) {', '.join(map(repr, rare[:5]))} have fewer "
+                             f"than {MIN_DOCS_PER_LABEL} training documents: too few to learn or to score")
 
     # ---------------------------------------------------------------- the model
     def make_model(self, p: Any, dry_run: bool) -> torch.nn.Module:
@@ -173,15 +175,19 @@ class Classification(Task):
         model.train()
         return total / index.size, truth, predicted
 
-    def validate(self, model: torch.nn.Module, p: Any, device: torch.device, forward: Any) -> dict[str, float]:
-        loss, truth, predicted = self.predict(model, self.val, p.eval_batches * p.batch_size, p.micro_batch_size,
+    def validate(self, model: torch.nn.Module, p: Any, device: torch.device,
+                 forward: Any) -> dict[str, float]:
+        loss, truth, predicted = self.predict(model, self.val, p.eval_batches * p.batch_size,
+                                              p.micro_batch_size,
                                               device, forward)
         return {"val_loss": loss, "val_accuracy": float(np.mean(np.array(truth) == np.array(predicted)))}
 
-    def test_scores(self, model: torch.nn.Module, p: Any, device: torch.device, forward: Any) -> dict[str, Any]:
+    def test_scores(self, model: torch.nn.Module, p: Any, device: torch.device,
+                    forward: Any) -> dict[str, Any]:
         """Accuracy, macro precision, recall and F1, and the confusion matrix on every labelled
         test document."""
-        loss, truth, predicted = self.predict(model, self.test, len(self.test.labels), p.micro_batch_size, device,
+        loss, truth, predicted = self.predict(model, self.test, len(self.test.labels), p.micro_batch_size,
+                                              device,
                                               forward)
         return {"test_loss": loss, "test_docs": len(truth), **scores(truth, predicted, len(self.labels)),
                 "labels": list(self.labels)}

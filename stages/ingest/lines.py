@@ -17,7 +17,8 @@ from stages.ingest.records import Counts
 if TYPE_CHECKING:
     from stages.ingest import Params
 
-BOM = "\ufeff"  # a byte-order mark as decoded text: dropped from the start of every file, whatever its encoding
+# a byte-order mark as decoded text: dropped from the start of every file, whatever its encoding
+BOM = "\ufeff"
 log = logging.getLogger("lmmem.ingest")
 
 
@@ -45,7 +46,8 @@ def lines(p: Params, counts: Counts, path: Path, encodings: list[str] | None = N
             if encoding == "utf-8-sig" and number == 1:
                 raw = raw.removeprefix(codecs.BOM_UTF8)
             text = decode_line(raw, encoding, encodings)
-            text = text.removeprefix(BOM) if number == 1 and text is not None else text  # GB18030's: 84 31 95 33
+            # GB18030's: 84 31 95 33
+            text = text.removeprefix(BOM) if number == 1 and text is not None else text
             if text is None:
                 if p.on_decode_error == "fail":
                     raise StageError(

@@ -26,7 +26,8 @@ def files(p: Params) -> list[Path]:
     """The user's corpus files: the source's file, a folder's files (hidden ones left out), or a glob's."""
     source = p.source
     path = Path(source).expanduser()
-    if special := problems([path], Path("/")):  # a FIFO or device, or a link to one: DVC would hash it for ever
+    # a FIFO or device, or a link to one: DVC would hash it for ever
+    if special := problems([path], Path("/")):
         raise StageError(f"ingest.source: {refusal(special)}")
     if path.is_dir():
         found = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))

@@ -29,7 +29,7 @@ def read(p: Params, counts: Counts, path: Path) -> Iterator[Record]:
     number = 1
     try:
         for number, row in enumerate(reader, start=2):
-            yield from from_mapping(p, counts, dict(zip(header, row)), f"{path}:row {number}")
+            yield from from_mapping(p, counts, dict(zip(header, row, strict=False)), f"{path}:row {number}")
     except csv.Error as exc:
         hint = " (a quote opened there is never closed)" if "end of data" in str(exc) else ""
         raise StageError(f"{path}: malformed CSV at row {number + 1}: {exc}{hint}") from None

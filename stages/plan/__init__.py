@@ -46,22 +46,29 @@ class Params(Section):
     """The `plan` section."""
 
     architectures: list[str] = Field(default_factory=lambda: ["llama-3-8b"], min_length=1, description=(
-        "catalog names (gpt2, gpt2-xl, llama-2-7b, llama-3-8b, llama-3-70b, qwen2.5-0.5b, qwen2.5-7b, mistral-7b) or "
-        "paths of transformers config.json files: each is dry-run at real size (seconds to a minute a stack)"))
-    workloads: list[Workload] = Field(default_factory=lambda: ["pretrain", "qlora", "inference"], min_length=1,
-                                      description="pretrain | finetune (full) | lora | qlora | inference (KV cache)")
+        "catalog names (gpt2, gpt2-xl, llama-2-7b, llama-3-8b, llama-3-70b, qwen2.5-0.5b, qwen2.5-7b, "
+        "mistral-7b) or paths of transformers config.json files: each is dry-run at real size (seconds to a "
+        "minute a stack)"))
+    workloads: list[Workload] = Field(default_factory=lambda: ["pretrain", "qlora", "inference"],
+                                      min_length=1,
+                                      description="pretrain | finetune (full) | lora | qlora | inference "
+                                                  "(KV cache)")
     devices: dict[str, float] = Field(default_factory=lambda: {"small": 24.0, "large": 80.0}, min_length=1,
                                       description="name: memory in GiB of one device (a rank each)")
     batch_size: int = Field(8, ge=1, le=65536, description=(
         "training: sequences per optimizer step over all ranks | inference: sequences decoded at once"))
-    micro_batch_size: int = Field(8, ge=1, le=65536, description="training: the asked micro-batch (moves halve it)")
+    micro_batch_size: int = Field(8, ge=1, le=65536,
+                                  description="training: the asked micro-batch (moves halve it)")
     context: int = Field(1024, ge=2, le=65536, description="tokens per sequence (inference: held at the end)")
-    prompt: int = Field(512, ge=1, le=65535, description="inference: tokens prefilled at once (below context)")
-    dtype: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="inference: the weights' and the cache's dtype")
+    prompt: int = Field(512, ge=1, le=65535,
+                        description="inference: tokens prefilled at once (below context)")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="inference: the weights' and the "
+                                                                       "cache's dtype")
     world_size: int = Field(1, ge=1, le=4096, description="training: ranks (one device each)")
     strategy: Literal["ddp", "zero1", "fsdp"] = Field("ddp", description="training: how the ranks shard")
     train: dict[str, Any] = Field(default_factory=lambda: {"precision": "bf16"}, description=(
-        "train keys of the asked stack (precision, optimizer, activation_checkpointing, ...): the planner's start"))
+        "train keys of the asked stack (precision, optimizer, activation_checkpointing, ...): the planner's "
+        "start"))
     reserve_mib: float = Field(2048.0, ge=0.0, description=(
         "held back on each device beside the tensors (the CUDA context, the caching allocator's slack)"))
     max_seconds: float = Field(180.0, gt=0.0, le=86400.0, description=(
@@ -74,7 +81,8 @@ class Params(Section):
 
         for name in names:
             if name not in CATALOG and not name.endswith(".json") and not Path(name).is_dir():
-                raise ValueError(f"architecture {name!r}: a catalog name ({', '.join(CATALOG)}) or a config.json path")
+                raise ValueError(f"architecture {name!r}: a catalog name ({', '.join(CATALOG)}) or a "
+                                 "config.json path")
         return names
 
     @field_validator("devices")
@@ -82,8 +90,8 @@ class Params(Section):
     def _devices(cls, devices: dict[str, float]) -> dict[str, float]:
         for name, gib in devices.items():
             if not re.match(r"^[a-z0-9][a-z0-9-]*$", name) or not 0 < gib <= 65536:
-                raise ValueError(f"device {name!r}: {gib} GiB (a name of lowercase letters, digits and dashes; "
-                                 "memory above 0 and at most 65536 GiB)")
+                raise ValueError(f"device {name!r}: {gib} GiB (a name of lowercase letters, digits and "
+                                 "dashes; memory above 0 and at most 65536 GiB)")
         return devices
 
     @model_validator(mode="after")
@@ -136,7 +144,8 @@ def run(p: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
 
     plans, metrics = [], {}
     archs = [architecture(name) for name in p.architectures]  # every name checked before any dry run
-    questions = [question(p, arch, workload) for arch in archs for workload in p.workloads]  # and every context
+    # and every context
+    questions = [question(p, arch, workload) for arch in archs for workload in p.workloads]
     for q in questions:
         log.info("%s, %s:", q.arch.name, q.workload)
         found = plan(q, p.devices, p.reserve_mib, p.max_seconds)
@@ -145,9 +154,10 @@ def run(p: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
         if q.arch.published_parameters is not None:
             metrics[f"{key(q.arch.name)}_parameters_published"] = q.arch.published_parameters
         metrics.update(flat(found))
-    with atomic_dir(paths.out, "plan") as tmp:  # a cached output: each dry run's seconds (this machine's) left out
+    # a cached output: each dry run's seconds (this machine's) left out
+    with atomic_dir(paths.out, "plan") as tmp:
         write_json(tmp / "plans.json", [{**found, "tried": [{k: v for k, v in tried.items() if k != "seconds"}
-                                                           for tried in found["tried"]]} for found in plans])
+                                                            for tried in found["tried"]]} for found in plans])
     metrics["plans"] = len(plans)
     return metrics
 
@@ -155,18 +165,21 @@ def run(p: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
 def render(plan: dict[str, Any]) -> str:
     """A plan as the lines a terminal shows."""
     q = plan["question"]
-    lines = [f"{q['architecture']}, {q['workload']}: batch {q['batch_size']} (micro {q['micro_batch_size']}) x "
-             f"{q['context']} tokens, {q['world_size']} rank(s) {q['strategy']}, stack {json.dumps(q['train'])}",
+    lines = [(f"{q['architecture']}, {q['workload']}: batch {q['batch_size']} (micro {q['micro_batch_size']})"
+              f" x {q['context']} tokens, {q['world_size']} rank(s) {q['strategy']}, "
+              f"stack {json.dumps(q['train'])}"),
              f"{'per-rank peak MiB':>18} {'cost':>6}  {'where':<12} stack"]
     for r in plan["tried"]:
-        lines.append(f"{r['peak_mib']:>18,.1f} {r['cost']:>6.2f}  {r['phase'] + ' ' + str(r['step']):<12} {r['stack']}")
+        lines.append(f"{r['peak_mib']:>18,.1f} {r['cost']:>6.2f}  {r['phase'] + ' ' + str(r['step']):<12} "
+                     f"{r['stack']}")
     for stack, why in plan["failed"].items():
         lines.append(f"{'dry run failed':>18} {'':>6}  {'':<12} {stack}: {why}")
     for device, answer in plan["devices"].items():
         if answer["stacks"]:
             best = answer["stacks"][0]
-            lines.append(f"{device} ({answer['device_mib']:,.0f} MiB, {plan['reserve_mib']:,.0f} held back): fits "
-                         f"with {best['stack']} ({best['peak_mib']:,.1f} MiB, cost {best['cost']:.2f}); "
+            lines.append(f"{device} ({answer['device_mib']:,.0f} MiB, {plan['reserve_mib']:,.0f} held "
+                         f"back): fits with {best['stack']} ({best['peak_mib']:,.1f} MiB, cost "
+                         f"{best['cost']:.2f}); "
                          f"{len(answer['stacks'])} stack(s) fit")
         elif "cannot_fit" in answer:
             lines.append(f"{device} ({answer['device_mib']:,.0f} MiB): cannot fit, {answer['cannot_fit']}")
@@ -187,11 +200,13 @@ def ask(argv: list[str]) -> int:
     parser.add_argument("--arch", required=True, help="a catalog name or a config.json path")
     parser.add_argument("--workload", default="pretrain")
     parser.add_argument("--device-gib", type=float, action="append", help="a device's memory (repeatable)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a train key of the stack")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a train key of the stack")
     parser.add_argument("--json", action="store_true", help="the whole plan as JSON")
     parser.add_argument("--metrics", type=Path, help="write its flat figures to this JSON file")
     defaults = Params()
-    for name in ("batch_size", "micro_batch_size", "context", "prompt", "world_size", "reserve_mib", "max_seconds"):
+    for name in ("batch_size", "micro_batch_size", "context", "prompt", "world_size", "reserve_mib",
+                 "max_seconds"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
     parser.add_argument("--strategy", default=defaults.strategy)
@@ -208,14 +223,16 @@ def ask(argv: list[str]) -> int:
         devices = {f"device-{i}": gib for i, gib in enumerate(args.device_gib or [80.0])}
         from stages.common.core.params import validate_section
 
-        p = validate_section("plan", {"architectures": [args.arch], "workloads": [args.workload], "devices": devices,
-                                      "train": train, **{k: getattr(args, k) for k in (
-                                          "batch_size", "micro_batch_size", "context", "prompt", "world_size",
+        p = validate_section("plan",
+                             {"architectures": [args.arch], "workloads": [args.workload], "devices": devices,
+                              "train": train, **{k: getattr(args, k) for k in (
+                                  "batch_size", "micro_batch_size", "context", "prompt", "world_size",
                                           "strategy", "dtype", "reserve_mib", "max_seconds")}}, Params)
         from stages.plan.catalog import architecture
         from stages.plan.planner import plan
 
-        found = plan(question(p, architecture(args.arch), args.workload), p.devices, p.reserve_mib, p.max_seconds)
+        found = plan(question(p, architecture(args.arch), args.workload), p.devices, p.reserve_mib,
+                     p.max_seconds)
     except StageError as exc:
         print(f"lmmem plan: error: {exc}", file=sys.stderr)
         return 2

@@ -47,7 +47,8 @@ CATALOG: dict[str, Architecture] = {a.name: a for a in (
     Architecture("qwen2.5-7b", "qwen2", _llama(152064, 3584, 18944, 28, 28, 4, 131072, 1000000.0, eps=1e-6),
                  7_615_616_512, "Qwen/Qwen2.5-7B"),
     Architecture("mistral-7b", "mistral", {**_llama(32000, 4096, 14336, 32, 32, 8, 32768, 10000.0),
-                                           "sliding_window": 4096}, 7_241_732_096, "mistralai/Mistral-7B-v0.1"),
+                                           "sliding_window": 4096}, 7_241_732_096,
+                 "mistralai/Mistral-7B-v0.1"),
 )}
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2")  # the model types a local config.json may name
 
@@ -60,7 +61,8 @@ def architecture(name: str) -> Architecture:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise StageError(f"architecture {name!r}: not in the catalog ({', '.join(CATALOG)}) and no config.json there")
+        raise StageError(f"architecture {name!r}: not in the catalog ({', '.join(CATALOG)}) and no "
+                         "config.json there")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -69,7 +71,8 @@ def architecture(name: str) -> Architecture:
         kind = config.get("model_type") if isinstance(config, dict) else type(config).__name__
         raise StageError(f"{path}: model_type {kind!r} is not one the planner builds ({', '.join(FAMILIES)})")
     model_type = config.pop("model_type")
-    keep = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "auto_map")}
+    keep = {k: v for k, v in config.items() if not k.startswith("_")
+            and k not in ("architectures", "auto_map")}
     named = path.parent.name if path.name == "config.json" else path.stem  # a model folder's, or the file's
     return Architecture(named or str(path), model_type, keep, None, str(path))
 

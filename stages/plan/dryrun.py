@@ -89,8 +89,10 @@ def shape(arch: Architecture, context: int) -> dict[str, Any]:
     c = hf_config(arch)
     if arch.model_type == "gpt2":
         return {"family": "gpt2", "width": c.n_embd, "layers": c.n_layer, "heads": c.n_head,
-                "ffn_width": c.n_inner or 4 * c.n_embd, "context": context, "tie_embeddings": c.tie_word_embeddings}
-    return {"family": "llama", "width": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
+                "ffn_width": c.n_inner or 4 * c.n_embd, "context": context,
+                "tie_embeddings": c.tie_word_embeddings}
+    return {"family": "llama", "width": c.hidden_size, "layers": c.num_hidden_layers,
+            "heads": c.num_attention_heads,
             "kv_heads": c.num_key_value_heads, "ffn_width": c.intermediate_size, "context": context,
             "tie_embeddings": c.tie_word_embeddings}
 
@@ -112,7 +114,8 @@ def train_params(q: Question, changes: dict[str, Any] | None = None) -> Any:
 def meta_of(arch: Architecture) -> TokensMeta:
     """What the dry run reads of a tokenizer: the vocabulary's size."""
     ids = {"pad": 0, "unk": 0, "bos": 0, "eos": 0}
-    return TokensMeta(dtype="uint32", vocab_size=hf_config(arch).vocab_size, special_tokens={}, special_ids=ids,
+    return TokensMeta(dtype="uint32", vocab_size=hf_config(arch).vocab_size, special_tokens={},
+                      special_ids=ids,
                       docs={}, tokens={})
 
 
@@ -124,10 +127,12 @@ def training(q: Question, changes: dict[str, Any] | None = None) -> dict[str, An
     task = Architecture_(q.arch, q.context, q.workload in ("lora", "qlora"))
     started = time.perf_counter()
     est = predict_memory(p, meta_of(q.arch), torch.device("cpu"), 0, task=task)
-    return {"peak_mib": est[mem_key("total", "est_")], "phase": est["est_peak_phase"], "step": est["est_peak_step"],
+    return {"peak_mib": est[mem_key("total", "est_")], "phase": est["est_peak_phase"],
+            "step": est["est_peak_step"],
             "by_category": {c: est[mem_key(c, "est_", at_peak=True)] for c in task.categories},
             "category_peaks": {c: est[mem_key(c, "est_")] for c in task.categories},  # each its own largest
-            "per_rank": {k: v for k, v in est.items() if k.startswith("rank")},  # rank<r>_est_<category>_peak_mib
+            "per_rank": {k: v for k, v in est.items()
+                         if k.startswith("rank")},  # rank<r>_est_<category>_peak_mib
             "seconds": time.perf_counter() - started}
 
 
@@ -146,10 +151,12 @@ def inference(q: Question) -> dict[str, Any]:
     started = time.perf_counter()
     config = hf_config(q.arch, use_cache=True)
     with FakeTensorMode(), NeutralScalars():
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=DTYPES[q.dtype]).eval()
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
+                                                 dtype=DTYPES[q.dtype]).eval()
         found = generation_peaks(model, q)
-    return {**found, "kv_cache_predicted_mib": kv_cache_bytes(config, q.batch_size, q.context, DTYPES[q.dtype],
-                                                              q.kv_bits) / 2**20,
+    return {**found,
+            "kv_cache_predicted_mib": kv_cache_bytes(config, q.batch_size, q.context, DTYPES[q.dtype],
+                                                     q.kv_bits) / 2**20,
             "seconds": time.perf_counter() - started}
 
 
@@ -189,8 +196,9 @@ def check(q: Question) -> None:
     """One line for a question no run could answer: a context beyond the architecture's positions."""
     positions = max_positions(q.arch)
     if q.context > positions:
-        raise StageError(f"plan: context {q.context:,} is longer than {q.arch.name}'s {positions:,} positions "
-                         f"(its config's {'n_positions' if q.arch.model_type == 'gpt2' else 'max_position_embeddings'}"
+        raise StageError(f"plan: context {q.context:,} is longer than {q.arch.name}'s {positions:,} "
+                         "positions (its config's "
+                         f"{'n_positions' if q.arch.model_type == 'gpt2' else 'max_position_embeddings'}"
                          f"): ask for {positions:,} tokens or fewer")
 
 

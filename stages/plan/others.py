@@ -16,7 +16,8 @@ def korthikanti_mib(config: Any, sequence: int, batch: int, checkpointed: bool) 
     h = getattr(config, "hidden_size", None) or config.n_embd
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     heads = getattr(config, "num_attention_heads", None) or config.n_head
-    per_layer = 2 * sequence * batch * h if checkpointed else sequence * batch * h * (34 + 5 * heads * sequence / h)
+    per_layer = 2 * sequence * batch * h if checkpointed else sequence * batch * h * (
+        34 + 5 * heads * sequence / h)
     return per_layer * layers / MIB
 
 

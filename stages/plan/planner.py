@@ -33,8 +33,9 @@ from stages.plan.dryrun import Question, estimate, train_params
 
 log = logging.getLogger("lmmem.plan")
 
-COST_SOURCE = ("each move's measured slowdown x perplexity ratio on this project's 2-core CPU (bench/train_grid, "
-               "bench/distributed, bench/lean_optimizers; docs/BENCHMARKS.md), multiplied: a CPU's ratios, not a GPU's")
+COST_SOURCE = ("each move's measured slowdown x perplexity ratio on this project's 2-core CPU "
+               "(bench/train_grid, bench/distributed, bench/lean_optimizers; docs/BENCHMARKS.md), "
+               "multiplied: a CPU's ratios, not a GPU's")
 KV_COSTS = {0: 1.0, 8: 0.90, 4: 1.04}  # ms per token against the exact cache (bench.kv_cache --quantized)
 
 
@@ -60,12 +61,12 @@ class Search:
             return None
         try:
             train_params(self.q, changes)  # a technique refuses this combination: not a stack
-        except Exception as exc:  # noqa: BLE001 - StageError from the params' check
+        except Exception as exc:  # StageError from the params' check
             log.debug("stack %s refused: %s", key, exc)
             return None
         try:
             found = estimate(self.q, changes)
-        except Exception as exc:  # noqa: BLE001 - a technique that cannot run on this architecture: said, skipped
+        except Exception as exc:  # a technique that cannot run on this architecture: said, skipped
             self.failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             log.warning("  %-60s the dry run failed: %s", key, self.failed[key])
             return None
@@ -116,7 +117,8 @@ def inference_plan(search: Search) -> None:
         key = f"kv_bits={bits}" if bits else "as asked"
         if key not in search.tried:
             found = estimate(q)
-            search.tried[key] = {"stack": key, "changes": {"kv_bits": bits} if bits else {}, "cost": KV_COSTS[bits],
+            search.tried[key] = {"stack": key, "changes": {"kv_bits": bits} if bits else {},
+                                 "cost": KV_COSTS[bits],
                                  **found}
             log.info("  %-60s %10.1f MiB (%.1f s)", key, found["peak_mib"], found["seconds"])
 
@@ -130,7 +132,8 @@ def weights_floor(q: Question, count: int) -> tuple[float, str]:
 
     billions = f"{count / 1e9:,.2f} B weights at"
     if q.workload == "inference":
-        return count * DTYPES[q.dtype].itemsize / 2**20, f"{billions} {DTYPES[q.dtype].itemsize} bytes each in {q.dtype}"
+        return count * DTYPES[
+            q.dtype].itemsize / 2**20, f"{billions} {DTYPES[q.dtype].itemsize} bytes each in {q.dtype}"
     if q.workload in ("lora", "qlora"):
         return count * 0.5 / 2**20, f"{billions} 4 bits each, frozen in NormalFloat"
     sharded = f", split over {q.world_size} fsdp ranks" if q.strategy == "fsdp" and q.world_size > 1 else ""
@@ -150,12 +153,14 @@ def plan(q: Question, devices: dict[str, float], reserve_mib: float, max_seconds
     answers: dict[str, Any] = {}
     count = parameter_count(q.arch)
     floor, counted = weights_floor(q, count)
-    for device, gib in sorted(devices.items(), key=lambda item: -item[1]):  # the largest first: the fewest moves
+    # the largest first: the fewest moves
+    for device, gib in sorted(devices.items(), key=lambda item: -item[1]):
         mib = gib * 1024
         if floor + reserve_mib > mib:
             answers[device] = {"device_mib": mib, "fits": False, "stacks": [],
-                               "cannot_fit": f"the weights alone need at least {floor:,.0f} MiB a rank ({counted}), "
-                                             f"more than {mib:,.0f} MiB less {reserve_mib:,.0f} held back"}
+                               "cannot_fit": (f"the weights alone need at least {floor:,.0f} MiB a rank "
+                                              f"({counted}), more than {mib:,.0f} MiB less "
+                                              f"{reserve_mib:,.0f} held back")}
             continue
         if q.workload == "inference":
             inference_plan(search)

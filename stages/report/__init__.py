@@ -2,8 +2,8 @@
 saved and cost, from the pipeline's artifacts and every DVC experiment of this commit.
 
 Reads data/metrics/<stage>.json of every stage, data/plots/train/steps.csv and timeline.csv,
-data/eval/results.json and timeline.csv, params.yaml (provenance: what differs from the defaults) and the experiments
-under git's refs/exps of HEAD (read from git: the report runs inside `dvc repro`, which
+data/eval/results.json and timeline.csv, params.yaml (provenance: what differs from the defaults) and the
+experiments under git's refs/exps of HEAD (read from git: the report runs inside `dvc repro`, which
 holds DVC's lock). Writes data/report/report.html (plots inline as SVG, no script, no
 font or style fetched from anywhere), report.md with the same tables and numbers, and the
 figures as .svg files beside it, and curves/*.csv (the training CSV's sparse columns, dense)
@@ -31,14 +31,14 @@ from stages.common.core.artifacts import atomic_dir, read_json
 from stages.common.core.errors import StageError
 from stages.common.core.eval_results import eval_rows
 from stages.common.core.params import BaseParams, Section, read_params_file
-from stages.common.core.schema import CATEGORIES
 from stages.common.harness.experiments import experiment_records, head_revision
 from stages.common.harness.stage import stage_main
-from stages.report import by_module, comparison, finetuning, serving
+from stages.report import by_module, comparison, finetuning, serving, training
 from stages.report import plan as planned
-from stages.report.charts import line_chart, scatter, stacked_bars
+from stages.report.charts import scatter
 from stages.report.document import Doc, num, ratio
-from stages.report.provenance import LIBRARIES, machine_rows, not_finite, one_blas_list, rss_rows, version
+from stages.report.provenance import (LIBRARIES, flat, machine_rows, not_finite, one_blas_list, rss_rows,
+                                      version)
 
 log = logging.getLogger("lmmem.report")
 
@@ -49,7 +49,8 @@ WORKSPACE = "workspace"  # the run of the checked-out params (data/metrics), bes
 class Params(Section):
     title: str = Field("lmmem: what each memory technique saved and cost", description="the page's heading")
     experiments: bool = Field(
-        True, description="compare the DVC experiments of this commit (git refs/exps) beside the workspace run")
+        True,
+        description="compare the DVC experiments of this commit (git refs/exps) beside the workspace run")
     generation_chars: int = Field(160, description="each generation shown up to this many characters")
 
 
@@ -80,7 +81,8 @@ class Inputs:
 
 
 def read_inputs(paths: Paths, params: Params) -> Inputs:
-    metrics = {s: read_json(paths.metrics_dir / f"{s}.json") for s in STAGES if (paths.metrics_dir / f"{s}.json").is_file()}
+    metrics = {s: read_json(paths.metrics_dir / f"{s}.json") for s in STAGES
+               if (paths.metrics_dir / f"{s}.json").is_file()}
     if not metrics:
         raise StageError(f"{paths.metrics_dir} holds no stage metrics: run the pipeline first")
     steps: list[dict[str, str]] = []
@@ -91,22 +93,10 @@ def read_inputs(paths: Paths, params: Params) -> Inputs:
         if (paths.eval / "results.json").is_file() else []
     experiments = experiment_records(Path.cwd(), paths.metrics_dir.as_posix()) if params.experiments else []
     given = read_params_file(paths.params_file)
-    return Inputs(given, metrics, steps, results, experiments, comparison.read_compared(paths.metrics_dir, given),
-                  finetuning.read_tuned(paths.metrics_dir, given), finetuning.read_tuned(paths.metrics_dir, given, "adapt"))
-
-
-def flat(data: Any, prefix: str = "", whole: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """Nested params as dotted keys; a mapping under a key in `whole` (a user-named collection,
-    such as compress.variants) stays one value: its sorted names."""
-    key = prefix[:-1]
-    if isinstance(data, dict) and key in whole:
-        return {key: sorted(data, key=str)}
-    if isinstance(data, dict) and (data or not key):
-        out: dict[str, Any] = {}
-        for name in sorted(data, key=str):
-            out.update(flat(data[name], f"{prefix}{name}.", whole))
-        return out
-    return {key: data}
+    return Inputs(given, metrics, steps, results, experiments,
+                  comparison.read_compared(paths.metrics_dir, given),
+                  finetuning.read_tuned(paths.metrics_dir, given),
+                  finetuning.read_tuned(paths.metrics_dir, given, "adapt"))
 
 
 def defaults() -> dict[str, Any]:
@@ -143,16 +133,16 @@ def summary(inputs: Inputs, runs: list[dict[str, Any]]) -> list[str]:
         best_ppl = min(r["train"].get("val_ppl", math.inf) for r in runs)
         fair = [r for r in runs if r["train"].get("val_ppl", math.inf) <= best_ppl * 1.05]
         lean = min(fair, key=lambda r: (r["train"]["mem_total_peak_mib"], r["name"]))
-        lines.append(f"Training: of {len(runs)} runs, {lean['name']} held the least tensor memory within 5 % of "
-                     f"the best perplexity: {num(lean['train']['mem_total_peak_mib'])} MiB "
-                     f"({ratio(lean['train']['mem_total_peak_mib'], base['train']['mem_total_peak_mib'])} the "
-                     f"workspace run) at perplexity {num(lean['train'].get('val_ppl'))}, "
+        lines.append(f"Training: of {len(runs)} runs, {lean['name']} held the least tensor memory within 5 "
+                     f"% of the best perplexity: {num(lean['train']['mem_total_peak_mib'])} MiB "
+                     f"({ratio(lean['train']['mem_total_peak_mib'], base['train']['mem_total_peak_mib'])} "
+                     f"the workspace run) at perplexity {num(lean['train'].get('val_ppl'))}, "
                      f"{num(lean['train'].get('tokens_per_sec'), 0)} tokens/s.")
     elif base is not None:
         more = ("the techniques side by side at equal steps: below" if inputs.compared else
                 "run a sweep (python -m flows.sweep) or add compare.configs to compare techniques")
-        lines.append(f"Training: one run (the workspace's), {num(base['train']['mem_total_peak_mib'])} MiB tensor "
-                     f"peak, perplexity {num(base['train'].get('val_ppl'))}; {more}.")
+        lines.append(f"Training: one run (the workspace's), {num(base['train']['mem_total_peak_mib'])} MiB "
+                     f"tensor peak, perplexity {num(base['train'].get('val_ppl'))}; {more}.")
     if (line := comparison.summary_line(inputs.compared, inputs.params)) is not None:
         lines.append(line)
     ok = {r["name"]: r for r in inputs.results if r.get("status") == "ok" and "val_ppl" in r}
@@ -166,8 +156,8 @@ def summary(inputs: Inputs, runs: list[dict[str, Any]]) -> list[str]:
         timed = [r for r in ok.values() if "ms_per_token_b1" in r]  # latency: from the metrics file
         if timed and "ms_per_token_b1" in model:
             fast = min(timed, key=lambda r: (r["ms_per_token_b1"], r["name"]))
-            line += (f" The fastest at batch 1 is {fast['name']} ({num(fast['ms_per_token_b1'], 2)} ms per token, "
-                     f"{ratio(fast['ms_per_token_b1'], model['ms_per_token_b1'])} the trained model).")
+            line += (f" The fastest at batch 1 is {fast['name']} ({num(fast['ms_per_token_b1'], 2)} ms per "
+                     f"token, {ratio(fast['ms_per_token_b1'], model['ms_per_token_b1'])} the trained model).")
         lines.append(line)
     probes = [r for r in inputs.results if "cls_f1_macro" in r and r["name"] != "word2vec-bow"]
     w2v = next((r for r in inputs.results if r["name"] == "word2vec-bow" and "cls_f1_macro" in r), None)
@@ -193,14 +183,16 @@ def provenance(doc: Doc, inputs: Inputs) -> None:
         ["this report's machine", f"{platform.machine()}, {os.cpu_count()} cores"],
         ["python", platform.python_version()],
     ] + [[lib, version(lib)] for lib in LIBRARIES])
-    doc.para("Peak RSS of each stage's process (MiB), beside its prediction: the RSS at the start of its work, "
-             "plus the overhead fitted for the stage and allocator, plus a scale on its tensors (stages/common/memory/rss_prediction.py).")
+    doc.para("Peak RSS of each stage's process (MiB), beside its prediction: the RSS at the start of its "
+             "work, plus the overhead fitted for the stage and allocator, plus a scale on its tensors "
+             "(stages/common/memory/rss_prediction.py).")
     doc.table(["stage", "start", "tensors", "predicted", "measured", "error"], rss_rows(inputs.metrics))
     default = flat(defaults())
     whole = frozenset(k for k, v in default.items() if v == {})  # e.g. compress.variants: names, not fields
     default = {k: (sorted(v) if k in whole else v) for k, v in default.items()}
     given = flat({k: v for k, v in inputs.params.items() if k != "flows"}, whole=whole)
-    changed = [[key, json.dumps(given[key], ensure_ascii=False), json.dumps(default.get(key), ensure_ascii=False)]
+    changed = [[key, json.dumps(given[key], ensure_ascii=False),
+                json.dumps(default.get(key), ensure_ascii=False)]
                for key in given if default.get(key) != given[key]]
     doc.para(f"Params that differ from the defaults ({len(changed)}):")
     doc.table(["param", "value", "default"], changed)
@@ -216,103 +208,27 @@ def data_section(doc: Doc, inputs: Inputs) -> None:
     doc.para(f"Source {source}: {num(ingest.get('docs'))} documents, {num(ingest.get('chars'))} characters "
              f"(by language: {languages or '–'}).")
     doc.table(["split", "documents read", "characters read", "documents kept", "tokens"], [
-        [split, num(ingest.get(f"docs_{split}")), num(ingest.get(f"chars_{split}")), num(clean.get(f"docs_{split}")),
+        [split, num(ingest.get(f"docs_{split}")), num(ingest.get(f"chars_{split}")),
+         num(clean.get(f"docs_{split}")),
          num(tokenize.get(f"tokens_{split}"))] for split in ("train", "validation", "test")])
     dropped = [f"{k.removeprefix('dropped_').replace('_', ' ')}: {num(v)}" for k, v in sorted(clean.items())
                if k.startswith("dropped_")]
-    doc.para("Cleaning dropped: " + ("; ".join(dropped) or "–") + f" (of {num(clean.get('docs_in'))} documents; "
-             f"{num(clean.get('html_docs'))} had HTML, {num(clean.get('urls'))} URLs and {num(clean.get('emails'))} "
+    doc.para("Cleaning dropped: " + ("; ".join(dropped) or "–")
+             + f" (of {num(clean.get('docs_in'))} documents; "
+             f"{num(clean.get('html_docs'))} had HTML, {num(clean.get('urls'))} URLs and "
+             f"{num(clean.get('emails'))} "
              "e-mail addresses replaced).")
     doc.para(f"Tokenization: vocabulary {num(tokenize.get('vocab_size'))}, unknown-token rate on test "
              f"{num(tokenize.get('unk_rate_test'), 4)}; jieba against the gold segmentation "
-             f"({num(tokenize.get('gold_lines'))} lines): precision {num(tokenize.get('gold_precision'), 3)}, "
+             f"({num(tokenize.get('gold_lines'))} lines): precision "
+             f"{num(tokenize.get('gold_precision'), 3)}, "
              f"recall {num(tokenize.get('gold_recall'), 3)}, F1 {num(tokenize.get('gold_f1'), 3)}.")
-    doc.para(f"Word2Vec: {num(embed.get('w2v_vocab_size'))} words of {num(embed.get('vector_size'))} dimensions, "
-             f"vocabulary coverage {num(embed.get('vocab_coverage'), 4)}, analogies answered "
+    doc.para(f"Word2Vec: {num(embed.get('w2v_vocab_size'))} words of {num(embed.get('vector_size'))} "
+             f"dimensions, vocabulary coverage {num(embed.get('vocab_coverage'), 4)}, analogies answered "
              f"{num(embed.get('analogy_answered'))} of {num(embed.get('analogy_questions'))} "
-             f"(coverage {num(embed.get('analogy_coverage'), 3)}), probe words found {num(embed.get('probes_found'))} "
+             f"(coverage {num(embed.get('analogy_coverage'), 3)}), probe words found "
+             f"{num(embed.get('probes_found'))} "
              f"of {num(embed.get('probes'))}.")
-
-
-def training_section(doc: Doc, inputs: Inputs, runs: list[dict[str, Any]]) -> None:
-    doc.heading(1, "Training")
-    if inputs.steps:
-        def series(key: str) -> list[tuple[float, float]]:
-            return [(float(r["step"]), float(r[key])) for r in inputs.steps if r.get(key)]
-
-        doc.figure("loss", line_chart("Loss (workspace run)", "optimizer step", "cross-entropy",
-                                      {"train": series("train_loss"), "validation": series("val_loss")}),
-                   "Training and validation loss per step.")
-        doc.figure("perplexity", line_chart("Validation perplexity (workspace run)", "optimizer step", "perplexity",
-                                            {"validation": [(x, math.exp(y)) for x, y in series("val_loss")]}),
-                   "Validation perplexity per evaluation.")
-    if not runs:
-        doc.para("No training metrics.")
-        return
-    doc.para("Tensor memory by category at the moment of each run's peak (measured by the tensor "
-             "meter; for a run on several ranks, the largest rank's), the dry-run estimate of the total "
-             "made before training beside it.")
-    doc.table(["run", "differs from workspace", "ranks", *CATEGORIES, "measured MiB", "estimated MiB", "error",
-               "tokens/s", "val ppl"],
-              [[r["name"], differs(r["params"], inputs.params), ranks_label(r["train"]),
-                *[num(r["train"].get(f"mem_at_peak_{c}_mib")) for c in CATEGORIES],
-                num(r["train"].get("mem_total_peak_mib")), num(r["train"].get("est_total_peak_mib")),
-                pct(r["train"].get("est_total_peak_mib"), r["train"].get("mem_total_peak_mib")),
-                num(r["train"].get("tokens_per_sec"), 0), num(r["train"].get("val_ppl"))] for r in runs])
-    doc.figure("memory", stacked_bars("Training tensor peak by category", "MiB",
-                                      [(r["name"], {c: r["train"].get(f"mem_at_peak_{c}_mib", 0.0) for c in CATEGORIES})
-                                       for r in runs], CATEGORIES,
-                                      {r["name"]: r["train"]["est_total_peak_mib"] for r in runs
-                                       if "est_total_peak_mib" in r["train"]}),
-               "Measured tensor peak by category (bars) and the estimate (tick), per run.")
-    per_rank_table(doc, runs)
-    points = [(r["name"], r["train"]["mem_total_peak_mib"], r["train"]["val_ppl"]) for r in runs
-              if "mem_total_peak_mib" in r["train"] and "val_ppl" in r["train"]]
-    front = comparison.front(points)
-    doc.figure("pareto", scatter("Memory against perplexity", "tensor peak MiB", "validation perplexity", points,
-                                 front), "Every run; the dashed line joins the Pareto front.")
-    doc.para("Pareto front (no other run has both less memory and a lower perplexity): " + ", ".join(front) + ".")
-
-
-def ranks_label(train: dict[str, Any]) -> str:
-    world = train.get("dist_world_size", 1)
-    return "1" if world == 1 else f"{world} × {train.get('dist_strategy', '?')}"
-
-
-def per_rank_table(doc: Doc, runs: list[dict[str, Any]]) -> None:
-    """Each rank of the distributed runs: its own peak per sharded category, its tensor peak
-    against the estimate, and its saving against the estimate for ddp of the same run."""
-    rows = []
-    for r in runs:
-        t = r["train"]
-        for rank in range(t.get("dist_world_size", 1)):
-            p = f"rank{rank}_"
-            if f"{p}mem_total_peak_mib" not in t:  # a one-process run has no rank figures
-                continue
-            saving = t.get(f"{p}saving_vs_ddp")
-            rows.append([r["name"], ranks_label(t), str(rank),
-                         *[num(t.get(f"{p}mem_{c}_peak_mib"), 2) for c in ("parameters", "gradients", "optimizer")],
-                         num(t.get(f"{p}mem_total_peak_mib")), num(t.get(f"{p}est_total_peak_mib")),
-                         pct(t.get(f"{p}est_total_peak_mib"), t.get(f"{p}mem_total_peak_mib")),
-                         f"{saving * 100:.1f} %" if isinstance(saving, (int, float)) else "–"])
-    if rows:
-        doc.para("Per rank of the runs on several ranks: what each rank held of what the strategy shards "
-                 "(each category's own peak, MiB), its tensor peak against its estimate, and the saving "
-                 "against the estimate for ddp of the same run.")
-        doc.table(["run", "ranks", "rank", "parameters", "gradients", "optimizer", "measured MiB", "estimated MiB",
-                   "error", "saving vs ddp"], rows)
-
-
-def differs(params: dict[str, Any], workspace: dict[str, Any]) -> str:
-    a, b = flat({k: v for k, v in params.items() if k != "flows"}), flat(workspace)
-    keys = [k for k in a if a[k] != b.get(k)]
-    return ", ".join(f"{k}={json.dumps(a[k], ensure_ascii=False)}" for k in keys) or "–"
-
-
-def pct(estimate: Any, measured: Any) -> str:
-    if not isinstance(estimate, (int, float)) or not isinstance(measured, (int, float)) or not measured:
-        return "–"
-    return f"{(estimate - measured) / measured * 100:+.2f} %"
 
 
 def compression_section(doc: Doc, inputs: Inputs, params: Params) -> None:
@@ -329,19 +245,24 @@ def compression_section(doc: Doc, inputs: Inputs, params: Params) -> None:
                         + [num(r.get("cls_f1_macro"), 3)])
             continue
         rows.append([r["name"], "ok", num(r["bytes_on_disk"] / 2**20, 2), f"{r['size_ratio']:.3f}",
-                     num(r["bytes_on_disk"] / r["params"], 2), num(r["val_ppl"]), ratio(r["val_ppl"], model.get("val_ppl")),
+                     num(r["bytes_on_disk"] / r["params"], 2), num(r["val_ppl"]),
+                     ratio(r["val_ppl"], model.get("val_ppl")),
                      num(r["top1"], 3), num(r.get("ms_per_token_b1"), 2), num(r.get("ms_per_token_batch"), 2),
-                     num(r["tensor_peak_mib"]), num(r.get("greedy_repetition"), 2), num(r.get("cls_f1_macro"), 3)])
+                     num(r["tensor_peak_mib"]), num(r.get("greedy_repetition"), 2),
+                     num(r.get("cls_f1_macro"), 3)])
     doc.table(["model", "status", "MiB on disk", "× bytes", "bytes/param", "val ppl", "× ppl", "top-1",
                "ms/token b1", "ms/token batch", "inference peak MiB", "greedy repetition", "probe F1"], rows)
     doc.para("Greedy repetition: 1 − distinct tokens / tokens of each prompt's greedy continuation, "
              "averaged; near 1 when one token repeats, 0 when none does.")
     ok = [r for r in inputs.results if r.get("status") == "ok" and "val_ppl" in r]
-    doc.figure("size_vs_perplexity", scatter("Size against perplexity", "MiB on disk", "validation perplexity",
-                                             [(r["name"], r["bytes_on_disk"] / 2**20, r["val_ppl"]) for r in ok]),
+    doc.figure("size_vs_perplexity",
+               scatter("Size against perplexity", "MiB on disk", "validation perplexity",
+                       [(r["name"], r["bytes_on_disk"] / 2**20, r["val_ppl"])
+                        for r in ok]),
                "Every evaluated model: bytes on disk against validation perplexity.")
     prompts = inputs.params.get("evaluate", {}).get("prompts", [])
-    for key, title in (("generations", "Generations (the same prompts, seeded)"), ("greedy", "Greedy generations")):
+    for key, title in (("generations", "Generations (the same prompts, seeded)"),
+                       ("greedy", "Greedy generations")):
         generated = [r for r in inputs.results if r.get(key)]
         if prompts and generated:
             doc.heading(2, title)
@@ -369,13 +290,14 @@ def run(params: Params, paths: Paths, base: BaseParams) -> dict[str, Any]:
     doc.bullets(not_finite(inputs.metrics) + summary(inputs, runs))
     provenance(doc, inputs)
     data_section(doc, inputs)
-    training_section(doc, inputs, runs)
+    training.section(doc, inputs.steps, inputs.params, runs)
     comparison.section(doc, inputs.compared, inputs.params)
     finetuning.section(doc, inputs.tuned, inputs.params, inputs.results)
     finetuning.adapt_section(doc, inputs.adapted, inputs.params, inputs.metrics.get("domain"))
     compression_section(doc, inputs, params)
     serving.section(doc, inputs.results)
-    by_module.section(doc, by_module.read_rows(paths.timeline), by_module.read_rows(paths.eval / "timeline.csv"))
+    by_module.section(doc, by_module.read_rows(paths.timeline),
+                      by_module.read_rows(paths.eval / "timeline.csv"))
     planned.section(doc, planned.read_plans(paths.plan))
     html, markdown = doc.html(params.title), doc.markdown(params.title)
     with atomic_dir(paths.out, "report") as tmp:

@@ -42,12 +42,13 @@ def section(doc: Doc, training: list[dict[str, Any]], generation: list[dict[str,
                                      f"the metered step with the largest total (step {training[0]['step']})"
                                      if training else ""),
                                     (generation, "timeline-generation", "Generation, module by module",
-                                     "the trained model's greedy generation at the grid's largest batch × context "
-                                     "(its prefill and last decode steps)")):
+                                     ("the trained model's greedy generation at the grid's largest batch × "
+                                      "context (its prefill and last decode steps)"))):
         if not rows:
             continue
         names = bands(rows)
-        marks = [(r["sample"], r["phase"]) for i, r in enumerate(rows) if i == 0 or r["phase"] != rows[i - 1]["phase"]]
+        marks = [(r["sample"], r["phase"]) for i, r in enumerate(rows) if i == 0
+                 or r["phase"] != rows[i - 1]["phase"]]
         if len(marks) > 12:  # generation: a decode step each; only where prefill ends
             marks = marks[:2]
         doc.figure(name, stacked_area(title, "sample (a module boundary)", "MiB",
@@ -58,5 +59,5 @@ def section(doc: Doc, training: list[dict[str, Any]], generation: list[dict[str,
         doc.para(f"At the peak (sample {peak['sample']}, {peak['phase']}, in `{peak['module']}`), "
                  f"{num(total, 2)} MiB:")
         doc.table(["band", "MiB", "share"], [[b, num(peak[f"{b}_mib"], 2), f"{peak[f'{b}_mib'] / total:.1%}"]
-                                            for b in sorted(names, key=lambda b: -peak[f"{b}_mib"])
-                                            if peak[f"{b}_mib"] > 0])
+                                             for b in sorted(names, key=lambda b: -peak[f"{b}_mib"])
+                                             if peak[f"{b}_mib"] > 0])

@@ -39,7 +39,8 @@ class _Frame:
     """Axes from data ranges to pixels, with gridlines, ticks and axis titles."""
 
     def __init__(self, title: str, xlabel: str, ylabel: str, xs: list[float], ys: list[float],
-                 y_from_zero: bool = False, x_ticks: bool = True, width: int = W, bottom: int = BOTTOM) -> None:
+                 y_from_zero: bool = False, x_ticks: bool = True, width: int = W,
+                 bottom: int = BOTTOM) -> None:
         self.w, self.h, self.bottom = width, H + bottom - BOTTOM, bottom
         self.x0, self.x1 = (min(xs), max(xs)) if xs else (0.0, 1.0)
         self.y0, self.y1 = (min(ys), max(ys)) if ys else (0.0, 1.0)
@@ -51,22 +52,26 @@ class _Frame:
         if not y_from_zero:
             self.y0 -= pad_y
         w, h = self.w, self.h
-        self.parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
-                      f'font-family="sans-serif" font-size="11">',
+        self.parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+                       f'viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11">'),
                       f'<text x="{LEFT}" y="16" font-size="13" font-weight="bold">{escape(title)}</text>']
         xt = _ticks(self.x0, self.x1) if x_ticks else []
         for t in xt:
             x = self.px(t)
             self.parts.append(f'<line x1="{_n(x)}" y1="{TOP}" x2="{_n(x)}" y2="{h - bottom}" stroke="#eee"/>'
-                              f'<text x="{_n(x)}" y="{h - bottom + 14}" text-anchor="middle">{_label(t, xt)}</text>')
+                              f'<text x="{_n(x)}" y="{h - bottom + 14}" '
+                              f'text-anchor="middle">{_label(t, xt)}</text>')
         yt = _ticks(self.y0, self.y1)
         for t in yt:
             y = self.py(t)
             self.parts.append(f'<line x1="{LEFT}" y1="{_n(y)}" x2="{w - RIGHT}" y2="{_n(y)}" stroke="#eee"/>'
-                              f'<text x="{LEFT - 6}" y="{_n(y + 4)}" text-anchor="end">{_label(t, yt)}</text>')
-        self.parts.append(f'<rect x="{LEFT}" y="{TOP}" width="{w - LEFT - RIGHT}" height="{h - TOP - bottom}" '
+                              f'<text x="{LEFT - 6}" y="{_n(y + 4)}" text-anchor="end">'
+                              f'{_label(t, yt)}</text>')
+        self.parts.append(f'<rect x="{LEFT}" y="{TOP}" width="{w - LEFT - RIGHT}" '
+                          f'height="{h - TOP - bottom}" '
                           f'fill="none" stroke="#888"/>'
-                          f'<text x="{(LEFT + w - RIGHT) / 2:.0f}" y="{h - 8}" text-anchor="middle">{escape(xlabel)}</text>'
+                          f'<text x="{(LEFT + w - RIGHT) / 2:.0f}" y="{h - 8}" '
+                          f'text-anchor="middle">{escape(xlabel)}</text>'
                           f'<text x="14" y="{(TOP + h - bottom) / 2:.0f}" text-anchor="middle" '
                           f'transform="rotate(-90 14 {(TOP + h - bottom) / 2:.0f})">{escape(ylabel)}</text>')
 
@@ -79,7 +84,8 @@ class _Frame:
     def legend(self, entries: list[tuple[str, str]]) -> None:
         for i, (name, color) in enumerate(entries[:16]):
             y = TOP + 8 + i * 16
-            self.parts.append(f'<rect x="{self.w - RIGHT + 10}" y="{y - 8}" width="10" height="10" fill="{color}"/>'
+            self.parts.append(f'<rect x="{self.w - RIGHT + 10}" y="{y - 8}" width="10" height="10" '
+                              f'fill="{color}"/>'
                               f'<text x="{self.w - RIGHT + 24}" y="{y + 1}">{escape(name[:22])}</text>')
 
     def done(self) -> str:
@@ -99,7 +105,8 @@ def line_chart(title: str, xlabel: str, ylabel: str, series: dict[str, list[tupl
             frame.parts.append(f'<circle cx="{_n(frame.px(points[0][0]))}" cy="{_n(frame.py(points[0][1]))}" '
                                f'r="3" fill="{color}"/>')
         elif points:
-            frame.parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+            frame.parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" '
+                               'stroke-width="1.5"/>')
         entries.append((name, color))
     frame.legend(entries)
     return frame.done()
@@ -112,8 +119,10 @@ def scatter(title: str, xlabel: str, ylabel: str, points: list[tuple[str, float,
     frame = _Frame(title, xlabel, ylabel, [x for _, x, _ in points], [y for _, _, y in points])
     if front:
         where = {label: (x, y) for label, x, y in points}
-        coords = " ".join(f"{_n(frame.px(where[lb][0]))},{_n(frame.py(where[lb][1]))}" for lb in front if lb in where)
-        frame.parts.append(f'<polyline points="{coords}" fill="none" stroke="#d62728" stroke-dasharray="4 3"/>')
+        coords = " ".join(f"{_n(frame.px(where[lb][0]))},{_n(frame.py(where[lb][1]))}" for lb in front
+                          if lb in where)
+        frame.parts.append(f'<polyline points="{coords}" fill="none" stroke="#d62728" stroke-dasharray="4 '
+                           '3"/>')
     for label, x, y in points:
         frame.parts.append(f'<circle cx="{_n(frame.px(x))}" cy="{_n(frame.py(y))}" r="3.5" fill="#1f77b4"/>'
                            f'<text x="{_n(frame.px(x) + 5)}" y="{_n(frame.py(y) - 4)}" font-size="9">'
@@ -122,14 +131,16 @@ def scatter(title: str, xlabel: str, ylabel: str, points: list[tuple[str, float,
 
 
 def stacked_bars(title: str, ylabel: str, bars: list[tuple[str, dict[str, float]]], categories: list[str],
-                 markers: dict[str, float] | None = None, beside: dict[str, dict[str, float]] | None = None) -> str:
+                 markers: dict[str, float] | None = None,
+                 beside: dict[str, dict[str, float]] | None = None) -> str:
     """One bar per label, stacked by category; a marker (e.g. the estimate's total) as a black
     tick; `beside` (e.g. the estimate by category) as a paler stacked bar right of the label's.
     Many bars widen the chart and turn their labels."""
     def total(values: dict[str, float]) -> float:
         return sum(values.get(c, 0.0) for c in categories)
 
-    tops = [total(v) for _, v in bars] + list((markers or {}).values()) + [total(v) for v in (beside or {}).values()]
+    tops = [total(v)
+            for _, v in bars] + list((markers or {}).values()) + [total(v) for v in (beside or {}).values()]
     slot_px = 44 if beside else 30
     width = max(W, LEFT + RIGHT + slot_px * len(bars))
     turned = len(bars) > 8  # labels at an angle, the plot's bottom margin made room for them
@@ -143,7 +154,8 @@ def stacked_bars(title: str, ylabel: str, bars: list[tuple[str, dict[str, float]
         for j, category in enumerate(categories):
             v = values.get(category, 0.0)
             y_top, y_bottom = frame.py(base + v), frame.py(base)
-            frame.parts.append(f'<rect x="{_n(x)}" y="{_n(y_top)}" width="{_n(bar_w)}" height="{_n(y_bottom - y_top)}" '
+            frame.parts.append(f'<rect x="{_n(x)}" y="{_n(y_top)}" width="{_n(bar_w)}" '
+                               f'height="{_n(y_bottom - y_top)}" '
                                f'fill="{COLORS[j % len(COLORS)]}"{opacity}/>')
             base += v
 
@@ -183,13 +195,14 @@ def stacked_area(title: str, xlabel: str, ylabel: str, bands: dict[str, list[flo
         top = [base[i] + (values[i] if i < len(values) else 0.0) for i in range(count)]
         upper = " ".join(f"{_n(frame.px(i))},{_n(frame.py(top[i]))}" for i in range(count))
         lower = " ".join(f"{_n(frame.px(i))},{_n(frame.py(base[i]))}" for i in reversed(range(count)))
-        frame.parts.append(f'<polygon points="{upper} {lower}" fill="{color}" fill-opacity="0.85" stroke="none"/>')
+        frame.parts.append(f'<polygon points="{upper} {lower}" fill="{color}" fill-opacity="0.85" '
+                           'stroke="none"/>')
         entries.append((name, color))
         base = top
     for i, label in marks or []:
         x = frame.px(i)
-        frame.parts.append(f'<line x1="{_n(x)}" y1="{TOP}" x2="{_n(x)}" y2="{frame.h - frame.bottom}" stroke="#444" '
-                           f'stroke-dasharray="3 3"/><text x="{_n(x + 3)}" y="{TOP + 10}" font-size="9">'
-                           f'{escape(label[:16])}</text>')
+        frame.parts.append(f'<line x1="{_n(x)}" y1="{TOP}" x2="{_n(x)}" y2="{frame.h - frame.bottom}" '
+                           f'stroke="#444" stroke-dasharray="3 3"/><text x="{_n(x + 3)}" y="{TOP + 10}" '
+                           f'font-size="9">{escape(label[:16])}</text>')
     frame.legend(entries)
     return frame.done()

@@ -59,10 +59,10 @@ def summary_line(rows: list[dict[str, Any]], params: dict[str, Any], tolerance: 
     if not fair:  # a baseline without a finite perplexity: nothing to measure against
         return None
     lean = min(fair, key=lambda r: (r["mem_total_peak_mib"], r["name"]))
-    return (f"Techniques compared: of {len(rows)} configurations trained {num(base.get('steps'), 0)} steps each, "
-            f"{lean['name']} held the least tensor memory within {tolerance:.2f} × the baseline's perplexity: "
-            f"{times(lean['mem_total_peak_mib'], base['mem_total_peak_mib'])} × the baseline's peak "
-            f"({num(lean['mem_total_peak_mib'])} of {num(base['mem_total_peak_mib'])} MiB) at "
+    return (f"Techniques compared: of {len(rows)} configurations trained {num(base.get('steps'), 0)} steps "
+            f"each, {lean['name']} held the least tensor memory within {tolerance:.2f} × the baseline's "
+            f"perplexity: {times(lean['mem_total_peak_mib'], base['mem_total_peak_mib'])} × the baseline's "
+            f"peak ({num(lean['mem_total_peak_mib'])} of {num(base['mem_total_peak_mib'])} MiB) at "
             f"{times(lean['val_ppl'], base['val_ppl'])} × its perplexity and "
             f"{times(lean.get('tokens_per_sec'), base.get('tokens_per_sec'))} × its tokens/s.")
 
@@ -79,8 +79,8 @@ def section(doc: Doc, rows: list[dict[str, Any]], params: dict[str, Any]) -> Non
     doc.para(f"The default model trained under each configuration of compare.configs for the same "
              f"{num(base.get('steps', rows[0].get('steps')), 0)} optimizer steps: the tensor meter's peak by "
              f"category (at the moment of the total peak), the dry run's estimate of the total made before "
-             f"training, throughput on the unmetered steps and the validation perplexity after the last step, "
-             f"against the baseline ({base.get('name', '–')}). The estimate's largest error over every "
+             "training, throughput on the unmetered steps and the validation perplexity after the last "
+             f"step, against the baseline ({base.get('name', '–')}). The estimate's largest error over every "
              f"configuration and category (each category's own peak): {worst * 100:.2f} %.")
     doc.table(["configuration", "train keys", *CATEGORIES, "measured MiB", "estimated MiB", "× baseline",
                "tokens/s", "× baseline", "val ppl", "× baseline"],
@@ -90,8 +90,9 @@ def section(doc: Doc, rows: list[dict[str, Any]], params: dict[str, Any]) -> Non
                 times(r.get("mem_total_peak_mib"), base.get("mem_total_peak_mib")),
                 num(r.get("tokens_per_sec"), 0), times(r.get("tokens_per_sec"), base.get("tokens_per_sec")),
                 num(r.get("val_ppl")), times(r.get("val_ppl"), base.get("val_ppl"))] for r in rows])
-    doc.figure("compare_memory", measured_beside_estimated("Tensor peak by category: measured, estimated", rows,
-                                                           list(CATEGORIES)),
+    doc.figure("compare_memory",
+               measured_beside_estimated("Tensor peak by category: measured, estimated", rows,
+                                         list(CATEGORIES)),
                "Each configuration's tensor peak by category: the meter's (solid) and the dry run's (pale).")
     memory = [(r["name"], r["mem_total_peak_mib"], r["val_ppl"]) for r in rows
               if "mem_total_peak_mib" in r and "val_ppl" in r]
@@ -104,17 +105,21 @@ def section(doc: Doc, rows: list[dict[str, Any]], params: dict[str, Any]) -> Non
     speed = [(r["name"], r["mem_total_peak_mib"], r["tokens_per_sec"]) for r in rows
              if "mem_total_peak_mib" in r and "tokens_per_sec" in r]
     fast = front(speed, higher_is_better=True)
-    doc.figure("compare_speed", scatter("Memory against throughput", "tensor peak MiB", "tokens/s", speed, fast),
-               "Every configuration; the dashed line joins the front (no other has less memory and more tokens/s).")
+    doc.figure("compare_speed",
+               scatter("Memory against throughput", "tensor peak MiB", "tokens/s", speed, fast),
+               "Every configuration; the dashed line joins the front (no other has less memory and more "
+               "tokens/s).")
     doc.para("Front, memory against throughput: " + ", ".join(fast) + ".")
 
 
 def measured_beside_estimated(title: str, rows: list[dict[str, Any]], categories: list[str]) -> str:
     """One stacked bar per row: the meter's peak by category at the total's peak, the dry
     run's beside it."""
-    return stacked_bars(title, "MiB", [(r["name"], {c: r.get(f"mem_at_peak_{c}_mib", 0.0) for c in categories})
-                                       for r in rows], categories,
-                        beside={r["name"]: {c: r.get(f"est_at_peak_{c}_mib", 0.0) for c in categories} for r in rows})
+    return stacked_bars(title, "MiB",
+                        [(r["name"], {c: r.get(f"mem_at_peak_{c}_mib", 0.0) for c in categories})
+                         for r in rows], categories,
+                        beside={r["name"]: {c: r.get(f"est_at_peak_{c}_mib", 0.0) for c in categories}
+                                for r in rows})
 
 
 def keys_text(config_keys: str) -> str:

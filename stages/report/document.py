@@ -56,10 +56,11 @@ class Doc:
     def html(self, title: str) -> str:
         out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
                f"<title>{escape(title)}</title>",
-               "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-               "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;"
-               "padding:3px 7px;text-align:right}td:first-child,th:first-child{text-align:left}"
-               "figure{margin:1em 0}figcaption{font-size:13px;color:#555}.gen td{text-align:left}</style>",
+               ("<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 "
+                "1em;color:#222}"
+                "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;"
+                "padding:3px 7px;text-align:right}td:first-child,th:first-child{text-align:left}"
+                "figure{margin:1em 0}figcaption{font-size:13px;color:#555}.gen td{text-align:left}</style>"),
                "</head><body>", f"<h1>{escape(title)}</h1>"]
         for kind, value in self.blocks:
             if kind == "h":
@@ -70,11 +71,13 @@ class Doc:
                 out.append("<ul>" + "".join(f"<li>{escape(item)}</li>" for item in value) + "</ul>")
             elif kind == "table":
                 header, rows = value
-                out.append("<table><thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr></thead>"
-                           "<tbody>" + "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>"
-                                               for row in rows) + "</tbody></table>")
+                out.append("<table><thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header)
+                           + "</tr></thead>"
+                           "<tbody>"
+                           + "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>"
+                                     for row in rows) + "</tbody></table>")
             elif kind == "figure":
-                name, svg, caption = value
+                _, svg, caption = value
                 out.append(f"<figure>{svg}<figcaption>{escape(caption)}</figcaption></figure>")
         out.append("</body></html>")
         return "\n".join(out) + "\n"

@@ -19,19 +19,22 @@ def section(doc: Doc, plans: list[dict[str, Any]]) -> None:
     if not plans:
         return
     doc.heading(2, "Plan: will it fit, and with which stack")
-    doc.para("Each architecture dry-run at its real size on fake tensors (python -m stages.plan), per rank; a device "
-             f"fits a stack when its peak plus {num(plans[0]['reserve_mib'], 0)} MiB held back is at most its "
-             "memory. Cost: " + plans[0]["cost_source"] + ".")
+    doc.para("Each architecture dry-run at its real size on fake tensors (python -m stages.plan), per rank; "
+             f"a device fits a stack when its peak plus {num(plans[0]['reserve_mib'], 0)} MiB held back is "
+             "at most its memory. Cost: " + plans[0]["cost_source"] + ".")
     rows = []
     for plan in plans:
         q = plan["question"]
         shape = f"{q['batch_size']} x {q['context']}" + (f", micro {q['micro_batch_size']}"
-                                                        if q["workload"] != "inference" else f", prompt {q['prompt']}")
+                                                         if q["workload"] != "inference"
+                                                         else f", prompt {q['prompt']}")
         for device, answer in plan["devices"].items():
             best = answer["stacks"][0] if answer["stacks"] else None
-            rows.append([q["architecture"], q["workload"], shape, f"{device} ({num(answer['device_mib'] / 1024, 0)} GiB)",
+            rows.append([q["architecture"], q["workload"], shape,
+                         f"{device} ({num(answer['device_mib'] / 1024, 0)} GiB)",
                          "yes" if best else "no", best["stack"] if best else
-                         ("cannot fit: the weights alone overflow it" if "cannot_fit" in answer else "nothing tried fits"),
+                         ("cannot fit: the weights alone overflow it" if "cannot_fit" in answer
+                          else "nothing tried fits"),
                          num(best["peak_mib"]) if best else "–", f"{best['cost']:.2f}" if best else "–",
                          str(len(answer["stacks"])) + "/" + str(len(plan["tried"]))])
     doc.table(["architecture", "workload", "batch x context", "device", "fits", "cheapest stack that fits",
@@ -41,13 +44,15 @@ def section(doc: Doc, plans: list[dict[str, Any]]) -> None:
                  num(p["others"]["korthikanti_activations_mib"])]
                 for p in plans if p.get("others") and (asked := p["tried"][0])["stack"] == "as asked"]
     if compared:
-        doc.para("The asked stack beside what others estimate for it (MiB): accelerate's estimate-memory ('Training "
-                 "using Adam': the largest of its figures, weights, gradients and optimizer state only) and the "
-                 "activations of Korthikanti et al. (2022) (16-bit, attention scores stored, the blocks only); "
-                 "docs/BENCHMARKS.md gives the reasons for each difference, and DeepSpeed's ZeRO-2 and ZeRO-3 "
-                 "estimates beside them (DeepSpeed is not in the lock: it patches torch as it is imported).")
-        doc.table(["architecture", "workload", "lmmem peak", "lmmem activations", "accelerate", "Korthikanti et al. "
-                   "activations"], compared)
+        doc.para("The asked stack beside what others estimate for it (MiB): accelerate's estimate-memory "
+                 "('Training using Adam': the largest of its figures, weights, gradients and optimizer "
+                 "state only) and the activations of Korthikanti et al. (2022) (16-bit, attention scores "
+                 "stored, the blocks only); docs/BENCHMARKS.md gives the reasons for each difference, and "
+                 "DeepSpeed's ZeRO-2 and ZeRO-3 estimates beside them (DeepSpeed is not in the lock: it "
+                 "patches torch as it is imported).")
+        doc.table(["architecture", "workload", "lmmem peak", "lmmem activations", "accelerate",
+                   ("Korthikanti et al. "
+                    "activations")], compared)
     counts = {p["question"]["architecture"]: (p["parameters"], p.get("published_parameters")) for p in plans}
     doc.table(["architecture", "parameters built", "published"],
               [[a, f"{n:,}", f"{pub:,}" if pub else "–"] for a, (n, pub) in counts.items()])

@@ -44,7 +44,8 @@ def estimate(p: Any, paths: Paths, base: BaseParams) -> dict[str, Any]:
     """`python -m stages.train --estimate`: the prediction for params.yaml, without training."""
     from stages.train.estimate import predict_memory
 
-    return predict_memory(p, read_typed(paths.tokens / "meta.json", TokensMeta), resolve_device(base), base.seed)
+    return predict_memory(p, read_typed(paths.tokens / "meta.json", TokensMeta), resolve_device(base),
+                          base.seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,7 +78,8 @@ def check_parameters_fit(p: Any, model: torch.nn.Module, device: torch.device, s
     floor_mib = trained_weights_floor_mib(count, weight_shards(p))
     if floor_mib > found[0]:
         raise StageError(f"train.model: {count / 1e6:,.1f} M parameters need at least {floor_mib:,.0f} MiB "
-                         f"per process (2 bytes each) before any gradient or activation, more than {found[1]}: "
+                         "per process (2 bytes each) before any gradient or activation, more than "
+                         f"{found[1]}: "
                          f"choose fewer layers or a smaller width")
     m, sequence = p.model, sequence or p.model.context
     rows = rows_at_once(p)
@@ -86,9 +87,9 @@ def check_parameters_fit(p: Any, model: torch.nn.Module, device: torch.device, s
     floor_mib = (rows * (sequence + 1) * 8 + tokens * m.width * m.layers * SAVED_BYTES_FLOOR) / 2**20
     if floor_mib > found[0]:
         raise StageError(f"train.micro_batch_size: {rows:,} sequences of {sequence:,} tokens need at "
-                         f"least {floor_mib:,.0f} MiB for their token ids and each block's input before anything "
-                         f"else, more than {found[1]}: choose a smaller micro_batch_size (batch_size can stay "
-                         f"larger: the micro-batches accumulate)")
+                         f"least {floor_mib:,.0f} MiB for their token ids and each block's input before "
+                         f"anything else, more than {found[1]}: choose a smaller micro_batch_size "
+                         f"(batch_size can stay larger: the micro-batches accumulate)")
 
 
 def fit_budget(p: Any, meta: TokensMeta, device: torch.device, seed: int, predicted: dict[str, Any],

@@ -72,7 +72,8 @@ def set_aside(latest: Path, why: object) -> None:
         os.replace(latest, aside)
     except FileNotFoundError:  # another rank did it
         return
-    log.warning("checkpoint %s is unusable (%s): set aside as %s; training starts afresh", latest, why, aside.name)
+    log.warning("checkpoint %s is unusable (%s): set aside as %s; training starts afresh", latest, why,
+                aside.name)
 
 
 def peek(folder: Path, expected: str) -> int | None:

@@ -48,16 +48,20 @@ ENDPOINT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:\d{1,5}$")
 
 class DistributedParams(Section):
     nproc: int = Field(
-        1, ge=1, le=1024, description="processes on this machine; > 1 launches them (gloo on CPU; on CUDA one GPU each, NCCL)")
+        1, ge=1, le=1024,
+        description="processes on this machine; > 1 launches them (gloo on CPU; on CUDA one GPU each, NCCL)")
     nnodes: int = Field(
-        1, ge=1, le=4096, description="machines; > 1: run the same command on each, rank 0's machine writes the outputs")
+        1, ge=1, le=4096,
+        description="machines; > 1: run the same command on each, rank 0's machine writes the outputs")
     rdzv_endpoint: str = Field(
-        "", description='host:port every machine reaches (node 0, say 10.0.0.1:29400); "" = this machine, a free port')
+        "", description='host:port every machine reaches (node 0, say 10.0.0.1:29400); "" = this machine, a '
+                        'free port')
     rdzv_id: str = Field(
-        "lmmem-train", min_length=1, max_length=128, description="names the run at the rendezvous: the same on every machine")
+        "lmmem-train", min_length=1, max_length=128,
+        description="names the run at the rendezvous: the same on every machine")
     strategy: Literal["ddp", "zero1", "fsdp"] = Field(
-        "ddp", description=("ddp: everything replicated | zero1: optimizer state sharded | fsdp: parameters, gradients "
-        "and optimizer state sharded (FSDP2)"))
+        "ddp", description=("ddp: everything replicated | zero1: optimizer state sharded | fsdp: "
+                            "parameters, gradients and optimizer state sharded (FSDP2)"))
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="auto (gloo on CPU, nccl on CUDA) | gloo | nccl")
 
@@ -68,8 +72,8 @@ class DistributedParams(Section):
         if self.rdzv_endpoint and not 1 <= int(self.rdzv_endpoint.rsplit(":", 1)[1]) <= 65535:
             raise ValueError(f"rdzv_endpoint {self.rdzv_endpoint!r}: the port must be 1 to 65535")
         if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError(f"nnodes is {self.nnodes}: set rdzv_endpoint to host:port of a machine every node "
-                             f"reaches (node 0's address, say 10.0.0.1:29400)")
+            raise ValueError(f"nnodes is {self.nnodes}: set rdzv_endpoint to host:port of a machine every "
+                             f"node reaches (node 0's address, say 10.0.0.1:29400)")
         return self
 
     @property
@@ -106,7 +110,8 @@ def launch(dp: DistributedParams, worker: Callable[..., Any], *args: Any) -> dic
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         lines = [ln.strip() for ln in str(failure.message).splitlines() if ln.strip()]
-        raise StageError(f"rank {rank} failed: {lines[-1] if lines else f'exit code {failure.exitcode}'}") from None
+        raise StageError(
+            f"rank {rank} failed: {lines[-1] if lines else f'exit code {failure.exitcode}'}") from None
 
 
 def launch_here(dp: DistributedParams, worker: Callable[..., Any], *args: Any) -> dict[int, Any]:
@@ -116,7 +121,8 @@ def launch_here(dp: DistributedParams, worker: Callable[..., Any], *args: Any) -
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
 
     n = dp.nproc
-    log.info("launching %d processes on this machine, %s, meeting through a file store on loopback", n, dp.strategy)
+    log.info("launching %d processes on this machine, %s, meeting through a file store on loopback", n,
+             dp.strategy)
     with tempfile.TemporaryDirectory(prefix="lmmem-ranks-") as folder:  # mode 0700
         common = {"WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "GROUP_RANK": "0", "ROLE_RANK": "0",
                   FILE_STORE: str(Path(folder) / "store"), "GLOO_SOCKET_IFNAME": LOOPBACK,
@@ -177,7 +183,8 @@ class Context:
 
 
 def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return torch.device("cuda",
+                        torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -246,7 +253,8 @@ def block_classes(model: torch.nn.Module) -> tuple[type, ...]:
     return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
 
 
-def wrap_model(model: torch.nn.Module, ctx: Context, device: torch.device, mesh: Any = None) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, ctx: Context, device: torch.device,
+               mesh: Any = None) -> torch.nn.Module:
     """The model as the strategy trains it: DDP for ddp and zero1, FSDP2 units for fsdp (over
     `mesh`, by default one of every rank of the process group)."""
     if ctx.strategy == "fsdp":
@@ -259,8 +267,9 @@ def wrap_model(model: torch.nn.Module, ctx: Context, device: torch.device, mesh:
         fully_shard(model, mesh=mesh)
         return model
     ids = [device.index] if device.type == "cuda" else None
+    # buffers (RoPE's) are constants: not synchronised before each forward
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
-                                                 forward_sync_buffers=False)  # buffers (RoPE's) are constants
+                                                     forward_sync_buffers=False)
 
 
 def no_sync(model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager[Any]:

@@ -59,7 +59,8 @@ def step_flops(p: Any, model: torch.nn.Module, sequence: int = 0) -> float:
     return per_token * p.batch_size * sequence
 
 
-def expected_seconds(p: Any, model: torch.nn.Module, device: torch.device, sequence: int = 0) -> tuple[float, float]:
+def expected_seconds(p: Any, model: torch.nn.Module, device: torch.device,
+                     sequence: int = 0) -> tuple[float, float]:
     """(seconds, measured matmul FLOP/s) of the whole run: its steps, and its validation
     passes (forward only: a third of a step's work per token)."""
     flops = matmul_flops(device)
@@ -75,9 +76,9 @@ def say_duration(p: Any, model: torch.nn.Module, device: torch.device, sequence:
     """Log the expected duration (a warning when it is hours); returns the seconds."""
     seconds, flops = expected_seconds(p, model, device, sequence)
     text = f"{seconds / HOURS:.1f} hours" if seconds >= HOURS else f"{seconds / 60:.1f} min"
-    line = (f"{stage}: {p.steps:,} steps of {p.batch_size} x {sequence or p.model.context} tokens: expected to take "
-            f"about {text} here ({step_flops(p, model, sequence) / 1e9:,.1f} GFLOP a step, matmuls measured at "
-            f"{flops / 1e9:,.0f} GFLOP/s)")
+    line = (f"{stage}: {p.steps:,} steps of {p.batch_size} x {sequence or p.model.context} tokens: expected "
+            f"to take about {text} here ({step_flops(p, model, sequence) / 1e9:,.1f} GFLOP a step, matmuls "
+            f"measured at {flops / 1e9:,.0f} GFLOP/s)")
     if seconds >= HOURS:
         log.warning("%s", line)
     else:

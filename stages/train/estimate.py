@@ -88,8 +88,10 @@ def dry_run(p: Any, meta: TokensMeta, device: torch.device, seed: int, ctx: Cont
             del rows, losses
         meter.close()
     out = meter.summary(prefix="est_")
-    more = (micro_batches - run) * kept / 2**20  # the losses of the micro-batches not run, held to the step's end
-    for key in (mem_key("activations", "est_"), mem_key("activations", "est_", at_peak=True), mem_key("total", "est_")):
+    # the losses of the micro-batches not run, held to the step's end
+    more = (micro_batches - run) * kept / 2**20
+    for key in (mem_key("activations", "est_"), mem_key("activations", "est_", at_peak=True),
+                mem_key("total", "est_")):
         out[key] += more
     if ctx.strategy in ("ddp", "zero1"):  # DDP's first step copies each new gradient into its bucket, which
         # holds them all already: for a moment the largest is there twice
@@ -112,7 +114,8 @@ def predict_memory(p: Any, meta: TokensMeta, device: torch.device, seed: int,
     if d.strategy == "ddp":
         per_rank = [ddp] * world
     elif d.strategy == "zero1":
-        per_rank = [dry_run(p, meta, device, seed, Context(r, world, r, "zero1"), local, task) for r in range(world)]
+        per_rank = [dry_run(p, meta, device, seed, Context(r, world, r, "zero1"), local, task)
+                    for r in range(world)]
     else:  # rank 0's shards are the largest (FSDP2 splits each weight's rows, the first ranks' rounded up)
         per_rank = [fsdp_dry_run(p, meta, device, seed, world, local, task)] * world
     total = mem_key("total", "est_")

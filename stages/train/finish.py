@@ -41,11 +41,12 @@ def finish(parts: Parts, progress: Progress, p: Any, paths: Paths, base: BasePar
     there (None on the other ranks)."""
     cuda: dict[str, float] = {}
     if device.type == "cuda":
-        cuda = {"cuda_max_allocated_mib": max(progress.cuda_peak, torch.cuda.max_memory_allocated(device) / 2**20),
-                "cuda_max_reserved_mib": max(progress.cuda_reserved, torch.cuda.max_memory_reserved(device) / 2**20)}
-    ranks = [{**m, **rest} for m, rest in zip(progress.metered, ctx.gather({**cuda, "peak_rss_mib": peak_rss_mib(),
-                                                                                 "rss_start_mib": start_rss_mib()}),
-                                              strict=True)]
+        cuda = {"cuda_max_allocated_mib": max(progress.cuda_peak,
+                                              torch.cuda.max_memory_allocated(device) / 2**20),
+                "cuda_max_reserved_mib": max(progress.cuda_reserved,
+                                             torch.cuda.max_memory_reserved(device) / 2**20)}
+    gathered = ctx.gather({**cuda, "peak_rss_mib": peak_rss_mib(), "rss_start_mib": start_rss_mib()})
+    ranks = [{**m, **rest} for m, rest in zip(progress.metered, gathered, strict=True)]
     final = full_model(parts, p, meta, ctx)
     if not ctx.main:
         return None
@@ -53,10 +54,12 @@ def finish(parts: Parts, progress: Progress, p: Any, paths: Paths, base: BasePar
     metrics.update(rank_figures(ranks, predicted))
     metrics.update(predicted)
     metrics.update(estimate_errors(metrics, predicted))
-    # the peak RSS predicted from the dry run's tensors and weights (stages.common.memory.rss_prediction, by the stage's contract)
+    # the peak RSS predicted from the dry run's tensors and weights (stages.common.memory.rss_prediction, by
+    # the stage's contract)
     metrics["rss_tensor_mib"] = predicted.get("est_total_peak_mib", metrics.get(mem_key("total"), 0.0))
     weights = [c for c in parts.task.categories if c not in NOT_WEIGHTS]  # parameters; frozen, adapters, ...
-    metrics["rss_weights_mib"] = sum(predicted.get(mem_key(c, "est_"), metrics.get(mem_key(c), 0.0)) for c in weights)
+    metrics["rss_weights_mib"] = sum(predicted.get(mem_key(c, "est_"), metrics.get(mem_key(c), 0.0))
+                                     for c in weights)
     if hasattr(final, "generation_config"):  # trained without a KV cache; generation wants one
         final.config.use_cache = final.generation_config.use_cache = True
     if paths.out is not None:
@@ -157,4 +160,5 @@ def write_steps_csv(path: Path, records: list[dict[str, Any]], device: torch.dev
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in records:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in fields})
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()
+                             if k in fields})

@@ -43,7 +43,8 @@ def run(p: Any, paths: Paths, base: BaseParams) -> dict[str, Any] | None:
     if dp.world_size == 1:
         return train(p, paths, base, Context(), resolve_device(base))
     if resolve_device(base).type == "cuda" and dp.nproc > torch.cuda.device_count():
-        raise StageError(f"train.distributed.nproc is {dp.nproc} but this machine has {torch.cuda.device_count()} "
+        raise StageError(f"train.distributed.nproc is {dp.nproc} but this machine has "
+                         f"{torch.cuda.device_count()} "
                          f"CUDA device(s): one process per GPU")
     results = distributed.launch(dp, _worker, p, paths, base, logging.getLogger().level)
     for result in results.values():

@@ -49,13 +49,15 @@ class Trained:
     ctx: Context  # the process's place in the run, with the strategy trained with (auto-fit may change it)
 
 
-def train(p: Any, paths: Paths, base: BaseParams, ctx: Context, device: torch.device) -> dict[str, Any] | None:
+def train(p: Any, paths: Paths, base: BaseParams, ctx: Context,
+          device: torch.device) -> dict[str, Any] | None:
     """Train a language model on this process; the metrics on rank 0, None on the other ranks."""
     meta = read_typed(paths.tokens / "meta.json", TokensMeta)
     word2vec = np.load(paths.embed / "aligned.npy") if p.init_from_word2vec else None
     task = LanguageModelling(meta, paths.tokens, p.model.context, word2vec, base.seed)
     done = run_loop(p, task, meta, paths, base, ctx, device)
-    return finish(done.parts, done.progress, done.p, paths, base, done.ctx, device, meta, done.predicted, done.extra)
+    return finish(done.parts, done.progress, done.p, paths, base, done.ctx, device, meta, done.predicted,
+                  done.extra)
 
 
 def run_loop(p: Any, task: Task, meta: TokensMeta, paths: Paths, base: BaseParams, ctx: Context,
@@ -121,9 +123,10 @@ def plan(p: Any, task: Task, meta: TokensMeta, device: torch.device, seed: int, 
             seconds = say_duration(p, model, device, sequence, stage)  # the first line: minutes or hours
             check_parameters_fit(p, model, device, sequence)  # at once, not after minutes of dry run
             if p.max_hours and seconds > p.max_hours * 3600:
-                raise StageError(f"{stage}.max_hours: the run is expected to take about {seconds / 3600:,.0f} hours "
-                                 f"here, more than max_hours ({p.max_hours:g}): fewer steps, a smaller batch or "
-                                 f"model, or a larger max_hours (0: no limit)")
+                raise StageError(f"{stage}.max_hours: the run is expected to take about "
+                                 f"{seconds / 3600:,.0f} hours "
+                                 f"here, more than max_hours ({p.max_hours:g}): fewer steps, a smaller "
+                                 f"batch or model, or a larger max_hours (0: no limit)")
             log.info("dry run: %d steps of the configured model on fake tensors, to predict its memory",
                      max(2, p.meter_steps))
             predicted = predict_memory(p, meta, device, seed, task)
@@ -146,7 +149,8 @@ def one_step(parts: Parts, progress: Progress, p: Any, device: torch.device, ste
     set_lr(parts.optimizer, lr)
     local = p.batch_size // ctx.world  # this rank's rows of each batch
     batch = parts.task.sample(progress.rng, p.batch_size)  # the whole batch, the same on every rank
-    rows = batch[ctx.rank * local:(ctx.rank + 1) * local].to(device, copy=True)  # not a view holding every rank's
+    # not a view holding every rank's
+    rows = batch[ctx.rank * local:(ctx.rank + 1) * local].to(device, copy=True)
     del batch
     losses = train_step(parts, rows, p, device, step, meter if metering else None)
     step_loss = ctx.mean(sum(loss.item() for loss in losses))
@@ -203,7 +207,8 @@ def save_checkpoint(parts: Parts, progress: Progress, paths: Paths, fingerprint:
     checkpoint.save(paths.checkpoints, parts.raw, parts.optimizer, parts.scaler,
                     {"fingerprint": fingerprint, "step": step, "rng": progress.rng.bit_generator.state,
                      "records": progress.records, "metered": progress.metered,
-                     # columns and rows: state.json sorts a mapping's keys, and the columns' order is the chart's
+                     # columns and rows: state.json sorts a mapping's keys, and the columns' order is the
+                     # chart's
                      "timeline": [list(progress.timeline[0]) if progress.timeline else [],
                                   [list(r.values()) for r in progress.timeline]],
                      "techniques": {name: state.record() for name, state in parts.states.items()}},

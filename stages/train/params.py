@@ -18,23 +18,28 @@ Optimizer = Literal[optimizer_names()]  # type: ignore[valid-type]
 
 
 class Core(Section):
-    model: ModelParams = Field(default_factory=ModelParams, description="the language model trained from scratch")
+    model: ModelParams = Field(default_factory=ModelParams,
+                               description="the language model trained from scratch")
     steps: int = Field(500, ge=1, description="optimizer steps; tokens seen = steps x batch_size x context")
     batch_size: int = Field(8, ge=1, description="sequences per optimizer step (the effective batch)")
     optimizer: Optimizer = Field("adamw", description=(
-        "sgd (momentum: 1 state/param) | adam, adamw (2) | adagrad, rmsprop (1-2) | adafactor (factored: ~0) | "
-        "adamw8bit (bitsandbytes: 2 bytes/param) | galore_adamw (low-rank projected moments) | adam_mini (one "
-        "second moment per block: ~4 bytes/param) | sparse_adam (untied only: sparse embedding gradient)"))
+        "sgd (momentum: 1 state/param) | adam, adamw (2) | adagrad, rmsprop (1-2) | adafactor (factored: "
+        "~0) | adamw8bit (bitsandbytes: 2 bytes/param) | galore_adamw (low-rank projected moments) | "
+        "adam_mini (one second moment per block: ~4 bytes/param) | sparse_adam (untied only: sparse "
+        "embedding gradient)"))
     lr: float = Field(3e-3, gt=0.0, le=10.0, description="peak learning rate after warm-up")
-    weight_decay: float = Field(0.1, ge=0.0, le=1.0, description="decoupled decay on matrices (not norms or biases)")
+    weight_decay: float = Field(0.1, ge=0.0, le=1.0,
+                                description="decoupled decay on matrices (not norms or biases)")
     warmup_steps: int = Field(50, ge=0, description="linear warm-up from 0 to lr")
     decay: Literal["cosine", "linear", "none"] = Field(
-        "cosine", description="cosine | linear | none: schedule from lr down to min_lr_ratio x lr at the last step")
+        "cosine",
+        description="cosine | linear | none: schedule from lr down to min_lr_ratio x lr at the last step")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final learning rate as a fraction of lr")
     grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm; 0 = off")
     eval_every: int = Field(50, ge=1, description="validation loss every N steps (and at the last)")
     eval_batches: int = Field(16, ge=1, description=(
-        "batches of batch_size windows per evaluation: the same windows every time, whatever the micro-batch"))
+        "batches of batch_size windows per evaluation: the same windows every time, whatever the "
+        "micro-batch"))
     meter_steps: int = Field(2, ge=0, description=(
         "the first N steps run under the exact tensor meter (slower, so not timed)"))
     init_from_word2vec: bool = Field(True, description=(
@@ -43,13 +48,14 @@ class Core(Section):
         "tensor budget; over it (by the dry-run estimate) the run stops before training and names what fits; "
         "0 = none"))
     auto_fit: bool = Field(False, description=(
-        "over budget: apply the registry's memory techniques, cheapest measured cost first (shard more, bf16, "
-        "smaller micro-batches, 8-bit AdamW, checkpointing, Adafactor), until it fits"))
+        "over budget: apply the registry's memory techniques, cheapest measured cost first (shard more, "
+        "bf16, smaller micro-batches, 8-bit AdamW, checkpointing, Adafactor), until it fits"))
     checkpoint_every: int = Field(100, ge=0, description=(
         "save everything to resume from every N steps (and at the end); 0 = never"))
     threads: int = Field(0, ge=0, le=256, description="torch CPU threads; 0 = torch's default")
     max_hours: float = Field(720.0, ge=0.0, description=(
-        "refuse, before it starts, a run expected to take longer (the duration said in its first log line); 0 = no limit"))
+        "refuse, before it starts, a run expected to take longer (the duration said in its first log line); "
+        "0 = no limit"))
 
     @model_validator(mode="after")
     def _combinations(self) -> Core:

@@ -105,7 +105,8 @@ class LanguageModelling(Task):
         return self.train.batch(self.train.random_starts(rng, n))
 
     @torch.no_grad()
-    def validate(self, model: torch.nn.Module, p: Any, device: torch.device, forward: Any) -> dict[str, float]:
+    def validate(self, model: torch.nn.Module, p: Any, device: torch.device,
+                 forward: Any) -> dict[str, float]:
         """Mean next-token loss on fixed validation windows: eval_batches × batch_size of them,
         the same whatever the micro-batch, run micro_batch_size at a time (its memory bound)."""
         assert self.val is not None

@@ -67,8 +67,10 @@ def check_replaceable(target: Path, writer: str) -> None:
         return
     found = writer_of(target)
     if found != writer:
-        whose = f"it was written by {found}" if found else f"it holds files lmmem did not write (no {OWNER_FILE})"
-        raise StageError(f"{target}: not replaced with the {writer} output, {whose}: give a new or empty folder")
+        whose = (f"it was written by {found}" if found
+                 else f"it holds files lmmem did not write (no {OWNER_FILE})")
+        raise StageError(f"{target}: not replaced with the {writer} output, {whose}: give a new or empty "
+                         "folder")
 
 
 @contextlib.contextmanager
@@ -128,11 +130,13 @@ def check_digests(folder: Path, names: list[str]) -> None:
         for name in names:
             key = (folder / name).relative_to(owner).as_posix()
             if key in recorded and (folder / name).is_file() and file_digest(folder / name) != recorded[key]:
-                raise StageError(f"{folder / name}: does not match the digest written with it: the file is damaged")
+                raise StageError(f"{folder / name}: does not match the digest written with it: the file is "
+                                 "damaged")
         return
 
 
-WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}  # full disk, size limit, quota, read-only
+# full disk, size limit, quota, read-only
+WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
 
 
 def write_problem(exc: BaseException) -> str | None:

@@ -17,7 +17,8 @@ GEN_CATEGORIES = ("weights", "kv_cache", "activations", "logits")
 
 # figures of the machine a model was measured on, not of the model: data/metrics/evaluate.json
 # holds them (`<name>_<figure>`); results.json, a cached output, the same bytes on any machine
-MEASURED = ("load_seconds", "ms_per_token_b1", "ms_per_token_batch", "latency_seconds", "rss_peak_mib", "seconds",
+MEASURED = ("load_seconds", "ms_per_token_b1", "ms_per_token_batch", "latency_seconds", "rss_peak_mib",
+            "seconds",
             "rss_start_mib", "rss_tensor_mib",
             "kv8_ms_per_token", "kv4_ms_per_token",  # latency with an int8 / int4 KV cache
             "sparse_ms_per_token_b1")  # latency with the pruned weights kept sparse

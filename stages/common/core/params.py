@@ -32,16 +32,18 @@ class BaseParams(Section):
     """The `base` section, shared by every stage that needs a seed or a device."""
 
     seed: int = Field(
-        1337, ge=0, le=2**32 - 1, description="seeds Python, NumPy, torch and gensim: same params, same metrics on CPU")
+        1337, ge=0, le=2**32 - 1,
+        description="seeds Python, NumPy, torch and gensim: same params, same metrics on CPU")
     device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu", description="cpu | cuda | auto (cuda when present); data stages run on CPU regardless")
     portable: bool = Field(True, description=(
-        "true: the same bytes on any x86-64 CPU with AVX2 (kernels pinned to AVX2, 2 threads per stage process) | "
-        "false: each CPU's fastest kernels and every core, outputs from embed on differ between CPUs"))
+        "true: the same bytes on any x86-64 CPU with AVX2 (kernels pinned to AVX2, 2 threads per stage "
+        "process) | false: each CPU's fastest kernels and every core, outputs from embed on differ between "
+        "CPUs"))
     allocator: Literal["glibc", "glibc-tuned", "jemalloc", "tcmalloc"] = Field("glibc", description=(
-        "the C allocator of every stage process: glibc as it comes | glibc-tuned (2 arenas, freed memory back to "
-        "the OS at 128 KiB) | jemalloc | tcmalloc (Debian's libjemalloc2, libtcmalloc-minimal4, preloaded): "
-        "peak RSS and speed in docs/BENCHMARKS.md"))
+        "the C allocator of every stage process: glibc as it comes | glibc-tuned (2 arenas, freed memory "
+        "back to the OS at 128 KiB) | jemalloc | tcmalloc (Debian's libjemalloc2, libtcmalloc-minimal4, "
+        "preloaded): peak RSS and speed in docs/BENCHMARKS.md"))
 
 
 def _describe_error(section: str, err: dict[str, Any], model: type[BaseModel]) -> str:
@@ -105,12 +107,14 @@ def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """`base` with `overrides` laid over it, nested mappings key by key (neither is changed)."""
     out = dict(base)
     for key, value in overrides.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merged(out[key],
+                          value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
 # the top-level sections of params.yaml: one per stage that has params, base, and the flows'
-SECTIONS = ("base", "ingest", "clean", "tokenize", "embed", "train", "compare", "finetune", "domain", "adapt", "compress",
+SECTIONS = ("base", "ingest", "clean", "tokenize", "embed", "train", "compare", "finetune", "domain", "adapt",
+            "compress",
             "evaluate", "plan", "report", "flows")
 
 
@@ -128,7 +132,8 @@ class _StrictLoader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.constructor.ConstructorError(
-                None, None, f"alias *{event.anchor}: aliases are not accepted in params files (one can expand to "
+                None, None,
+                f"alias *{event.anchor}: aliases are not accepted in params files (one can expand to "
                 "gigabytes): write the value out", event.start_mark)
         return super().compose_node(parent, index)
 
@@ -150,13 +155,14 @@ def read_yaml_mapping(path: Path, what: str = "params file") -> dict[str, Any]:
         raise StageError(f"{what} not found: {path}")
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise StageError(f"{what} {path} is {size / 2**20:,.1f} MiB: at most {MAX_FILE_BYTES // 2**20} MiB is read")
+        raise StageError(f"{what} {path} is {size / 2**20:,.1f} MiB: at most {MAX_FILE_BYTES // 2**20} MiB "
+                         "is read")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise StageError(f"{what} {path} is not UTF-8 text (byte {exc.start} cannot be decoded)") from None
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark
         raise StageError(f"{what} {path}: {exc.problem}"

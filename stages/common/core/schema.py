@@ -50,7 +50,8 @@ class TokensMeta(Handoff):
 
     dtype: Literal["uint16", "uint32"]
     vocab_size: int = Field(ge=5)
-    labels: list[str] = Field(default_factory=list)  # label index -> the corpus label (ingest keeps them as text)
+    # label index -> the corpus label (ingest keeps them as text)
+    labels: list[str] = Field(default_factory=list)
     special_tokens: dict[str, str]
     special_ids: SpecialIds
     docs: dict[str, int]
@@ -88,7 +89,8 @@ def read_rows(path: Path, model: type[M]) -> list[M]:
     """Read a JSON list of hand-off records (results.json), each validated the same way."""
     data = load_json(path)
     if not isinstance(data, list):
-        raise StageError(f"{path}: field (top level): must be a list of records; rerun the stage that writes it")
+        raise StageError(f"{path}: field (top level): must be a list of records; rerun the stage that "
+                         "writes it")
     out = []
     for i, item in enumerate(data):
         try:

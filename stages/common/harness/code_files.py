@@ -33,12 +33,14 @@ def imported_modules(path: Path) -> set[str]:
     """The lmmem modules a file imports (stages.* and flows.*), by dotted name."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("stages", "flows"):
+        if isinstance(node,
+                      ast.ImportFrom) and node.module and node.module.split(".")[0] in ("stages", "flows"):
             package = ROOT / node.module.replace(".", "/")
             for alias in node.names:  # `from stages.common.weights import quant` names a module
                 sub = f"{node.module}.{alias.name}"
                 named = (package / f"{alias.name}.py").is_file() or (package / alias.name).is_dir()
-                found.add(sub if named else init_of(node.module))  # `from stages import WATCHER`: its __init__
+                # `from stages import WATCHER`: its __init__
+                found.add(sub if named else init_of(node.module))
         elif isinstance(node, ast.Import):
             found |= {init_of(a.name) for a in node.names if a.name.split(".")[0] in ("stages", "flows")}
     return {m for m in found if module_files(m)}

@@ -51,7 +51,8 @@ def library(name: str) -> str | None:
     if os.environ.get(LIBDIR):
         candidates = sorted(Path(os.environ[LIBDIR]).glob(f"lib{link}.so*"))
         return str(candidates[0].resolve()) if candidates else None
-    found = ctypes.util.find_library(link)  # the linker cache (ldconfig -p): the soname, e.g. libjemalloc.so.2
+    # the linker cache (ldconfig -p): the soname, e.g. libjemalloc.so.2
+    found = ctypes.util.find_library(link)
     if found:
         return found
     for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"):
@@ -86,7 +87,8 @@ def environment(name: str, env: dict[str, str]) -> dict[str, str]:
     if name == "glibc-tuned":
         env.update(TUNED)
     elif name in LIBRARIES:
-        env["LD_PRELOAD"] = " ".join([library(name) or LIBRARIES[name][1], *env.get("LD_PRELOAD", "").split()])
+        env["LD_PRELOAD"] = " ".join([library(name) or LIBRARIES[name][1],
+                                      *env.get("LD_PRELOAD", "").split()])
     if name != "glibc":
         env[MARK] = name
     return env
@@ -138,8 +140,9 @@ def check(name: str) -> None:
         raise StageError(f"base.allocator {name}: {problem}")
     current = os.environ.get(MARK, "glibc")
     if current != name:
-        raise StageError(f"base.allocator {name}: this process started under {current}, and the allocator can only "
-                         "change when a process starts: run the stage as `python -m stages.<name>` (or under dvc)")
+        raise StageError(f"base.allocator {name}: this process started under {current}, and the allocator "
+                         "can only change when a process starts: run the stage as `python -m stages.<name>` "
+                         "(or under dvc)")
     if name in LIBRARIES and not loaded(name):
         raise StageError(f"base.allocator {name}: {library(name)} is in LD_PRELOAD but did not load")
 
@@ -160,7 +163,8 @@ def loaded(name: str) -> bool:
 
 
 class _DlInfo(ctypes.Structure):
-    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p), ("dli_sname", ctypes.c_char_p),
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p),
                 ("dli_saddr", ctypes.c_void_p)]
 
 

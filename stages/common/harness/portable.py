@@ -60,7 +60,8 @@ def has_avx2() -> bool:
         return False
     try:
         return any(line.startswith("flags") and " avx2" in line
-                   for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines())
+                   for line in Path("/proc/cpuinfo").read_text(encoding="utf-8",
+                                                               errors="replace").splitlines())
     except OSError:
         return False
 
@@ -92,9 +93,10 @@ def _base_section(path: str) -> Any:
     try:
         import yaml
 
-        loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        loaded = yaml.load(Path(path).read_text(encoding="utf-8"),
+                           Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         return loaded.get("base", {})
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
@@ -139,7 +141,7 @@ def provenance() -> dict[str, Any]:
         mkl = re.search(r"Math Kernel Library Version ([\d.]+)", torch.__config__.show())
         if mkl:
             blas.append(f"torch: MKL {mkl.group(1)}" + (f" (MKL_CBWR={os.environ['MKL_CBWR']})"
-                                                         if os.environ.get("MKL_CBWR") else ""))
+                                                        if os.environ.get("MKL_CBWR") else ""))
     if "numpy" in sys.modules:
         from threadpoolctl import threadpool_info
 
@@ -147,6 +149,7 @@ def provenance() -> dict[str, Any]:
             if lib.get("user_api") == "blas":
                 owner = Path(lib["filepath"]).parent.name.removesuffix(".libs")
                 blas.append(f"{owner}: {lib['internal_api']} {lib.get('version') or ''} "
-                            f"{lib.get('architecture') or ''} ({lib['num_threads']} threads)".replace("  ", " "))
+                            f"{lib.get('architecture') or ''} ({lib['num_threads']} threads)".replace("  ",
+                                                                                                      " "))
     found["machine_blas"] = "; ".join(sorted(blas)) or "none loaded"  # not in the order they happened to load
     return found

@@ -67,7 +67,8 @@ def _persisted(root: Path, stage: str) -> set[str]:
     for kind in ("outs", "metrics", "plots"):
         for entry in spec.get(kind) or []:
             if isinstance(entry, dict):
-                found |= {path for path, opts in entry.items() if isinstance(opts, dict) and opts.get("persist")}
+                found |= {path for path, opts in entry.items() if isinstance(opts, dict)
+                          and opts.get("persist")}
     return found
 
 
@@ -145,7 +146,7 @@ def restore_previous(stage: str, root: Path | None = None) -> tuple[list[str], l
     failed: list[str] = []
     try:
         cache = _Cache(root)
-    except Exception as exc:  # noqa: BLE001 - no DVC repository here: nothing can be restored
+    except Exception as exc:  # no DVC repository here: nothing can be restored
         return [], [f"{out['path']} (no DVC cache: {exc})" for out in outs]
     for out in outs:
         target = root / str(out["path"])
@@ -172,7 +173,8 @@ def put_back(stage: str) -> None:
     """stage_main's failure path under DVC: restore, and say what was and was not restored."""
     restored, failed = restore_previous(stage)
     if restored:
-        log.warning("%s failed: the previous outputs dvc.lock records are back: %s", stage, ", ".join(restored))
+        log.warning("%s failed: the previous outputs dvc.lock records are back: %s", stage,
+                    ", ".join(restored))
     if failed:
         log.warning("%s failed: could not restore %s", stage, "; ".join(failed))
 
@@ -188,7 +190,8 @@ class Watcher:
                 [sys.executable, "-m", "stages.common.harness.restore", "--after-death", stage], stdin=read,
                 start_new_session=True)  # Ctrl-C in the terminal is the stage's to handle, not the watcher's
         except OSError as exc:
-            log.warning("no watcher for %s (%s): if it is killed outright, run python -m stages.common.harness.restore %s",
+            log.warning("no watcher for %s (%s): if it is killed outright, run python -m "
+                        "stages.common.harness.restore %s",
                         stage, exc, stage)
             self.process = None
         os.close(read)
@@ -209,7 +212,8 @@ def after_death(stage: str) -> int:
     restored, failed = restore_previous(stage)
     try:
         if restored:
-            print(f"lmmem {stage}: killed: the previous outputs dvc.lock records are back: {', '.join(restored)}",
+            print(f"lmmem {stage}: killed: the previous outputs dvc.lock records are back: "
+                  f"{', '.join(restored)}",
                   file=sys.stderr)
         if failed:
             print(f"lmmem {stage}: killed: could not restore {'; '.join(failed)}", file=sys.stderr)

@@ -77,13 +77,15 @@ def dvc_dependencies(root: Path) -> list[Path]:
 
 def refusal(found: list[str]) -> str:
     return (f"{found[0]}: {WHY}"
-            + (f" (and {len(found) - 1} more: python -m stages.common.harness.specials)" if len(found) > 1 else ""))
+            + (f" (and {len(found) - 1} more: python -m stages.common.harness.specials)" if len(found) > 1
+               else ""))
 
 
 def main(argv: list[str]) -> int:
     root = Path.cwd()
     if not argv and not (root / "dvc.yaml").is_file():
-        print("usage: python -m stages.common.harness.specials [PATH ...] (default: dvc.yaml's dependencies)", file=sys.stderr)
+        print("usage: python -m stages.common.harness.specials [PATH ...] (default: dvc.yaml's dependencies)",
+              file=sys.stderr)
         return 2
     found = problems([Path(a) for a in argv] if argv else dvc_dependencies(root), root)
     for why in found:

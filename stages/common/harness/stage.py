@@ -187,9 +187,11 @@ def _stage_main(
     # a stage that resets the peak per item (compress: per variant) reports the largest itself
     if peak_rss_mib() > metrics.get("peak_rss_mib", 0.0):  # else the stage's own (with its own start)
         metrics["peak_rss_mib"], metrics["rss_start_mib"] = peak_rss_mib(), start_rss_mib()
-    metrics.update(rss_prediction.figures(RSS_LINE.get(name, name), base.allocator, metrics.get("rss_start_mib", start_rss_mib()),
-                               metrics.get("rss_tensor_mib", 0.0), metrics.get("rss_weights_mib", 0.0),
-                               metrics["peak_rss_mib"]))
+    metrics.update(rss_prediction.figures(RSS_LINE.get(name, name), base.allocator,
+                                          metrics.get("rss_start_mib", start_rss_mib()),
+                                          metrics.get("rss_tensor_mib", 0.0),
+                                          metrics.get("rss_weights_mib", 0.0),
+                                          metrics["peak_rss_mib"]))
     metrics.update(provenance())  # the machine and the kernels behind these figures
     metrics.update(allocator=base.allocator, machine_allocator=malloc.describe())
     write_json(args.metrics, round_metrics(metrics))

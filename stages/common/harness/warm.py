@@ -54,13 +54,15 @@ from pathlib import Path
 from stages.common.harness.warmsock import Unsafe, check_peer, check_socket, key_parts, private_folder
 
 PRELOAD = ["numpy", "yaml", "pydantic", "torch", "torch._subclasses.fake_tensor", "safetensors.torch",
-           "transformers", "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2",
+           "transformers", "transformers.models.llama.modeling_llama",
+           "transformers.models.gpt2.modeling_gpt2",
            "peft"]
 IDLE = 60.0  # seconds the server waits for the next stage before it exits
 START_TIMEOUT = 600.0  # seconds a client waits for a new server to import PRELOAD (a slow hour: tens)
 LOCK_WAIT = 120.0  # seconds a client waits for another client's start of the server (LMMEM_WARM_WAIT)
 # variables the preloaded libraries read as they import: a server is only shared under equal values
-ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "ATEN_", "DNNL_", "ONEDNN_", "TORCH", "PYTORCH_",
+ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "ATEN_", "DNNL_", "ONEDNN_", "TORCH",
+                "PYTORCH_",
                 "CUDA_", "NVIDIA_", "HF_", "TRANSFORMERS_", "PYTHON", "LD_", "MALLOC_", "LMMEM_ALLOCATOR")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PROTOCOL = 2
@@ -133,7 +135,7 @@ class _Forwarder:
         self.pid = pid
 
     @contextlib.contextmanager
-    def holding(self):  # noqa: ANN202 - a context manager
+    def holding(self):  # a context manager
         """Signals held while the body makes a child process (not a blocked mask: children inherit it)."""
         self.held = []
         try:
@@ -194,9 +196,11 @@ def _start_server(path: Path, forwarder: _Forwarder) -> socket.socket | None:
             return conn
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a server that died without removing its socket
-        log = os.open(f"{path}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        log = os.open(f"{path}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600)
         with forwarder.holding():
-            server = subprocess.Popen([sys.executable, "-m", "stages.common.harness.warmserver", "--serve", str(path)],
+            server = subprocess.Popen([sys.executable, "-m", "stages.common.harness.warmserver", "--serve",
+                                       str(path)],
                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_server_env(),
                                       start_new_session=True, close_fds=True)
         os.close(log)
@@ -312,7 +316,8 @@ def run_warm(path: Path, argv: list[str], forwarder: _Forwarder) -> tuple[int, b
 
 def run_fresh(argv: list[str], forwarder: _Forwarder) -> int:
     """Run `python -m` argv in a new interpreter; its return code (negative: killed)."""
-    with forwarder.holding():  # its own process group: a Ctrl-C reaches it once, forwarded, as it reaches a warm stage
+    # its own process group: a Ctrl-C reaches it once, forwarded, as it reaches a warm stage
+    with forwarder.holding():
         process = subprocess.Popen([sys.executable, "-m", *argv], process_group=0)
         forwarder.started(process.pid)
     return process.wait()
@@ -321,8 +326,8 @@ def run_fresh(argv: list[str], forwarder: _Forwarder) -> int:
 def client(argv: list[str]) -> int:
     """`python -m stages NAME [options]`."""
     if not argv or argv[0].startswith("-") or not argv[0].isidentifier():
-        print("usage: python -m stages NAME [options]: run stage NAME (python -m stages.NAME) in a process forked "
-              "from a warm interpreter (LMMEM_WARM=0: a new one)", file=sys.stderr)
+        print("usage: python -m stages NAME [options]: run stage NAME (python -m stages.NAME) in a process "
+              "forked from a warm interpreter (LMMEM_WARM=0: a new one)", file=sys.stderr)
         return 2
     module = f"stages.{argv[0]}"
     if importlib.util.find_spec(module) is None:
@@ -341,10 +346,12 @@ def client(argv: list[str]) -> int:
             except (Unsafe, OSError) as exc:  # OSError: its folder's files cannot be made or opened
                 why = str(exc)
             if done is None:
-                print(f"lmmem: warning: no warm server: {why}: {module} runs in a new interpreter", file=sys.stderr)
+                print(f"lmmem: warning: no warm server: {why}: {module} runs in a new interpreter",
+                      file=sys.stderr)
         code, own = done if done is not None else (run_fresh([module, *argv[1:]], forwarder), True)
     except Interrupted as exc:  # nothing ran: under DVC, the watcher puts back what DVC deleted
-        print(f"lmmem: {signal.Signals(exc.sig).name} before stage {argv[0]} started: it did not run", file=sys.stderr)
+        print(f"lmmem: {signal.Signals(exc.sig).name} before stage {argv[0]} started: it did not run",
+              file=sys.stderr)
         return 128 + exc.sig
     if WATCHER is not None and own and code >= 0:
         WATCHER.ended()  # the stage ended by its own hand: it restored what a failure needed

@@ -87,7 +87,7 @@ def _child(request: dict, fds: list[int], server_side: list[socket.socket | int]
     except KeyboardInterrupt:  # as Python reports it, with the status a shell gives it
         traceback.print_exc()
         code = 130
-    except BaseException:  # noqa: BLE001 - an uncaught exception: its traceback, exit 1, as Python does
+    except BaseException:  # an uncaught exception: its traceback, exit 1, as Python does
         traceback.print_exc()
         code = 1
     with contextlib.suppress(Exception):
@@ -119,7 +119,7 @@ def warm_up() -> None:
             logits = model(ids).logits
             torch.nn.functional.cross_entropy(logits.reshape(-1, 64), ids.reshape(-1)).backward()
             optimizer.step()
-    except Exception:  # noqa: BLE001 - a warm-up only: the stages run without it, a little slower
+    except Exception:  # a warm-up only: the stages run without it, a little slower
         traceback.print_exc()
 
 

@@ -20,7 +20,8 @@ from stages.common.core.lifetime import die_with
 
 # what every evaluation process imports: paid once, in the fork server
 PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama",
-           "transformers.models.gpt2.modeling_gpt2", "stages.common.weights.loading", "stages.common.memory.tensor_meter"]
+           "transformers.models.gpt2.modeling_gpt2", "stages.common.weights.loading",
+           "stages.common.memory.tensor_meter"]
 
 
 def cores() -> int:
@@ -29,7 +30,8 @@ def cores() -> int:
 
 
 @contextlib.contextmanager
-def fresh_processes(workers: int, preload: list[str] = PRELOAD) -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+def fresh_processes(workers: int,
+                    preload: list[str] = PRELOAD) -> Iterator[concurrent.futures.ProcessPoolExecutor]:
     """A pool of `workers` processes, each running one task and exiting (max_tasks_per_child=1),
     forked from a fork server with `preload` imported."""
     context = multiprocessing.get_context("forkserver")
@@ -39,7 +41,8 @@ def fresh_processes(workers: int, preload: list[str] = PRELOAD) -> Iterator[conc
     try:
         yield pool
     except BaseException:
-        for process in list((getattr(pool, "_processes", None) or {}).values()):  # no public handle before 3.14
+        # no public handle before 3.14
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
             process.kill()  # the pool breaks: what is queued fails at once instead of starting
         pool.shutdown(wait=True, cancel_futures=True)
         raise

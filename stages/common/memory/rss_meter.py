@@ -72,7 +72,8 @@ def _cgroup_room() -> float | None:
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2
-            folder, limit_file, usage_file = Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max", "memory.current"
+            folder, limit_file, usage_file = Path("/sys/fs/cgroup") / path.lstrip(
+                "/"), "memory.max", "memory.current"
         elif "memory" in controllers.split(","):  # v1
             folder = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
             limit_file, usage_file = "memory.limit_in_bytes", "memory.usage_in_bytes"
@@ -118,6 +119,7 @@ def check_record_fits(key: str, max_bytes: int) -> None:
     found = available_mib()
     need = max_bytes * RECORD_COPIES / 2**20
     if found is not None and need > found[0]:
-        raise StageError(f"{key}={max_bytes:,}: one record that long needs about {need:,.0f} MiB while it is read, "
-                         f"decoded and cleaned, more than this machine's available memory ({found[0]:,.0f} MiB, "
-                         f"{found[1]}): lower it")
+        raise StageError(f"{key}={max_bytes:,}: one record that long needs about {need:,.0f} MiB while it "
+                         "is read, decoded and cleaned, more than this machine's available memory "
+                         f"({found[0]:,.0f} "
+                         f"MiB, {found[1]}): lower it")

@@ -41,7 +41,8 @@ OVERHEAD: dict[str, dict[str, tuple[float, float, float]]] = {
 }
 
 
-def predict(stage: str, allocator: str, start_mib: float, tensor_mib: float, weights_mib: float) -> float | None:
+def predict(stage: str, allocator: str, start_mib: float, tensor_mib: float,
+            weights_mib: float) -> float | None:
     """The predicted peak RSS in MiB; None where no overhead was fitted for `stage` and
     `allocator`."""
     fitted = OVERHEAD.get(stage, {}).get(allocator)

@@ -183,7 +183,8 @@ class TensorMeter(TorchDispatchMode):
 
     # ------------------------------------------------------------------ wiring
     def track_model(self, model: torch.nn.Module,
-                    category_of: Callable[[str, torch.Tensor], str] = lambda name, tensor: "parameters") -> None:
+                    category_of: Callable[[str,
+                                           torch.Tensor], str] = lambda name, tensor: "parameters") -> None:
         """Count the model's parameters and buffers (in `category_of(name, tensor)`), and move
         gradients to `gradients` as autograd accumulates them."""
         for name, p in model.named_parameters():

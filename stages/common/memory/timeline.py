@@ -91,7 +91,8 @@ class Tracker:
         return name
 
     def _pre(self, module: torch.nn.Module, args: Any) -> None:
-        if not self.stack and torch._C._current_graph_task_id() == -1:  # a new forward from the top, not a recompute
+        # a new forward from the top, not a recompute
+        if not self.stack and torch._C._current_graph_task_id() == -1:
             self.claimed.clear()
             self.backward = NO_MODULE
         self.stack.append(self._name(module))
@@ -115,7 +116,8 @@ class ModuleTimeline:
     """Samples of live bytes per module group and per unattributed category, while the meter
     it watches meters (`with ModuleTimeline(meter, attributed): ...`)."""
 
-    def __init__(self, meter: Any, attributed: tuple[str, ...], by: Literal["module", "group"] = "module") -> None:
+    def __init__(self, meter: Any, attributed: tuple[str, ...],
+                 by: Literal["module", "group"] = "module") -> None:
         self.meter, self.attributed, self.by = meter, attributed, by
         self.tracker = Tracker()
         self.owner_of: dict[int, str] = {}  # id(storage) -> the group that made it
@@ -200,7 +202,8 @@ class ModuleTimeline:
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     """A timeline as CSV, six significant digits (the same run, the same bytes)."""
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["sample", "step", "phase", "module"])
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows
+                                else ["sample", "step", "phase", "module"])
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -61,8 +61,8 @@ def probe_problem(labels: np.ndarray, n_classes: int, limit: int) -> str | None:
     """Why a probe trained on (up to `limit` of) these labels would say nothing, or None."""
     used = min(int((labels >= 0).sum()), limit)
     if n_classes > 1 and used < MIN_DOCS_PER_LABEL * n_classes:
-        return (f"{n_classes:,} labels and {used:,} labelled training documents ({used / n_classes:.1f} a label; "
-                f"it needs at least {MIN_DOCS_PER_LABEL} a label): its accuracy would say nothing")
+        return (f"{n_classes:,} labels and {used:,} labelled training documents ({used / n_classes:.1f} a "
+                f"label; it needs at least {MIN_DOCS_PER_LABEL} a label): its accuracy would say nothing")
     return None
 
 
@@ -92,7 +92,8 @@ def predict(model: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
     return ((x.double() - mean) / std @ weight + bias).argmax(1)
 
 
-def scores(y_true: list[int] | torch.Tensor, y_pred: list[int] | torch.Tensor, n_classes: int) -> dict[str, Any]:
+def scores(y_true: list[int] | torch.Tensor, y_pred: list[int] | torch.Tensor,
+           n_classes: int) -> dict[str, Any]:
     """Accuracy, macro precision, recall and F1 (a class never predicted has precision 0), and
     the confusion matrix (rows: true class, columns: predicted; None beyond MAX_CONFUSION
     labels)."""

@@ -52,7 +52,8 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, sample:
     """ids (batch, time) → (batch, new_tokens) continuations, exactly new_tokens long; a
     transformers model with a KV cache of `kv_bits` (0: its own dtype)."""
     if not isinstance(model, LSTMLanguageModel):
-        kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
+        kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": new_tokens,
+                                  "min_new_tokens": new_tokens,
                                   "cache": new_cache(model, kv_bits)}
         if sample:
             kwargs.update(temperature=temperature, top_k=top_k)
@@ -295,13 +296,16 @@ def generation_memory(model: torch.nn.Module, rows: torch.Tensor, batches: list[
         fits.append({"context": context, "budget_mib": budget_mib, "batch": batch, "line_batch": batch,
                      "line_mib": line, "checked_mib": None})
     last = fits[-1]
-    while 0 < last["batch"] <= check_up_to:  # checked_mib: the peak of `batch` (over the budget after 8 tries)
-        peak = metered_generation(model, tiled(rows[:, :prompt_tokens], last["batch"]), last["context"])["peak_mib"]
+    # checked_mib: the peak of `batch` (over the budget after 8 tries)
+    while 0 < last["batch"] <= check_up_to:
+        peak = metered_generation(model, tiled(rows[:, :prompt_tokens], last["batch"]),
+                                  last["context"])["peak_mib"]
         last["checked_mib"] = peak
         if peak <= budget_mib or last["line_batch"] - last["batch"] >= 8:
             break
         last["batch"] -= 1
-    error = max(abs(p["kv_cache_end_mib"] - p["kv_cache_predicted_mib"]) / p["kv_cache_predicted_mib"] for p in points)
+    error = max(abs(p["kv_cache_end_mib"] - p["kv_cache_predicted_mib"]) / p["kv_cache_predicted_mib"]
+                for p in points)
     return {"generation": points, "max_batch": fits, "kv_cache_error": error}
 
 
@@ -332,7 +336,8 @@ def kv_quantization(model: torch.nn.Module, rows: torch.Tensor, batch: int, cont
         ppl, tokens = cached_perplexity(model, rows, kv_bits)
         points.append({"bits": kv_bits, "batch": batch, "context": context,
                        "kv_cache_end_mib": metered["kv_cache_end_mib"],
-                       "kv_cache_predicted_mib": kv_cache_bytes(model.config, batch, context, dtype, kv_bits) / 2**20,
+                       "kv_cache_predicted_mib": kv_cache_bytes(model.config, batch, context, dtype,
+                                                                kv_bits) / 2**20,
                        "peak_mib": metered["peak_mib"], "activations_mib": metered["activations_mib"],
                        "ppl": ppl, "tokens": tokens})
     return points

@@ -40,7 +40,7 @@ def half_dtype(values: list[Any]) -> torch.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in HALF else None
 
 
-class half_products_in_float(TorchFunctionMode):  # noqa: N801  (used as a context manager)
+class half_products_in_float(TorchFunctionMode):  # used as a context manager
     """Within it, a matrix product of bf16 or fp16 CPU tensors runs as fp32 and is rounded
     back to the operands' type; everything else runs as it is."""
 

@@ -56,7 +56,8 @@ class QuantizedKVLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if self.bits == 4 and key_states.shape[-1] % 2:
-            raise ValueError(f"an int4 KV cache packs two values a byte: head size {key_states.shape[-1]} is odd")
+            raise ValueError(f"an int4 KV cache packs two values a byte: head size {key_states.shape[-1]} "
+                             "is odd")
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 

@@ -169,8 +169,10 @@ def _distillation_grad(targets: torch.Tensor, teacher_hidden: torch.Tensor, teac
     return loss_grad
 
 
-def chunked_distillation(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                         teacher_hidden: torch.Tensor, teacher_head: nn.Module, temperature: float, alpha: float,
+def chunked_distillation(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor,
+                         teacher_hidden: torch.Tensor, teacher_head: nn.Module, temperature: float,
+                         alpha: float,
                          chunk: int) -> torch.Tensor:
     """alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · cross-entropy, averaged over rows,
     `chunk` rows at a time: the student's (rows, width) hidden states through its linear head
@@ -214,7 +216,8 @@ def next_token_loss_chunked(model: nn.Module, rows: torch.Tensor, chunk: int) ->
     hidden, head = hidden_and_head(model, rows[:, :-1])
     if isinstance(head, nn.Linear):
         weight = head.weight
-    elif hasattr(head, "dequantized"):  # a frozen quantized head (stages.common.weights.frozen): rebuilt, no gradient
+    # a frozen quantized head (stages.common.weights.frozen): rebuilt, no gradient
+    elif hasattr(head, "dequantized"):
         weight = head.dequantized()
     else:
         raise StageError(f"the chunked loss needs a linear output head, not {type(head).__name__}")
@@ -222,7 +225,8 @@ def next_token_loss_chunked(model: nn.Module, rows: torch.Tensor, chunk: int) ->
                                  rows[:, 1:].reshape(-1), chunk)
 
 
-def logits_in_chunks(model: nn.Module, rows: torch.Tensor, chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def logits_in_chunks(model: nn.Module, rows: torch.Tensor,
+                     chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(fp32 logits, targets) of the windows `rows`, `chunk` positions at a time (0: all at
     once), through the model's own head (a quantized one too)."""
     hidden, head = hidden_and_head(model, rows[:, :-1])

@@ -27,21 +27,26 @@ LSTM_WEIGHTS = "model.safetensors"
 
 class ModelParams(Section):
     family: Literal["llama", "gpt2", "lstm"] = Field(
-        "llama", description=("llama: Linear layers, RoPE, SwiGLU (what quantizers act on) | gpt2: Conv1D | lstm: the "
-        "classical baseline"))
+        "llama",
+        description=("llama: Linear layers, RoPE, SwiGLU (what quantizers act on) | gpt2: Conv1D | lstm: the "
+                     "classical baseline"))
     layers: int = Field(
-        4, ge=1, le=128, description="transformer blocks (or LSTM layers): parameters and activations grow linearly")
+        4, ge=1, le=128,
+        description="transformer blocks (or LSTM layers): parameters and activations grow linearly")
     width: int = Field(
         128, ge=8, le=16384, description="hidden size: parameters grow with its square, activations linearly")
     heads: int = Field(
-        2, ge=1, le=256, description="attention heads (width must be a multiple); attention scores grow with heads x context^2")
+        2, ge=1, le=256, description="attention heads (width must be a multiple); attention scores grow "
+                                     "with heads x context^2")
     kv_heads: int = Field(0, ge=0, le=256, description=(
-        "key/value heads (llama): 0 = as many as heads (multi-head) | 1 = multi-query | between = grouped-query "
-        "(heads must be a multiple): the KV cache and the K/V projections shrink by heads / kv_heads"))
+        "key/value heads (llama): 0 = as many as heads (multi-head) | 1 = multi-query | between = "
+        "grouped-query (heads must be a multiple): the KV cache and the K/V projections shrink by heads / "
+        "kv_heads"))
     ffn_width: int = Field(
         0, ge=0, description="MLP hidden size; 0 = llama 8/3 x width rounded up to 64, gpt2 4 x width")
     context: int = Field(
-        128, ge=2, le=65536, description="tokens per window: activations grow linearly, attention scores with its square")
+        128, ge=2, le=65536,
+        description="tokens per window: activations grow linearly, attention scores with its square")
     tie_embeddings: bool = Field(
         True, description="share input and output embeddings: one vocab x width matrix instead of two")
     dropout: float = Field(
@@ -52,8 +57,8 @@ class ModelParams(Section):
         if self.family != "lstm" and self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be a multiple of heads ({self.heads})")
         if self.kv_heads and self.family != "llama" and self.kv_heads != self.heads:
-            raise ValueError(f"kv_heads ({self.kv_heads}) below heads needs family llama ({self.family} has one "
-                             "key/value head per head)")
+            raise ValueError(f"kv_heads ({self.kv_heads}) below heads needs family llama ({self.family} has "
+                             "one key/value head per head)")
         if self.kv_heads and self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         return self
@@ -115,7 +120,8 @@ def load_lstm(folder: str | Path) -> LSTMLanguageModel:
 def build_model(p: ModelParams, vocab_size: int, special_ids: dict[str, int]) -> nn.Module:
     """A freshly initialised model (seed torch first for a repeatable initialisation)."""
     if p.family == "lstm":
-        return LSTMLanguageModel(vocab_size, p.width, p.layers, p.dropout, p.tie_embeddings, special_ids["pad"])
+        return LSTMLanguageModel(vocab_size, p.width, p.layers, p.dropout, p.tie_embeddings,
+                                 special_ids["pad"])
     common: dict[str, Any] = {"vocab_size": vocab_size, "tie_word_embeddings": p.tie_embeddings,
                               "bos_token_id": special_ids["bos"], "eos_token_id": special_ids["eos"],
                               "pad_token_id": special_ids["pad"], "use_cache": False}
@@ -128,7 +134,8 @@ def build_model(p: ModelParams, vocab_size: int, special_ids: dict[str, int]) ->
         return LlamaForCausalLM(config)
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_embd=p.width, n_layer=p.layers, n_head=p.heads, n_inner=p.ffn(), n_positions=p.context,
+    config = GPT2Config(n_embd=p.width, n_layer=p.layers, n_head=p.heads, n_inner=p.ffn(),
+                        n_positions=p.context,
                         resid_pdrop=p.dropout, embd_pdrop=p.dropout, attn_pdrop=p.dropout, **common)
     return GPT2LMHeadModel(config)
 

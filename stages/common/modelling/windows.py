@@ -26,15 +26,16 @@ def check_ids(path: Path, dtype: str, vocab_size: int) -> None:
     itemsize = np.dtype(dtype).itemsize
     size = path.stat().st_size
     if size % itemsize:
-        raise StageError(f"{path}: {size} bytes, not a whole number of {dtype} ids (truncated, or not a token file)")
+        raise StageError(f"{path}: {size} bytes, not a whole number of {dtype} ids (truncated, or not a "
+                         "token file)")
     with path.open("rb") as f:
         done = 0
         while chunk := f.read(1 << 22):
             ids = np.frombuffer(chunk, dtype=dtype)
             if ids.size and int(ids.max()) >= vocab_size:
                 at = done + int(np.argmax(ids >= vocab_size))
-                raise StageError(f"{path}: id {int(ids[at - done])} at position {at} is outside the vocabulary "
-                                 f"({vocab_size} ids in meta.json)")
+                raise StageError(f"{path}: id {int(ids[at - done])} at position {at} is outside the "
+                                 f"vocabulary ({vocab_size} ids in meta.json)")
             done += ids.size
 
 

@@ -51,7 +51,7 @@ def package_file(package: str, relative: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise StageError(f"package '{package}' is not installed: it ships the file {relative}")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():
         raise StageError(f"package '{package}' does not ship {relative} (looked at {path})")
     return path

@@ -40,7 +40,8 @@ def load_model_folder(folder: str | Path) -> nn.Module:
             model = _skeleton(folder)
             quant.skeleton(model, record.get("quantized", {}))
             # assign: the parameters become the file's mapped pages, not copies of them
-            model.load_state_dict(storage.load_state(folder / VARIANT_WEIGHTS, mapped=True), strict=True, assign=True)
+            model.load_state_dict(storage.load_state(folder / VARIANT_WEIGHTS, mapped=True), strict=True,
+                                  assign=True)
         elif (folder / LSTM_CONFIG).is_file():
             model = load_lstm(folder)
         elif (folder / "config.json").is_file():
@@ -50,10 +51,13 @@ def load_model_folder(folder: str | Path) -> nn.Module:
         else:
             raise ValueError("no config.json, lstm_config.json or lmmem_variant.json")
     except Exception as exc:  # whatever the format library raised: one message naming the folder
-        raise ValueError(f"{folder}: cannot load a model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        raise ValueError(f"{folder}: cannot load a model: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    broken = [name for name, t in model.state_dict().items() if t.is_floating_point()
+              and not torch.isfinite(t).all()]
     if broken:  # a damaged file written before digests, or a model trained into NaN
-        raise ValueError(f"{folder}: {len(broken)} weight tensors hold NaN or infinite values ({broken[0]}, ...)")
+        raise ValueError(f"{folder}: {len(broken)} weight tensors hold NaN or infinite values ({broken[0]}, "
+                         "...)")
     return model.eval()
 
 

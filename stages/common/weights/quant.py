@@ -131,7 +131,8 @@ class Int4Linear(nn.Module):
         groups = weight.float().reshape(out_f, in_f // group_size, group_size)
         low, high = groups.amin(-1), groups.amax(-1)
         scale = (high - low).clamp_min(1e-12) / 15
-        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(out_f, in_f)
+        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(
+            out_f, in_f)
         out = cls(in_f, out_f, bias is not None, group_size)
         out.packed = q[:, 0::2] | (q[:, 1::2] << 4)  # two 4-bit values per byte
         out.scale, out.minimum = scale, low
@@ -141,7 +142,8 @@ class Int4Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         q = torch.stack([self.packed & 15, self.packed >> 4], dim=-1).reshape(self.out_features, -1).float()
-        groups = q.view(self.out_features, -1, self.group_size) * self.scale[..., None] + self.minimum[..., None]
+        groups = q.view(self.out_features, -1,
+                        self.group_size) * self.scale[..., None] + self.minimum[..., None]
         return groups.view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,9 +190,11 @@ def quantize_model(model: nn.Module, scheme: Scheme, embeddings: bool, group_siz
     if embeddings and isinstance(embedding, nn.Embedding):
         q = Int8Embedding.from_float(embedding)
         _set(model, names[id(embedding)], q)
-        record[names[id(embedding)]] = {"kind": "int8_embedding", "shape": [q.num_embeddings, q.embedding_dim]}
+        record[names[id(embedding)]] = {"kind": "int8_embedding",
+                                        "shape": [q.num_embeddings, q.embedding_dim]}
         if tied:  # the head multiplies by the same int8 matrix
-            qhead = Int8Linear(q.embedding_dim, q.num_embeddings, bias=False, dynamic=scheme == "int8_dynamic")
+            qhead = Int8Linear(q.embedding_dim, q.num_embeddings, bias=False,
+                               dynamic=scheme == "int8_dynamic")
             qhead.qweight, qhead.scale = q.qweight, q.scale
             _set(model, names[id(head)], qhead)
             record[names[id(head)]] = {"kind": "int8_tied_head", "shape": [q.num_embeddings, q.embedding_dim],

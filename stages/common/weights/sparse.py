@@ -154,7 +154,8 @@ def sparsify(model: nn.Module, chunk_rows: int = 2048) -> dict[str, int]:
     return {"swapped": swapped, "dense_bytes": before, "sparse_bytes": after}
 
 
-def sparse_figures(model: nn.Module, rows: torch.Tensor, context: int, prompt_tokens: int) -> dict[str, float] | None:
+def sparse_figures(model: nn.Module, rows: torch.Tensor, context: int,
+                   prompt_tokens: int) -> dict[str, float] | None:
     """evaluate's figures for a pruned transformers model: one forward pass of a sequence and
     one sequence's generation to `context` tokens metered dense, then the model made sparse in
     place and the same measured again, with a forward pass of all `rows` (evaluate's batch).
@@ -174,7 +175,8 @@ def sparse_figures(model: nn.Module, rows: torch.Tensor, context: int, prompt_to
     return {"modules": found["swapped"], "weights_mib": b1["parameters_peak_mib"],
             "dense_weights_mib": dense_b1["parameters_peak_mib"],
             "forward_peak_mib": forward_peak(model, rows[:, :-1])[0]["total_peak_mib"],
-            "forward_peak_b1_mib": b1["total_peak_mib"], "dense_forward_peak_b1_mib": dense_b1["total_peak_mib"],
+            "forward_peak_b1_mib": b1["total_peak_mib"],
+            "dense_forward_peak_b1_mib": dense_b1["total_peak_mib"],
             "generation_peak_b1_mib": metered_generation(model, prompt, context)["peak_mib"],
             "dense_generation_peak_b1_mib": dense_generation,
             "max_logit_diff": float((logits.float() - dense_logits.float()).abs().max())}

@@ -67,7 +67,8 @@ def decode(name: str, info: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
         flat[nonzero] = tensors[f"{name}::values"]
         return flat.reshape(shape)
     if kind == "csr":
-        crow, col, values = tensors[f"{name}::crow"], tensors[f"{name}::col"].to(torch.int64), tensors[f"{name}::values"]
+        crow, col, values = tensors[f"{name}::crow"], tensors[f"{name}::col"].to(torch.int64), tensors[
+            f"{name}::values"]
         return torch.sparse_csr_tensor(crow, col, values, size=shape).to_dense()
     raise ValueError(f"{name}: unknown encoding {kind!r}")
 

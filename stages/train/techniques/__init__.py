@@ -25,8 +25,21 @@ from typing import Any
 
 from stages.train.techniques.base import Move, State, Technique
 
-__all__ = ["ORDER", "REGISTRY", "Move", "State", "Technique", "all_moves", "flops_factor", "optimizer_family",
-           "no_checkpoints", "optimizer_names", "rows_at_once", "weight_shards", "world_problem"]
+__all__ = [
+    "ORDER",
+    "REGISTRY",
+    "Move",
+    "State",
+    "Technique",
+    "all_moves",
+    "flops_factor",
+    "no_checkpoints",
+    "optimizer_family",
+    "optimizer_names",
+    "rows_at_once",
+    "weight_shards",
+    "world_problem",
+]
 
 
 # The registry's order, in one place: the loop calls the hooks in it, and auto-fit breaks ties
@@ -62,7 +75,8 @@ def _discover() -> tuple[Technique, ...]:
         technique = getattr(module, "TECHNIQUE", None)
         if isinstance(technique, Technique):
             found.append(technique)
-    return tuple(sorted(found, key=lambda t: (ORDER.index(t.name) if t.name in ORDER else len(ORDER), t.name)))
+    return tuple(sorted(found,
+                        key=lambda t: (ORDER.index(t.name) if t.name in ORDER else len(ORDER), t.name)))
 
 
 REGISTRY: tuple[Technique, ...] = _discover()

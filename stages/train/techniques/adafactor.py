@@ -17,7 +17,8 @@ class Adafactor(Technique):
     optimizers = ("adafactor",)
     grid = {"adafactor": {"optimizer": "adafactor"}}
 
-    def make_optimizer(self, p: Any, model: torch.nn.Module, ctx: Context, dry_run: bool) -> torch.optim.Optimizer:
+    def make_optimizer(self, p: Any, model: torch.nn.Module, ctx: Context,
+                       dry_run: bool) -> torch.optim.Optimizer:
         return standard_optimizer(torch.optim.Adafactor, {"lr": p.lr}, p, model, ctx, dry_run)
 
     def moves(self, p: Any) -> list[Move]:

@@ -24,17 +24,20 @@ class AdamMini(Technique):
         if p.optimizer != "adam_mini":
             return None
         if p.distributed.world_size > 1:
-            return ("optimizer adam_mini: one process only (it partitions by parameter name and reduces across "
-                    "every GPU of the machine itself)")
+            return ("optimizer adam_mini: one process only (it partitions by parameter name and reduces "
+                    "across every GPU of the machine itself)")
         if p.optimizer_in_backward:
-            return "optimizer adam_mini with optimizer_in_backward: Adam-mini cannot be split into per-parameter optimizers"
+            return ("optimizer adam_mini with optimizer_in_backward: Adam-mini cannot be split into "
+                    "per-parameter optimizers")
         return None
 
-    def make_optimizer(self, p: Any, model: torch.nn.Module, ctx: Context, dry_run: bool) -> torch.optim.Optimizer:
+    def make_optimizer(self, p: Any, model: torch.nn.Module, ctx: Context,
+                       dry_run: bool) -> torch.optim.Optimizer:
         from adam_mini import Adam_mini
 
         named = [(name, q) for name, q in model.named_parameters() if q.requires_grad]
-        return Adam_mini(named, lr=p.lr, weight_decay=p.weight_decay, dim=p.model.width, n_heads=p.model.heads,
+        return Adam_mini(named, lr=p.lr, weight_decay=p.weight_decay, dim=p.model.width,
+                         n_heads=p.model.heads,
                          n_kv_heads=p.model.key_value_heads(),
                          verbose=False)
 

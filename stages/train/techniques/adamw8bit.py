@@ -18,7 +18,8 @@ class AdamW8bit(Technique):
     optimizers = ("adamw8bit",)
     grid = {"8-bit adamw": {"optimizer": "adamw8bit"}}
 
-    def make_optimizer(self, p: Any, model: torch.nn.Module, ctx: Context, dry_run: bool) -> torch.optim.Optimizer:
+    def make_optimizer(self, p: Any, model: torch.nn.Module, ctx: Context,
+                       dry_run: bool) -> torch.optim.Optimizer:
         logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # 4-bit kernels: unused
         import bitsandbytes
 

@@ -19,15 +19,17 @@ log = logging.getLogger("lmmem.train")
 # keys PYTORCH_CUDA_ALLOC_CONF understands (torch 2.x CUDA caching allocator)
 CUDA_ALLOC_KEYS = ("backend", "max_split_size_mb", "max_non_split_rounding_mb", "roundup_power2_divisions",
                    "garbage_collection_threshold", "expandable_segments", "release_lock_on_cudamalloc",
-                   "pinned_use_cuda_host_register", "pinned_num_register_threads", "pinned_use_background_threads",
-                   "pinned_max_cached_size_mb", "pinned_max_round_threshold_mb", "per_process_memory_fraction",
+                   "pinned_use_cuda_host_register", "pinned_num_register_threads",
+                   "pinned_use_background_threads",
+                   "pinned_max_cached_size_mb", "pinned_max_round_threshold_mb",
+                   "per_process_memory_fraction",
                    "graph_capture_record_stream_reuse")
 
 
 class Fields(Section):
     cuda_alloc_conf: str = Field("", description=(
-        "CUDA allocator settings (PYTORCH_CUDA_ALLOC_CONF), e.g. expandable_segments:True to cut fragmentation; "
-        "recorded in the metrics"))
+        "CUDA allocator settings (PYTORCH_CUDA_ALLOC_CONF), e.g. expandable_segments:True to cut "
+        "fragmentation; recorded in the metrics"))
 
 
 class Allocator(Technique):
@@ -38,7 +40,8 @@ class Allocator(Technique):
         for item in filter(None, p.cuda_alloc_conf.split(",")):
             key, sep, value = item.partition(":")
             if not sep or not value or key.strip() not in CUDA_ALLOC_KEYS:
-                return f"cuda_alloc_conf: {item!r} is not key:value with a key of {', '.join(CUDA_ALLOC_KEYS)}"
+                return (f"cuda_alloc_conf: {item!r} is not key:value with a key of "
+                        f"{', '.join(CUDA_ALLOC_KEYS)}")
         return None
 
     def start(self, p: Any, device: torch.device) -> dict[str, Any]:

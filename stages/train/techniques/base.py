@@ -46,7 +46,8 @@ class Technique:
     Fields: ClassVar[type[Section] | None] = None
     optimizers: ClassVar[tuple[str, ...]] = ()  # the train.optimizer values this family provides
     columns: ClassVar[dict[str, float]] = {}  # per-step CSV columns it fills, with their value when off
-    grid: ClassVar[dict[str, dict[str, Any]]] = {}  # bench/train_grid's configurations: name -> train overrides
+    # bench/train_grid's configurations: name -> train overrides
+    grid: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def refuse(self, p: Any) -> str | None:
         """Why these params cannot run with this technique, or None."""
@@ -95,7 +96,8 @@ class Technique:
         """Dispatch modes the dry run needs for this technique on fake tensors."""
         return []
 
-    def make_optimizer(self, p: Any, model: torch.nn.Module, ctx: Context, dry_run: bool) -> torch.optim.Optimizer:
+    def make_optimizer(self, p: Any, model: torch.nn.Module, ctx: Context,
+                       dry_run: bool) -> torch.optim.Optimizer:
         """Optimizer families: the optimizer for p.optimizer (one of `optimizers`)."""
         raise NotImplementedError(self.name)
 
@@ -112,11 +114,13 @@ class Technique:
         return {}
 
 
-def trainable(model: torch.nn.Module, exclude: tuple[torch.nn.Parameter, ...] = ()) -> list[torch.nn.Parameter]:
+def trainable(model: torch.nn.Module,
+              exclude: tuple[torch.nn.Parameter, ...] = ()) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad and all(p is not q for q in exclude)]
 
 
-def standard_optimizer(cls: type[torch.optim.Optimizer], kwargs: dict[str, Any], p: Any, model: torch.nn.Module,
+def standard_optimizer(cls: type[torch.optim.Optimizer], kwargs: dict[str, Any], p: Any,
+                       model: torch.nn.Module,
                        ctx: Context, dry_run: bool) -> torch.optim.Optimizer:
     """`cls` over the model's trainable parameters, weight decay on matrices only. Under
     zero1 a ZeroRedundancyOptimizer of it; a dry run builds what this rank's shard holds."""

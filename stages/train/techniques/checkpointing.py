@@ -22,21 +22,25 @@ from stages.common.core.params import Section
 from stages.train.techniques.base import Move, State, Technique
 
 aten = torch.ops.aten
-ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_flash_attention.default,
-             aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default}
+ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu.default,
+             aten._scaled_dot_product_flash_attention.default,
+             aten._scaled_dot_product_efficient_attention.default,
+             aten._scaled_dot_product_cudnn_attention.default}
 MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
 SAVED = {"save_attention": ATTENTION, "save_matmuls": ATTENTION | MATMULS}
 
 
 class Fields(Section):
     activation_checkpointing: bool = Field(
-        False, description="true: keep only block inputs, recompute the rest in backward (less memory, ~30% slower)")
+        False,
+        description="true: keep only block inputs, recompute the rest in backward (less memory, ~30% slower)")
     activation_checkpointing_every: int = Field(
-        1, ge=1, description="checkpoint every Nth block only (1 = all): larger saves less memory, recomputes less")
+        1, ge=1,
+        description="checkpoint every Nth block only (1 = all): larger saves less memory, recomputes less")
     activation_checkpointing_policy: Literal["full", "save_attention", "save_matmuls"] = Field(
         "full", description=(
-            "full: recompute the whole block | save_attention: keep attention outputs | save_matmuls: keep every "
-            "matrix product, recompute only pointwise work (more memory than full, little recompute)"))
+            "full: recompute the whole block | save_attention: keep attention outputs | save_matmuls: keep "
+            "every matrix product, recompute only pointwise work (more memory than full, little recompute)"))
 
 
 def _policy(saved: set[Any], ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
@@ -51,7 +55,8 @@ def checkpoint_kwargs(policy: str) -> dict[str, Any]:
         return {"use_reentrant": False}
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    context_fn = functools.partial(create_selective_checkpoint_contexts, functools.partial(_policy, SAVED[policy]))
+    context_fn = functools.partial(create_selective_checkpoint_contexts,
+                                   functools.partial(_policy, SAVED[policy]))
     return {"use_reentrant": False, "context_fn": context_fn}
 
 
@@ -69,8 +74,8 @@ class Checkpointing(Technique):
             return ("activation_checkpointing: the lstm baseline runs as one cuDNN/ATen op, "
                     "there are no layers to checkpoint; use llama or gpt2")
         if p.activation_checkpointing_policy != "full" and not p.activation_checkpointing:
-            return (f"activation_checkpointing_policy {p.activation_checkpointing_policy} chooses what checkpointing "
-                    "keeps: set activation_checkpointing: true, or the policy back to full")
+            return (f"activation_checkpointing_policy {p.activation_checkpointing_policy} chooses what "
+                    "checkpointing keeps: set activation_checkpointing: true, or the policy back to full")
         return None
 
     def prepare(self, model: torch.nn.Module, p: Any, device: torch.device) -> State | None:

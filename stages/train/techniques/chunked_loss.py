@@ -18,8 +18,8 @@ from stages.train.techniques.base import Move, Technique
 
 class Fields(Section):
     loss_chunk_tokens: int = Field(0, ge=0, description=(
-        "0 = the whole batch x context x vocabulary logits at once | N = the loss over N positions at a time, "
-        "gradient in the same pass: the logits never exist whole (N x vocabulary x 4 B), same loss"))
+        "0 = the whole batch x context x vocabulary logits at once | N = the loss over N positions at a "
+        "time, gradient in the same pass: the logits never exist whole (N x vocabulary x 4 B), same loss"))
 
 
 class ChunkedLoss(Technique):
@@ -29,8 +29,8 @@ class ChunkedLoss(Technique):
 
     def refuse(self, p: Any) -> str | None:
         if p.loss_chunk_tokens and p.distributed.strategy == "fsdp" and p.distributed.world_size > 1:
-            return ("loss_chunk_tokens: fsdp keeps the output head's weight sharded outside the model's forward, "
-                    "where the chunked loss reads it; use ddp or zero1, or loss_chunk_tokens: 0")
+            return ("loss_chunk_tokens: fsdp keeps the output head's weight sharded outside the model's "
+                    "forward, where the chunked loss reads it; use ddp or zero1, or loss_chunk_tokens: 0")
         return None
 
     def forward_context(self, p: Any, device: torch.device) -> contextlib.AbstractContextManager[Any]:

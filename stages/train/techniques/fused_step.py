@@ -23,8 +23,8 @@ from stages.train.techniques.base import Technique
 
 class Fields(Section):
     optimizer_in_backward: bool = Field(False, description=(
-        "true: step each parameter as soon as its gradient is ready and free that gradient (the gradients are "
-        "never all alive); needs grad_clip 0, micro_batch_size = batch_size, one process"))
+        "true: step each parameter as soon as its gradient is ready and free that gradient (the gradients "
+        "are never all alive); needs grad_clip 0, micro_batch_size = batch_size, one process"))
 
 
 class InBackward(torch.optim.Optimizer):
@@ -64,7 +64,8 @@ class InBackward(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         saved = state_dict["per_parameter"]
         if len(saved) != len(self.inner):
-            raise ValueError(f"the checkpoint holds {len(saved)} per-parameter optimizers, not {len(self.inner)}")
+            raise ValueError(f"the checkpoint holds {len(saved)} per-parameter optimizers, not "
+                             f"{len(self.inner)}")
         for (q, o), s in zip(self.inner.items(), saved, strict=True):
             o.load_state_dict(s)
             if q in o.state:
@@ -81,16 +82,17 @@ class FusedStep(Technique):
         if not p.optimizer_in_backward:
             return None
         if p.distributed.world_size > 1:
-            return ("optimizer_in_backward: data parallelism reduces gradients across processes after the step "
-                    "would have run; use one process")
+            return ("optimizer_in_backward: data parallelism reduces gradients across processes after the "
+                    "step would have run; use one process")
         if p.micro_batch_size != p.batch_size:
-            return ("optimizer_in_backward: each micro-batch's gradient would step on its own instead of adding up; "
-                    "set micro_batch_size to batch_size")
+            return ("optimizer_in_backward: each micro-batch's gradient would step on its own instead of "
+                    "adding up; set micro_batch_size to batch_size")
         if p.grad_clip:
-            return ("optimizer_in_backward: global-norm clipping needs every gradient at once, which is never held; "
-                    "set grad_clip: 0")
+            return ("optimizer_in_backward: global-norm clipping needs every gradient at once, which is "
+                    "never held; set grad_clip: 0")
         if p.precision == "fp16":
-            return "optimizer_in_backward: fp16's gradient scaler checks every gradient before any step; use bf16"
+            return ("optimizer_in_backward: fp16's gradient scaler checks every gradient before any step; "
+                    "use bf16")
         if p.optimizer == "sparse_adam":
             return "optimizer_in_backward: sparse_adam splits the model between two optimizers; use adamw"
         return None

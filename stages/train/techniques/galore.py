@@ -22,10 +22,12 @@ from stages.train.techniques.base import Technique, trainable
 
 class Fields(Section):
     galore_rank: int = Field(64, ge=1, description=(
-        "galore_adamw: rank of each matrix's projected gradient: lower = less optimizer state, a coarser update"))
+        "galore_adamw: rank of each matrix's projected gradient: lower = less optimizer state, a coarser "
+        "update"))
     galore_update_gap: int = Field(200, ge=1, description=(
         "galore_adamw: steps between the SVDs that choose each projection (one SVD per matrix, then reused)"))
-    galore_scale: float = Field(0.25, gt=0.0, le=10.0, description="galore_adamw: scale of the projected-back update")
+    galore_scale: float = Field(0.25, gt=0.0, le=10.0,
+                                description="galore_adamw: scale of the projected-back update")
     galore_embeddings: bool = Field(False, description=(
         "galore_adamw: project the embedding (and an untied head) too: most of this model's parameters, so "
         "most of the saving; false keeps them plain AdamW, as GaLore's paper does"))
@@ -49,7 +51,7 @@ def compact_projections() -> None:
     from galore_torch.galore_projector import GaLoreProjector
 
     class CompactProjector(GaLoreProjector):  # type: ignore[misc]
-        def get_orthogonal_matrix(self, weights: torch.Tensor, rank: int, type: str) -> Any:  # noqa: A002
+        def get_orthogonal_matrix(self, weights: torch.Tensor, rank: int, type: str) -> Any:
             found = super().get_orthogonal_matrix(weights, rank, type)
             return [m.clone() for m in found] if isinstance(found, list) else found.clone()
 
@@ -65,11 +67,12 @@ class GaLore(Technique):
 
     def refuse(self, p: Any) -> str | None:
         if p.optimizer == "galore_adamw" and p.distributed.world_size > 1 and p.distributed.strategy != "ddp":
-            return (f"optimizer galore_adamw with distributed.strategy {p.distributed.strategy}: GaLore's SVD needs "
-                    "each matrix's whole gradient and its state is not sharded here; use ddp")
+            return (f"optimizer galore_adamw with distributed.strategy {p.distributed.strategy}: GaLore's "
+                    "SVD needs each matrix's whole gradient and its state is not sharded here; use ddp")
         return None
 
-    def make_optimizer(self, p: Any, model: torch.nn.Module, ctx: Context, dry_run: bool) -> torch.optim.Optimizer:
+    def make_optimizer(self, p: Any, model: torch.nn.Module, ctx: Context,
+                       dry_run: bool) -> torch.optim.Optimizer:
         from galore_torch import GaLoreAdamW
 
         compact_projections()
@@ -80,7 +83,8 @@ class GaLore(Technique):
         galore = {"rank": p.galore_rank, "update_proj_gap": p.galore_update_gap, "scale": p.galore_scale,
                   "proj_type": "std"}
         groups = [{"params": projected, "weight_decay": p.weight_decay, **galore},
-                  {"params": [q for q in params if q.dim() >= 2 and id(q) in skip], "weight_decay": p.weight_decay},
+                  {"params": [q for q in params if q.dim() >= 2 and id(q) in skip],
+                   "weight_decay": p.weight_decay},
                   {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}]
         return GaLoreAdamW([g for g in groups if g["params"]], lr=p.lr, no_deprecation_warning=True)
 

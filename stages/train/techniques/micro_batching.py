@@ -23,7 +23,8 @@ HALVING_COST = 1.095
 class Fields(Section):
     micro_batch_size: int = Field(
         8, ge=1,
-        description="sequences per forward/backward; smaller = less activation memory, more steps of accumulation")
+        description="sequences per forward/backward; smaller = less activation memory, more steps of "
+                    "accumulation")
 
 
 class MicroBatching(Technique):

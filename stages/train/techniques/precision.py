@@ -19,7 +19,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class Fields(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="fp32 | bf16 (autocast: about half the activation bytes) | fp16 (autocast + gradient scaler)")
+        "fp32", description="fp32 | bf16 (autocast: about half the activation bytes) | fp16 (autocast + "
+                            "gradient scaler)")
 
 
 class Precision(Technique):

@@ -26,7 +26,8 @@ class PruneParams(Section):
     final_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "fraction of each matrix zeroed by end_step; 0 = no pruning (masks cost 1 byte per weight)"))
     initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0,
-                                    description="sparsity at start_step, raised from there on a polynomial schedule")
+                                    description="sparsity at start_step, raised from there on a polynomial "
+                                                "schedule")
     start_step: int = Field(20, ge=0, description="first pruning step")
     end_step: int = Field(150, ge=0, description=(
         "last pruning step (< steps): the remaining steps recover at the final sparsity"))
@@ -57,7 +58,8 @@ class PruneParams(Section):
         if (step - self.start_step) % self.every and step != self.end_step:
             return None
         progress = (step - self.start_step) / (self.end_step - self.start_step)
-        return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1 - progress) ** self.power
+        return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (
+            1 - progress) ** self.power
 
 
 
@@ -99,7 +101,8 @@ class Pruner:
 
 class Fields(Section):
     prune: PruneParams = Field(default_factory=PruneParams,
-                               description="gradual magnitude pruning of the block matrices (not embeddings) while training")
+                               description="gradual magnitude pruning of the block matrices (not "
+                                           "embeddings) while training")
 
 
 class Pruning(Technique):

@@ -32,8 +32,8 @@ SMALL = 1 << 16  # bytes: smaller saved tensors stay as they are
 
 class Fields(Section):
     saved_activations: Literal["keep", "bf16", "int8", "cpu"] = Field("keep", description=(
-        "keep: as computed | bf16: kept in bf16 for backward (half the bytes, rounding in the gradients) | int8: "
-        "int8 with a scale per row (a quarter, more rounding) | cpu: in host memory (CUDA only)"))
+        "keep: as computed | bf16: kept in bf16 for backward (half the bytes, rounding in the gradients) | "
+        "int8: int8 with a scale per row (a quarter, more rounding) | cpu: in host memory (CUDA only)"))
 
 
 def _passes(t: torch.Tensor) -> bool:
@@ -71,7 +71,8 @@ class SavedActivations(Technique):
 
     def start(self, p: Any, device: torch.device) -> dict[str, Any]:
         if p.saved_activations == "cpu" and device.type != "cuda":
-            raise StageError(f"train.saved_activations cpu moves activations off an accelerator; on {device.type} "
+            raise StageError("train.saved_activations cpu moves activations off an accelerator; on "
+                             f"{device.type} "
                              "they are in host memory already: there is no second memory (use bf16 or int8)")
         return {}
 

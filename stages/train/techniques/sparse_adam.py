@@ -21,7 +21,8 @@ class SparseDenseAdam(torch.optim.Optimizer):
     decay), AdamW everything else. One optimizer to the loop, the scaler and checkpoints:
     both inner optimizers share its parameter groups and state."""
 
-    def __init__(self, dense_groups: list[dict[str, Any]], sparse: list[torch.nn.Parameter], lr: float) -> None:
+    def __init__(self, dense_groups: list[dict[str, Any]], sparse: list[torch.nn.Parameter],
+                 lr: float) -> None:
         self.dense = torch.optim.AdamW(dense_groups, lr=lr)
         self.sparse = torch.optim.SparseAdam(sparse, lr=lr)
         super().__init__(self.dense.param_groups + self.sparse.param_groups, {})
@@ -97,9 +98,11 @@ class SparseAdamTechnique(Technique):
     def dry_run_modes(self, p: Any) -> list[TorchDispatchMode]:
         return [SparseUpperBound()] if p.optimizer == "sparse_adam" else []
 
-    def make_optimizer(self, p: Any, model: torch.nn.Module, ctx: Context, dry_run: bool) -> torch.optim.Optimizer:
+    def make_optimizer(self, p: Any, model: torch.nn.Module, ctx: Context,
+                       dry_run: bool) -> torch.optim.Optimizer:
         sparse = model.get_input_embeddings().weight
-        return SparseDenseAdam(param_groups(trainable(model, exclude=(sparse,)), p.weight_decay), [sparse], p.lr)
+        return SparseDenseAdam(param_groups(trainable(model, exclude=(sparse,)), p.weight_decay), [sparse],
+                               p.lr)
 
 
 TECHNIQUE = SparseAdamTechnique()

@@ -21,8 +21,8 @@ from stages.train.techniques.base import Move, State, Technique
 
 class Fields(Section):
     mlp_tiles: int = Field(1, ge=1, le=64, description=(
-        "1 = the MLP over the whole sequence | N = over N pieces of it, each recomputed in backward: its wide "
-        "intermediates an Nth as large at a time, the MLP's forward run twice"))
+        "1 = the MLP over the whole sequence | N = over N pieces of it, each recomputed in backward: its "
+        "wide intermediates an Nth as large at a time, the MLP's forward run twice"))
 
 
 def tile(mlp: torch.nn.Module, tiles: int, contiguous: bool = False) -> None:

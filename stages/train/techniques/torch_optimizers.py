@@ -24,7 +24,8 @@ class TorchOptimizers(Technique):
     optimizers = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
     grid = {"sgd (momentum)": {"optimizer": "sgd"}}
 
-    def make_optimizer(self, p: Any, model: torch.nn.Module, ctx: Context, dry_run: bool) -> torch.optim.Optimizer:
+    def make_optimizer(self, p: Any, model: torch.nn.Module, ctx: Context,
+                       dry_run: bool) -> torch.optim.Optimizer:
         classes = {"sgd": (torch.optim.SGD, {"momentum": p.momentum}), "adam": (torch.optim.Adam, {}),
                    "adamw": (torch.optim.AdamW, {}), "adagrad": (torch.optim.Adagrad, {}),
                    "rmsprop": (torch.optim.RMSprop, {"momentum": p.momentum})}

@@ -34,19 +34,22 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 class Fields(Section):
     tune: Literal["all", "head", "lora"] = Field("all", description=(
-        "fine-tuning only (the finetune stage): which weights train: all = every weight | head = the task head "
-        "alone, the body frozen (no gradients or optimizer state for it) | lora = low-rank adapters (peft) on "
-        "lora_targets and the head, the body frozen"))
+        "fine-tuning only (the finetune stage): which weights train: all = every weight | head = the task "
+        "head alone, the body frozen (no gradients or optimizer state for it) | lora = low-rank adapters "
+        "(peft) on lora_targets and the head, the body frozen"))
     lora_rank: int = Field(8, ge=1, le=4096, description=(
         "tune lora: the adapters' rank: higher = more capacity, more adapter weights, gradients and state"))
-    lora_alpha: float = Field(16.0, gt=0.0, description="tune lora: the adapters' scale is lora_alpha / lora_rank")
+    lora_alpha: float = Field(16.0, gt=0.0,
+                              description="tune lora: the adapters' scale is lora_alpha / lora_rank")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "tune lora: dropout on the adapters' input (regularisation; > 0 keeps a mask per adapter)"))
     lora_targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1, description=(
-        "tune lora: the Linear layers (by name) that get adapters; fewer = fewer adapter weights, less capacity"))
+        "tune lora: the Linear layers (by name) that get adapters; fewer = fewer adapter weights, less "
+        "capacity"))
     frozen_weights: Literal["keep", "int8", "nf4"] = Field("keep", description=(
-        "tune head or lora: how the frozen body is held: keep = as trained (4 bytes a weight) | int8 = 1 byte a "
-        "weight | nf4 = QLoRA's 4-bit NormalFloat (about 4.5 bits): less memory, a slightly different forward"))
+        "tune head or lora: how the frozen body is held: keep = as trained (4 bytes a weight) | int8 = 1 "
+        "byte a weight | nf4 = QLoRA's 4-bit NormalFloat (about 4.5 bits): less memory, a slightly "
+        "different forward"))
 
 
 class Finetuning(Technique):
@@ -61,7 +64,8 @@ class Finetuning(Technique):
         if p.frozen_weights != "keep" and p.tune == "all":
             return f"frozen_weights {p.frozen_weights} holds frozen weights, and tune all freezes none"
         if p.tune != "all" and p.model.family == "lstm":
-            return f"tune {p.tune}: the lstm baseline has no task head or Linear blocks to adapt (use tune all)"
+            return (f"tune {p.tune}: the lstm baseline has no task head or Linear blocks to adapt "
+                    "(use tune all)")
         if p.tune == "lora" and p.model.family != "llama":
             return "tune lora: adapters go on Linear layers; gpt2's blocks are Conv1D (use the llama family)"
         if p.tune != "all" and p.distributed.strategy == "fsdp" and p.distributed.world_size > 1:
@@ -73,7 +77,8 @@ class Finetuning(Technique):
             return None
         heads = [name for name, _ in model.named_children() if name in HEADS]
         if not heads and p.tune == "head":  # a language model's output head is its vocabulary, often tied
-            raise StageError("tune head: this task's model has no head of its own to train (use tune all or lora)")
+            raise StageError("tune head: this task's model has no head of its own to train (use tune all or "
+                             "lora)")
         for param in model.parameters():
             param.requires_grad_(False)
         if p.tune == "lora":
@@ -116,11 +121,12 @@ def add_adapters(model: torch.nn.Module, p: Any) -> None:
     present = sorted({name.rpartition(".")[2] for name in linears})
     missing = [t for t in p.lora_targets if t not in present]
     if missing:
-        raise StageError(f"lora_targets: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a Linear "
-                         f"layer of this model (it has {', '.join(present)})")
+        raise StageError(f"lora_targets: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a "
+                         f"Linear layer of this model (it has {', '.join(present)})")
     for name, m in linears.items():
         if name.rpartition(".")[2] in p.lora_targets and p.lora_rank > min(m.in_features, m.out_features):
-            raise StageError(f"lora_rank {p.lora_rank} is larger than {name} ({m.out_features} x {m.in_features}): "
+            raise StageError(f"lora_rank {p.lora_rank} is larger than {name} ({m.out_features} x "
+                             f"{m.in_features}): "
                              f"at most {min(m.in_features, m.out_features)}")
     config = LoraConfig(r=p.lora_rank, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
                         target_modules=list(p.lora_targets), bias="none")
