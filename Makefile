@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro pull test lint bench clean-venv
+.PHONY: setup repro pull test lint docs bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test: setup  # two workers (pytest-xdist), a module's tests in one of them: 1.35
 
 lint: setup  # pyproject.toml's [tool.ruff] rules: CI runs it beside the tests
 	$(BIN)/ruff check .
+
+docs: setup  # the documentation site into site/: its generated pages current, every page in the navigation, no broken link
+	$(BIN)/python docs/generate.py --check
+	mkdir -p -m 700 .cache/tmp  # jieba (the site search's Chinese words) caches under TMPDIR: a private one
+	TMPDIR=$(abspath .cache/tmp) NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: setup
 	$(BIN)/python -m bench.streaming

@@ -207,7 +207,7 @@ def test_a_killed_zero1_run_resumes_to_the_same_metrics(runs: dict[str, Any], to
 
 def test_two_nodes_meet_at_the_endpoint_and_rank_0_writes(tokens: Path, tmp_path: Path,
                                                           runs: dict[str, Any]) -> None:
-    """The README's multi-machine command, with two "nodes" on this machine: the same params
+    """docs/training.md's multi-machine command, with two "nodes" on this machine: the same params
     (nnodes 2, one process each, one endpoint) started twice."""
     from flows.serve import free_port
 

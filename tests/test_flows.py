@@ -433,16 +433,16 @@ def test_served_deployment_triggered_through_the_api_completes(server: str, repo
             "(on demand)") in said, said[-2000:]
 
 
-def test_the_readme_server_steps_work_on_any_port(tmp_path: Path) -> None:
+def test_the_documented_server_steps_work_on_any_port(tmp_path: Path) -> None:
     """Started with `--port` before PREFECT_API_URL was set, the UI pointed at port 4200. The
-    README's own lines, run on another port: the server listens there and tells its UI to
-    call the API there."""
+    documentation's own lines (docs/flows.md), run on another port: the server listens there
+    and tells its UI to call the API there."""
     import urllib.request
 
     from flows.serve import free_port, stop_process_group
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    steps = [ln.split("#")[0].strip() for ln in readme.splitlines()
+    page = (ROOT / "docs" / "flows.md").read_text(encoding="utf-8")
+    steps = [ln.split("#")[0].strip() for ln in page.splitlines()
              if ln.startswith(("PORT=", "prefect config set PREFECT_SERVER_API_PORT",
                                "prefect server start"))]
     assert [s.split()[0] for s in steps] == ["PORT=4200", "prefect", "prefect"], steps

@@ -447,6 +447,40 @@ def test_experiment_on_english_news_lists_its_metrics(repo: Path) -> None:
     assert "| torch threads | 2 |" in markdown and "| ATen CPU capability in use |" in markdown
 
 
+def test_the_first_experiment_of_getting_started_runs_as_written(repo: Path) -> None:
+    """About a minute, and must be: the getting-started page's first experiment, its commands
+    read from the page and run as written, retrains the model in bf16 beside the workspace run,
+    shows both rows and puts the experiment in the report; the dry run's estimate answers at once."""
+    from tests.test_docs import shell_blocks
+
+    commands = [c for c in shell_blocks(ROOT / "docs" / "getting-started.md")
+                if c.startswith(("dvc exp run -n bf16", "dvc exp show", "dvc repro -f --single-item report"))]
+    assert len(commands) == 3, commands
+    sh("dvc", "repro", cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-q", "--allow-empty", "-m", "before the first experiment", cwd=repo)
+    said = [sh("bash", "-c", command, cwd=repo) for command in commands]
+    assert "train" in ran(said[0]) and "ingest" not in ran(said[0])  # only what reads the model
+    shown = [line for line in said[1].splitlines() if line.startswith("| bf16 ")]
+    assert shown and "| bf16 " in shown[0].split("|", 2)[2], said[1]  # the experiment's row, precision bf16
+    header = said[1].splitlines()[0]
+    for column in ("mem_total_peak_mib", "mem_activations_peak_mib", "val_ppl", "tokens_per_sec"):
+        assert f"data/metrics/train.json:{column}" in header, header
+    column = [h.strip() for h in header.split("|")].index("data/metrics/train.json:mem_total_peak_mib")
+    peak = metrics_of(repo, "train")["mem_total_peak_mib"]  # the experiment's, applied to the workspace
+    assert float(shown[0].split("|")[column]) == pytest.approx(peak, rel=1e-3)
+    markdown = (repo / "data" / "report" / "report.md").read_text(encoding="utf-8")
+    row = next(line for line in markdown.splitlines() if line.startswith("| bf16 |"))
+    assert f"| {peak:,.1f} |" in row, (row, peak)
+    done = subprocess.run([sys.executable, "-m", "stages.train", "--estimate"], cwd=repo, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    estimate = json.loads(done.stdout)
+    assert estimate["est_total_peak_mib"] > 0
+    sh("git", "checkout", "--", ".", cwd=repo)  # the workspace back to the baseline run
+    sh("dvc", "checkout", "-q", cwd=repo)
+
+
 def test_dvc_yaml_declares_every_common_module_each_stage_imports() -> None:
     from stages.common.harness.code_files import closure
 

@@ -23,7 +23,7 @@ it, and the warm server is keyed by these variables):
 On a CPU without AVX2, or not x86-64, the kernels cannot be pinned to those: only the
 threads are, and the metrics say `machine_portable: no AVX2`. With the setting off nothing
 is pinned (a user's own variables stay as they are) and which outputs then depend on the
-hardware is in the README's determinism section.
+hardware is in docs/reproducibility.md (Determinism).
 
 Standard library only: this runs before anything else in a stage's process.
 """
