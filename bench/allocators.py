@@ -3,20 +3,7 @@ tuned), jemalloc and tcmalloc, side by side in one run, each in fresh processes.
 
     python -m bench.allocators [--steps 60] [--variants int8 prune50] [--out /tmp/lmmem-alloc]
 
-Each setting runs `python -m stages train` (params.yaml's model and batch, `steps` steps, on
-data/tokens) and `python -m stages evaluate` (the trained model and `variants` of
-data/compressed) with `base.allocator` set to it: each stage executes itself again with the
-library loaded through LD_PRELOAD or glibc's tunables set (stages.common.harness.malloc; their
-workers inherit it):
-- glibc: as it comes;
-- glibc tuned: MALLOC_ARENA_MAX=2 (one arena per core instead of 8 per core), trim and mmap
-  thresholds at 128 KiB fixed (freed memory goes back to the OS; large blocks are mapped);
-- jemalloc: Debian's libjemalloc2;
-- tcmalloc: Debian's libtcmalloc-minimal4.
-Per setting: the training's peak RSS (the stage's metrics: the largest rank's, reset after
-imports) and its wall time; evaluate's per-model peak RSS (each model's process, reset after
-imports) and its wall time, and the allocator each stage's metrics say it ran under. A
-missing library is named and its rows skipped.
+Why it is built this way: docs/design-notes.md, `bench.allocators`.
 """
 
 from __future__ import annotations

@@ -3,18 +3,7 @@ side by side, metered, beside the KV cache's closed form.
 
     python -m bench.kv_cache [--batch 8] [--context 128] [--prompt 16] [--quantized data/model]
 
-Each row builds params.yaml's model (train.model) with another head layout, untrained (what a
-tensor holds does not change its bytes), and meters greedy decoding with a KV cache from a
-`prompt`-token prompt until the cache holds `context` tokens, for `batch` sequences
-(stages/common/modelling/generation.py, the meter evaluate uses): the peak by category, the cache at
-the end against 2 × layers × batch × context × KV heads × head size × 4 bytes, and each
-layout's cache and peak against multi-head's of the same head count.
-
-With --quantized FOLDER (a trained model): that model's generation with the exact cache and
-the int8 and int4 caches of stages/common/modelling/kvquant.py, as evaluate measures them
-(`kv_quantization`: the cache metered and in closed form, the peak, the perplexity of 16
-validation windows read one position at a time through the cache), and ms per generated
-token at `batch` for each (16 tokens after an 8-token prompt, median of 5 after a warm-up).
+Why it is built this way: docs/design-notes.md, `bench.kv_cache`.
 """
 
 from __future__ import annotations

@@ -4,17 +4,7 @@ and the stages' commands, beside the stages' own seconds (their metrics files).
 
     python -m bench.orchestration [--params tests/params.tiny.yaml] [--keep]
 
-Parts (cumulative seconds of DVC's functions, each once: the profiler's own cost is in all
-of them, so read them as shares):
-- the commands (`dvc.stage.run._run`: the shell, the stage's process, its own seconds within);
-- checking whether a stage changed (`Stage.changed`: the dependencies' and outputs' hashes);
-- saving it (`Stage.save`: hashing the dependencies and outputs after the run, and the run
-  cache's entry);
-- committing its outputs to the cache (`Stage.commit`);
-- writing dvc.lock (`Stage.dump`);
-- the rest: DVC's start, reading dvc.yaml and params, the graph, the log lines.
-Outside the stages' own seconds but inside the commands: the shell, the interpreter's start,
-the warm server's fork, and each stage's harness before and after its timed work.
+Why it is built this way: docs/design-notes.md, `bench.orchestration`.
 """
 
 from __future__ import annotations

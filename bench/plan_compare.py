@@ -7,14 +7,7 @@ and each catalog plan's wall time (the target: under 5 minutes an architecture).
     python -m bench.plan_compare [--archs gpt2 llama-2-7b ...] [--context 1024] [--deepspeed PATH]
     python -m bench.plan_compare --times [--archs ...]
 
-Configurations: pretraining with AdamW, one sequence of `--context` tokens (batch 1), one
-rank; fp32 and bf16 autocast (lmmem's mixed precision: fp32 weights, gradients and state),
-with and without full activation checkpointing. Figures in GiB (2^30 bytes).
-
-Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models", eq. 2:
-activations per layer = s·b·h·(34 + 5·a·s/h) bytes (16-bit activations, attention scores
-materialized, dropout masks, a GPT block with a 4h MLP); with full recomputation 2·s·b·h per
-layer (the block's input). Multiplied by the layers; the embedding and the loss are not in it.
+Why it is built this way: docs/design-notes.md, `bench.plan_compare`.
 """
 
 from __future__ import annotations

@@ -5,18 +5,14 @@ the machine and the environment it ran under; `compare` reads two such files and
 first stage whose outputs differ (and every file that does).
 
     python -m bench.portability run --out here.json
-    python -m bench.portability run --out other.json --env ATEN_CPU_CAPABILITY=default
-    OPENBLAS_CORETYPE=Prescott python -m bench.portability compare here.json other.json
-    python -m bench.portability run train --params params.yaml --out train.json --env
-    ATEN_CPU_CAPABILITY=default python -m bench.portability lock train.json     # against the committed
-    dvc.lock
+    python -m bench.portability run --out other.json \\
+        --env ATEN_CPU_CAPABILITY=default OPENBLAS_CORETYPE=Prescott
+    python -m bench.portability compare here.json other.json
+    python -m bench.portability run train --params params.yaml --out train.json \\
+        --env ATEN_CPU_CAPABILITY=default
+    python -m bench.portability lock train.json     # against the committed dvc.lock
 
-`--portable off` runs with base.portable false (each library picks its kernels by the CPU,
-and the variables of `--env` emulate another CPU's choice); on (the default) the stages pin
-them, `--env` or not.
-
-Outputs dvc.yaml declares `cache: false` (metrics, plots and the report: each run's times
-and machine, as git keeps them) are left out; every cached output is compared file by file.
+Why it is built this way: docs/design-notes.md, `bench.portability`.
 """
 
 from __future__ import annotations

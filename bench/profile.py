@@ -3,18 +3,7 @@ same wall time on this machine, compared by validation perplexity on the same vo
 
     python -m bench.profile [--seconds 120] [--only NAME ...] [--tokens data/tokens]
 
-Each candidate is train keys laid over the profile the default had before this bench chose
-the current one (4 layers, width 256, batch 16, no Word2Vec start). It first runs a few
-steps to time its step (the median of its unmetered steps), then trains as
-many steps as fit in `--seconds` of optimizer steps (warm-up a tenth of them, validation 8
-times along the way), in a fresh process, from the same data/tokens. Equal wall time, not
-equal steps: a cheaper step buys more of them. The tokens and the vocabulary are the same
-for every candidate, so their perplexities compare directly.
-
-Printed: per candidate its step time, steps, tokens seen, the training loop's seconds (the
-sum of its step times; the validation passes come on top and are the same for all), the
-final validation perplexity and its ratio to the old default's, then each candidate's
-curve (validation perplexity at each validation step, against the training seconds so far).
+Why it is built this way: docs/design-notes.md, `bench.profile`.
 """
 
 from __future__ import annotations

@@ -4,24 +4,7 @@ per allocator, each stage run in a fresh process under `base.allocator`.
 
     python -m bench.rss_prediction [--steps 40] [--allocators glibc jemalloc] [--out /tmp/lmmem-rss] [--reuse]
 
-For each allocator (one not installed is named and skipped):
-- train at the fitted configurations (width 64; width 256; width 192 at batch 4) and at the
-  checked ones (the shipped model, width 128; width 384 with 2 layers and width 96 at batch 16,
-  beyond the fitted tensor and weight sizes), `--steps` steps each on data/tokens;
-- under `--evaluate-under` (glibc), evaluate each trained model alone (params.yaml's evaluate
-  otherwise: the probe and the quantized caches too): its measuring process's start RSS,
-  tensor peak, weights and peak RSS;
-- peak − start = overhead + a × tensors + b × weights by least squares through the fitted
-  configurations, for train (tensors: the dry run's total peak; weights: its parameters, which
-  a checkpoint and the saved model copy) and for evaluate (the metered peak, b = 0: three
-  points on two correlated sizes gave coefficients of -788, 6.4 and -7.6, which no process
-  has), and the error of the prediction on the checked ones;
-- the data stages (ingest, clean, tokenize, embed, warmstart, domain) on the built-in corpus,
-  and the report of the repository's pipeline: their peak − start, the overhead they are given
-  (a fit to this one run, not a test; `--check-corpus` tests the data stages on another).
-The last lines are the OVERHEAD table for stages/common/memory/rss_prediction.py. With `--check-corpus
-builtin:en-news`, only the data stages run, on that corpus, each with the prediction
-stages/common/memory/rss_prediction.py makes: how far the built-in corpus's fit carries to another.
+Why it is built this way: docs/design-notes.md, `bench.rss_prediction`.
 """
 
 from __future__ import annotations

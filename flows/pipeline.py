@@ -2,19 +2,7 @@
 
     python -m flows.pipeline [--stages train evaluate] [-S train.steps=50 ...] [--name NAME]
 
-Each task runs `dvc repro --single-item <stage>` (waiting for DVC's repo lock rather than
-failing on it), streams DVC's and the stage's lines into the task's Prefect log, ends in a
-Completed state named after DVC's answer (Ran, Skipped, Restored from the run-cache), and is
-retried per `flows.retries` / `flows.retry_delay_seconds`. After each stage its
-data/metrics/<stage>.json is published as a table artifact (`<stage>-metrics`); at the end a
-Markdown artifact (`pipeline-summary`) shows every stage's answer and the evaluation table,
-and the report stage's data/report/report.md is published as the `report` artifact. With
-`flows.push` the outputs of a run where a stage ran then go to the default DVC remote (`dvc
-push`). A stage that `dvc status` finds unchanged, with nothing upstream run, ends Skipped
-without starting DVC; a stage that refuses its params or input is not retried.
-
-With `-S` overrides the run is a DVC experiment instead (`dvc exp run --temp -S ...`): one
-task, params.yaml and the workspace untouched, the result in `dvc exp show`.
+Why it is built this way: docs/design-notes.md, `flows.pipeline`.
 """
 
 from __future__ import annotations

@@ -4,17 +4,7 @@
     python -m flows.sweep --file sweep.yaml       # {grid: {key: [values]}} or {points: [[k=v, ...], ...]}
     python -m flows.sweep --grid finetune.runs.lora.lora_rank=4,16 --targets finetune@lora
 
-Each point runs in its own temporary workspace (points never fight over the workspace; the
-DVC cache and run-cache are shared, so unchanged upstream stages are restored, not rerun), at
-most `flows.concurrency` at once, on threads or (`flows.task_runner: dask`) on a Dask cluster.
-A point whose experiment already exists on this commit with the same params is not run
-again. A failed point does not stop the others (a refused one is not retried). When every
-point is done, the experiments' params and metrics are read back from DVC's experiment refs
-into a comparison table of every sweep point of this commit (this sweep's first, a failed
-one with its error): a Prefect table artifact (`sweep-comparison`), a Markdown artifact, and
-data/sweep/comparison.csv; the report is regenerated with the experiments into
-data/sweep/report/ and published as the `sweep-report` artifact. Then, if a point failed,
-the sweep fails naming it.
+Why it is built this way: docs/design-notes.md, `flows.sweep`.
 """
 
 from __future__ import annotations

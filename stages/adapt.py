@@ -3,20 +3,7 @@
 `adapt.runs` per DVC stage (`adapt@<name>`, a foreach like finetune's), with what each
 method held in memory measured by category and predicted by the dry run.
 
-A run is the train section of params.yaml, the trained model's shape, `adapt.shared` and
-the run's keys over both (a method is the training registry's `finetuning` technique:
-`tune: all | lora`, `frozen_weights: keep | int8 | nf4`; a language model has no head of
-its own, so `tune: head` is refused), and the adapt section's run length over all:
-`adapt.steps` steps of `adapt.batch_size` windows of the model's context.
-
-Scores: perplexity on the new domain's test split (what the run learnt) and on the original
-corpus's (what it forgot), both over the first `adapt.test_windows` windows, with the
-trained model's own two figures beside (base_domain_ppl, base_original_ppl).
-
-Outputs in data/adapt/<name>/: `model/` (tune all: what `AutoModelForCausalLM.from_pretrained`
-loads, with the tokenizer), or `adapter/` (peft's format over data/model) and `merged/`
-(peft's merge_and_unload: a stock causal language model again); `steps.csv`; and
-data/metrics/adapt/<name>.json.
+Why it is built this way: docs/design-notes.md, `stages.adapt`.
 """
 
 from __future__ import annotations

@@ -2,19 +2,7 @@
 `compare.configs`, for `compare.steps` optimizer steps, so that every configuration is
 measured the same way and the report can set them side by side.
 
-dvc.yaml runs this stage once per configuration (`foreach` over compare.configs: stage
-`compare@<name>`), so changing one configuration reruns that one only. A configuration is
-a mapping of train keys (nested ones as nested mappings) laid over params.yaml's train
-section; the comparison then fixes the run's length: `compare.steps` steps with
-`compare.warmup_steps` of warm-up, the first `compare.meter_steps` under the tensor meter,
-validation on `compare.eval_batches` batches after the last step only, no resume
-checkpoints. The configuration named `compare.baseline` is what the report measures the
-others against (the train section as it stands, by default).
-
-Per configuration the train package's own run records the tensor meter's peak by category,
-the dry run's estimate of the same, throughput (tokens/s, on the unmetered steps) and the
-validation perplexity. Writes data/compare/<name>/steps.csv (the per-step loss; its time in the metrics) and
-data/metrics/compare/<name>.json; the trained weights are not kept.
+Why it is built this way: docs/design-notes.md, `stages.compare`.
 """
 
 from __future__ import annotations

@@ -1,22 +1,6 @@
 """tokenize: segment data/clean into words, build the vocabulary, write token ids.
 
-Per document, each run of Han characters (with CJK punctuation) goes to jieba and
-everything else to nltk's Treebank-style word tokenizer (no downloaded data needed).
-Two passes, both streaming:
-1. segment every split on `workers` processes into data/tokens/<split>.txt (one document
-   per line, words separated by one space: gensim's LineSentence format, which the embed
-   stage trains on) while counting the training split's words;
-2. build the vocabulary from the train counts and map each split's words to ids in a
-   memory-mapped array (uint16 when the vocabulary fits, else uint32).
-
-Outputs in data/tokens/: <split>.txt, <split>.bin (ids, each document followed by eos),
-<split>.offsets.bin (uint64, where each document starts; n_docs + 1 entries),
-<split>.labels.bin (int32 index into meta.json's labels per document, -1 for none), meta.json, vocab.json,
-and tokenizer.json with tokenizer_config.json, so `AutoTokenizer.from_pretrained` loads
-the vocabulary. That tokenizer splits on whitespace: give it text segmented by
-`stages.common.text.segment.Segmenter.segment` (jieba cannot live inside tokenizer.json).
-Against a gold-segmented corpus (the People's Daily 1998 corpus by default) it reports
-the segmenter's word precision, recall and F1.
+Why it is built this way: docs/design-notes.md, `stages.tokenize`.
 """
 
 from __future__ import annotations

@@ -461,8 +461,9 @@ def test_the_first_experiment_of_getting_started_runs_as_written(repo: Path) -> 
     sh("git", "commit", "-q", "--allow-empty", "-m", "before the first experiment", cwd=repo)
     said = [sh("bash", "-c", command, cwd=repo) for command in commands]
     assert "train" in ran(said[0]) and "ingest" not in ran(said[0])  # only what reads the model
-    shown = [line for line in said[1].splitlines() if line.startswith("| bf16 ")]
-    assert shown and "| bf16 " in shown[0].split("|", 2)[2], said[1]  # the experiment's row, precision bf16
+    # the experiment's row: "└── <rev> [bf16]"
+    shown = [line for line in said[1].splitlines() if "[bf16]" in line]
+    assert shown and shown[0].rstrip(" |").endswith("| bf16"), said[1]  # its precision column
     header = said[1].splitlines()[0]
     for column in ("mem_total_peak_mib", "mem_activations_peak_mib", "val_ppl", "tokens_per_sec"):
         assert f"data/metrics/train.json:{column}" in header, header

@@ -112,6 +112,31 @@ def test_the_function_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "flows/sweep.py:sweep" in long_functions()
 
 
+MAX_DOCSTRING_LINES = 17  # a docstring says what and why in a few lines; the reasons: docs/design-notes.md
+
+
+def long_docstrings() -> dict[str, int]:
+    """Docstrings (modules, classes, functions) of stages/, flows/ and bench/ over MAX_DOCSTRING_LINES."""
+    found = {}
+    for file in [f for folder in ("stages", "flows", "bench") for f in (ROOT / folder).rglob("*.py")]:
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node, clean=False)
+                if doc and doc.count("\n") + 1 > MAX_DOCSTRING_LINES:
+                    found[f"{file.relative_to(ROOT).as_posix()}:{getattr(node, 'name', '<module>')}"] = (
+                        doc.count("\n") + 1)
+    return found
+
+
+def test_no_docstring_over_17_lines() -> None:
+    assert long_docstrings() == {}
+
+
+def test_the_docstring_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "MAX_DOCSTRING_LINES", 10)
+    assert "bench/portability.py:<module>" in long_docstrings()
+
+
 MAX_LINES = 400
 
 

@@ -1,28 +1,7 @@
 """compress: smaller variants of the trained model (data/model), each in its own folder of
 data/compressed/, with its real size on disk and what making it cost.
 
-Each entry of `compress.variants` names a variant and its method; `base: <other variant>`
-applies the method to that variant instead of the trained model, so combinations compose
-(prune, then quantize). Methods:
-
-- cast: weights to float16 or bfloat16 (half the bytes, stock transformers loads it);
-- int8_weight_only / int8_dynamic / int4_weight_only: Linear layers (Conv1D too) replaced by
-  quantized ones (stages.common.weights.quant); `embeddings` quantizes the embedding matrix as well,
-  which in a small model holds most of the bytes (a tied output head shares it);
-- prune_magnitude: the smallest weights zeroed, per layer or globally, made permanent (no
-  mask kept) and stored sparse when that is smaller (stages.common.weights.storage);
-- prune_structured: whole attention heads and MLP neurons with the smallest weight norms
-  removed, the same number in every block, the layers rebuilt smaller (llama);
-- distill (stages.compress.distill): a smaller llama student trained on the teacher's softened
-  next-token distribution plus the data's next token, with training's schedule, optimizer
-  groups and clipping (stages.common.modelling.optim) and its token windows (stages.common.modelling.windows);
-  its loss over `loss_chunk_tokens` positions at a time (stages.common.modelling.loss), about 1.5 x
-  faster a step here than over the full logits.
-
-A variant that cannot run here (a scheme the CPU lacks, a method the architecture does not
-have) gets `unsupported.json` with the reason, status "unsupported" in the metrics, and the
-other variants go on. Each variant folder holds a loadable model
-(`stages.common.modelling.models.load_model_folder`), the tokenizer and its params.
+Why it is built this way: docs/design-notes.md, `stages.compress`.
 """
 
 from __future__ import annotations

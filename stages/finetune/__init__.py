@@ -2,24 +2,7 @@
 `finetune.runs` per DVC stage (`finetune@<name>`, a foreach like the comparison's), with
 what each method held in memory measured by category.
 
-A run is the train section of params.yaml, the trained model's shape (data/model's
-params.json), the run's keys over both (a method is the training registry's `finetuning`
-technique: `tune: all | head | lora`, `frozen_weights: keep | int8 | nf4`; any other train
-key too: precision, checkpointing, micro-batches, optimizers), and the finetune section's
-run length over all: `finetune.steps` steps of `finetune.batch_size` documents. The loop,
-the dry run, the memory budget and auto-fit are the train package's.
-
-Task `classify` (stages.finetune.tasks): sequence classification on the corpus labels.
-Memory categories: frozen weights, trainable weights, adapters, gradients, optimizer state,
-activations, temporaries; the dry run predicts each.
-
-Outputs in data/finetune/<name>/: `classifier/` (tune all or head: what
-`AutoModelForSequenceClassification.from_pretrained` loads, with the tokenizer), or
-`adapter/` (tune lora: peft's format, `PeftModel.from_pretrained(base, path)` over the
-classifier made from data/model) and `merged/` (the adapters merged into that base by peft's
-`merge_and_unload`: a stock classifier again); `steps.csv`; and
-data/metrics/finetune/<name>.json with the test split's accuracy, macro precision, recall
-and F1 and the confusion matrix.
+Why it is built this way: docs/design-notes.md, `stages.finetune`.
 """
 
 from __future__ import annotations

@@ -4,20 +4,11 @@ Llama 2 and 3, Qwen2.5, Mistral) or any local transformers config.json, by the t
 dry run at real size on fake tensors (stages.plan.dryrun) and the planner's search through
 the registry's techniques (stages.plan.planner).
 
-As a DVC stage (`python -m stages.plan`), it plans every architecture × workload of the
-`plan` section for each of its devices: data/plan/plans.json (every stack tried, per rank
-and category), data/metrics/plan.json (per architecture, workload and device: whether it
-fits, the cheapest stack's peak and cost; each architecture's parameters beside its
-published count). The report draws it.
-
-As a question (`python -m stages.plan --arch NAME ...`), it prints one plan:
-
     python -m stages.plan --arch llama-3-8b --workload lora --device-gib 80 --world-size 1 \\
         --batch-size 8 --micro-batch-size 1 --context 4096 --set precision=bf16
     python -m stages.plan --arch path/to/config.json --workload inference --batch-size 16 --context 8192
 
-`--set key=value` (repeatable) sets a train key of the asked stack (YAML values); `--json`
-prints the whole plan as JSON; `--metrics FILE` writes its flat figures too.
+Why it is built this way: docs/design-notes.md, `stages.plan`.
 """
 
 from __future__ import annotations

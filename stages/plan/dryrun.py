@@ -2,19 +2,7 @@
 architecture (stages.plan.catalog), a workload and a stack of the training registry's
 techniques, run on fake tensors (shapes and dtypes, no memory) under the tensor meter.
 
-Workloads:
-- `pretrain`: next-token training from scratch (train's language-modelling task);
-- `finetune`: full fine-tuning, the same tensors as pretraining (every weight trains);
-- `lora` / `qlora`: the finetuning technique's adapters (peft's LoRA) on the frozen body,
-  held as stored or in 4-bit NormalFloat (QLoRA);
-- `inference`: a prompt of `prompt` tokens prefilled for `batch` sequences, then greedy
-  decoding until the KV cache holds `context` tokens, the weights in `dtype` and the cache in
-  it or quantized to `kv_bits` (stages.common.modelling.kvquant). The prefill and the last decoding
-  step are metered (between them each step holds one more position: the peak of decoding is
-  its last step), with transformers' DynamicCache as evaluate meters it.
-
-The answer is per rank: each category's bytes at the peak, the phase and step of the peak,
-the KV cache beside its closed form for inference.
+Why it is built this way: docs/design-notes.md, `stages.plan.dryrun`.
 """
 
 from __future__ import annotations

@@ -1,24 +1,7 @@
 """The planner: given a device's memory, the stacks of memory techniques that fit, ordered by
 their expected slowdown.
 
-For a training workload it walks auto-fit's path (stages.train.budget): the registry's
-moves, cheapest first, added one by one to the asked stack, each stack dry-run at real size
-(stages.plan.dryrun), until one fits; then, from that stack, it drops each move it holds
-(the dearest first) and keeps the drop wherever the stack still fits, so that a move the
-fit did not need is not paid for. Every stack tried is listed with its figures; those that
-fit are ranked by cost.
-
-A stack's cost is the product of its moves' costs: each the slowdown of a training step
-times the perplexity ratio at equal steps, as bench/train_grid, bench/distributed and
-bench/lean_optimizers measured them on this project's CPU (docs/BENCHMARKS.md; a technique's
-`moves`). They are this CPU's ratios, not a GPU's: the ranking says so.
-
-Inference: the asked weights' dtype and the cache exact, then the cache quantized to int8
-and int4 (stages.common.modelling.kvquant: 1.00003 × and 0.9996 × the perplexity, 0.90 × and 1.04 ×
-the time per token of the exact cache, docs/BENCHMARKS.md).
-
-A device fits a stack when its per-rank peak plus `reserve_mib` (the CUDA context and the
-caching allocator's slack, not yet measured here) is at most its memory.
+Why it is built this way: docs/design-notes.md, `stages.plan.planner`.
 """
 
 from __future__ import annotations

@@ -2,29 +2,7 @@
 registry (stages.train.techniques), and what the run held in memory measured category by
 category.
 
-The loop (stages.train.loop), top to bottom: sample `batch_size` windows of `context + 1`
-token ids from the training split (a seeded generator, so the same params see the same
-batches); split them into micro-batches of `micro_batch_size` (gradient accumulation: the
-effective batch stays `batch_size`); forward inside every technique's context (autocast for
-bf16/fp16); cross-entropy on the next token; backward (recomputing each block's activations
-under activation checkpointing); clip; optimizer step with the scheduled learning rate;
-gradients freed (`set_to_none`); each technique's step (pruning zeroes the pruned weights
-again). The first `meter_steps` optimizer steps run under the tensor meter
-(stages.common.memory.tensor_meter) — exact bytes by category, but slower — and throughput is timed on
-the steps after them. Before training, the dry run (stages.train.estimate) predicts the same
-figures on fake tensors, and a memory budget is checked against it (stages.train.budget).
-Every `checkpoint_every` steps the whole state goes to data/checkpoints/train
-(stages.train.checkpoint): a killed run started again resumes there and ends with the
-same metrics as a run never stopped.
-
-Modules: params (the section), techniques (the registry), build (model, optimizer, scaler),
-step (one step, validation), estimate (the dry run), budget (auto-fit), loop (the run),
-finish (metrics and outputs), launch (one process or many), identity (the code's
-fingerprint).
-
-Outputs: data/model/ (`save_pretrained` in safetensors with the tokenizer, so stock
-transformers loads it; the LSTM baseline in its own format), data/plots/train/steps.csv
-(loss, learning rate and step time per step) and data/metrics/train.json.
+Why it is built this way: docs/design-notes.md, `stages.train`.
 """
 
 from __future__ import annotations

@@ -1,23 +1,6 @@
 """Training across processes and machines on torch.distributed, with its own engines only.
 
-- Launch: `train.distributed.nproc` > 1 makes the stage start `nproc` worker processes on
-  this machine, which meet through a file and talk over loopback only (`launch_here`).
-  `nnodes` > 1 goes through torch's elastic launcher (the engine behind `torchrun`), meeting
-  the other nodes at the c10d rendezvous `rdzv_endpoint`: run the same command on every
-  node; rank 0's node writes the outputs. A process that torchrun started itself (RANK in
-  its environment) is a worker already and is not launched again.
-- Strategies (per rank, Ψ weights, K bytes of optimizer state per weight, N ranks):
-  - ddp: DistributedDataParallel; every rank holds the parameters, gradients (as views of
-    DDP's all-reduce buckets, so they stay allocated between steps) and the whole optimizer
-    state: 4Ψ + 4Ψ + KΨ bytes in fp32.
-  - zero1: DDP plus ZeroRedundancyOptimizer: optimizer state sharded (ZeRO stage 1):
-    4Ψ + 4Ψ + KΨ/N. ZeRO assigns whole parameters, largest first, to the rank with the
-    fewest so far, so the shares are only as even as the parameter sizes allow;
-    `zero_partition` reproduces that assignment for the estimator.
-  - fsdp: FSDP2 (`fully_shard` per transformer block, then the root): parameters,
-    gradients and optimizer state sharded (ZeRO stage 3): (4 + 4 + K)Ψ/N, plus the
-    parameters of the blocks being gathered at the moment.
-- Backend: gloo on CPU, NCCL on CUDA (one GPU per local rank), unless `backend` says.
+Why it is built this way: docs/design-notes.md, `stages.train.distributed`.
 """
 
 from __future__ import annotations

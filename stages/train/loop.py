@@ -1,6 +1,6 @@
 """The training run of one process (one rank), top to bottom: set up, agree on the plan
 (the dry run's prediction and what fits the budget), build, resume, step, checkpoint,
-finish. See the package's docstring for what each step does."""
+finish. What each step does: docs/design-notes.md, `stages.train`."""
 
 from __future__ import annotations
 

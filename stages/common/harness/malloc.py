@@ -1,27 +1,7 @@
 """The process's memory allocator, `base.allocator`: glibc's malloc as it comes, glibc tuned,
 jemalloc or tcmalloc, for every stage's process and what it starts.
 
-The C allocator is chosen when a process starts: a library preloaded (LD_PRELOAD) replaces
-malloc before the interpreter runs, and glibc reads its tunables (MALLOC_*) when it sets up
-its heap. So a stage started as `python -m stages.<name>` (or `python -m stages <name>`)
-whose params ask for another allocator than the one it runs under executes itself again,
-first thing (stages/__init__.py, before torch loads: the cost is one interpreter start), with
-the allocator's variables in its environment and LMMEM_ALLOCATOR naming it. Its workers,
-training's ranks and the warm server inherit the environment, so they run under it too.
-
-- glibc: nothing set (a user's own MALLOC_* or LD_PRELOAD stay as they are);
-- glibc-tuned: MALLOC_ARENA_MAX=2 (one arena per core of the default machine instead of eight
-  per core), trim and mmap thresholds fixed at 128 KiB (freed memory goes back to the OS;
-  large blocks are mapped, and unmapped when freed);
-- jemalloc: Debian's libjemalloc2 (libjemalloc.so.2) preloaded;
-- tcmalloc: Debian's libtcmalloc-minimal4 (libtcmalloc_minimal.so.4) preloaded.
-
-docs/BENCHMARKS.md ("The allocator") has their peak RSS and speed side by side. A library
-that is not installed is refused with one line by the stage, before any work (`check`), as is
-a stage run inside another process (a test calling `main`) under another allocator than its
-params ask for: the choice can only take effect when a process starts.
-
-Standard library only: this runs before anything else in a stage's process.
+Why it is built this way: docs/design-notes.md, `stages.common.harness.malloc`.
 """
 
 from __future__ import annotations

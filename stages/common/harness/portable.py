@@ -1,31 +1,7 @@
 """Portable numerics: with `base.portable` on, the same params give the same bytes on any
 x86-64 CPU with AVX2, whatever else the CPU has, and the hardware is in every metrics file.
 
-The numeric libraries pick their kernels by the CPU they find, and kernels of another vector
-width, or split over another number of threads, add in another order. Measured on a 2-core
-AMD EPYC (docs/BENCHMARKS.md, "Portable numerics"): ATen's `default` capability instead of
-`avx2`, or MKL's `COMPATIBLE` code path, gives other weights after three training steps;
-OpenBLAS's Prescott core instead of Haswell another numpy product; under MKL's COMPATIBLE
-path 1 and 2 threads differ, and ATen's own sum of 2.56 M floats differs between 2 and 3 or
-more threads. So, set in the environment before those libraries load (stages/__init__.py
-calls `apply` first thing in every stage process; the warm server and every worker inherit
-it, and the warm server is keyed by these variables):
-
-- ATEN_CPU_CAPABILITY=avx2: ATen's vectorized kernels at AVX2's width, also on AVX-512 CPUs;
-- MKL_CBWR=AVX2,STRICT: MKL's conditional numerical reproducibility on its AVX2 code path,
-  strict (the same results for any thread count);
-- ONEDNN_MAX_CPU_ISA=AVX2 (and its old name DNNL_MAX_CPU_ISA): oneDNN's kernels likewise;
-- OPENBLAS_CORETYPE=Haswell: the AVX2 core of numpy's and scipy's OpenBLAS (gensim's BLAS);
-- OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=2 (THREADS): OpenBLAS's threads and torch's, which
-  `pin_threads` also sets once torch is loaded (torch takes OMP_NUM_THREADS only up to the
-  cores it finds): the same count on every machine (train.threads, set, wins, and is recorded).
-
-On a CPU without AVX2, or not x86-64, the kernels cannot be pinned to those: only the
-threads are, and the metrics say `machine_portable: no AVX2`. With the setting off nothing
-is pinned (a user's own variables stay as they are) and which outputs then depend on the
-hardware is in docs/reproducibility.md (Determinism).
-
-Standard library only: this runs before anything else in a stage's process.
+Why it is built this way: docs/design-notes.md, `stages.common.harness.portable`.
 """
 
 from __future__ import annotations

@@ -1,21 +1,6 @@
 """Under `dvc repro`, a stage that fails puts back the outputs DVC deleted before it ran.
 
-DVC removes a stage's outputs (its folder, its metrics and plots files) before it runs the
-command, so a param refused in two seconds would otherwise leave no model and no metrics.
-When a stage that DVC runs fails (an error, an exception, Ctrl-C), stage_main calls
-`restore_previous`: every output that dvc.lock records for the stage is put back from DVC's
-cache, byte for byte (each file's MD5 checked), replacing whatever the failed run left
-there, so the workspace matches dvc.lock again. DVC's run-cache stores the metrics and plots
-files (cache: false) in the same cache, so they come back too. An output the cache does not
-hold (a clone that never ran or pulled it) stays missing, named in a warning.
-
-A stage killed outright (SIGKILL, the OOM killer) cannot do this itself, so under DVC each
-stage's process starts a small watcher first (`Watcher`, from stages/__init__.py, before the
-stage's heavy imports): a separate process holding the read end of a pipe that the stage
-writes to as it ends. When the pipe closes with nothing written, the
-stage died without a word, and the watcher restores the outputs. (DVC may report the
-failure a moment before that restoring is done.) `python -m stages.common.harness.restore STAGE`
-does the same by hand.
+Why it is built this way: docs/design-notes.md, `stages.common.harness.restore`.
 """
 
 from __future__ import annotations

@@ -3,34 +3,7 @@
 and transformers once, instead of a new interpreter importing them again for every stage
 (2 to 3 s each on 2 cores; the comparison's stages pay it once per configuration).
 
-Each stage still runs in a process of its own, a fresh fork, so its memory peaks are its own.
-Only third-party libraries are preloaded: the project's modules are imported after the fork,
-from the working directory, so an edit to a stage takes effect on the next run. The forked
-process gets this process's arguments, working directory, environment, umask and standard
-streams; its exit status becomes this process's; SIGINT, SIGTERM and SIGHUP sent here are
-passed on to it; it ends when this process ends, killed or not.
-
-The server starts on first use, detached, its socket in this user's private folder
-(stages.common.harness.warmsock: the trust boundary, who may connect and where) under a name hashed
-from the checkout, the interpreter, this file, the preloaded libraries' files and the
-environment variables they read as they import (a change to any of them gets a new server),
-and exits after IDLE seconds (or LMMEM_WARM_IDLE) with nothing running; its own errors go to
-the `.log` file beside its socket. `LMMEM_WARM=0` runs each stage in a new interpreter
-instead, as does a server that cannot be started, reached or trusted, or whose start another
-client holds longer than LMMEM_WARM_WAIT seconds (said in a one-line warning).
-
-The stage's process reports its pid and, as its last act, its exit status to the client
-through a pipe of the client's, not through the server: a server killed while a stage runs
-leaves the stage running and its status known. A stage that ends with no status (killed)
-leaves its outputs to the watcher under DVC (stages.common.harness.restore), as a new interpreter's
-would. Ctrl-C or SIGTERM before the stage has started ends the client at once (128 + the
-signal, the stage not run, a server it was starting killed); after, they go to the stage.
-
-A forked stage's peak RSS counts the preloaded libraries' pages it touches, not all of them
-as a new interpreter's does: its figure is lower by what it never used.
-
-This module imports nothing but the standard library (and stages.common.core.lifetime, which is
-as light): the client's start-up is the saving.
+Why it is built this way: docs/design-notes.md, `stages.common.harness.warm`.
 """
 
 from __future__ import annotations

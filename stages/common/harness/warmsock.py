@@ -1,22 +1,7 @@
 """The warm server's trust boundary (stages.common.harness.warm): where its socket lives and who may
 talk to it.
 
-- The socket, its lock and its log live in a folder only this user can enter:
-  `lmmem-<uid>` in LMMEM_WARM_DIR, else in $XDG_RUNTIME_DIR, else in the temporary folder;
-  made with mode 0700, and used only when it is a real folder (not a link), owned by this
-  user, closed to every other one, in a parent that no other user can rename it out of.
-  A folder that fails a check is one line naming it and why, and the stage runs in a new
-  interpreter: a name another user claimed first costs them nothing but a warning here.
-- The client checks, before it sends anything (its environment, working directory and
-  standard streams), that the socket is a socket owned by this user and that the process
-  listening on it runs as this user (SO_PEERCRED).
-- The server serves only connections from its own user (SO_PEERCRED), whatever the socket's
-  mode, and makes its socket 0600 whatever the umask.
-- The socket's name is keyed by the checkout (the folder holding this `stages` package) and
-  the interpreter (its file and its prefix, so each virtual environment) besides what
-  stages.common.harness.warm adds: one checkout's server never runs another checkout's stage.
-
-Standard library only, as stages.common.harness.warm.
+Why it is built this way: docs/design-notes.md, `stages.common.harness.warmsock`.
 """
 
 from __future__ import annotations

@@ -3,23 +3,7 @@ allocator overhead measured on this machine, and set beside the measured peak.
 
     predicted = start + overhead + a × tensors + b × weights
 
-- `start`: the process's RSS when its peak window opens (the interpreter and the libraries
-  the stage imported: measured in the process itself, so a heavier runtime is seen);
-- `tensors`: the stage's tensor figure in MiB: train's dry-run total peak, each evaluated
-  model's metered peak (weights, activations, logits, KV cache); 0 for a stage without one;
-- `weights`: the model's weights in MiB (train: the dry run's parameters; evaluate: the
-  weights in their dtype), which the runtime copies besides (a checkpoint, the saved model);
-- `overhead`, `a`, `b`: what the runtime loads as the work starts (kernels, the autograd
-  engine, the data's pages), what the allocator keeps on top of the live tensors and the
-  copies of the weights, per stage and `base.allocator`, fitted by `python -m
-  bench.rss_prediction` on the 2-core AMD EPYC (docs/BENCHMARKS.md, "Peak RSS predicted"):
-  train's and evaluate's on models of other sizes than the ones they are checked on; the data
-  stages' and the report's on their run over the built-in corpus (an overhead alone).
-
-Every stage's metrics carry `rss_start_mib`, `rss_tensor_mib`, `rss_weights_mib`,
-`rss_predicted_mib` and `rss_prediction_error` (predicted / measured − 1) beside
-`peak_rss_mib`; a stage or allocator without a fitted overhead (compress: a peak per variant,
-each its own work) gets no prediction rather than a guessed one.
+Why it is built this way: docs/design-notes.md, `stages.common.memory.rss_prediction`.
 """
 
 from __future__ import annotations

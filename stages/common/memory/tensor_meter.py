@@ -1,29 +1,6 @@
 """The tensor memory meter: live tensor bytes by category, counted exactly from every storage.
 
-While active, a TorchDispatchMode sees the outputs of every tensor operation. Each new
-storage is counted once (by identity, so views and aliases cost nothing) in the category
-of its moment, and a weak reference takes it off the count the moment it is freed. So the
-running sum is exactly the bytes of live tensor storage, and its peak is exact and
-repeatable on CPU (on CUDA, `torch.cuda.max_memory_allocated` is read beside it).
-
-Categories
-- parameters: model parameters and buffers;
-- gradients: storages that became a parameter's `.grad` (moved there by a hook when
-  autograd accumulates them);
-- optimizer: storages held in the optimizer's state (checked as each is made);
-- activations: created in the forward pass (saved for backward, logits, the batch);
-- temporaries: created in backward (recomputation under checkpointing included, and a
-  gradient until autograd accumulates it) or in the optimizer step, and not kept.
-
-A run may split `parameters` further (the finetune stage: frozen and trainable weights,
-adapters): it names its categories when it makes the meter and says each parameter's
-category as it tracks the model.
-
-An observer (stages.common.memory.timeline's ModuleTimeline) may watch the meter: it is told of each
-storage counted, moved and freed, and of the end of each op.
-
-Metering costs Python work per operation (about 2x step time for a small model): meter a
-few representative steps and time throughput on the others.
+Why it is built this way: docs/design-notes.md, `stages.common.memory.tensor_meter`.
 """
 
 from __future__ import annotations

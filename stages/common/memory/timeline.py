@@ -2,20 +2,7 @@
 module whose forward (or backward) made them, sampled each time the work moves on to another
 module.
 
-A `ModuleTimeline` watches a `TensorMeter` (stages.common.memory.tensor_meter) and a `Tracker` of the module
-running, in forward and in backward (hooks that hold nothing: what the meter counts is the
-same with the timeline as without). Each storage of an attributed category
-(training: activations and temporaries; generation: activations, KV cache and logits) is
-owned by the innermost module running when it was made, named by its place in the model
-(`layers.0.self_attn.q_proj`; `(no module)` outside every module: the loss, the batch) and
-grouped by its top-level block (`layers.0`, `embed_tokens`, `lm_head`). The other
-categories (weights, gradients, optimizer state) are a band each. A sample is taken when the
-innermost module (or, `by="group"`, the group) changes, and holds the figures at the largest
-total seen since the previous one, so that no peak falls between two samples.
-
-Everything is counted in bytes by the exact meter: the same run gives the same samples, on
-CPU and on CUDA. `rows(step)` gives one step's samples as flat rows for a CSV, each group a
-column in MiB, which the report draws (stages.report: "Memory by module").
+Why it is built this way: docs/design-notes.md, `stages.common.memory.timeline`.
 """
 
 from __future__ import annotations

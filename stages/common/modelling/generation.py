@@ -1,23 +1,7 @@
 """Generation: text from a model (sampled or greedy, timed per token), and its memory: greedy
 decoding with a KV cache, metered by category, and the KV cache's bytes in closed form.
 
-A model that generates holds four kinds of tensor:
-- weights: its parameters and buffers;
-- kv_cache: the keys and values of every layer for every token so far (transformers'
-  DynamicCache: each decoding step concatenates one position to each layer's tensors);
-- logits: the vocabulary head's output (only the last position's: `logits_to_keep=1`, as
-  `generate` asks for);
-- activations: everything else a forward pass makes (hidden states, attention, masks).
-
-`metered_generation` prefills a prompt, then decodes greedily until the cache holds
-`context` tokens, under a tensor meter that counts each storage in its category from the op
-that made it: a tensor the cache or the head takes is counted there retroactively, at the
-moment of the peak too. `kv_cache_bytes` is the closed form, 2 × layers × batch × context ×
-kv heads × head size × bytes per value, which the metered cache matches to the byte.
-
-`kv_quantization` runs the same with the int8 and int4 caches of stages/common/modelling/kvquant.py
-beside the exact one: the cache's bytes, the peak, and the perplexity of windows read one
-position at a time through the cache (every position attends to the stored keys and values).
+Why it is built this way: docs/design-notes.md, `stages.common.modelling.generation`.
 """
 
 from __future__ import annotations

@@ -1,31 +1,6 @@
 """The next-token cross-entropy without the full logits.
 
-A language model's loss side is its largest memory sink at a small width: the output head
-turns (batch × context) hidden states into (batch × context × vocabulary) logits, and the
-standard cross-entropy keeps them (its log-softmax), then allocates their gradient twice in
-backward. At 8 × 128 tokens and 19,590 words (the default run) that is 77 MiB each, fp32.
-
-`chunked_cross_entropy` computes the same mean loss over `chunk` tokens at a time. When a
-gradient is wanted it computes it in the same pass, chunk by chunk (the way Liger-Kernel's
-fused linear cross-entropy does): for each chunk the logits, their softmax minus the one-hot
-target (the loss's gradient with respect to the logits), then that times the head's weight
-(the hidden states' gradient) and its transpose times the hidden states (the weight's
-gradient). Only those two gradients, the size of the hidden states and of the weight,
-outlive the chunk; backward multiplies them by the incoming gradient. No product is computed
-twice, so the arithmetic is the standard loss's; the logits never exist whole.
-
-cut-cross-entropy (Apple) was considered first: on a CPU it has only its `torch_compile`
-implementation, which is `F.cross_entropy(e @ c.T)` under torch.compile (the full logits
-unless inductor fuses them away, which it does not on CPU) and it pulls in triton.
-
-Under autocast the products run in its dtype when that is bf16 (as the standard head does);
-under fp16 they run in fp32, because the gradient here is computed before fp16's gradient
-scaler scales it and would underflow in fp16.
-
-`hidden_and_head(model, ids)` runs a model (wrapped by DDP or not) with its output head
-bypassed, so that the body's last hidden states come out instead of the logits.
-`windows.next_token_loss` uses the chunked loss inside `chunked(tokens)` (the train stage's
-technique `loss_chunk_tokens` enters it around each forward pass and loss).
+Why it is built this way: docs/design-notes.md, `stages.common.modelling.loss`.
 """
 
 from __future__ import annotations

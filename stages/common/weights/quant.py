@@ -1,24 +1,7 @@
 """Weight quantization modules whose quantized weights are plain tensors (int8, int4 packed
 two per byte, fp32 scales) that safetensors stores and loads without pickles.
 
-- Int8Linear: symmetric per-output-channel int8 weights (1 byte per weight + one fp32 scale
-  per row). Weight-only: the layer holds int8 and dequantizes one layer's weight at a time
-  to multiply in float. Dynamic: activations are quantized per token at run time,
-  multiplied by the int8 weights with an exact integer product (`int8_product`), then rescaled.
-- Int4Linear: asymmetric int4 in groups of `group_size` input features (w = q × scale + min,
-  q in 0..15), two values per byte; weight-only, dequantized per layer like int8.
-Why dequantize rather than call ATen's weight-only kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`, what torchao uses on CPU): on this project's 2-core CPU they
-ran 27× (int8) and 50× (int4) slower than float matmul for a 2048-row batch, and no faster
-for one row (docs/BENCHMARKS.md); the memory win, int8 or int4 weights resident, is the same.
-- Int8Embedding: int8 rows with one fp32 scale per row. A tied output head is an Int8Linear
-  that shares the embedding's int8 matrix and scales (per-row of the embedding = per output
-  channel of the head), so the tie survives quantization and is stored once.
-
-Int4 needs input features in whole groups: a layer that has not is quantized to int8
-instead, and the record says why.
-`quantize_model` swaps a model's layers in place and returns what it swapped; `skeleton`
-rebuilds the same module structure (empty) from that record, for loading.
+Why it is built this way: docs/design-notes.md, `stages.common.weights.quant`.
 """
 
 from __future__ import annotations

@@ -1,24 +1,6 @@
 """Pruned weights kept sparse in memory at run time, not decoded back to dense on load.
 
-A matrix with enough zeros is held as a row-packed bitmask (one bit per weight: non-zero or
-not, each row padded to whole bytes), its non-zero values in row order, and where each row's
-values start: C/8 bytes a row + nnz × itemsize + 8 bytes a row, against R × C × itemsize
-dense; 0.53 × at half zeros in fp32. A forward pass decodes rows as it needs them, into a
-temporary that lives for one product:
-- a linear layer decodes its matrix whole (the blocks' matrices are small);
-- the token embedding decodes only the rows of the tokens it looks up;
-- the output head decodes `chunk_rows` rows of the vocabulary at a time and writes that
-  slice of the logits, so the full head is never dense at once (tied to the embedding, both
-  read the same sparse matrix).
-
-torch's own sparse layouts do not pay at the sparsity pruning gives: CSR stores an int64
-column index per non-zero (12 bytes each in fp32: 1.5 × dense at half zeros; int32 indices
-break even), BSR needs whole zero blocks that magnitude pruning does not make, and 2:4
-semi-structured sparsity (`to_sparse_semi_structured`) runs on CUDA only.
-bench/sparse_runtime.py measures those layouts beside this one.
-
-`sparsify(model)` swaps every linear layer and embedding whose bitmask form is smaller than
-its dense weight; the model computes the same function (the products see the same numbers).
+Why it is built this way: docs/design-notes.md, `stages.common.weights.sparse`.
 """
 
 from __future__ import annotations

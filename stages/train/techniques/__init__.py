@@ -1,20 +1,6 @@
 """The memory techniques of the train stage, one module each, found here by the registry.
 
-A technique is a subclass of `Technique` in a module of this package, registered by the
-module's `TECHNIQUE = ...` instance. It declares
-- `Fields`: its params, a pydantic section whose fields join the `train` section of
-  params.yaml (flat: `train.precision`, not `train.precision.precision`), each field's
-  description saying what it trades;
-- `refuse(p)`: the combinations it cannot run, as one line (checked before anything runs);
-- how it changes the run, through the hooks below (the loop calls every technique's hook
-  in registry order; a hook left alone does nothing);
-- what it does in the dry run (`dry_run_modes`, and the `dry_run` flag its hooks get);
-- `moves(p)`: its auto-fit moves, each with the cost a benchmark measured.
-
-Adding a technique: a new module here with its `TECHNIQUE` (placed in `ORDER` below where its
-hooks must run before another's), its keys in params.yaml (and
-tests/params.tiny.yaml) with the same comments as the fields' descriptions, and its test.
-The loop, the estimator, auto-fit, the report and the benchmark grid need no change.
+Why it is built this way: docs/design-notes.md, `stages.train.techniques`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The base of a memory technique (see the package's docstring): its hooks, its auto-fit
+"""The base of a memory technique (docs/design-notes.md, `stages.train.techniques`): its hooks, its auto-fit
 moves, and the state it may keep while training."""
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class State(Protocol):
 
 
 class Technique:
-    """A memory technique; see the package docstring. Every hook's default does nothing."""
+    """A memory technique (docs/design-notes.md, `stages.train.techniques`). Every hook's default does
+    nothing."""
 
     name: ClassVar[str]
     Fields: ClassVar[type[Section] | None] = None
