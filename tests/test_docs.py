@@ -27,7 +27,7 @@ def shell_blocks(path: Path) -> list[str]:
     commands = []
     for block in re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S):
         for line in block.splitlines():
-            command = " ".join(shlex.split(line, comments=True))
+            command = shlex.join(shlex.split(line, comments=True))
             if command:
                 commands.append(command)
     return commands
@@ -149,3 +149,21 @@ def test_a_page_left_out_of_the_navigation_or_a_broken_link_fails_the_build(tmp_
     page.write_text(page.read_text(encoding="utf-8") + "\n[gone](no-such-page.md)\n", encoding="utf-8")
     done = mkdocs(tmp_path / "mkdocs.yml", tmp_path / "site")
     assert done.returncode != 0 and "no-such-page.md" in done.stderr
+
+
+def unnamed_in_layout(block: str) -> list[str]:
+    """The packages and modules of stages/ (techniques/ aside: the generated table names each)
+    that the layout does not name."""
+    packages = [init.parent for init in (ROOT / "stages").rglob("__init__.py")
+                if "techniques" not in init.parts]
+    found = packages + [m for package in packages for m in package.glob("*.py")]
+    skip = {"__init__", "__main__", "stages"}
+    return sorted(str(p.relative_to(ROOT)) for p in found
+                  if p.stem not in skip and not re.search(rf"\b{re.escape(p.stem)}\b", block))
+
+
+def test_the_layout_names_every_module_of_stages() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    block = re.search(r"^## The layout\n\n```\n(.*?)^```", text, re.M | re.S).group(1)
+    assert unnamed_in_layout(block) == []
+    assert "stages/common/weights/loading.py" in unnamed_in_layout(block.replace("loading", "load"))
