@@ -58,7 +58,7 @@ def plots(out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(["dvc", "plots", "show", "-o", str(Path(tmp) / "plots")], cwd=ROOT, env=env_with_bin(),
                        check=True, capture_output=True, text=True, timeout=600)
-        shoot((Path(tmp) / "plots" / "index.html").as_uri(), out / "dvc-plots.png", 1150, wait_ms=5000)
+        shoot((Path(tmp) / "plots" / "index.html").as_uri(), out / "dvc-plots.png", 1240, wait_ms=5000)
 
 
 def wait_for(url: str, proc: subprocess.Popen[str], log: Path, seconds: float = 300) -> None:

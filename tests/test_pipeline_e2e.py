@@ -293,19 +293,22 @@ def test_a_stage_that_fails_under_dvc_repro_leaves_its_previous_outputs_and_metr
     assert "up to date" in sh("dvc", "status", cwd=repo)
 
 
-def warm_stage(repo: Path) -> int | None:
-    """The pid of a stage process forked by the warm server (stages.common.harness.warmserver)
-    working in `repo`."""
+def warm_stage(repo: Path, stage: str = "train") -> int | None:
+    """The pid of the newest process forked by the warm server (stages.common.harness.warmserver)
+    working in `repo` as DVC's `stage` (its DVC_STAGE): not a stage an earlier run left finishing."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            server = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
-            if b"stages.common.harness.warmserver" in server and os.readlink(stat.parent / "cwd") == str(
-                    repo):
-                return int(stat.parent.name)
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            server = Path(f"/proc/{fields[1]}/cmdline").read_bytes().split(b"\0")
+            if b"stages.common.harness.warmserver" not in server \
+                    or os.readlink(stat.parent / "cwd") != str(repo):
+                continue
+            if f"DVC_STAGE={stage}".encode() in (stat.parent / "environ").read_bytes().split(b"\0"):
+                found.append((int(fields[19]), int(stat.parent.name)))  # its start time, its pid
         except (OSError, IndexError, ValueError):
             continue
-    return None
+    return max(found)[1] if found else None
 
 
 def stage_process(root: int, module: str) -> int | None:
