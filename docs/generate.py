@@ -24,7 +24,7 @@ from pydantic.fields import FieldInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ("compress.variants", "compare.configs", "finetune.runs", "adapt.runs")  # user-named collections
+DATA = ("compress.variants", "compare.configs", "finetune.runs", "adapt.runs")  # user-named collections: data
 BOUNDS = {annotated_types.Ge: ">=", annotated_types.Gt: ">", annotated_types.Le: "<=",
           annotated_types.Lt: "<"}
 

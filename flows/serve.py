@@ -57,14 +57,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_server(home: Path, startup_timeout: float = 300.0) -> Iterator[str]:
+def local_server(home: Path, startup_timeout: float = 300.0, ui: bool = False) -> Iterator[str]:
     """`prefect server start` on 127.0.0.1 and a free port, with its SQLite database in
-    `home`; yields the API URL once /health answers, stops the server afterwards. (Tests and
-    benchmarks use it; users run `prefect server start` themselves.)"""
+    `home`; yields the API URL once /health answers, stops the server afterwards. With `ui`,
+    its UI is served too, calling the API on that port. (Tests, benchmarks and the docs'
+    screenshots use it; users run `prefect server start` themselves.)"""
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false"}
+           "PREFECT_UI_ENABLED": str(ui).lower()}
+    if ui:
+        env.update(PREFECT_SERVER_API_PORT=str(port), PREFECT_UI_API_URL=url)
     env.pop("PREFECT_API_URL", None)
     home.mkdir(parents=True, exist_ok=True)
     with (home / "server.log").open("w") as out:

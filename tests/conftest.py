@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -10,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -134,6 +137,17 @@ def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "lmmem test", "GIT_AUTHOR_EMAIL": "test@lmmem.invalid",
                 "GIT_COMMITTER_NAME": "lmmem test", "GIT_COMMITTER_EMAIL": "test@lmmem.invalid"}
+
+
+@functools.cache
+def docs_generate() -> ModuleType:
+    """docs/generate.py (the documentation's generated pages) as a module: the section models
+    and the pages it writes."""
+    spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def sh(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:

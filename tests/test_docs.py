@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, docs_generate, sh
 
 DOCUMENTED = [ROOT / "README.md", ROOT / "docs" / "getting-started.md"]
 
@@ -42,10 +42,7 @@ def test_the_pages_hold_the_commands_this_test_checks() -> None:
 
 
 def help_text(args: list[str]) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, f"{' '.join(args)}: {done.stderr[-2000:]}"
-    return done.stdout
+    return sh(*args, cwd=ROOT)
 
 
 def flags(words: list[str]) -> list[str]:
@@ -108,12 +105,9 @@ def test_the_generated_pages_are_current() -> None:
 
 
 def test_the_params_page_follows_the_fields(monkeypatch: pytest.MonkeyPatch) -> None:
-    sys.path.insert(0, str(ROOT / "docs"))
-    try:
-        import generate
-    finally:
-        sys.path.remove(str(ROOT / "docs"))
     from stages import embed
+
+    generate = docs_generate()
 
     page = generate.params_page()
     assert "| `embed.window` | `5` | int >= 1, <= 100 |" in page  # the default, the bounds, from the model

@@ -293,6 +293,25 @@ def test_a_stage_that_fails_under_dvc_repro_leaves_its_previous_outputs_and_metr
     assert "up to date" in sh("dvc", "status", cwd=repo)
 
 
+def test_a_report_refused_under_dvc_repro_leaves_the_previous_report(repo: Path) -> None:
+    """The report's outputs persist (dvc.yaml: DVC leaves them in place while it runs, and keeps no
+    run cache to restore them from): a refused report leaves the previous one, byte for byte."""
+    sh("dvc", "repro", cwd=repo)
+    before = recorded_outputs(repo, "report")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["report"]["experiments"] = "maybe"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    try:
+        result = failing_repro(repo, "report")
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("lmmem report: error:")]
+        assert len(errors) == 1 and "report.experiments" in errors[0], result.stderr
+        assert recorded_outputs(repo, "report") == before
+    finally:
+        sh("git", "checkout", "--", "params.yaml", cwd=repo)
+    assert "up to date" in sh("dvc", "status", cwd=repo)
+
+
 def warm_stage(repo: Path) -> int | None:
     """The pid of the newest process forked by the warm server (stages.common.harness.warmserver)
     working in `repo`: not a stage an earlier run left finishing. (A forked stage's

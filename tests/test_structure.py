@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import networkx as nx
@@ -88,18 +89,26 @@ def test_the_layer_check_can_fail() -> None:
 
 
 MAX_FUNCTION_LINES = 60
+DEFINITIONS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def definitions(folders: tuple[str, ...]) -> Iterator[tuple[str, ast.AST]]:
+    """Every module, class and function of `folders`, as ("path:name", node)."""
+    for file in [f for folder in folders for f in (ROOT / folder).rglob("*.py")]:
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, DEFINITIONS):
+                yield f"{file.relative_to(ROOT).as_posix()}:{getattr(node, 'name', '<module>')}", node
 
 
 def long_functions() -> dict[str, int]:
     """Functions (methods included) of stages/ and flows/ over MAX_FUNCTION_LINES, their
     decorators and docstrings counted."""
     found = {}
-    for file in [f for folder in ("stages", "flows") for f in (ROOT / folder).rglob("*.py")]:
-        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                lines = node.end_lineno - min([node.lineno, *(d.lineno for d in node.decorator_list)]) + 1
-                if lines > MAX_FUNCTION_LINES:
-                    found[f"{file.relative_to(ROOT).as_posix()}:{node.name}"] = lines
+    for name, node in definitions(("stages", "flows")):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - min([node.lineno, *(d.lineno for d in node.decorator_list)]) + 1
+            if lines > MAX_FUNCTION_LINES:
+                found[name] = lines
     return found
 
 
@@ -118,13 +127,10 @@ MAX_DOCSTRING_LINES = 17  # a docstring says what and why in a few lines; the re
 def long_docstrings() -> dict[str, int]:
     """Docstrings (modules, classes, functions) of stages/, flows/ and bench/ over MAX_DOCSTRING_LINES."""
     found = {}
-    for file in [f for folder in ("stages", "flows", "bench") for f in (ROOT / folder).rglob("*.py")]:
-        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node, clean=False)
-                if doc and doc.count("\n") + 1 > MAX_DOCSTRING_LINES:
-                    found[f"{file.relative_to(ROOT).as_posix()}:{getattr(node, 'name', '<module>')}"] = (
-                        doc.count("\n") + 1)
+    for name, node in definitions(("stages", "flows", "bench")):
+        doc = ast.get_docstring(node, clean=False)
+        if doc and doc.count("\n") + 1 > MAX_DOCSTRING_LINES:
+            found[name] = doc.count("\n") + 1
     return found
 
 
